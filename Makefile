@@ -1,0 +1,50 @@
+# dicomflow: `make run` starts the embedded default, `make test` runs the whole suite.
+# Both install what they need: Debian packages (when root), the venv, the Python packages.
+
+VENV   ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+BIN    := $(VENV)/bin
+ARGS   ?=
+# Debian packages: dcmtk (storescu/storescp, real DICOM peers), Ceph (mon, osd, python3-rados) for the
+# Ceph backend and its tests, docker-compose (validates compose/), orthanc (benchmark baseline).
+RUN_DEBS  := dcmtk
+TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados
+BENCH_DEBS := dcmtk orthanc
+
+.PHONY: run test lint bench-ingest venv rados-link debs-run debs-test debs-bench clean
+
+run: debs-run venv
+	$(BIN)/dicomflow run $(ARGS)
+
+test: debs-test venv rados-link
+	$(BIN)/ruff check .
+	$(BIN)/pytest $(ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench-ingest: debs-bench venv
+	$(BIN)/python bench/ingest.py
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+debs-run:
+	@scripts/debs.sh $(RUN_DEBS)
+debs-test:
+	@scripts/debs.sh $(TEST_DEBS)
+debs-bench:
+	@scripts/debs.sh $(BENCH_DEBS)
+
+# Debian's librados binding is not on PyPI; make it importable from the venv (same CPython 3.11 ABI).
+rados-link: venv
+	@so=$$(ls /usr/lib/python3/dist-packages/rados.cpython-311-*.so 2>/dev/null | head -n1); \
+	 sp=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	 if [ -n "$$so" ]; then ln -sf "$$so" "$$sp/"; fi
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,218 @@
+"""The ``dicomflow`` command: run the embedded default, run one service, or inspect what is stored."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from shared.config import Config, ConfigError, describe, load_config
+from shared.telemetry import setup_logging
+
+
+def _common(default) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default=default, help="YAML configuration file (default: $DICOMFLOW_CONFIG)")
+    p.add_argument("--data-dir", default=default, help="data directory (default: ./var or $DICOMFLOW_DATA_DIR)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (--config/--data-dir go before or after the subcommand)."""
+    # SUPPRESS in the subcommands, so a value given before the subcommand is not reset to None.
+    common = _common(argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="dicomflow", description=__doc__, parents=[_common(None)])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="everything on this machine: NATS, ingest, store")
+    run.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
+    run.add_argument("--ae-title", help="AE title (default DICOMFLOW)")
+    run.add_argument("--host", help="address the SCP binds to (default 127.0.0.1)")
+
+    ing = sub.add_parser("ingest", parents=[common], help="the DICOM receiver (ingest.workers processes)")
+    ing.add_argument("--dicom-port", type=int)
+    ing.add_argument("--ae-title")
+    ing.add_argument("--host")
+    ing.add_argument("--metrics-port", type=int)
+    ing.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+
+    st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
+    st.add_argument("--metrics-port", type=int)
+    for name in ("router", "autoscaler"):
+        sp = sub.add_parser(name, parents=[common], help=f"the {name} service")
+        sp.add_argument("--metrics-port", type=int)
+
+    studies = sub.add_parser("studies", parents=[common], help="list stored studies")
+    studies.add_argument("--json", action="store_true")
+    exp = sub.add_parser("export", parents=[common], help="write a stored study's instances as Part-10 files")
+    exp.add_argument("--study", required=True, help="StudyInstanceUID")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
+    status.add_argument("--json", action="store_true")
+    cfg = sub.add_parser("config", parents=[common], help="configuration")
+    cfg.add_argument("action", choices=["show", "reference"], help="show: effective config; reference: every setting")
+    cfg.add_argument("--json", action="store_true")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    over: dict = {}
+    if getattr(args, "data_dir", None):
+        over["data_dir"] = args.data_dir
+    ingest = {}
+    if getattr(args, "dicom_port", None):
+        ingest["port"] = args.dicom_port
+    if getattr(args, "ae_title", None):
+        ingest["ae_title"] = args.ae_title
+    if getattr(args, "host", None):
+        ingest["host"] = args.host
+    if getattr(args, "single", False):
+        ingest["workers"] = 1
+    if ingest:
+        over["ingest"] = ingest
+    return over
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dicomflow`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"dicomflow: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.telemetry.log_level)
+    return COMMANDS[args.command](config, args)
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from .embedded import run
+
+    return run(config, args.config)
+
+
+def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
+    from services.ingest.service import self_command, serve, supervise
+
+    if args.single or config.ingest.workers == 1:
+        serve(config, args.metrics_port)
+        return 0
+    argv = self_command(*(["--config", args.config] if args.config else []), "ingest")
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    for flag, value in (("--dicom-port", args.dicom_port), ("--ae-title", args.ae_title), ("--host", args.host)):
+        if value:
+            argv += [flag, str(value)]
+    return supervise(config, argv, args.metrics_port)
+
+
+def cmd_store(config: Config, args: argparse.Namespace) -> int:
+    from services.store.service import serve
+
+    asyncio.run(serve(config, args.metrics_port))
+    return 0
+
+
+def cmd_not_yet(config: Config, args: argparse.Namespace) -> int:
+    print(f"dicomflow {args.command}: not available in this version", file=sys.stderr)
+    return 2
+
+
+def _index(config: Config):
+    from services.store.index import Index
+
+    path = config.data_path(config.store.index_path)
+    if not path.exists():
+        return None
+    return Index(path)
+
+
+def cmd_studies(config: Config, args: argparse.Namespace) -> int:
+    index = _index(config)
+    studies = index.studies() if index else []
+    if args.json:
+        print(json.dumps(studies, indent=2))
+        return 0
+    if not studies:
+        print("no stored studies")
+        return 0
+    print(f"{'StudyInstanceUID':64}  {'series':>6}  {'inst':>6}  {'MiB':>8}  patient")
+    for s in studies:
+        print(f"{s['study_uid']:64}  {s['series']:6d}  {s['instances']:6d}  {s['bytes'] / 2**20:8.1f}  {s['patient_id'] or ''}")
+    return 0
+
+
+def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    from shared.objectstore import Backends
+    from shared.uids import InvalidUID, validate_uid
+
+    from .export import export_study
+
+    try:
+        study = validate_uid(args.study, "StudyInstanceUID")
+    except InvalidUID as exc:
+        print(f"dicomflow export: {exc}", file=sys.stderr)
+        return 2
+    index = _index(config)
+    rows = index.instances(study) if index else []
+    if not rows:
+        print(f"dicomflow export: study {study} is not stored", file=sys.stderr)
+        return 1
+    backends = Backends(config)
+    try:
+        written = export_study(backends, rows, Path(args.out))
+    finally:
+        backends.close()
+    if args.json:
+        print(json.dumps({"study_uid": study, "files": [str(p) for p in written]}))
+    else:
+        print(f"{len(written)} instances written to {args.out}")
+    return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from shared.bus import connect
+
+    from .status import collect
+
+    async def go() -> dict:
+        nc = await connect(config, "dicomflow-status", max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            return await collect(nc, config)
+        finally:
+            await nc.close()
+
+    try:
+        st = asyncio.run(go())
+    except Exception as exc:
+        print(f"dicomflow status: cannot reach NATS at {config.nats_servers()}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    s = st["stream"]
+    print(f"stream {s['name']}: {s['messages']} messages, {s['bytes']} bytes, {s['partitions']} partitions")
+    for name, g in st["groups"].items():
+        print(f"group {name}: lag {g['lag']}, {g['partitions_with_backlog']} partitions with backlog")
+        for p in g["partitions"]:
+            if p["lag"] or p["pinned_id"]:
+                print(f"  p{p['partition']:02d} pending={p['pending']} unacked={p['ack_pending']} pinned={p['pinned_id']}")
+    return 0
+
+
+def cmd_config(config: Config, args: argparse.Namespace) -> int:
+    if args.action == "show":
+        data = config.model_dump()
+        print(json.dumps(data, indent=2) if args.json else __import__("yaml").safe_dump(data, sort_keys=False))
+        return 0
+    for key, default, doc in describe(Config):
+        print(f"{key} (default {default}): {doc}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
+            "autoscaler": cmd_not_yet, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
+            "config": cmd_config}

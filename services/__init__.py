@@ -1,0 +1,1 @@
+"""The dicomflow services: ingest, router, store, autoscaler. No service imports another."""

@@ -1,0 +1,1 @@
+"""DICOM C-STORE SCP: durable bytes (claim-check), then a JetStream event, then success."""

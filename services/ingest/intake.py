@@ -1,0 +1,115 @@
+"""The path of one received instance: validate -> digest -> claim-check -> publish -> status.
+
+Knows nothing of sockets: the SCP shell hands over the bytes and the request, this answers the
+DICOM status. Success is returned only after the bytes are durable in the staging backend and
+JetStream has acknowledged the event; anything else is a failure status, so the modality keeps
+the instance and an acknowledged instance is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from shared import subjects
+from shared.bus import event_headers
+from shared.events import InstanceReceived, utcnow
+from shared.objectstore import ObjectStore, content_digest
+
+from . import metrics
+from .statuses import (
+    NAMES,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_MISMATCH,
+    SOP_INSTANCE_MISMATCH,
+    SUCCESS,
+    TOO_LARGE,
+    Rejection,
+)
+from .tags import read_tags
+
+log = logging.getLogger("dicomflow.ingest")
+tracer = trace.get_tracer("dicomflow.ingest")
+
+# publish(subject, event, headers) blocks until the PubAck and raises when there is none.
+Publish = Callable[[str, InstanceReceived, dict[str, str]], None]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One C-STORE request as the SCP shell saw it."""
+
+    data: bytes
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    calling_ae: str
+    called_ae: str
+
+
+class Intake:
+    """Turns received instances into durable bytes plus an acknowledged event."""
+
+    def __init__(self, staging: ObjectStore, publish: Publish, max_instance_bytes: int):
+        self.staging = staging
+        self.publish = publish
+        self.max_instance_bytes = max_instance_bytes
+        self.receiver = f"{socket.gethostname()}/{os.getpid()}"
+
+    def accept(self, rcv: Received) -> tuple[int, str]:
+        """Handle one instance; returns (DICOM status, error comment)."""
+        start = time.perf_counter()
+        with tracer.start_as_current_span("ingest.c_store", kind=trace.SpanKind.SERVER) as span:
+            span.set_attribute("dicom.calling_ae", rcv.calling_ae)
+            span.set_attribute("dicom.size", len(rcv.data))
+            try:
+                status, comment = self._accept(rcv, span)
+            except Rejection as rej:
+                status, comment = rej.status, rej.reason
+            span.set_attribute("dicom.status", f"0x{status:04X}")
+            if status != SUCCESS:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, comment))
+                log.warning("C-STORE from %s sop=%s refused 0x%04X (%s): %s", rcv.calling_ae,
+                            rcv.sop_instance_uid[:64], status, NAMES.get(status, "?"), comment)
+        metrics.instances.labels(status=f"0x{status:04X}").inc()
+        metrics.latency.observe(time.perf_counter() - start)
+        return status, comment
+
+    def _accept(self, rcv: Received, span: trace.Span) -> tuple[int, str]:
+        if len(rcv.data) > self.max_instance_bytes:
+            raise Rejection(TOO_LARGE, f"instance of {len(rcv.data)} bytes exceeds {self.max_instance_bytes}")
+        tags = read_tags(rcv.data, rcv.transfer_syntax)
+        span.set_attribute("dicom.study_uid", tags.study_uid)
+        span.set_attribute("dicom.sop_uid", tags.sop_uid)
+        if tags.sop_uid != rcv.sop_instance_uid.strip():
+            raise Rejection(SOP_INSTANCE_MISMATCH,
+                            f"data set SOPInstanceUID {tags.sop_uid} differs from the request's {rcv.sop_instance_uid[:64]}")
+        if tags.sop_class_uid and rcv.sop_class_uid and tags.sop_class_uid != rcv.sop_class_uid.strip():
+            raise Rejection(SOP_CLASS_MISMATCH,
+                            f"data set SOPClassUID {tags.sop_class_uid} differs from the request's {rcv.sop_class_uid}")
+        digest = content_digest(rcv.data)
+        t0 = time.perf_counter()
+        try:
+            self.staging.put(digest, rcv.data, {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid})
+        except Exception as exc:
+            metrics.failures.labels(stage="staging").inc()
+            return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
+        metrics.staging_latency.observe(time.perf_counter() - t0)
+        event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
+                                 size=len(rcv.data), backend=self.staging.name, calling_ae=rcv.calling_ae,
+                                 called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver)
+        t0 = time.perf_counter()
+        try:
+            self.publish(subjects.instance_in(tags.study_uid, tags.sop_uid), event, event_headers(event.msg_id()))
+        except Exception as exc:
+            metrics.failures.labels(stage="publish").inc()
+            return OUT_OF_RESOURCES, f"event not acknowledged by JetStream: {type(exc).__name__}: {exc}"
+        metrics.publish_latency.observe(time.perf_counter() - t0)
+        metrics.bytes_received.inc(len(rcv.data))
+        return SUCCESS, ""

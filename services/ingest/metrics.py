@@ -1,0 +1,14 @@
+"""Prometheus metrics of the ingest."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.telemetry import LATENCY_BUCKETS
+
+instances = Counter("dicomflow_ingest_instances_total", "C-STORE requests answered, by DICOM status", ["status"])
+bytes_received = Counter("dicomflow_ingest_bytes_total", "Bytes of instances accepted")
+failures = Counter("dicomflow_ingest_failures_total", "Instances refused with 0xA700, by failing stage", ["stage"])
+latency = Histogram("dicomflow_ingest_instance_seconds", "Time from data set received to status", buckets=LATENCY_BUCKETS)
+staging_latency = Histogram("dicomflow_ingest_staging_seconds", "Durable write of the bytes (claim-check)", buckets=LATENCY_BUCKETS)
+publish_latency = Histogram("dicomflow_ingest_publish_seconds", "JetStream publish until PubAck", buckets=LATENCY_BUCKETS)
+associations = Gauge("dicomflow_ingest_associations", "Open associations")
+rejected_associations = Counter("dicomflow_ingest_rejected_associations_total", "Associations rejected, by reason", ["reason"])

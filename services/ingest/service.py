@@ -1,0 +1,98 @@
+"""The ingest process: NATS connection, staging backend, SCP; and the supervisor of several of them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from shared.bus import connect, ensure_streams, publish_event
+from shared.config import Config
+from shared.events import InstanceReceived
+from shared.loopthread import LoopThread
+from shared.objectstore import Backends
+from shared.telemetry import setup_tracing, start_metrics
+
+from .intake import Intake
+from .scp import start_scp
+
+log = logging.getLogger("dicomflow.ingest")
+
+
+def serve(config: Config, metrics_port: int | None = None, stop: threading.Event | None = None) -> None:
+    """Run one receiver process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    setup_tracing("ingest", config.telemetry)
+    start_metrics(config.telemetry, metrics_port)
+    loop = LoopThread("ingest-nats")
+    nc = loop.call(connect(config, f"dicomflow-ingest-{os.getpid()}"), timeout=config.nats.connect_timeout_s + 5)
+    js = nc.jetstream()
+    loop.call(ensure_streams(nc, config), timeout=30)
+    timeout = config.nats.publish_timeout_s
+
+    def publish(subject: str, event: InstanceReceived, headers: dict[str, str]) -> None:
+        loop.call(publish_event(js, subject, event, headers["Nats-Msg-Id"], timeout, headers), timeout=timeout + 1)
+
+    backends = Backends(config)
+    intake = Intake(backends.get(config.storage.staging), publish, config.ingest.max_instance_bytes)
+    ing = config.ingest
+    server = start_scp(intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations,
+                       ing.network_timeout_s, ing.allowed_calling_aes)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("ingest stopping: no new associations, finishing open ones")
+    server.shutdown()  # stops accepting; association threads finish their current C-STORE
+    try:
+        loop.call(nc.drain(), timeout=10)
+    except Exception as exc:  # a dead NATS must not keep the process from exiting
+        log.warning("nats drain: %s", exc)
+    backends.close()
+    loop.stop()
+
+
+def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:
+    """Run ``ingest.workers`` receiver processes sharing the port; restart any that dies."""
+    n = config.ingest.workers
+    if n == 1:
+        serve(config, metrics_port)
+        return 0
+    procs: dict[int, subprocess.Popen] = {}
+    stopping = threading.Event()
+
+    def spawn(i: int) -> subprocess.Popen:
+        port = (metrics_port if metrics_port is not None else config.telemetry.metrics_port)
+        args = [*argv_base, "--single"]
+        if port:
+            args += ["--metrics-port", str(port + i)]
+        return subprocess.Popen(args)
+
+    for i in range(n):
+        procs[i] = spawn(i)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.5):
+        for i, p in list(procs.items()):
+            if p.poll() is not None:
+                log.error("receiver %d exited with %s; restarting", i, p.returncode)
+                time.sleep(0.5)
+                procs[i] = spawn(i)
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p in procs.values():
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return 0
+
+
+def self_command(*args: str) -> list[str]:
+    """The command line that runs this dicomflow with ``args`` (used to spawn workers)."""
+    return [sys.executable, "-m", "dicomflow", *args]

@@ -1,0 +1,187 @@
+"""Reading the routing tags, and only those, from a data set's bytes as received.
+
+Pure: bytes + transfer syntax in, :class:`~shared.events.InstanceTags` out, or a
+:class:`Rejection` naming the DICOM status. Pixel data is never parsed (we stop at group 0x0020).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from shared.events import InstanceTags
+from shared.uids import InvalidUID, validate_uid
+
+from .statuses import CANNOT_UNDERSTAND, INVALID_UID, Rejection
+
+_TAGS = {
+    "sop_class_uid": 0x00080016,
+    "sop_uid": 0x00080018,
+    "accession_number": 0x00080050,
+    "modality": 0x00080060,
+    "institution_name": 0x00080080,
+    "study_description": 0x00081030,
+    "series_description": 0x0008103E,
+    "patient_id": 0x00100020,
+    "body_part": 0x00180015,
+    "study_uid": 0x0020000D,
+    "series_uid": 0x0020000E,
+    "series_number": 0x00200011,
+    "instance_number": 0x00200013,
+}
+_SPECIFIC = [Tag(t) for t in _TAGS.values()]
+_LAST = max(_TAGS.values())
+
+
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+
+
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Walks element headers (and sequence items) of a whole data set without decoding values."""
+
+    def __init__(self, raw: bytes, implicit: bool, little: bool, partial: bool):
+        self.raw, self.implicit, self.partial = raw, implicit, partial
+        self.o = "<" if little else ">"
+        self.end = len(raw)
+
+    def fail(self, msg: str) -> None:
+        raise Rejection(CANNOT_UNDERSTAND, msg)
+
+    def header(self, pos: int) -> tuple[int, bytes, int, int]:
+        """(tag, vr, length, value offset) of the element at ``pos``."""
+        if self.end - pos < 8:
+            self.fail(f"truncated element header at offset {pos}")
+        group, elem = struct.unpack_from(self.o + "HH", self.raw, pos)
+        tag = group << 16 | elem
+        if self.implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 4)
+            return tag, b"", length, pos + 8
+        vr = self.raw[pos + 4: pos + 6]
+        if vr not in _VRS:
+            self.fail(f"invalid VR {vr!r} at offset {pos}")
+        if vr in _LONG_VRS:
+            if self.end - pos < 12:
+                self.fail(f"truncated element header at offset {pos}")
+            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 8)
+            return tag, vr, length, pos + 12
+        (length,) = struct.unpack_from(self.o + "H", self.raw, pos + 6)
+        return tag, vr, length, pos + 8
+
+    def elements(self, pos: int, stop_at_item_end: bool) -> int:
+        """Walk elements from ``pos``; returns the offset after them (or after the item delimiter)."""
+        last = -1
+        while pos < self.end:
+            if self.partial and self.end - pos < 12:
+                return self.end
+            tag, vr, length, value = self.header(pos)
+            if tag == _ITEM_END and stop_at_item_end:
+                return value
+            if tag <= last:
+                self.fail(f"elements out of order at offset {pos} ({tag:08X} after {last:08X})")
+            last = tag
+            if length == 0xFFFFFFFF:
+                pos = self.items(value)
+                continue
+            if value + length > self.end:
+                if self.partial:
+                    return self.end
+                self.fail(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes, "
+                          f"{self.end - value} remain")
+            pos = value + length
+        if stop_at_item_end:
+            if self.partial:
+                return self.end
+            self.fail("data set ends inside a sequence item")
+        return pos
+
+    def items(self, pos: int) -> int:
+        """Walk the items of an undefined-length sequence or encapsulated pixel data."""
+        while True:
+            if self.partial and self.end - pos < 8:
+                return self.end
+            tag, _, length, value = self.header(pos)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM:
+                self.fail(f"expected an item at offset {pos}, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            if length == 0xFFFFFFFF:
+                pos = self.elements(value, stop_at_item_end=True)
+            else:
+                if value + length > self.end:
+                    if self.partial:
+                        return self.end
+                    self.fail(f"item at offset {pos} claims {length} bytes, {self.end - value} remain")
+                pos = value + length
+
+
+def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> None:
+    """Walk every element header of the data set and reject what is not well-formed DICOM.
+
+    pydicom reads leniently (an element claiming more bytes than exist just gets what is left), so a
+    truncated or garbage data set would otherwise pass as one with odd values. ``partial``: ``raw``
+    is only the head of the data set (deflated input), running off its end is not an error.
+    """
+    _Walker(raw, implicit, little, partial).elements(0, stop_at_item_end=False)
+
+
+def _stop(tag, vr, length) -> bool:
+    return tag > _LAST
+
+
+def _text(ds, keyword: str) -> str:
+    elem = ds.get(Tag(_TAGS[keyword]))
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:256]
+
+
+def _int(ds, keyword: str) -> int | None:
+    text = _text(ds, keyword)
+    try:
+        return int(float(text)) if text else None
+    except ValueError:
+        return None
+
+
+def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> InstanceTags:
+    """The routing tags of a data set encoded in ``transfer_syntax`` (no file meta)."""
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    little = transfer_syntax != ExplicitVRBigEndian
+    try:
+        partial = transfer_syntax == DeflatedExplicitVRLittleEndian
+        if partial:
+            # Only the head of the stream is inflated: the tags we need come before the pixels.
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data), 4 * 1024 * 1024)
+        else:
+            raw = data if isinstance(data, bytes) else bytes(data)  # BytesIO(bytes) shares, no copy
+        if not raw:
+            raise Rejection(CANNOT_UNDERSTAND, "empty data set")
+        check_structure(raw, implicit, little, partial)
+        ds = read_dataset(io.BytesIO(raw), implicit, little, stop_when=_stop, specific_tags=_SPECIFIC)
+        values = {k: _text(ds, k) for k in _TAGS if k not in ("series_number", "instance_number")}
+    except Rejection:
+        raise
+    except Exception as exc:  # pydicom raises many types for broken input; all mean "cannot parse"
+        raise Rejection(CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    try:
+        for key, name in (("study_uid", "StudyInstanceUID"), ("series_uid", "SeriesInstanceUID"),
+                          ("sop_uid", "SOPInstanceUID")):
+            values[key] = validate_uid(values[key] or None, name)
+    except InvalidUID as exc:
+        raise Rejection(INVALID_UID, str(exc)) from exc
+    return InstanceTags(**values, series_number=_int(ds, "series_number"),
+                        instance_number=_int(ds, "instance_number"))

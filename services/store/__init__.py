@@ -1,0 +1,1 @@
+"""The store: places instances per institution policy, indexes them, announces them."""

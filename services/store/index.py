@@ -1,0 +1,123 @@
+"""The SQLite index of stored instances (the embedded default's catalogue).
+
+Idempotent on (SOPInstanceUID, digest): recording the same instance twice changes nothing; a
+different digest for a known SOP instance replaces the entry and reports the old digest.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.events import InstanceReceived
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    placements TEXT NOT NULL,
+    patient_id TEXT,
+    modality TEXT,
+    institution_name TEXT,
+    calling_ae TEXT,
+    series_number INTEGER,
+    instance_number INTEGER,
+    series_description TEXT,
+    received_at TEXT,
+    stored_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording an instance did."""
+
+    outcome: str  # "new", "same" or "replaced"
+    replaced_digest: str | None = None
+
+
+class Index:
+    """Thread-safe access to the SQLite index (one connection per thread)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a row is durable before the event is acknowledged.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def record(self, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> Recorded:
+        """Record a stored instance (idempotent)."""
+        t = event.tags
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT digest FROM instances WHERE sop_uid=?", (t.sop_uid,)).fetchone()
+            if row is not None and row["digest"] == event.digest:
+                conn.execute("COMMIT")
+                return Recorded("same")
+            conn.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (t.sop_uid, t.study_uid, t.series_uid, t.sop_class_uid, event.transfer_syntax_uid, event.digest,
+                 event.size, policy, json.dumps(placements), t.patient_id, t.modality, t.institution_name,
+                 event.calling_ae, t.series_number, t.instance_number, t.series_description,
+                 event.received_at.isoformat(), stored_at))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return Recorded("replaced", row["digest"]) if row is not None else Recorded("new")
+
+    def studies(self) -> list[dict]:
+        """One summary per stored study."""
+        rows = self._conn().execute(
+            "SELECT study_uid, COUNT(*) AS instances, COUNT(DISTINCT series_uid) AS series, SUM(size) AS bytes,"
+            " MAX(patient_id) AS patient_id, GROUP_CONCAT(DISTINCT modality) AS modalities,"
+            " MAX(institution_name) AS institution_name, MAX(calling_ae) AS calling_ae,"
+            " MIN(stored_at) AS first_stored, MAX(stored_at) AS last_stored"
+            " FROM instances GROUP BY study_uid ORDER BY last_stored").fetchall()
+        return [dict(r) for r in rows]
+
+    def instances(self, study_uid: str) -> list[dict]:
+        """Every instance of one study, in series/instance order."""
+        rows = self._conn().execute(
+            "SELECT * FROM instances WHERE study_uid=? ORDER BY series_number, series_uid, instance_number, sop_uid",
+            (study_uid,)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["placements"] = json.loads(d["placements"])
+            out.append(d)
+        return out
+
+    def count(self) -> int:
+        """Number of stored instances."""
+        return self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

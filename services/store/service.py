@@ -1,0 +1,52 @@
+"""The store process: a member of the ``store`` consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from shared.bus import connect, ensure_streams
+from shared.config import Config
+from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
+from shared.objectstore import Backends
+from shared.telemetry import setup_tracing, start_metrics
+
+from .index import Index
+from .storing import Storer
+
+log = logging.getLogger("dicomflow.store")
+
+GROUP = "store"
+
+
+async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.Event | None = None,
+                ownership: Ownership | None = None) -> None:
+    """Run one store member until SIGTERM/SIGINT (or ``stop``), then leave the group gracefully."""
+    setup_tracing("store", config.telemetry)
+    start_metrics(config.telemetry, metrics_port)
+    member = f"{socket.gethostname()}-{os.getpid()}"
+    nc = await connect(config, f"dicomflow-store-{member}")
+    await ensure_streams(nc, config)
+    backends = Backends(config)
+    index = Index(config.data_path(config.store.index_path))
+    storer = Storer(config, nc.jetstream(), backends, index)
+    consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle,
+                                   config.store.group, ownership or AllPartitions(config.stream.partitions), member)
+    await consumer.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    log.info("store member %s consuming %d partitions", member, config.stream.partitions)
+    await stop.wait()
+    log.info("store member %s leaving: finishing in-flight work", member)
+    await consumer.stop()
+    await nc.drain()
+    index.close()
+    backends.close()

@@ -1,0 +1,60 @@
+"""Connecting to NATS, declaring the streams, and publishing events with de-duplication and trace context."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from pydantic import BaseModel
+
+from . import subjects
+from .config import Config
+from .jetstream_raw import ensure_stream
+from .telemetry import inject_headers
+
+log = logging.getLogger("dicomflow.bus")
+
+
+async def connect(config: Config, name: str, **kwargs) -> NATS:
+    """A NATS connection that reconnects forever (a service outlives NATS restarts)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    opts = dict(servers=config.nats_servers(), name=name, connect_timeout=config.nats.connect_timeout_s,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
+                error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                pending_size=64 * 1024 * 1024)
+    opts.update(kwargs)
+    return await nats.connect(**opts)
+
+
+async def ensure_streams(nc: NATS, config: Config) -> None:
+    """Declare the instance stream and the events stream (idempotent; every service calls it)."""
+    await ensure_stream(nc, subjects.instance_stream_config(config.stream), fixed=("subject_transform",))
+    await ensure_stream(nc, subjects.events_stream_config(config.stream))
+
+
+def event_headers(msg_id: str) -> dict[str, str]:
+    """Headers of an event: de-duplication id plus the trace context current in the calling thread."""
+    return inject_headers({"Nats-Msg-Id": msg_id, "Content-Type": "application/json"})
+
+
+async def publish_event(js: JetStreamContext, subject: str, event: BaseModel, msg_id: str,
+                        timeout: float, headers: dict[str, str] | None = None) -> PubAck:
+    """Publish one event with ``Nats-Msg-Id`` and trace context; returns the PubAck.
+
+    ``headers`` come from :func:`event_headers` when the span lives in another thread than the loop.
+    Raises on timeout or no responders: the caller must not report success then.
+    """
+    headers = headers or event_headers(msg_id)
+    return await js.publish(subject, event.model_dump_json().encode(), timeout=timeout, headers=headers)

@@ -1,0 +1,31 @@
+import shutil
+
+import pytest
+
+from tests.helpers import Stack, make_config, start_nats
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = start_nats(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    stacks = []
+
+    def make(nats_url: str = "", **sections) -> Stack:
+        stack = Stack(tmp_path, make_config(tmp_path, nats_url, **sections)).start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for s in stacks:
+        s.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not shutil.which("storescu"):
+        raise pytest.UsageError("dcmtk (storescu) is missing: run `make test`, which installs it")

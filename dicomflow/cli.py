@@ -208,8 +208,13 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         data = config.model_dump()
         print(json.dumps(data, indent=2) if args.json else __import__("yaml").safe_dump(data, sort_keys=False))
         return 0
-    for key, default, doc in describe(Config):
-        print(f"{key} (default {default}): {doc}")
+    rows = describe(Config)
+    if args.json:
+        print(json.dumps([{"key": k, "default": d, "description": doc} for k, d, doc in rows], indent=2))
+        return 0
+    print("| setting | default | meaning |\n|---|---|---|")
+    for key, default, doc in rows:
+        print(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
     return 0
 
 

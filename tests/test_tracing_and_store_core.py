@@ -1,0 +1,95 @@
+"""Traces linked across the bus; the store's pure policy choice and its idempotent index."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from dicomflow.synthetic import write_study
+from services.store.index import Index
+from services.store.placement import choose_policy
+from shared.config import StorageConfig, load_config
+from shared.events import InstanceReceived, InstanceTags, utcnow
+from shared.loopthread import LoopThread
+from shared.natsserver import free_port
+from shared.telemetry import setup_tracing
+from tests.helpers import scu_send, wait_for
+
+
+def test_ingest_span_and_store_span_are_one_trace(tmp_path, nats_server):
+    from pydicom import dcmread
+
+    from services.ingest.service import serve as serve_ingest
+    from services.store.service import serve as serve_store
+
+    config = load_config(overrides={"data_dir": str(tmp_path / "data"), "nats": {"url": nats_server.url},
+                                    "stream": {"partitions": 4}, "ingest": {"port": free_port(), "workers": 1},
+                                    "telemetry": {"metrics_port": 0}}, environ={})
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing("test", config.telemetry, exporter=exporter)
+    stop_ingest = threading.Event()
+    ingest = threading.Thread(target=serve_ingest, args=(config,), kwargs={"stop": stop_ingest}, daemon=True)
+    ingest.start()
+    loop = LoopThread("store")
+    stop_store = asyncio.Event()
+    store_done = asyncio.run_coroutine_threadsafe(serve_store(config, stop=stop_store), loop.loop)
+    try:
+        from shared.natsserver import wait_port
+
+        wait_port("127.0.0.1", config.ingest.port, 20)
+        _, files = write_study(tmp_path / "s", 1)
+        assert scu_send(config.ingest.port, [dcmread(files[0])]) == [0]
+
+        def spans():
+            provider.force_flush()
+            found = {s.name: s for s in exporter.get_finished_spans()}
+            return found if {"ingest.c_store", "store.instance"} <= set(found) else None
+
+        found = wait_for(spans, 30, what="both spans")
+        ingest_span, store_span = found["ingest.c_store"], found["store.instance"]
+        assert store_span.context.trace_id == ingest_span.context.trace_id
+        assert store_span.parent is not None and store_span.parent.span_id == ingest_span.context.span_id
+        assert ingest_span.attributes["dicom.status"] == "0x0000"
+        assert store_span.attributes["dicom.sop_uid"] == ingest_span.attributes["dicom.sop_uid"]
+    finally:
+        stop_ingest.set()
+        loop.loop.call_soon_threadsafe(stop_store.set)
+        store_done.result(30)
+        ingest.join(30)
+        loop.stop()
+
+
+def test_policy_by_calling_ae_then_institution_then_default():
+    storage = StorageConfig.model_validate({
+        "backends": {"local": {"kind": "fs"}, "regional": {"kind": "fs", "path": "regional"}},
+        "policies": {"default": {"placements": ["local"]}, "regional": {"placements": ["regional"]},
+                     "both": {"placements": ["local", "regional"]}},
+        "institutions": {"CT_NORTH": "regional", "South Clinic": "both"},
+    })
+    assert choose_policy(storage, "CT_NORTH", "South Clinic") == "regional"
+    assert choose_policy(storage, "OTHER", "South Clinic") == "both"
+    assert choose_policy(storage, "OTHER", "") == "default"
+    strict = storage.model_copy(update={"default_policy": None})
+    assert choose_policy(strict, "OTHER", "Unknown") is None
+
+
+def _event(sop: str, digest: str) -> InstanceReceived:
+    tags = InstanceTags(study_uid="1.2.3", series_uid="1.2.3.1", sop_uid=sop, modality="CT")
+    return InstanceReceived(tags=tags, transfer_syntax_uid="1.2.840.10008.1.2.1", digest=digest, size=10,
+                            backend="local", calling_ae="CT1", called_ae="DICOMFLOW", received_at=utcnow())
+
+
+def test_index_is_idempotent_on_sop_and_digest(tmp_path):
+    index = Index(tmp_path / "i.sqlite")
+    now = utcnow().isoformat()
+    assert index.record(_event("1.2.3.1.1", "a" * 64), "default", ["local"], now).outcome == "new"
+    assert index.record(_event("1.2.3.1.1", "a" * 64), "default", ["local"], now).outcome == "same"
+    replaced = index.record(_event("1.2.3.1.1", "b" * 64), "default", ["local"], now)
+    assert (replaced.outcome, replaced.replaced_digest) == ("replaced", "a" * 64)
+    index.record(_event("1.2.3.1.2", "c" * 64), "default", ["local"], now)
+    assert index.count() == 2
+    [study] = index.studies()
+    assert (study["study_uid"], study["instances"], study["series"]) == ("1.2.3", 2, 1)
+    assert [r["digest"] for r in index.instances("1.2.3")] == ["b" * 64, "c" * 64]

@@ -147,3 +147,34 @@ def test_bad_input_is_refused_and_nothing_stored(tmp_path, nats_server, stack_fa
     assert not list((stack.data_dir / "objects").glob("??/??/*"))
     # The ingest is still serving.
     assert scu_send(stack.port, [dcmread(files[0])]) == [0]
+
+
+def test_restart_keeps_data_and_metrics_are_served(tmp_path, nats_server, stack_factory):
+    import urllib.request
+
+    from shared.natsserver import free_port
+
+    base = free_port()
+    # The embedded NATS too (no nats.url): a restart must find its JetStream data again.
+    stack = stack_factory("", telemetry={"metrics_port": base})
+    study_uid, _ = write_study(tmp_path / "s", 12)
+    assert stack.storescu(tmp_path / "s").returncode == 0
+    wait_for(lambda: stack.instances_of(study_uid) == 12, 60, what="12 stored")
+
+    targets = json.loads((stack.data_dir / "run" / "prometheus-targets.json").read_text())
+    by_service = {t["labels"]["service"]: t["targets"] for t in targets}
+    ingest_metrics = "".join(urllib.request.urlopen(f"http://{t}/metrics", timeout=5).read().decode()
+                             for t in by_service["ingest"])
+    assert 'dicomflow_ingest_instances_total{status="0x0000"} 12.0' in ingest_metrics
+    assert "dicomflow_ingest_publish_seconds_bucket" in ingest_metrics
+    store_metrics = urllib.request.urlopen(f"http://{by_service['store'][0]}/metrics", timeout=5).read().decode()
+    assert 'dicomflow_store_instances_total{outcome="new"} 12.0' in store_metrics
+
+    stack.stop()
+    stack.start()
+    assert stack.instances_of(study_uid) == 12
+    status = json.loads(stack.cli("status", "--json").stdout)
+    assert status["stream"]["messages"] == 12
+    second, _ = write_study(tmp_path / "t", 5)
+    assert stack.storescu(tmp_path / "t").returncode == 0
+    wait_for(lambda: stack.instances_of(second) == 5, 60, what="5 more stored after restart")

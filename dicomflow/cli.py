@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--json", action="store_true")
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
+    aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
+    aa.add_argument("--json", action="store_true", help="(the document is JSON)")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
     cfg.add_argument("action", choices=["show", "reference"], help="show: effective config; reference: every setting")
     cfg.add_argument("--json", action="store_true")
@@ -218,6 +220,15 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
+def cmd_asyncapi(config: Config, args: argparse.Namespace) -> int:
+    from shared.contract import asyncapi
+
+    from . import __version__
+
+    print(asyncapi(config.nats_servers(), __version__))
+    return 0
+
+
+COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
             "autoscaler": cmd_not_yet, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
             "config": cmd_config}

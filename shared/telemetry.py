@@ -6,17 +6,21 @@ span of an instance and the store span that handles its event belong to one trac
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 
 from .config import TelemetryConfig
 
@@ -59,13 +63,57 @@ def setup_tracing(service: str, cfg: TelemetryConfig, exporter: SpanExporter | N
     return provider
 
 
+# Health checks the /healthz (liveness) and /readyz (readiness) endpoints evaluate, by name. Kubernetes probes
+# and compose healthchecks call them: readiness must mean "can do its work now" (NATS connected, consumers
+# owned, SCP accepting), or a rolling update moves on before the new pod is useful.
+_checks: dict[str, dict[str, Callable[[], bool]]] = {"live": {}, "ready": {}}
+
+
+def add_health_check(name: str, check: Callable[[], bool], kind: str = "ready") -> None:
+    """Register a check (``kind`` "ready" or "live") that /readyz or /healthz evaluates on every request."""
+    _checks[kind][name] = check
+
+
+def health(kind: str) -> tuple[bool, dict[str, bool]]:
+    """Evaluate the checks of ``kind``. Readiness with no check registered is false: nothing vouches for it."""
+    results: dict[str, bool] = {}
+    for name, check in list(_checks[kind].items()):
+        try:
+            results[name] = bool(check())
+        except Exception:
+            results[name] = False
+    ok = all(results.values()) and (bool(results) or kind == "live")
+    return ok, results
+
+
+def _app(metrics_app):
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok, results = health("live" if path == "/healthz" else "ready")
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+            return [json.dumps({"ok": ok, "checks": results}).encode()]
+        return metrics_app(environ, start_response)
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # probes every few seconds would flood the log
+        pass
+
+
 def start_metrics(cfg: TelemetryConfig, port: int | None = None) -> int:
-    """Serve /metrics; returns the port (0 when disabled). ``port`` overrides the configured one."""
+    """Serve /metrics, /healthz and /readyz; returns the port (0 when disabled). ``port`` overrides the configured one."""
     port = cfg.metrics_port if port is None else port
     if port <= 0:
         return 0
-    start_http_server(port, addr=cfg.metrics_host)
-    log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
+    httpd = make_server(cfg.metrics_host, port, _app(make_wsgi_app()), _Server, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics (health: /healthz, /readyz)", cfg.metrics_host, port)
     return port
 
 

@@ -15,7 +15,7 @@ from shared.config import Config
 from shared.events import InstanceReceived
 from shared.loopthread import LoopThread
 from shared.objectstore import Backends
-from shared.telemetry import setup_tracing, start_metrics
+from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 from .intake import Intake
 from .scp import start_scp
@@ -42,6 +42,9 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     server = start_scp(intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations,
                        ing.network_timeout_s, ing.allowed_calling_aes)
     stop = stop or threading.Event()
+    # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
+    add_health_check("nats", lambda: nc.is_connected)
+    add_health_check("scp_accepting", lambda: not stop.is_set())
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

@@ -12,7 +12,7 @@ from shared.bus import connect, ensure_streams
 from shared.config import Config
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.objectstore import Backends
-from shared.telemetry import setup_tracing, start_metrics
+from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 from .index import Index
 from .storing import Storer
@@ -37,6 +37,9 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
                                    config.store.group, ownership or AllPartitions(config.stream.partitions), member)
     await consumer.start()
     stop = stop or asyncio.Event()
+    # Ready while connected and a group member; not ready from SIGTERM on (it is leaving the group).
+    add_health_check("nats", lambda: nc.is_connected)
+    add_health_check("group_member", lambda: not stop.is_set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

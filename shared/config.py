@@ -94,8 +94,16 @@ class GroupConfig(_Section):
     ack_wait_s: float = Field(60, gt=0, description="Seconds before an unacknowledged event is redelivered.")
     pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this.")
     member_ttl_s: float = Field(3, gt=0, description="Membership heartbeat TTL: a crashed member is forgotten after this.")
+    heartbeat_s: float = Field(1, gt=0, description="Seconds between a member's heartbeats (and its reading of the membership); below member_ttl_s.")
+    elastic: bool = Field(True, description="Members share the partitions by rendezvous hashing over the live membership; false: every member pulls every partition (the pinned consumers still serialise them).")
     batch: int = Field(64, ge=1, description="Events fetched per pull.")
     max_ack_pending: int = Field(1024, ge=1, description="Unacknowledged events per partition consumer.")
+
+    @model_validator(mode="after")
+    def _heartbeat_below_ttl(self) -> GroupConfig:
+        if self.heartbeat_s >= self.member_ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below member_ttl_s ({self.member_ttl_s})")
+        return self
 
 
 class StoreConfig(_Section):

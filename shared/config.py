@@ -112,6 +112,63 @@ class StoreConfig(_Section):
     group: GroupConfig = Field(default_factory=GroupConfig)
 
 
+class ScalingPolicyConfig(_Section):
+    type: Literal["pods", "percent"] = Field(..., description="pods: at most `value` replicas of change per period; percent: at most `value`% of the replicas at the period's start.")
+    value: int = Field(..., gt=0, description="Replicas or percent allowed per period.")
+    period_s: float = Field(..., gt=0, description="Length of the sliding period, seconds.")
+
+
+class ScalingRulesConfig(_Section):
+    stabilization_s: float = Field(..., ge=0, description="Stabilization window: scale up to the lowest / down to the highest recommendation of this many seconds (Kubernetes HPA behavior).")
+    select: Literal["max", "min", "disabled"] = Field("max", description="Which policy limit applies when several do: max (the largest change), min (the smallest), disabled (never scale this way).")
+    policies: list[ScalingPolicyConfig] = Field(..., description="Rate limits of change (HPA scaling policies).")
+
+
+def _default_scale_up() -> ScalingRulesConfig:
+    # The Kubernetes HPA defaults: no stabilization, +4 pods or +100% per 15 s, whichever is larger.
+    return ScalingRulesConfig(stabilization_s=0, policies=[ScalingPolicyConfig(type="pods", value=4, period_s=15),
+                                                           ScalingPolicyConfig(type="percent", value=100, period_s=15)])
+
+
+def _default_scale_down() -> ScalingRulesConfig:
+    # The Kubernetes HPA defaults: 300 s stabilization, down to any count within 15 s.
+    return ScalingRulesConfig(stabilization_s=300, policies=[ScalingPolicyConfig(type="percent", value=100, period_s=15)])
+
+
+class AutoscaleGroupConfig(_Section):
+    enabled: bool = Field(True, description="Autoscale this consumer group.")
+    target_lag: int = Field(100, gt=0, description="AverageValue target: events of lag (pending + unacknowledged, over all partitions) one replica should carry. Desired = ceil(lag / target_lag).")
+    tolerance: float = Field(0.1, ge=0, lt=1, description="No change while lag / (target_lag x replicas) is within 1 +- tolerance (HPA tolerance).")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(8, ge=1, description="Most replicas; never more than the stream's partitions either.")
+    scale_up: ScalingRulesConfig = Field(default_factory=_default_scale_up, description="Scale-up behavior (HPA defaults).")
+    scale_down: ScalingRulesConfig = Field(default_factory=_default_scale_down, description="Scale-down behavior (HPA defaults).")
+    institution_floors: dict[str, int] = Field(default_factory=dict, description="Calling AE title or InstitutionName -> fewest replicas while a study of that institution is in flight.")
+    k8s_kind: Literal["deployment", "statefulset"] = Field("deployment", description="kubernetes actuator: kind of the workload whose scale subresource is patched.")
+    k8s_name: str = Field("", description="kubernetes actuator: name of the Deployment/StatefulSet (empty: dicomflow-<group>).")
+    drain_timeout_s: float = Field(120, gt=0, description="local actuator: seconds a worker gets after SIGTERM to finish, ack and leave the group before it is killed.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleGroupConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+def _default_autoscale_groups() -> dict[str, AutoscaleGroupConfig]:
+    # The router is off until its service runs; enabling it is one line of YAML.
+    return {"store": AutoscaleGroupConfig(), "router": AutoscaleGroupConfig(enabled=False)}
+
+
+class AutoscalerConfig(_Section):
+    enabled: bool = Field(False, description="`dicomflow run`: the autoscaler (local actuator) owns the store worker processes instead of the fixed store.workers.")
+    actuator: Literal["local", "kubernetes"] = Field("local", description="`dicomflow autoscaler`: local starts/stops worker processes on this machine; kubernetes patches the scale subresource of each group's workload.")
+    dry_run: bool = Field(False, description="Decide, log and export the decisions, change nothing.")
+    interval_s: float = Field(15, gt=0, description="Seconds between decisions (HPA sync period).")
+    namespace: str = Field("", description="kubernetes actuator: namespace of the workloads (empty: the pod's own namespace).")
+    groups: dict[str, AutoscaleGroupConfig] = Field(default_factory=_default_autoscale_groups, description="Scaling policy per consumer group (store, router).")
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -127,6 +184,7 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @field_validator("data_dir")

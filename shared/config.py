@@ -169,6 +169,75 @@ class AutoscalerConfig(_Section):
     groups: dict[str, AutoscaleGroupConfig] = Field(default_factory=_default_autoscale_groups, description="Scaling policy per consumer group (store, router).")
 
 
+_TARGET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class TargetConfig(_Section):
+    kind: Literal["dicom", "dicomweb"] = Field("dicom", description="dicom: a C-STORE SCP (sent with dcmtk storescu); dicomweb: a STOW-RS endpoint.")
+    host: str = Field("127.0.0.1", description="dicom: host of the SCP.")
+    port: int = Field(104, ge=1, le=65535, description="dicom: port of the SCP.")
+    ae_title: str = Field("ANY-SCP", max_length=16, description="dicom: called AE title of the SCP.")
+    tls: bool = Field(False, description="dicom: DICOM over TLS (storescu +tls).")
+    tls_ca: str = Field("", description="dicom+tls: CA certificate file the peer's certificate must chain to (empty: accept any).")
+    tls_cert: str = Field("", description="dicom+tls: our client certificate (PEM); empty: anonymous TLS.")
+    tls_key: str = Field("", description="dicom+tls: our private key (PEM).")
+    url: str = Field("", description="dicomweb: base URL of the DICOMweb service; instances are POSTed to URL/studies.")
+    headers: dict[str, str] = Field(default_factory=dict, description="dicomweb: extra HTTP headers (e.g. Authorization).")
+    timeout_s: float = Field(60, gt=0, description="Seconds one batch may take before the attempt counts as failed.")
+
+
+class TargetGroupConfig(_Section):
+    members: dict[str, float] = Field(..., min_length=1, description="Target name -> weight (relative share of new studies).")
+    on_member_down: Literal["wait", "reassign"] = Field("wait", description="A study whose gateway is down: wait and retry there (never split), or move the whole study to another member.")
+
+
+class CompletionConfig(_Section):
+    quiet_s: float = Field(60, gt=0, description="A study is complete this many seconds after its last instance.")
+    required_series: list[str] = Field(default_factory=list, description="SeriesDescriptions that must all be present before the study can complete.")
+    min_series: int = Field(0, ge=0, description="Number of series that must be present before the study can complete.")
+    force_after_s: float = Field(0, ge=0, description="Seconds after the first instance when a study that never met its conditions is forced; 0 never.")
+    force_action: Literal["process", "discard", "wait"] = Field("process", description="At force_after_s: process it incomplete, discard it (no on-complete forwards), or keep waiting.")
+
+
+class ForwardConfig(_Section):
+    batch: int = Field(32, ge=1, le=1000, description="Instances sent per association.")
+    backoff_initial_s: float = Field(1, gt=0, description="First retry delay after a failed send.")
+    backoff_max_s: float = Field(300, gt=0, description="Largest retry delay (the delay doubles per attempt up to this).")
+    max_attempts: int = Field(20, ge=1, description="Attempts before an instance goes to the dead-letter stream (DICOM_DLQ).")
+    probe_interval_s: float = Field(5, gt=0, description="How often each target's port is probed; a refused target gets no new studies.")
+    calling_ae: str = Field("DICOMFLOW", max_length=16, description="Calling AE title of forwarded associations.")
+
+
+class RouterConfig(_Section):
+    rules_file: str = Field("", description="YAML rules file. Empty: no rules (the router only tracks study completion). `dicomflow run` starts a router only when set.")
+    targets: dict[str, TargetConfig] = Field(default_factory=dict, description="Destinations by name (letters, digits, - and _).")
+    groups: dict[str, TargetGroupConfig] = Field(default_factory=dict, description="Target groups: study-affine load balancing over members by weighted rendezvous hashing.")
+    completion: CompletionConfig = Field(default_factory=CompletionConfig)
+    forward: ForwardConfig = Field(default_factory=ForwardConfig)
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    reload_interval_s: float = Field(5, gt=0, description="How often the config and rules files are checked for changes (targets, groups and rules reload without a restart).")
+    scan_interval_s: float = Field(0.5, gt=0, description="How often study states are checked for completion.")
+    study_ttl_days: float = Field(30, gt=0, description="How long a study's state is kept after its last change.")
+
+    @model_validator(mode="after")
+    def _names_and_references(self) -> RouterConfig:
+        import re
+
+        for name in [*self.targets, *self.groups]:
+            if not re.match(_TARGET_NAME, name):
+                raise ValueError(f"target/group name {name!r}: letters, digits, - and _ only")
+        for name in self.groups:
+            if name in self.targets:
+                raise ValueError(f"{name!r} is both a target and a group")
+        for gname, group in self.groups.items():
+            for member, weight in group.members.items():
+                if member not in self.targets:
+                    raise ValueError(f"group {gname!r} names unknown target {member!r}")
+                if weight <= 0:
+                    raise ValueError(f"group {gname!r}: weight of {member!r} must be > 0")
+        return self
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -185,6 +254,7 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @field_validator("data_dir")

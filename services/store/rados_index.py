@@ -1,0 +1,55 @@
+"""The per-study index objects in RADOS: omap SOPInstanceUID -> entry, one object per study and pool.
+
+Each entry holds what the SQLite index needs (series, digest, size, the routing tags, policy, placements),
+so a study can be listed from Ceph alone and ``dicomflow reindex`` can rebuild the SQLite index from it.
+Writing an entry is idempotent (same key, same value); it happens after the object is placed and before
+the SQLite row, so an indexed instance always has its entry in every RADOS placement.
+"""
+
+from __future__ import annotations
+
+import json
+
+from shared.events import InstanceReceived, InstanceTags
+from shared.rados_layout import STUDY_INDEX_PREFIX, study_index_name
+
+
+def encode_entry(event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> bytes:
+    """The omap value of one instance."""
+    return json.dumps({
+        "series_uid": event.tags.series_uid, "digest": event.digest, "size": event.size,
+        "tags": event.tags.model_dump(), "transfer_syntax_uid": event.transfer_syntax_uid,
+        "calling_ae": event.calling_ae, "called_ae": event.called_ae, "received_at": event.received_at.isoformat(),
+        "staging": event.backend, "policy": policy, "placements": placements, "stored_at": stored_at,
+    }, separators=(",", ":")).encode()
+
+
+def decode_entry(raw: bytes) -> tuple[InstanceReceived, str, list[str], str]:
+    """(event, policy, placements, stored_at) from an omap value; what :meth:`Index.record` takes."""
+    e = json.loads(raw)
+    event = InstanceReceived(tags=InstanceTags(**e["tags"]), transfer_syntax_uid=e["transfer_syntax_uid"],
+                             digest=e["digest"], size=e["size"], backend=e.get("staging", ""),
+                             calling_ae=e["calling_ae"], called_ae=e.get("called_ae", ""),
+                             received_at=e["received_at"])
+    return event, e["policy"], list(e["placements"]), e["stored_at"]
+
+
+def is_rados(store) -> bool:
+    """Whether a backend keeps study index objects (it has an omap)."""
+    return hasattr(store, "omap_set")
+
+
+def record_entry(store, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> None:
+    """Add (or refresh) the instance's entry in its study's index object in ``store``."""
+    store.omap_set(study_index_name(event.tags.study_uid),
+                   {event.tags.sop_uid: encode_entry(event, policy, placements, stored_at)})
+
+
+def study_entries(store, study_uid: str) -> dict[str, bytes]:
+    """SOPInstanceUID -> raw entry for one study."""
+    return store.omap_get(study_index_name(study_uid))
+
+
+def studies_in(store) -> list[str]:
+    """The StudyInstanceUIDs that have an index object in ``store`` (lists the pool/namespace)."""
+    return sorted(name[len(STUDY_INDEX_PREFIX):] for name in store.object_names(STUDY_INDEX_PREFIX))

@@ -1,0 +1,339 @@
+"""Ceph (RADOS) object store through librados: one pool (and optional namespace) per backend.
+
+Writes are asynchronous (``aio``) with a window of at most ``aio_window`` operations in flight per backend,
+shared by every thread of the process; a put returns only when every write is acknowledged by the OSDs
+(durable on all replicas of the pool). Each head object carries the digest, size, layout and the caller's
+UIDs as xattrs, written in the same atomic operation as the data. Large objects are chunked (see
+:mod:`shared.rados_layout`). ``rados_osd_op_timeout`` is always set, so a write to a placement group without
+active OSDs fails after ``op_timeout_s`` (TimeoutError) instead of hanging; a user without caps on the pool
+gets a PermissionError naming the user and the pool.
+
+The ``rados`` module is Debian's python3-rados (not on PyPI); ``make rados-link`` links it into the venv.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .config import BackendConfig
+from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
+from .rados_layout import (
+    LAYOUT_CHUNKED,
+    LAYOUT_WHOLE,
+    XATTR_PREFIX,
+    decode_manifest,
+    encode_manifest,
+    plan_chunks,
+    xattrs_for,
+)
+
+
+def import_rados():
+    """The librados binding, or an ImportError that says how to get it."""
+    try:
+        import rados
+    except ImportError as exc:
+        raise ImportError("the 'rados' module (Debian package python3-rados) is not importable: install it and "
+                          "run `make rados-link` to link it into the virtual environment") from exc
+    return rados
+
+
+def connect_cluster(cfg: BackendConfig):
+    """A connected ``rados.Rados`` for a backend's cluster and user, with op timeouts set."""
+    rados = import_rados()
+    conf = {"keyring": cfg.keyring} if cfg.keyring else {}
+    cluster = rados.Rados(conffile=cfg.ceph_conf, rados_id=cfg.ceph_user, conf=conf)
+    timeout = str(max(1, round(cfg.op_timeout_s)))  # whole seconds: the options are integers
+    # Without these an op on a placement group with no active OSD blocks forever.
+    for key in ("rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"):
+        cluster.conf_set(key, timeout)
+    try:
+        cluster.connect(timeout=int(max(1, cfg.op_timeout_s)))
+    except rados.Error as exc:
+        cluster.shutdown()
+        raise ConnectionError(f"cannot connect to the Ceph cluster of {cfg.ceph_conf or 'the default ceph.conf'} "
+                              f"as client.{cfg.ceph_user}: {exc}") from exc
+    return cluster
+
+
+class _Pending:
+    """One in-flight aio operation: its completion, the op it keeps alive, and its outcome."""
+
+    __slots__ = ("done", "ret", "data", "op", "what")
+
+    def __init__(self, what: str):
+        self.done = threading.Event()
+        self.ret = 0
+        self.data = b""
+        self.op = None
+        self.what = what
+
+
+class RadosObjectStore:
+    """Content-addressed objects in one RADOS pool/namespace."""
+
+    def __init__(self, name: str, cfg: BackendConfig, data_dir: Path | None = None):
+        if not cfg.pool:
+            raise ValueError(f"backend {name!r}: kind rados needs a pool")
+        self.name = name
+        self.cfg = cfg
+        self.rados = import_rados()
+        self.cluster = connect_cluster(cfg)
+        try:
+            if not self.cluster.pool_exists(cfg.pool):
+                raise LookupError(f"backend {name!r}: pool {cfg.pool!r} does not exist")
+            self.io = self.cluster.open_ioctx(cfg.pool)
+        except Exception:
+            self.cluster.shutdown()
+            raise
+        if cfg.namespace:
+            self.io.set_namespace(cfg.namespace)
+        self._window = threading.BoundedSemaphore(cfg.aio_window)
+
+    # ------------------------------------------------------------------ errors
+    def _where(self) -> str:
+        ns = f" namespace {self.cfg.namespace!r}" if self.cfg.namespace else ""
+        return f"pool {self.cfg.pool!r}{ns}"
+
+    def _error(self, exc: Exception, action: str, oid: str) -> Exception:
+        """A builtin exception with a message an operator can act on, for a librados error."""
+        r = self.rados
+        head = f"rados backend {self.name!r}: {action} {oid} in {self._where()}"
+        if isinstance(exc, r.PermissionError):
+            return PermissionError(f"{head}: permission denied: cephx user client.{self.cfg.ceph_user} has no "
+                                   f"osd caps for {self._where()}")
+        if isinstance(exc, r.TimedOut):
+            return TimeoutError(f"{head}: timed out after {self.cfg.op_timeout_s:g}s (rados_osd_op_timeout): "
+                                f"its placement group has no active OSD (OSDs down?)")
+        if isinstance(exc, r.ObjectNotFound):
+            return ObjectMissing(f"{head}: no such object")
+        return OSError(f"{head}: {exc}")
+
+    def _check(self, ret: int, action: str, oid: str) -> None:
+        if ret >= 0:
+            return
+        r = self.rados
+        by_errno = {1: r.PermissionError, 13: r.PermissionError, 110: r.TimedOut, 2: r.ObjectNotFound}
+        cls = by_errno.get(-ret, r.Error)
+        raise self._error(cls(f"errno {-ret}"), action, oid)
+
+    # ------------------------------------------------------------------ aio with a bounded window
+    def _submit(self, what: str, start: Callable[[_Pending, Callable], None]) -> _Pending:
+        """Start one aio op once a window slot is free; the slot is released by its completion."""
+        self._window.acquire()
+        pend = _Pending(what)
+        try:
+            start(pend, self._completer(pend))
+        except BaseException:
+            self._window.release()
+            raise
+        return pend
+
+    def _completer(self, pend: _Pending):
+        def done(completion, data=None):
+            pend.ret = completion.get_return_value()
+            if data is not None:
+                pend.data = data
+            self._window.release()
+            pend.done.set()
+        return done
+
+    def _wait(self, pending: list[_Pending], action: str) -> None:
+        """Wait for every op; raise the first failure (all of them have finished by then)."""
+        first = None
+        for p in pending:
+            # librados enforces op_timeout; the margin only guards against a lost callback.
+            if not p.done.wait(self.cfg.op_timeout_s * 2 + 30):
+                first = first or TimeoutError(f"rados backend {self.name!r}: {action} {p.what}: no completion")
+                continue
+            if p.op is not None:
+                p.op.release()
+                p.op = None
+            if p.ret < 0 and first is None:
+                try:
+                    self._check(p.ret, action, p.what)
+                except Exception as exc:
+                    first = exc
+        if first is not None:
+            raise first
+
+    def _aio_write(self, oid: str, data: bytes | memoryview, xattrs: dict[str, bytes]) -> _Pending:
+        """Replace ``oid`` with ``data`` and its xattrs in one atomic write op."""
+        def start(pend: _Pending, cb) -> None:
+            op = self.io.create_write_op()
+            pend.op = op
+            op.write_full(data if isinstance(data, bytes) else bytes(data))
+            for k, v in xattrs.items():
+                op.set_xattr(k, v)
+            self.io.operate_aio_write_op(op, oid, oncomplete=cb)
+        return self._submit(oid, start)
+
+    def _aio_read(self, oid: str, length: int, offset: int = 0) -> _Pending:
+        def start(pend: _Pending, cb) -> None:
+            self.io.aio_read(oid, length, offset, oncomplete=cb)
+        return self._submit(oid, start)
+
+    # ------------------------------------------------------------------ the ObjectStore interface
+    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
+        """Store ``data`` under ``digest`` (chunked above ``chunk_bytes``); durable on every replica when it returns."""
+        check_digest(digest)
+        if self.exists(digest):
+            return  # content-addressed: the same key holds the same bytes
+        view = memoryview(data).cast("B")
+        size = len(view)
+        chunks = plan_chunks(digest, size, self.cfg.chunk_bytes)
+        if not chunks:
+            whole = data if isinstance(data, bytes) else view
+            self._wait([self._aio_write(digest, whole, xattrs_for(digest, size, LAYOUT_WHOLE, meta))], "write")
+            return
+        pending, described = [], []
+        for c in chunks:
+            part = view[c.offset:c.offset + c.size]
+            cdig = content_digest(part)
+            described.append(type(c)(c.name, c.offset, c.size, cdig))
+            pending.append(self._aio_write(c.name, part, {f"{XATTR_PREFIX}digest": cdig.encode(),
+                                                          f"{XATTR_PREFIX}chunk_of": digest.encode()}))
+        self._wait(pending, "write chunk")
+        # The manifest last: the head object appears only when every chunk is durable.
+        manifest = encode_manifest(digest, size, described)
+        self._wait([self._aio_write(digest, manifest, xattrs_for(digest, size, LAYOUT_CHUNKED, meta))], "write")
+
+    def _stat(self, oid: str) -> int:
+        try:
+            size, _ = self.io.stat(oid)
+        except self.rados.Error as exc:
+            raise self._error(exc, "stat", oid) from None
+        return size
+
+    def get(self, digest: str) -> bytes:
+        """The object's bytes, reassembled from chunks when needed and verified against the digest."""
+        check_digest(digest)
+        size = self._stat(digest)
+        try:
+            layout = self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode()
+        except self.rados.Error:
+            layout = LAYOUT_WHOLE
+        if layout == LAYOUT_CHUNKED:
+            data = self._read_chunked(digest, self._read_whole(digest, size))
+        else:
+            data = self._read_whole(digest, size)
+        if content_digest(data) != digest:
+            raise CorruptObject(f"rados backend {self.name!r}: object {digest} in {self._where()} "
+                                f"does not match its digest")
+        return data
+
+    def _read_whole(self, oid: str, size: int) -> bytes:
+        try:
+            data = self.io.read(oid, length=size) if size else b""
+        except self.rados.Error as exc:
+            raise self._error(exc, "read", oid) from None
+        if len(data) != size:
+            raise CorruptObject(f"rados backend {self.name!r}: {oid}: read {len(data)} of {size} bytes")
+        return data
+
+    def _read_chunked(self, digest: str, raw_manifest: bytes) -> bytes:
+        try:
+            size, chunks = decode_manifest(raw_manifest, digest)
+        except ValueError as exc:
+            raise CorruptObject(f"rados backend {self.name!r}: {exc}") from None
+        out = bytearray(size)
+        pending = [(c, self._aio_read(c.name, c.size)) for c in chunks]
+        self._wait([p for _, p in pending], "read chunk")
+        for c, p in pending:
+            if len(p.data) != c.size:
+                raise CorruptObject(f"rados backend {self.name!r}: chunk {c.name}: {len(p.data)} of {c.size} bytes")
+            if c.digest and content_digest(p.data) != c.digest:
+                raise CorruptObject(f"rados backend {self.name!r}: chunk {c.name} of {digest} in {self._where()} "
+                                    f"does not match its digest")
+            out[c.offset:c.offset + c.size] = p.data
+        return bytes(out)
+
+    def exists(self, digest: str) -> bool:
+        """Whether the (complete) object is stored."""
+        check_digest(digest)
+        try:
+            self.io.stat(digest)
+        except self.rados.ObjectNotFound:
+            return False
+        except self.rados.Error as exc:
+            raise self._error(exc, "stat", digest) from None
+        return True
+
+    def xattrs(self, digest: str) -> dict[str, str]:
+        """The head object's dicomflow xattrs (digest, size, layout, UIDs), without the prefix."""
+        try:
+            attrs = dict(self.io.get_xattrs(check_digest(digest)))
+        except self.rados.Error as exc:
+            raise self._error(exc, "get xattrs of", digest) from None
+        return {k[len(XATTR_PREFIX):]: v.decode() for k, v in attrs.items() if k.startswith(XATTR_PREFIX)}
+
+    def location(self, digest: str) -> str:
+        ns = f"{self.cfg.namespace}/" if self.cfg.namespace else ""
+        return f"rados://{self.cfg.pool}/{ns}{check_digest(digest)}"
+
+    # ------------------------------------------------------------------ omap (the per-study index objects)
+    def omap_set(self, oid: str, entries: dict[str, bytes]) -> None:
+        """Set omap keys of ``oid`` (creating it), in one write op."""
+        rados = self.rados
+        try:
+            with rados.WriteOpCtx() as op:
+                self.io.set_omap(op, tuple(entries), tuple(entries.values()))
+                self.io.operate_write_op(op, oid)
+        except rados.Error as exc:
+            raise self._error(exc, "write omap of", oid) from None
+
+    def omap_get(self, oid: str, page: int = 1000) -> dict[str, bytes]:
+        """Every omap key/value of ``oid`` (empty when it does not exist)."""
+        rados = self.rados
+        out: dict[str, bytes] = {}
+        after = ""
+        while True:
+            try:
+                with rados.ReadOpCtx() as op:
+                    it, _ = self.io.get_omap_vals(op, after, "", page)
+                    self.io.operate_read_op(op, oid)
+                    batch = dict(it)
+            except rados.ObjectNotFound:
+                return out
+            except rados.Error as exc:
+                raise self._error(exc, "read omap of", oid) from None
+            out.update(batch)
+            if len(batch) < page:
+                return out
+            after = max(batch)
+
+    def object_names(self, prefix: str = "") -> Iterator[str]:
+        """Names of the objects in this pool/namespace that start with ``prefix`` (a full listing: slow on big pools)."""
+        try:
+            for obj in self.io.list_objects():
+                if obj.key.startswith(prefix):
+                    yield obj.key
+        except self.rados.Error as exc:
+            raise self._error(exc, "list", "objects") from None
+
+    def remove(self, digest: str) -> None:
+        """Remove an object and its chunks (tests and tools; the store never deletes)."""
+        check_digest(digest)
+        try:
+            layout = self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode()
+            if layout == LAYOUT_CHUNKED:
+                _, chunks = decode_manifest(self._read_whole(digest, self._stat(digest)), digest)
+                for c in chunks:
+                    self.io.remove_object(c.name)
+            self.io.remove_object(digest)
+        except self.rados.ObjectNotFound:
+            pass
+        except self.rados.Error as exc:
+            raise self._error(exc, "remove", digest) from None
+
+    def pool_info(self) -> dict:
+        """Pool name, namespace and the librados pool stats (for checks and benchmarks)."""
+        return {"pool": self.cfg.pool, "namespace": self.cfg.namespace, **self.io.get_stats()}
+
+    def close(self) -> None:
+        try:
+            self.io.close()
+        finally:
+            self.cluster.shutdown()

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
     aa.add_argument("--json", action="store_true", help="(the document is JSON)")
+    pol = sub.add_parser("policies", parents=[common], help="placement policies")
+    pol.add_argument("action", choices=["check"], help="check: probe every backend the policies use (write/read/remove)")
+    pol.add_argument("--json", action="store_true")
+    rei = sub.add_parser("reindex", parents=[common], help="rebuild the index from the study index objects in Ceph (store stopped)")
+    rei.add_argument("--out", help="write the rebuilt index here instead of replacing store.index_path")
+    rei.add_argument("--backend", action="append", help="only this rados backend (repeatable; default: all)")
+    rei.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
     cfg.add_argument("action", choices=["show", "reference"], help="show: effective config; reference: every setting")
     cfg.add_argument("--json", action="store_true")
@@ -229,6 +236,33 @@ def cmd_asyncapi(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policies(config: Config, args: argparse.Namespace) -> int:
+    from services.store.policy_check import check
+
+    report = check(config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report["ok"] else 1
+    for name, b in report["backends"].items():
+        print(f"backend {name:16} {'OK  ' if b['ok'] else 'FAIL'} {b['target']}: {b['detail']}")
+    for name, p in report["policies"].items():
+        print(f"policy  {name:16} {'OK  ' if p['ok'] else 'FAIL'} -> {', '.join(p['placements'])}")
+    for inst, i in report["institutions"].items():
+        print(f"institution {inst!r} -> {i['policy']}")
+    d = report["default_policy"]
+    print(f"default policy: {d['policy'] or 'none (unknown institutions are rejected)'}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
+    from services.store.reindex import rebuild
+
+    counts = rebuild(config, Path(args.out) if args.out else None, args.backend)
+    print(json.dumps(counts) if args.json else
+          f"{counts['instances']} instances of {counts['studies']} studies indexed into {counts['index']}")
+    return 0
+
+
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
             "autoscaler": cmd_not_yet, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
-            "config": cmd_config}
+            "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex}

@@ -23,7 +23,7 @@ from shared.events import InstanceReceived, InstanceRejected, InstanceStored, ut
 from shared.objectstore import Backends
 from shared.telemetry import extract_context
 
-from . import metrics
+from . import metrics, rados_index
 from .index import Index
 from .placement import choose_policy, placements_of
 
@@ -52,6 +52,13 @@ class Storer:
             backend.put(event.digest, data, {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
                                              "series_uid": event.tags.series_uid, "size": str(event.size)})
             metrics.bytes_written.labels(name).inc(event.size)
+
+    def index_in_rados(self, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> None:
+        """Add the instance to its study's index object in every RADOS placement (before the SQLite row)."""
+        for name in placements:
+            backend = self.backends.get(name)
+            if rados_index.is_rados(backend):
+                rados_index.record_entry(backend, event, policy, placements, stored_at)
 
     async def handle(self, msg: Msg) -> None:
         """Handle one ``dicom.part.*`` message."""
@@ -82,6 +89,11 @@ class Storer:
             metrics.place_seconds.observe(time.perf_counter() - t0)
             t0 = time.perf_counter()
             stored_at = utcnow()
+            try:
+                await asyncio.to_thread(self.index_in_rados, event, policy, placements, stored_at.isoformat())
+            except Exception:
+                metrics.failures.labels("rados_index").inc()
+                raise
             recorded = await asyncio.to_thread(self.index.record, event, policy, placements, stored_at.isoformat())
             metrics.index_seconds.observe(time.perf_counter() - t0)
             metrics.instances.labels(recorded.outcome).inc()

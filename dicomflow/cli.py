@@ -40,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
     st.add_argument("--metrics-port", type=int)
-    for name in ("router", "autoscaler"):
+    for name in ("router",):
         sp = sub.add_parser(name, parents=[common], help=f"the {name} service")
         sp.add_argument("--metrics-port", type=int)
+    asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
+    asc.add_argument("--metrics-port", type=int)
+    asc.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
+    asc.add_argument("--once", action="store_true", help="one round of decisions, printed; implies --dry-run for "
+                                                         "the local actuator (its workers live only with it)")
+    asc.add_argument("--json", action="store_true", help="with --once: the decisions as JSON")
+    asc.add_argument("--worker-metrics-base", type=int, default=0,
+                     help="local actuator: worker N serves /metrics on this port + N (0: none)")
 
     studies = sub.add_parser("studies", parents=[common], help="list stored studies")
     studies.add_argument("--json", action="store_true")
@@ -122,6 +130,35 @@ def cmd_store(config: Config, args: argparse.Namespace) -> int:
     from services.store.service import serve
 
     asyncio.run(serve(config, args.metrics_port))
+    return 0
+
+
+def cmd_autoscaler(config: Config, args: argparse.Namespace) -> int:
+    from services.autoscaler.service import DryRun, serve
+
+    cfg = config.autoscaler
+    if cfg.actuator == "kubernetes":
+        from services.autoscaler.kubernetes_scale import KubernetesScale
+
+        actuator = KubernetesScale(cfg)
+        dry = args.dry_run or cfg.dry_run
+    else:
+        import os
+
+        from services.autoscaler.local_workers import LocalWorkers, dicomflow_command
+
+        dry = args.dry_run or cfg.dry_run or args.once
+        drain = {g: p.drain_timeout_s for g, p in cfg.groups.items()}
+        actuator = LocalWorkers(dicomflow_command(args.config, args.worker_metrics_base), dict(os.environ),
+                                drain_timeout_s=lambda g: drain.get(g, 120.0))
+    if dry:
+        # Local dry run: start from what `dicomflow run` would run without the autoscaler.
+        initial = {"store": config.store.workers} if cfg.actuator == "local" else None
+        actuator = DryRun(actuator if cfg.actuator == "kubernetes" else None, initial)
+    decisions = asyncio.run(serve(config, actuator, args.metrics_port, once=args.once))
+    if args.once:
+        for d in decisions:
+            print(json.dumps(d.as_dict()) if args.json else d.explain())
     return 0
 
 
@@ -264,5 +301,5 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
-            "autoscaler": cmd_not_yet, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
+            "autoscaler": cmd_autoscaler, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
             "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex}

@@ -8,7 +8,7 @@ ARGS   ?=
 # Debian packages: dcmtk (storescu/storescp, real DICOM peers), Ceph (mon, osd, python3-rados) for the
 # Ceph backend and its tests, docker-compose (validates compose/), orthanc (benchmark baseline).
 RUN_DEBS  := dcmtk
-TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados
+TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose
 BENCH_DEBS := dcmtk orthanc
 
 .PHONY: run test lint bench-ingest venv rados-link debs-run debs-test debs-bench clean

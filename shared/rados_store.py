@@ -179,11 +179,13 @@ class RadosObjectStore:
     def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
         """Store ``data`` under ``digest`` (chunked above ``chunk_bytes``); durable on every replica when it returns."""
         check_digest(digest)
-        if self.exists(digest):
-            return  # content-addressed: the same key holds the same bytes
         view = memoryview(data).cast("B")
         size = len(view)
         chunks = plan_chunks(digest, size, self.cfg.chunk_bytes)
+        # Rewriting a whole object is idempotent (same key, same bytes, one atomic op) and cheaper than a stat
+        # first; chunked objects are worth the check.
+        if chunks and self.exists(digest):
+            return
         if not chunks:
             whole = data if isinstance(data, bytes) else view
             self._wait([self._aio_write(digest, whole, xattrs_for(digest, size, LAYOUT_WHOLE, meta))], "write")

@@ -60,7 +60,7 @@ class BackendConfig(_Section):
     namespace: str = Field("", description="rados: RADOS namespace (empty: default).")
     op_timeout_s: float = Field(30, gt=0, description="rados: rados_osd_op_timeout; a write to an unavailable PG fails after this instead of hanging.")
     aio_window: int = Field(16, ge=1, description="rados: concurrent aio writes.")
-    chunk_bytes: int = Field(64 * 1024**2, ge=1024, description="rados: objects larger than this are stored as chunks plus a manifest.")
+    chunk_bytes: int = Field(64 * 1024**2, ge=1024, le=90 * 1024**2, description="rados: objects larger than this are stored as chunks plus a manifest; at most the OSDs' osd_max_write_size (90 MiB by default).")
 
 
 class PolicyConfig(_Section):

@@ -1,0 +1,293 @@
+"""The router against real parts: nats-server, the ingest, router processes, dcmtk storescp gateways.
+
+Every study must arrive whole at exactly one gateway, byte-identical, while gateways die, come
+back and join; study.complete fires once per study even when a router member dies.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydicom import dcmread
+
+from services.router.assignment import choose
+from shared.uids import uid_token
+from tests.helpers import REPO, dataset_bytes, wait_for
+from tests.router_harness import Cluster, Gateway, events_on, make_studies, split_folder, study_state, where
+
+STREAM_RULES = """
+rules:
+  - name: ct-to-gateways
+    match: {Modality: CT}
+    action: forward
+    to: gateways
+"""
+
+
+def _sops(studies):
+    return {f: dcmread(f, stop_before_pixels=True).SOPInstanceUID for files in studies.values() for f in files}
+
+
+def _assert_whole_and_identical(gateways, studies, sop_of):
+    placed = where(gateways, studies, sop_of)
+    by_name = {g.name: g.received() for g in gateways}
+    for uid, files in studies.items():
+        assert len(placed[uid]) == 1, f"study {uid} split or missing: {placed[uid]}"
+        (home, n), = placed[uid].items()
+        assert n == len(files), f"study {uid}: {n} of {len(files)} at {home}"
+        for f in files:
+            assert by_name[home][sop_of[f]] == dataset_bytes(f), f"{f.name} differs at {home}"
+    return {uid: next(iter(p)) for uid, p in placed.items()}
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, nats_server):
+    made = []
+
+    def make(router: dict, rules: str = STREAM_RULES) -> Cluster:
+        c = Cluster(tmp_path, nats_server.url, router, rules)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def gateways(tmp_path):
+    made: list[Gateway] = []
+
+    def make(*names: str) -> list[Gateway]:
+        gws = [Gateway(tmp_path, n).start() for n in names]
+        made.extend(gws)
+        return gws
+
+    yield make
+    for g in made:
+        g.kill()
+
+
+def _group(gws, weights=None, **kw):
+    return {"targets": {g.name: g.target() for g in gws},
+            "groups": {"gateways": {"members": {g.name: (weights or {}).get(g.name, 1.0) for g in gws}, **kw}}}
+
+
+def test_thirty_studies_whole_at_one_gateway_each_balanced_and_complete_once(tmp_path, cluster_factory, gateways):
+    gws = gateways("GW1", "GW2", "GW3")
+    cluster = cluster_factory(_group(gws))
+    cluster.start_ingest()
+    cluster.start_router()
+    cluster.start_router()  # two members: completion must still be announced once per study
+    studies = make_studies(tmp_path / "studies", 30, 3)
+    sop_of = _sops(studies)
+    cluster.send([files[0].parent for files in studies.values()])
+    total = sum(len(f) for f in studies.values())
+    try:
+        wait_for(lambda: sum(len(g.received()) for g in gws) >= total, 120, interval=0.5, what="every instance forwarded")
+        homes = _assert_whole_and_identical(gws, studies, sop_of)
+        members = {g.name: 1.0 for g in gws}
+        # The balance is the weighted rendezvous choice of the pure core, study by study.
+        assert homes == {uid: choose(uid, members) for uid in studies}
+        counts = {g.name: sum(1 for h in homes.values() if h == g.name) for g in gws}
+        assert all(n >= 2 for n in counts.values()), counts
+        wait_for(lambda: events_on(cluster.nats_url, "dicom.study.complete.>") >= 30, 60, interval=0.5,
+                 what="a study.complete per study")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    for uid in studies:
+        assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
+        assert events_on(cluster.nats_url, f"dicom.study.routed.{uid_token(uid)}") == 1
+    assert events_on(cluster.nats_url, "dicom.study.updated.>") == 0
+
+
+def test_gateway_killed_mid_run_and_restarted_nothing_split_nothing_lost(tmp_path, cluster_factory, gateways):
+    gws = gateways("GW1", "GW2", "GW3")
+    cluster = cluster_factory(_group(gws))
+    cluster.start_ingest()
+    cluster.start_router()
+    studies = make_studies(tmp_path / "studies", 12, 4)
+    sop_of = _sops(studies)
+    members = {g.name: 1.0 for g in gws}
+    # The victim is the gateway the most studies prefer, and it dies with half of each of its studies sent.
+    victim = max(gws, key=lambda g: sum(1 for uid in studies if choose(uid, members) == g.name))
+    pieces = {uid: split_folder(files, tmp_path / "pieces" / uid_token(uid), 2) for uid, files in studies.items()}
+    first = [p[0] for p in pieces.values()]
+    cluster.send(first[:6])
+    wait_for(lambda: all(study_state(cluster.nats_url, uid) for uid in list(studies)[:6]), 60, what="first studies seen")
+    victim.kill()
+    cluster.send(first[6:])
+    cluster.send([p[1] for p in pieces.values()])
+    total = sum(len(f) for f in studies.values())
+    victim_studies = [uid for uid in studies if choose(uid, members) == victim.name]
+    try:
+        # While it is down its studies wait (nothing of them appears elsewhere) and the others complete.
+        wait_for(lambda: sum(len(g.received()) for g in gws if g is not victim) >= 4 * 6, 90, interval=0.5,
+                 what="the live gateways' studies")
+        placed = where(gws, studies, {f: s for f, s in sop_of.items()})
+        for uid in victim_studies[:1]:
+            assert set(placed[uid]) <= {victim.name}, placed[uid]
+        victim.start()  # same port, same folder
+        wait_for(lambda: sum(len(g.received()) for g in gws) >= total, 120, interval=0.5, what="every instance")
+        homes = _assert_whole_and_identical(gws, studies, sop_of)
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    # Studies that had started on the victim finished there.
+    started = [uid for uid in list(studies)[:6] if choose(uid, members) == victim.name]
+    assert all(homes[uid] == victim.name for uid in started)
+
+
+def test_reassign_moves_a_study_whole_off_a_dead_gateway(tmp_path, cluster_factory, gateways):
+    gws = gateways("GW1", "GW2", "GW3")
+    cluster = cluster_factory(_group(gws, on_member_down="reassign"))
+    cluster.start_ingest()
+    cluster.start_router()
+    members = {g.name: 1.0 for g in gws}
+    studies = make_studies(tmp_path / "studies", 3, 4, pick=lambda uid: choose(uid, members) == "GW1")
+    sop_of = _sops(studies)
+    pieces = {uid: split_folder(files, tmp_path / "pieces" / uid_token(uid), 2) for uid, files in studies.items()}
+    cluster.send([p[0] for p in pieces.values()])
+    wait_for(lambda: len(gws[0].received()) >= 6, 60, what="first halves at GW1")
+    gws[0].kill()
+    cluster.send([p[1] for p in pieces.values()])
+    try:
+        wait_for(lambda: all(sum(v for k, v in where(gws, studies, sop_of)[uid].items() if k != "GW1") == 4
+                             for uid in studies), 90, interval=0.5, what="studies moved whole to live gateways")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    placed = where(gws, studies, sop_of)
+    for uid in studies:
+        moved_to = [k for k in placed[uid] if k != "GW1"]
+        assert len(moved_to) == 1, placed[uid]  # whole, at one new gateway, not spread
+        assert events_on(cluster.nats_url, f"dicom.study.routed.{uid_token(uid)}") == 2  # first choice + the move
+
+
+def test_fourth_gateway_added_mid_run_in_flight_studies_stay_new_ones_spread(tmp_path, cluster_factory, gateways):
+    gws = gateways("GW1", "GW2", "GW3")
+    gw4 = Gateway(tmp_path, "GW4").start()
+    three = {g.name: 1.0 for g in gws}
+    four = {**three, "GW4": 1.0}
+    try:
+        cluster = cluster_factory(_group(gws))
+        cluster.start_ingest()
+        cluster.start_router()
+        # In flight: studies that GW4 would win once it joins - they must stay where they started.
+        inflight = make_studies(tmp_path / "inflight", 4, 4, pick=lambda uid: choose(uid, four) == "GW4")
+        fresh = make_studies(tmp_path / "fresh", 8, 2)
+        while sum(1 for uid in fresh if choose(uid, four) == "GW4") < 2:  # deterministic: GW4 must get some
+            fresh.update(make_studies(tmp_path / f"fresh{len(fresh)}", 1, 2, pick=lambda u: choose(u, four) == "GW4"))
+        everything = {**inflight, **fresh}
+        sop_of = _sops(everything)
+        pieces = {uid: split_folder(files, tmp_path / "pieces" / uid_token(uid), 2) for uid, files in inflight.items()}
+        cluster.send([p[0] for p in pieces.values()])
+        wait_for(lambda: sum(len(g.received()) for g in gws) >= 8, 60, what="first halves forwarded")
+        cluster.tree["router"]["targets"]["GW4"] = gw4.target()
+        cluster.tree["router"]["groups"]["gateways"]["members"]["GW4"] = 1.0
+        cluster.write()
+        wait_for(lambda: "reloaded" in (tmp_path / "router-0.log").read_text(), 30, what="the router reloaded")
+        cluster.send([p[1] for p in pieces.values()] + [files[0].parent for files in fresh.values()])
+        all_gws = [*gws, gw4]
+        total = sum(len(f) for f in everything.values())
+        try:
+            wait_for(lambda: sum(len(g.received()) for g in all_gws) >= total, 90, interval=0.5, what="everything")
+            homes = _assert_whole_and_identical(all_gws, everything, sop_of)
+        except AssertionError:
+            print(cluster.logs())
+            raise
+        assert {uid: homes[uid] for uid in inflight} == {uid: choose(uid, three) for uid in inflight}
+        assert {uid: homes[uid] for uid in fresh} == {uid: choose(uid, four) for uid in fresh}
+        assert {homes[uid] for uid in fresh} == {"GW1", "GW2", "GW3", "GW4"} or "GW4" in {homes[u] for u in fresh}
+    finally:
+        gw4.kill()
+
+
+ON_COMPLETE_RULES = """
+rules:
+  - name: whole-study
+    action: forward
+    to: ARCHIVE
+    when: complete
+"""
+
+
+def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(tmp_path, cluster_factory, gateways):
+    archive, = gateways("ARCHIVE")
+    cluster = cluster_factory({"targets": {"ARCHIVE": archive.target()}, "completion": {"quiet_s": 2.0}},
+                              ON_COMPLETE_RULES)
+    cluster.start_ingest()
+    first = cluster.start_router()
+    studies = make_studies(tmp_path / "studies", 1, 5)
+    (uid, files), = studies.items()
+    sop_of = _sops(studies)
+    cluster.send([files[0].parent])
+    wait_for(lambda: (study_state(cluster.nats_url, uid) or {}).get("count") == 5, 30, interval=0.05,
+             what="the study's state with 5 instances")
+    cluster.kill(first)  # in the quiet period: nothing announced, nothing forwarded yet
+    assert events_on(cluster.nats_url, "dicom.study.complete.>") == 0
+    assert archive.received() == {}
+    cluster.start_router()
+    cluster.start_router()
+    try:
+        wait_for(lambda: len(archive.received()) == 5, 60, interval=0.3, what="the study forwarded on completion")
+        _assert_whole_and_identical([archive], studies, sop_of)
+        wait_for(lambda: events_on(cluster.nats_url, "dicom.study.complete.>") >= 1, 30, what="study.complete")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    wait_for(lambda: (study_state(cluster.nats_url, uid) or {}).get("completed_gen") == 1, 30, what="gen 1 done")
+    assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
+    # An instance arriving after completion re-opens the study: one study.updated, forwarded too.
+    extra, = make_studies(tmp_path / "extra", 1, 1).values()
+    from dicomflow.synthetic import ct_instance
+    ds = ct_instance(uid, dcmread(files[0]).SeriesInstanceUID, 99, 16, 16)
+    late = tmp_path / "late"
+    late.mkdir()
+    ds.save_as(late / "late.dcm", enforce_file_format=True)
+    cluster.send([late])
+    wait_for(lambda: events_on(cluster.nats_url, f"dicom.study.updated.{uid_token(uid)}") == 1, 30,
+             what="study.updated")
+    wait_for(lambda: len(archive.received()) == 6, 30, what="the late instance forwarded")
+    assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
+
+
+def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
+    down = Gateway(tmp_path, "DOWN")  # not started: its port refuses
+    rules = "rules:\n  - name: all\n    action: forward\n    to: DOWN\n"
+    cluster = cluster_factory({"targets": {"DOWN": down.target()},
+                               "forward": {"batch": 16, "backoff_initial_s": 0.1, "backoff_max_s": 0.2,
+                                           "max_attempts": 2, "probe_interval_s": 0.5}}, rules)
+    cluster.start_ingest()
+    cluster.start_router()
+    studies = make_studies(tmp_path / "studies", 1, 3)
+    (uid, files), = studies.items()
+    cluster.send([files[0].parent])
+
+    def cli(*args):
+        res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(cluster.config_path), *args],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    try:
+        wait_for(lambda: len(json.loads(cli("dlq", "list", "--json"))) == 3, 60, interval=0.5, what="3 dead letters")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    rows = json.loads(cli("dlq", "list", "--json", "--study", uid))
+    assert {r["target"] for r in rows} == {"DOWN"} and all(r["attempts"] == 2 for r in rows)
+    assert events_on(cluster.nats_url, "dicom.forward.failed.DOWN.>") == 3
+    down.start()
+    try:
+        replayed = json.loads(cli("dlq", "replay", "--json", "--target", "DOWN"))
+        assert [r["replayed_to"] for r in replayed] == ["DOWN"] * 3
+        wait_for(lambda: len(down.received()) == 3, 60, interval=0.3, what="replayed instances delivered")
+        _assert_whole_and_identical([down], studies, _sops(studies))
+        assert json.loads(cli("dlq", "list", "--json")) == []
+    finally:
+        down.kill()

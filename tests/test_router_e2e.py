@@ -291,3 +291,20 @@ def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
         assert json.loads(cli("dlq", "list", "--json")) == []
     finally:
         down.kill()
+
+
+def test_dicomflow_run_starts_the_router_when_rules_are_configured(tmp_path, nats_server, stack_factory, gateways):
+    gw, = gateways("GW1")
+    (tmp_path / "rules.yaml").write_text(STREAM_RULES)
+    stack = stack_factory(nats_server.url, router={"rules_file": str(tmp_path / "rules.yaml"),
+                                                   "targets": {"GW1": gw.target()},
+                                                   "groups": {"gateways": {"members": {"GW1": 1}}},
+                                                   "completion": {"quiet_s": 1}})
+    studies = make_studies(tmp_path / "studies", 1, 3)
+    (uid, files), = studies.items()
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: len(gw.received()) == 3, 60, interval=0.3, what="the study at the gateway")
+    _assert_whole_and_identical([gw], studies, _sops(studies))
+    wait_for(lambda: stack.instances_of(uid) == 3, 60, what="the study stored as well")
+    wait_for(lambda: events_on(nats_server.url, f"dicom.study.complete.{uid_token(uid)}") == 1, 30,
+             what="study.complete")

@@ -1,16 +1,22 @@
-"""``dicomflow status``: the stream, its partitions, the consumers and their lag."""
+"""``dicomflow status``: the stream, its partitions, each consumer group's members, what each owns and
+holds pinned, and the lag per partition."""
 
 from __future__ import annotations
+
+import time
 
 from nats.aio.client import Client as NATS
 
 from shared.config import Config
 from shared.consumer_group import durable_name
 from shared.jetstream_raw import JetStreamAPIError, api
+from shared.membership import member_reports
+from shared.rendezvous import owner_of
 
 
 async def collect(nc: NATS, config: Config, groups: tuple[str, ...] = ("store", "router")) -> dict:
-    """Stream state plus, per consumer group, each partition's pending, unacked and pinned client."""
+    """Stream state plus, per consumer group: live members (with the partitions each owns and the pins
+    it holds) and each partition's pending, unacked, pinned id, owner and lag."""
     stream = config.stream.name
     info = await api(nc, f"STREAM.INFO.{stream}")
     out: dict = {"stream": {"name": stream, "messages": info["state"]["messages"], "bytes": info["state"]["bytes"],
@@ -19,6 +25,12 @@ async def collect(nc: NATS, config: Config, groups: tuple[str, ...] = ("store", 
                             "cluster": info.get("cluster", {})},
                  "groups": {}}
     for group in groups:
+        reports = await member_reports(nc, group)
+        members = {m: {"owned": r.get("owned", []), "pins": r.get("pins", {}), "host": r.get("host"),
+                       "pid": r.get("pid"), "up_s": round(time.time() - r["since"], 1) if r.get("since") else None,
+                       "heartbeat_age_s": round(time.time() - r["ts"], 1) if r.get("ts") else None}
+                   for m, r in reports.items()}
+        pin_holder = {pin: m for m, r in members.items() for pin in r["pins"].values()}
         parts = []
         for p in range(config.stream.partitions):
             try:
@@ -26,11 +38,16 @@ async def collect(nc: NATS, config: Config, groups: tuple[str, ...] = ("store", 
             except JetStreamAPIError:
                 continue
             pins = [g.get("pinned_client_id") for g in ci.get("priority_groups", []) or [] if g.get("pinned_client_id")]
+            pinned = pins[0] if pins else None
             parts.append({"partition": p, "pending": ci["num_pending"], "ack_pending": ci["num_ack_pending"],
                           "redelivered": ci["num_redelivered"], "lag": ci["num_pending"] + ci["num_ack_pending"],
-                          "pinned_id": pins[0] if pins else None})
-        if parts:
+                          "pinned_id": pinned,
+                          # Who holds the pin (from the members' reports), else who should own it.
+                          "owner": pin_holder.get(pinned) if pinned else None,
+                          "assigned": owner_of(p, members) if members else None})
+        if parts or members:
             out["groups"][group] = {"lag": sum(x["lag"] for x in parts),
                                     "partitions_with_backlog": sum(1 for x in parts if x["lag"] > 0),
+                                    "members": members,
                                     "partitions": parts}
     return out

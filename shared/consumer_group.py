@@ -1,15 +1,28 @@
 """The consumer-group runtime: a member consumes the partitions it owns, one message at a time per
 partition, with explicit acks, through pinned pull consumers.
 
-Which partitions a member owns is an :class:`Ownership` (all of them for a lone worker; elastic
-membership for a group). Ownership decides who pulls; the server's ``pinned_client`` policy makes a
-second puller impossible anyway while members disagree, so a partition (and the studies on it) is
-never processed concurrently.
+Which partitions a member owns is an :class:`Ownership`: :class:`AllPartitions` for a lone worker,
+:class:`~shared.membership.ElasticOwnership` (KV heartbeats + rendezvous hashing) for a group.
+Ownership decides who pulls; the server's ``pinned_client`` policy makes a second puller impossible
+anyway while members disagree, so a partition (and the studies on it) is never processed concurrently.
+
+The public API, for every service that consumes the partitioned stream::
+
+    consumer = PartitionedConsumer(nc, stream, group, partitions, handler, cfg, ownership, member)
+    await consumer.start()   # declares the durables <group>-pNN, joins, pulls owned partitions
+    await consumer.stop()    # graceful leave: stop pulling, finish + ack in-flight, flush, unpin, leave
+
+``handler(msg)`` is awaited once per message, in order within a partition, partitions concurrently.
+It must be idempotent (redeliveries come after a crash or a lost ack, out of order). Returning acks
+the message; raising naks it with a growing delay. A handler running longer than a third of
+``ack_wait_s`` gets in-progress acks automatically; it must still finish well within
+``pinned_timeout_s`` (the pin is kept by pulling, which waits for the handler).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from . import subjects
 from .config import GroupConfig
-from .jetstream_raw import JetStreamAPIError, PinnedPuller, ensure_consumer, pinned_consumer_config, unpin
+from .jetstream_raw import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
 from .telemetry import LATENCY_BUCKETS
 
 log = logging.getLogger("dicomflow.group")
@@ -34,8 +47,11 @@ redeliveries = Counter("dicomflow_group_redeliveries_total", "Messages delivered
 owned_partitions = Gauge("dicomflow_group_owned_partitions", "Partitions this member owns", ["group", "member"])
 rebalances = Counter("dicomflow_group_rebalances_total", "Changes of this member's partition set", ["group"])
 handle_seconds = Histogram("dicomflow_group_handle_seconds", "Handler time per message", ["group"], buckets=LATENCY_BUCKETS)
-handover_seconds = Histogram("dicomflow_group_release_seconds", "Time to release a partition gracefully", ["group"],
-                             buckets=LATENCY_BUCKETS)
+handover_seconds = Histogram(
+    "dicomflow_group_handover_seconds",
+    "Partition handover as this member sees it: release = stop pulling until unpinned (graceful); "
+    "acquire = owning a partition with a backlog until its first message arrives",
+    ["group", "phase"], buckets=LATENCY_BUCKETS)
 
 
 def durable_name(group: str, partition: int) -> str:
@@ -84,8 +100,11 @@ class PartitionedConsumer:
         self.member = member
         self._tasks: dict[int, asyncio.Task] = {}
         self._stops: dict[int, asyncio.Event] = {}
+        self._pullers: dict[int, PinnedPuller] = {}
         self._reconciler: asyncio.Task | None = None
         self._stopping = False
+        if hasattr(ownership, "report"):
+            ownership.report = self.report  # type: ignore[attr-defined]
 
     async def ensure_consumers(self) -> None:
         """Create (or update) the durable consumer of every partition (idempotent)."""
@@ -98,22 +117,33 @@ class PartitionedConsumer:
         """Declare the consumers, join, and start consuming owned partitions."""
         await self.ensure_consumers()
         await self.ownership.start()
+        await self.reconcile()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name=f"{self.group}-reconcile")
 
     def owned_now(self) -> set[int]:
         """Partitions with a running pull loop."""
         return set(self._tasks)
 
+    def pins(self) -> dict[int, str]:
+        """The pin id the server gave us, per partition we hold a pin on."""
+        return {p: pl.pin_id for p, pl in self._pullers.items() if pl.pin_id}
+
+    def report(self) -> dict:
+        """What this member publishes in its heartbeat (shown by ``dicomflow status``)."""
+        return {"owned": sorted(self._tasks), "pins": {str(p): pin for p, pin in self.pins().items()}}
+
     async def _reconcile_forever(self) -> None:
         while not self._stopping:
+            await asyncio.sleep(0.2)
             try:
                 await self.reconcile()
             except Exception:
                 log.exception("%s: reconcile failed", self.group)
-            await asyncio.sleep(0.2)
 
     async def reconcile(self) -> None:
         """Start pulling newly owned partitions, release lost ones."""
+        if self._stopping:
+            return
         wanted = self.ownership.owned()
         current = set(self._tasks)
         lost, gained = current - wanted, wanted - current
@@ -139,16 +169,35 @@ class PartitionedConsumer:
         try:
             await self.nc.flush(timeout=5)
             await unpin(self.nc, self.stream, durable_name(self.group, p))
-        except (JetStreamAPIError, Exception) as exc:  # a failed unpin only delays the next owner by PinnedTTL
+        except Exception as exc:  # a failed unpin only delays the next owner by PinnedTTL
             log.warning("%s: unpin of partition %d failed: %s", self.group, p, exc)
-        handover_seconds.labels(self.group).observe(time.monotonic() - t0)
+        handover_seconds.labels(self.group, "release").observe(time.monotonic() - t0)
+
+    async def _backlog(self, p: int) -> int:
+        try:
+            ci = await consumer_info(self.nc, self.stream, durable_name(self.group, p))
+            return int(ci.get("num_pending", 0))
+        except Exception:
+            return 0
 
     async def _pull_loop(self, p: int, stop: asyncio.Event) -> None:
         puller = PinnedPuller(self.nc, self.stream, durable_name(self.group, p))
+        self._pullers[p] = puller
+        gained_at = time.monotonic() if await self._backlog(p) else None
+        stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
+                fetch = asyncio.create_task(puller.fetch(self.cfg.batch, expires_s=1.0))
+                await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    # Leaving: a pull that has not delivered is abandoned; anything it brings later
+                    # is in the puller's queue and naked below.
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fetch
+                    break
                 try:
-                    result = await puller.fetch(self.cfg.batch, expires_s=1.0)
+                    result = fetch.result()
                 except Exception as exc:  # NATS reconnecting: keep trying
                     log.debug("%s p%d pull: %s", self.group, p, exc)
                     await asyncio.sleep(0.5)
@@ -156,15 +205,19 @@ class PartitionedConsumer:
                 if result.status in ("400", "409") and not result.messages:
                     log.warning("%s p%d pull refused: %s %s", self.group, p, result.status, result.description)
                     await asyncio.sleep(1.0)
+                if result.messages and gained_at is not None:
+                    handover_seconds.labels(self.group, "acquire").observe(time.monotonic() - gained_at)
+                    gained_at = None
                 for i, msg in enumerate(result.messages):
                     if stop.is_set():
                         # Not ours any more: hand the rest back at once rather than after ack_wait.
-                        for rest in result.messages[i:]:
-                            await rest.nak()
+                        await _nak_all(result.messages[i:])
                         break
                     await self._handle(msg)
         finally:
-            await puller.close()
+            stop_wait.cancel()
+            self._pullers.pop(p, None)
+            await _nak_all(await puller.close())
 
     async def _handle(self, msg: Msg) -> None:
         t0 = time.perf_counter()
@@ -174,28 +227,58 @@ class PartitionedConsumer:
             delivered = 1
         if delivered > 1:
             redeliveries.labels(self.group).inc()
+        keepalive = _InProgress(msg, self.cfg.ack_wait_s / 3)
         try:
             await self.handler(msg)
         except Exception as exc:
+            keepalive.cancel()
             delay = min(2 ** min(delivered, 6), 60)
             log.warning("%s: handler failed on %s (delivery %d), retry in %ss: %s", self.group, msg.subject,
                         delivered, delay, exc)
             handled.labels(self.group, "retry").inc()
-            await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
             return
-        await msg.ack()
+        keepalive.cancel()
+        with contextlib.suppress(Exception):  # a lost ack means a redelivery, which the handler absorbs
+            await msg.ack()
         handled.labels(self.group, "ok").inc()
         handle_seconds.labels(self.group).observe(time.perf_counter() - t0)
 
     async def stop(self) -> None:
-        """Leave gracefully: release every partition (finish, ack, unpin), then leave the membership."""
+        """Leave gracefully: leave the membership, release every partition (finish, ack, unpin)."""
         self._stopping = True
         if self._reconciler:
             self._reconciler.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
-            except asyncio.CancelledError:
-                pass
         await self.ownership.stop()
         await asyncio.gather(*(self._release(p) for p in list(self._tasks)))
         owned_partitions.labels(self.group, self.member).set(0)
+
+
+class _InProgress:
+    """Sends in-progress acks every ``interval`` seconds while a handler runs (timer, not a task: cheap)."""
+
+    def __init__(self, msg: Msg, interval: float):
+        self.msg = msg
+        self.interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval, self._fire)
+
+    def _fire(self) -> None:
+        self._loop.create_task(self._send())
+        self._timer = self._loop.call_later(self.interval, self._fire)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.msg.in_progress()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+async def _nak_all(msgs: list[Msg]) -> None:
+    for m in msgs:
+        with contextlib.suppress(Exception):
+            await m.nak()

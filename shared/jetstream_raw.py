@@ -194,14 +194,23 @@ class PinnedPuller:
         """Drop the pin id (after an unpin, or when giving the partition away)."""
         self.pin_id = None
 
-    async def close(self) -> None:
-        """Drop the inbox subscription."""
+    async def close(self) -> list[Msg]:
+        """Drop the inbox subscription; return the messages delivered to us but never fetched.
+
+        The caller naks them so the next owner gets them at once rather than after ack_wait.
+        """
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
             except nats.errors.Error:
                 pass
             self._sub = None
+        left: list[Msg] = []
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            if not _status(msg):
+                left.append(msg)
+        return left
 
 
 def _status(msg: Msg) -> str:

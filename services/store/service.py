@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 
 from shared.bus import connect, ensure_streams
 from shared.config import Config
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
+from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
@@ -24,17 +23,25 @@ GROUP = "store"
 
 async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.Event | None = None,
                 ownership: Ownership | None = None) -> None:
-    """Run one store member until SIGTERM/SIGINT (or ``stop``), then leave the group gracefully."""
+    """Run one store member until SIGTERM/SIGINT (or ``stop``), then leave the group gracefully.
+
+    By default the member shares the partitions with the other live store members (elastic
+    membership); ``store.group.elastic: false`` or an explicit ``ownership`` overrides that.
+    """
     setup_tracing("store", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
-    member = f"{socket.gethostname()}-{os.getpid()}"
+    member = default_member_name(GROUP)
     nc = await connect(config, f"dicomflow-store-{member}")
     await ensure_streams(nc, config)
     backends = Backends(config)
     index = Index(config.data_path(config.store.index_path))
     storer = Storer(config, nc.jetstream(), backends, index)
+    gcfg = config.store.group
+    if ownership is None:
+        ownership = (ElasticOwnership(nc, GROUP, member, config.stream.partitions, gcfg, config.stream.replicas)
+                     if gcfg.elastic else AllPartitions(config.stream.partitions))
     consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle,
-                                   config.store.group, ownership or AllPartitions(config.stream.partitions), member)
+                                   gcfg, ownership, member)
     await consumer.start()
     stop = stop or asyncio.Event()
     # Ready while connected and a group member; not ready from SIGTERM on (it is leaving the group).
@@ -46,7 +53,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    log.info("store member %s consuming %d partitions", member, config.stream.partitions)
+    log.info("store member %s joined (%d partitions in the stream)", member, config.stream.partitions)
     await stop.wait()
     log.info("store member %s leaving: finishing in-flight work", member)
     await consumer.stop()

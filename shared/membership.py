@@ -1,0 +1,211 @@
+"""Elastic group membership: members heartbeat into a JetStream KV bucket whose entries expire after
+``member_ttl_s``; each member reads the live membership and owns the partitions rendezvous hashing
+gives it (:mod:`shared.rendezvous`).
+
+The bucket (``members_<group>``) holds one key per live member; its value is the member's own report
+(host, pid, owned partitions, pin ids) so ``dicomflow status`` can show who holds what. Liveness is
+the server's view: a key exists until the member purges it (graceful leave) or it ages out (crash).
+Membership views may differ for a moment during a change; the pinned consumers make that safe.
+
+Usage (what the store does)::
+
+    ownership = ElasticOwnership(nc, "store", member, partitions, cfg.store.group, replicas=cfg.stream.replicas)
+    consumer = PartitionedConsumer(nc, stream, "store", partitions, handler, cfg.store.group, ownership, member)
+    await consumer.start()      # joins, heartbeats, pulls what it owns, follows rebalances
+    ...
+    await consumer.stop()       # leaves: purges its key, finishes and acks in-flight work, unpins
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+
+from .config import GroupConfig
+from .jetstream_raw import NS, JetStreamAPIError, api, ensure_stream
+from .rendezvous import owned_by
+
+log = logging.getLogger("dicomflow.membership")
+
+_KEY_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
+
+
+def bucket_name(group: str) -> str:
+    """The KV bucket holding one group's members."""
+    return f"members_{group}"
+
+
+def member_key(member: str) -> str:
+    """A member name made safe as a KV key (one token: no dots, no wildcards)."""
+    return _KEY_UNSAFE.sub("_", member)
+
+
+def default_member_name(prefix: str) -> str:
+    """A name unique per process: ``<prefix>-<host>-<pid>``."""
+    return member_key(f"{prefix}-{socket.gethostname()}-{os.getpid()}")
+
+
+def bucket_config(group: str, ttl_s: float, replicas: int) -> dict:
+    """Raw stream config of the KV bucket (the layout nats-py and the nats CLI use for KV)."""
+    bucket = bucket_name(group)
+    ttl = int(ttl_s * NS)
+    return {
+        "name": f"KV_{bucket}",
+        "subjects": [f"$KV.{bucket}.>"],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": replicas,
+        "max_msgs_per_subject": 1,
+        "max_age": ttl,
+        "duplicate_window": min(ttl, 120 * NS),
+        "discard": "new",
+        "allow_rollup_hdrs": True,
+        "deny_delete": True,
+        "allow_direct": True,
+    }
+
+
+async def ensure_bucket(nc: NATS, group: str, ttl_s: float, replicas: int = 1) -> None:
+    """Create (or update the TTL of) the group's membership bucket; idempotent."""
+    await ensure_stream(nc, bucket_config(group, ttl_s, replicas))
+
+
+async def live_members(nc: NATS, group: str) -> list[str]:
+    """The members whose heartbeat has not expired, sorted (empty if the bucket does not exist)."""
+    bucket = bucket_name(group)
+    try:
+        info = await api(nc, f"STREAM.INFO.KV_{bucket}", {"subjects_filter": f"$KV.{bucket}.>"})
+    except JetStreamAPIError as exc:
+        if exc.err_code == 10059:  # no bucket: nobody ever joined
+            return []
+        raise
+    prefix = f"$KV.{bucket}."
+    return sorted(s[len(prefix):] for s, n in (info["state"].get("subjects") or {}).items() if n)
+
+
+async def member_reports(nc: NATS, group: str) -> dict[str, dict]:
+    """Each live member's last heartbeat value (its report), by member name."""
+    bucket = bucket_name(group)
+    out: dict[str, dict] = {}
+    for m in await live_members(nc, group):
+        try:
+            res = await api(nc, f"STREAM.MSG.GET.KV_{bucket}", {"last_by_subj": f"$KV.{bucket}.{m}"})
+        except JetStreamAPIError:
+            continue  # expired between the listing and the read
+        try:
+            out[m] = json.loads(base64.b64decode(res["message"].get("data") or b""))
+        except ValueError:
+            out[m] = {}
+    return out
+
+
+async def heartbeat(nc: NATS, group: str, member: str, report: dict, timeout: float = 2.0) -> None:
+    """Write (refresh) one member's key; raises if JetStream did not acknowledge it."""
+    bucket = bucket_name(group)
+    resp = await nc.request(f"$KV.{bucket}.{member_key(member)}", json.dumps(report).encode(), timeout=timeout)
+    data = json.loads(resp.data or b"{}")
+    if "error" in data:
+        err = data["error"]
+        raise JetStreamAPIError(err.get("code", 0), err.get("err_code", 0), err.get("description", ""))
+
+
+async def leave(nc: NATS, group: str, member: str) -> None:
+    """Remove a member's key at once (graceful leave: nobody waits for its TTL)."""
+    bucket = bucket_name(group)
+    await api(nc, f"STREAM.PURGE.KV_{bucket}", {"filter": f"$KV.{bucket}.{member_key(member)}"})
+
+
+class ElasticOwnership:
+    """Owns the partitions rendezvous hashing gives this member among the live members.
+
+    Heartbeats every ``cfg.heartbeat_s`` and re-reads the membership at the same pace. If its own
+    heartbeats fail for ``cfg.member_ttl_s`` (cut off from NATS) it owns nothing until they succeed
+    again: the others will have taken its partitions by then.
+    """
+
+    def __init__(self, nc: NATS, group: str, member: str, partitions: int, cfg: GroupConfig, replicas: int = 1):
+        self.nc = nc
+        self.group = group
+        self.member = member_key(member)
+        self.partitions = partitions
+        self.cfg = cfg
+        self.replicas = replicas
+        #: Called for the heartbeat value; :class:`~shared.consumer_group.PartitionedConsumer` sets it.
+        self.report: Callable[[], dict] | None = None
+        self._members: list[str] = []
+        self._last_ok = 0.0
+        self._started = time.time()
+        self._task: asyncio.Task | None = None
+
+    def members(self) -> list[str]:
+        """The live members as last read."""
+        return list(self._members)
+
+    def owned(self) -> set[int]:
+        """The partitions this member should consume now."""
+        if time.monotonic() - self._last_ok > self.cfg.member_ttl_s:
+            return set()
+        return owned_by(self.member, self._members, self.partitions)
+
+    async def start(self) -> None:
+        """Create the bucket if needed, join, and read the membership once before returning."""
+        delay = 0.1
+        while True:
+            # A bucket just created on a cluster answers once its replicas elected a leader; NATS
+            # itself may be restarting: keep trying (the caller is not a member before this returns).
+            try:
+                await ensure_bucket(self.nc, self.group, self.cfg.member_ttl_s, self.replicas)
+                await self._tick()
+                break
+            except Exception as exc:
+                log.info("%s/%s: joining: %s; retrying", self.group, self.member, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._task = asyncio.create_task(self._run(), name=f"{self.group}-membership")
+
+    async def stop(self) -> None:
+        """Stop heartbeating and leave the membership at once."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._members = []
+        try:
+            await leave(self.nc, self.group, self.member)
+        except Exception as exc:  # the key then simply expires after member_ttl_s
+            log.warning("%s/%s: leave failed (%s); the membership forgets us after its TTL", self.group,
+                        self.member, exc)
+
+    async def _tick(self) -> None:
+        value = {"member": self.member, "host": socket.gethostname(), "pid": os.getpid(), "since": self._started,
+                 "ts": time.time()}
+        if self.report:
+            value.update(self.report())
+        await heartbeat(self.nc, self.group, self.member, value)
+        members = await live_members(self.nc, self.group)
+        if members != self._members:
+            log.info("%s: members now %s", self.group, members)
+        self._members = members
+        self._last_ok = time.monotonic()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s/%s: heartbeat failed: %s", self.group, self.member, exc)

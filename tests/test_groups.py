@@ -1,0 +1,212 @@
+"""Study-affine consumer groups against real nats-server processes, members as real OS processes.
+
+Members join and leave while studies stream in (2 -> 3 -> 1, one kill -9, one SIGTERM); every
+handler call is logged (partition, member, start, end). Asserted: every acknowledged instance is
+handled at least once and recorded exactly once, no two calls on one partition overlap, and no
+study is processed by two members at the same time. On a 3-node cluster (R3) the same, plus a
+kill -9 of the stream leader losing nothing acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+
+from dicomflow.status import collect
+from shared.config import load_config
+from shared.membership import ElasticOwnership, live_members, member_reports
+from tests.group_harness import (
+    Publisher,
+    Worker,
+    analyse,
+    create_stream,
+    init_db,
+    recorded_count,
+    recorded_sops,
+    sop_names,
+    start_worker,
+    wait_until,
+)
+from tests.nats_cluster import NatsCluster
+
+PARTITIONS = 8
+# Short TTLs so a crash hands over in a few seconds: member TTL 2 s, PinnedTTL 3 s, ack_wait 6 s.
+TIMINGS = ["--ttl", "2", "--heartbeat", "0.5", "--pinned", "3", "--ack-wait", "6"]
+
+
+def _assert_sound(workers: list[Worker], acked: set[str], db) -> None:
+    a = analyse(workers)
+    assert not a.unfinished_graceful, f"a graceful member left calls unfinished: {a.unfinished_graceful[:3]}"
+    missing = acked - a.completed_sops()
+    assert not missing, f"{len(missing)} acknowledged instances never handled, e.g. {sorted(missing)[:5]}"
+    assert recorded_sops(db) >= acked
+    twice = {sop: n for sop, n in a.new_per_sop.items() if n > 1}
+    assert not twice, f"recorded more than once: {list(twice.items())[:5]}"
+    assert not a.partition_overlaps, f"concurrent calls on one partition: {a.partition_overlaps[:3]}"
+    assert not a.study_overlaps, f"a study processed by two members at once: {a.study_overlaps[:3]}"
+    return a
+
+
+def _churn(tmp, url: str, replicas: int, studies: int, instances: int, rate: float):
+    """2 members -> a third joins -> one is killed -9 -> one leaves on SIGTERM -> 1 member finishes."""
+    create_stream(url, PARTITIONS, replicas)
+    db = init_db(tmp / "recorded.sqlite")
+    extra = ["--partitions", str(PARTITIONS), "--replicas", str(replicas), "--db", str(db), "--delay", "0.02",
+             *TIMINGS]
+    workers: list[Worker] = []
+    try:
+        w1, w2 = (start_worker(tmp, url, m, *extra) for m in ("w1", "w2"))
+        workers += [w1, w2]
+        wait_until(lambda: w1.ready() and w2.ready(), 60, "two members to join")
+        items = sop_names(studies, instances)
+        total = len(items)
+        pub = Publisher(url, items, rate)
+        pub.start()
+        wait_until(lambda: recorded_count(db) >= total * 0.15, 120, "15% recorded")
+        w3 = start_worker(tmp, url, "w3", *extra)
+        workers.append(w3)
+        wait_until(w3.ready, 60, "w3 to join")
+        wait_until(lambda: recorded_count(db) >= total * 0.4, 120, "40% recorded")
+        w2.kill9()
+        wait_until(lambda: recorded_count(db) >= total * 0.65, 120, "65% recorded")
+        assert w3.sigterm(60) == 0
+        pub.join(180)
+        assert not pub.is_alive() and pub.error is None, pub.error
+        assert len(pub.acked) == total
+        wait_until(lambda: recorded_count(db) >= total, 120, "every instance recorded", interval=0.5)
+        assert w1.sigterm(60) == 0
+        a = _assert_sound(workers, pub.acked, db)
+        # Each member really took part, and membership changes moved studies sequentially.
+        assert {c.member for c in a.calls} == {"w1", "w2", "w3"}
+        spread = sorted(len(m) for m in a.members_per_study().values())
+        print(f"calls {len(a.calls)}, redelivered {a.redelivered()}, members per study {spread[0]}..{spread[-1]}")
+        return a
+    finally:
+        for w in workers:
+            w.cleanup()
+
+
+def test_membership_heartbeats_ttl_and_leave(tmp_path, nats_server):
+    """In-process members: join, share the partitions, a silent member ages out, a leaver goes at once."""
+    from shared.config import GroupConfig
+
+    cfg = GroupConfig(member_ttl_s=1.5, heartbeat_s=0.3)
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        a = ElasticOwnership(nc, "g", "a", 8, cfg)
+        b = ElasticOwnership(nc, "g", "b", 8, cfg)
+        c = ElasticOwnership(nc, "g", "c", 8, cfg)
+        await a.start()
+        await b.start()
+        await c.start()
+        await asyncio.sleep(0.8)
+        assert await live_members(nc, "g") == ["a", "b", "c"]
+        owned = [a.owned(), b.owned(), c.owned()]
+        assert sorted(p for s in owned for p in s) == list(range(8))
+        # c goes silent (as after a crash): it ages out after the TTL, and a and b cover everything.
+        c._task.cancel()
+        t0 = time.monotonic()
+        while "c" in await live_members(nc, "g"):
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - t0 < 10
+        await asyncio.sleep(0.8)
+        assert a.owned() | b.owned() == set(range(8)) and not a.owned() & b.owned()
+        # A member cut off from its own heartbeats fences itself.
+        assert c.owned() == set() or time.monotonic() - c._last_ok <= cfg.member_ttl_s
+        reports = await member_reports(nc, "g")
+        assert set(reports) == {"a", "b"} and reports["a"]["member"] == "a"
+        await b.stop()  # graceful: gone at once, not after the TTL
+        assert await live_members(nc, "g") == ["a"]
+        await asyncio.sleep(0.6)
+        assert a.owned() == set(range(8))
+        await a.stop()
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def test_group_churn_single_node(tmp_path, nats_server):
+    a = _churn(tmp_path, nats_server.url, 1, studies=200, instances=25, rate=600)
+    assert len(a.members_per_study()) == 200
+
+
+def test_status_shows_members_owned_partitions_and_pins(tmp_path, nats_server):
+    create_stream(nats_server.url, PARTITIONS)
+    extra = ["--partitions", str(PARTITIONS), "--group", "store", *TIMINGS]
+    workers = [start_worker(tmp_path, nats_server.url, m, *extra) for m in ("s1", "s2")]
+    try:
+        wait_until(lambda: all(w.ready() for w in workers), 60, "members to join")
+        from tests.group_harness import Publisher as Pub
+        pub = Pub(nats_server.url, sop_names(8, 4), rate=500)
+        pub.run()
+        config = load_config(overrides={"nats": {"url": nats_server.url}, "stream": {"partitions": PARTITIONS}})
+
+        async def status():
+            nc = await nats.connect(nats_server.url)
+            try:
+                return await collect(nc, config)
+            finally:
+                await nc.close()
+
+        def settled():
+            st = asyncio.run(status())
+            g = st["groups"].get("store")
+            if not g or set(g["members"]) != {"s1", "s2"}:
+                return None
+            owned = [p for m in g["members"].values() for p in m["owned"]]
+            if sorted(owned) != list(range(PARTITIONS)) or g["lag"]:
+                return None
+            return st
+        st = wait_until(settled, 60, "status to show both members owning every partition, lag 0", interval=0.5)
+        g = st["groups"]["store"]
+        for part in g["partitions"]:
+            assert part["lag"] == 0 and "owner" in part
+            if part["pinned_id"]:  # a partition that delivered has a pin, held by the member that owns it
+                assert part["owner"] in ("s1", "s2")
+                assert part["partition"] in g["members"][part["owner"]]["owned"]
+    finally:
+        for w in workers:
+            w.sigterm(60)
+            w.cleanup()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = NatsCluster(tmp_path).start()
+    yield c
+    c.stop()
+
+
+def test_group_churn_cluster_r3(tmp_path, cluster):
+    _churn(tmp_path, cluster.url, 3, studies=60, instances=25, rate=150)
+
+
+def test_stream_leader_kill_loses_nothing_acknowledged(tmp_path, cluster):
+    create_stream(cluster.url, PARTITIONS, 3)
+    db = init_db(tmp_path / "recorded.sqlite")
+    extra = ["--partitions", str(PARTITIONS), "--replicas", "3", "--db", str(db), "--delay", "0.002", *TIMINGS]
+    workers = [start_worker(tmp_path, cluster.url, m, *extra) for m in ("w1", "w2")]
+    try:
+        wait_until(lambda: all(w.ready() for w in workers), 60, "two members to join")
+        items = sop_names(60, 20)
+        pub = Publisher(cluster.url, items, rate=150)
+        pub.start()
+        wait_until(lambda: recorded_count(db) >= len(items) * 0.3, 120, "30% recorded")
+        leader = cluster.stream_leader("DICOM")
+        cluster.by_name(leader).kill()
+        pub.join(240)
+        assert not pub.is_alive() and pub.error is None, pub.error
+        assert len(pub.acked) == len(items)
+        wait_until(lambda: recorded_count(db) >= len(items), 180, "every acknowledged instance recorded",
+                   interval=0.5)
+        for w in workers:
+            assert w.sigterm(60) == 0
+        _assert_sound(workers, pub.acked, db)
+        assert cluster.stream_leader("DICOM") != leader
+    finally:
+        for w in workers:
+            w.cleanup()

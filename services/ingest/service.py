@@ -50,7 +50,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
             signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("ingest stopping: no new associations, finishing open ones")
-    server.shutdown()  # stops accepting; association threads finish their current C-STORE
+    server.stop(10)  # stops accepting; C-STOREs being handled are answered first
     try:
         loop.call(nc.drain(), timeout=10)
     except Exception as exc:  # a dead NATS must not keep the process from exiting

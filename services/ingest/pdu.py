@@ -1,0 +1,247 @@
+"""The DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7) that a C-STORE SCP needs, as pure functions.
+
+Bytes in, plain values out (and back): no sockets, no threads. The SCP shell reads whole PDUs and
+calls these; the association decision (:func:`negotiate`) is plain data too. Only what a storage
+SCP answers is implemented: A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE, A-ABORT, C-STORE and C-ECHO.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+# PDU types (PS3.8 9.3.1)
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 1, 2, 3, 4, 5, 6, 7
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://dicomflow.invalid/implementation").int)
+IMPLEMENTATION_VERSION = "DICOMFLOW_1"
+
+# A-ASSOCIATE-RJ: result, source, reason (PS3.8 9.3.4)
+RJ_PERMANENT, RJ_TRANSIENT = 1, 2
+RJ_SOURCE_USER, RJ_SOURCE_PRESENTATION = 1, 3
+RJ_NO_REASON, RJ_CALLING_AE, RJ_CALLED_AE = 1, 3, 7
+RJ_LOCAL_LIMIT = 2  # with RJ_SOURCE_PRESENTATION
+
+# Presentation context results (PS3.8 9.3.3.2)
+PC_ACCEPT, PC_ABSTRACT_NOT_SUPPORTED, PC_TS_NOT_SUPPORTED = 0, 3, 4
+
+# DIMSE command fields and elements (PS3.7 E.1)
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+NO_DATA_SET = 0x0101
+UNRECOGNIZED_OPERATION = 0x0211
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not valid upper-layer protocol; the association is aborted."""
+
+
+@dataclass
+class AssociateRequest:
+    """What an A-ASSOCIATE-RQ proposes."""
+
+    called_ae: str
+    calling_ae: str
+    contexts: list[tuple[int, str, list[str]]]  # (id, abstract syntax, transfer syntaxes)
+    max_pdu: int = 0  # the largest P-DATA-TF the requestor accepts; 0: unlimited
+
+
+@dataclass
+class Negotiated:
+    """The acceptor's answer: either a rejection (result, source, reason) or the accepted contexts."""
+
+    reject: tuple[int, int, int] | None = None
+    results: list[tuple[int, int, str, str]] = field(default_factory=list)  # (id, result, transfer syntax, abstract)
+
+    def accepted(self) -> dict[int, tuple[str, str]]:
+        """Context id -> (abstract syntax, transfer syntax) of the accepted contexts."""
+        return {cid: (ab, ts) for cid, res, ts, ab in self.results if res == PC_ACCEPT}
+
+
+def _ae(raw: bytes) -> str:
+    return raw.decode("ascii", "replace").strip(" \0")
+
+
+def _uid(raw: bytes) -> str:
+    return raw.decode("ascii", "replace").rstrip("\0 ")
+
+
+def _items(body: bytes | memoryview, pos: int, end: int):
+    """(type, value) of the variable items in ``body[pos:end]`` (1-byte type, 1 reserved, 2-byte length)."""
+    while pos < end:
+        if end - pos < 4:
+            raise ProtocolError("truncated item header")
+        kind, _, length = struct.unpack_from(">BBH", body, pos)
+        if pos + 4 + length > end:
+            raise ProtocolError(f"item 0x{kind:02X} claims {length} bytes past the PDU")
+        yield kind, bytes(body[pos + 4: pos + 4 + length])
+        pos += 4 + length
+
+
+def parse_associate_rq(body: bytes) -> AssociateRequest:
+    """The A-ASSOCIATE-RQ PDU's body (after the 6-byte PDU header)."""
+    if len(body) < 68:
+        raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
+    req = AssociateRequest(called_ae=_ae(body[4:20]), calling_ae=_ae(body[20:36]), contexts=[])
+    for kind, value in _items(body, 68, len(body)):
+        if kind == 0x20:
+            if len(value) < 4:
+                raise ProtocolError("truncated presentation context item")
+            abstract, syntaxes = "", []
+            for sub, sval in _items(value, 4, len(value)):
+                if sub == 0x30:
+                    abstract = _uid(sval)
+                elif sub == 0x40:
+                    syntaxes.append(_uid(sval))
+            req.contexts.append((value[0], abstract, syntaxes))
+        elif kind == 0x50:
+            for sub, sval in _items(value, 0, len(value)):
+                if sub == 0x51 and len(sval) == 4:
+                    (req.max_pdu,) = struct.unpack(">I", sval)
+    return req
+
+
+def negotiate(req: AssociateRequest, ae_title: str, allowed_calling: list[str], supported: dict[str, frozenset[str]],
+              busy: bool = False) -> Negotiated:
+    """Accept or reject an association: AE titles first, then each context against ``supported``.
+
+    ``supported``: abstract syntax -> the transfer syntaxes we take for it. The requestor's order of
+    transfer syntaxes decides among those we support.
+    """
+    if req.called_ae != ae_title:
+        return Negotiated(reject=(RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLED_AE))
+    if allowed_calling and req.calling_ae not in allowed_calling:
+        return Negotiated(reject=(RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLING_AE))
+    if busy:
+        return Negotiated(reject=(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, RJ_LOCAL_LIMIT))
+    out = Negotiated()
+    for cid, abstract, syntaxes in req.contexts:
+        ours = supported.get(abstract)
+        if ours is None:
+            res, ts = PC_ABSTRACT_NOT_SUPPORTED, (syntaxes[0] if syntaxes else "")
+        else:
+            ts = next((t for t in syntaxes if t in ours), "")
+            res = PC_ACCEPT if ts else PC_TS_NOT_SUPPORTED
+            ts = ts or (syntaxes[0] if syntaxes else "")
+        out.results.append((cid, res, ts, abstract))
+    if not out.accepted():
+        return Negotiated(reject=(RJ_PERMANENT, RJ_SOURCE_USER, RJ_NO_REASON))
+    return out
+
+
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(body)) + body
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def _ae_field(ae: str) -> bytes:
+    return ae.encode("ascii", "replace")[:16].ljust(16, b" ")
+
+
+def associate_ac(req: AssociateRequest, neg: Negotiated, max_pdu: int) -> bytes:
+    """The A-ASSOCIATE-AC PDU for an accepted negotiation."""
+    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for cid, res, ts, _ in neg.results:
+        items.append(_item(0x21, bytes([cid, 0, res, 0]) + _item(0x40, ts.encode())))
+    user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
+            + _item(0x55, IMPLEMENTATION_VERSION.encode()))
+    items.append(_item(0x50, user))
+    head = struct.pack(">HH", 1, 0) + _ae_field(req.called_ae) + _ae_field(req.calling_ae) + bytes(32)
+    return _pdu(ASSOCIATE_AC, head + b"".join(items))
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    """The A-ASSOCIATE-RJ PDU."""
+    return _pdu(ASSOCIATE_RJ, bytes([0, result, source, reason]))
+
+
+def release_rp() -> bytes:
+    """The A-RELEASE-RP PDU."""
+    return _pdu(RELEASE_RP, bytes(4))
+
+
+def abort(source: int = 2, reason: int = 0) -> bytes:
+    """An A-ABORT PDU (source 2: service provider; reason 0: not specified, 1: unrecognised PDU, 2: unexpected)."""
+    return _pdu(ABORT, bytes([0, 0, source, reason]))
+
+
+def pdvs(body: bytes | memoryview):
+    """(context id, is command, is last fragment, fragment) of each PDV item in a P-DATA-TF body."""
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 6:
+            raise ProtocolError("truncated PDV item")
+        (length,) = struct.unpack_from(">I", body, pos)
+        if length < 2 or pos + 4 + length > end:
+            raise ProtocolError(f"PDV item of length {length} does not fit the PDU")
+        cid, mch = body[pos + 4], body[pos + 5]
+        yield cid, bool(mch & 1), bool(mch & 2), body[pos + 6: pos + 4 + length]
+        pos += 4 + length
+
+
+def parse_command(raw: bytes) -> dict[int, bytes]:
+    """The elements of a DIMSE command set (Implicit VR Little Endian): element number -> value bytes."""
+    out: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if end - pos < 8:
+            raise ProtocolError("truncated command element")
+        group, elem, length = struct.unpack_from("<HHI", raw, pos)
+        if group != 0 or pos + 8 + length > end:
+            raise ProtocolError(f"bad command element ({group:04X},{elem:04X})")
+        out[elem] = raw[pos + 8: pos + 8 + length]
+        pos += 8 + length
+    return out
+
+
+def command_us(cmd: dict[int, bytes], elem: int, default: int = 0) -> int:
+    """An unsigned short of a command set."""
+    value = cmd.get(elem)
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else default
+
+
+def command_uid(cmd: dict[int, bytes], elem: int) -> str:
+    """A UID (or other text) of a command set."""
+    value = cmd.get(elem)
+    return _uid(value).strip() if value else ""
+
+
+def _elem(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, elem, len(value)) + value
+
+
+def _even(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def response(field_: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
+             comment: str = "") -> bytes:
+    """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, ...) with its group length."""
+    us = struct.Struct("<H").pack
+    body = [_elem(0x0002, _even(sop_class, b"\0")) if sop_class else b"",
+            _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)), _elem(0x0800, us(NO_DATA_SET)),
+            _elem(0x0900, us(status))]
+    if comment:
+        body.append(_elem(0x0902, _even(comment[:64], b" ")))
+    if sop_instance:
+        body.append(_elem(0x1000, _even(sop_instance, b"\0")))
+    rest = b"".join(body)
+    return _elem(0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def p_data(cid: int, command: bytes, max_pdu: int) -> list[bytes]:
+    """P-DATA-TF PDUs carrying one command set, fragmented to the peer's maximum PDU size."""
+    room = (max_pdu - 6) if max_pdu else len(command) or 1  # PDV header: 4-byte length, id, control
+    room = max(room, 1)
+    out = []
+    for start in range(0, max(len(command), 1), room):
+        frag = command[start: start + room]
+        last = start + room >= len(command)
+        pdv = struct.pack(">IBB", len(frag) + 2, cid, 0x03 if last else 0x01) + frag
+        out.append(_pdu(P_DATA_TF, pdv))
+    return out

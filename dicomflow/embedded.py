@@ -66,9 +66,16 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
     env = _env(config, nats_url)
     mport = config.telemetry.metrics_port
     children = [Child("ingest", [*base, "ingest", *(["--metrics-port", str(mport)] if mport else [])], env)]
-    for i in range(config.store.workers):
-        port = mport + METRICS_OFFSETS["store"] + i if mport else 0
-        children.append(Child(f"store-{i}", [*base, "store", "--metrics-port", str(port)], env))
+    if _autoscaled(config):
+        # The autoscaler owns the store workers: it starts min_replicas of them and scales them from the lag.
+        children.append(Child("autoscaler", [*base, "autoscaler",
+                                             "--metrics-port", str(mport + METRICS_OFFSETS["autoscaler"] if mport else 0),
+                                             "--worker-metrics-base", str(mport + METRICS_OFFSETS["store"] if mport else 0)],
+                              {**env, "DICOMFLOW__AUTOSCALER__ACTUATOR": "local"}))
+    else:
+        for i in range(config.store.workers):
+            port = mport + METRICS_OFFSETS["store"] + i if mport else 0
+            children.append(Child(f"store-{i}", [*base, "store", "--metrics-port", str(port)], env))
     _write_targets(data, config, mport)
     for c in children:
         c.start()
@@ -111,12 +118,20 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
     return 0
 
 
+def _autoscaled(config: Config) -> bool:
+    group = config.autoscaler.groups.get("store")
+    return config.autoscaler.enabled and group is not None and group.enabled
+
+
 def _write_targets(data: Path, config: Config, mport: int) -> None:
     """A Prometheus file_sd document listing every /metrics endpoint of this run."""
     if not mport:
         return
     host = config.telemetry.metrics_host
+    store_workers = config.autoscaler.groups["store"].max_replicas if _autoscaled(config) else config.store.workers
     targets = [{"targets": [f"{host}:{mport + i}" for i in range(config.ingest.workers)], "labels": {"service": "ingest"}},
-               {"targets": [f"{host}:{mport + METRICS_OFFSETS['store'] + i}" for i in range(config.store.workers)],
+               {"targets": [f"{host}:{mport + METRICS_OFFSETS['store'] + i}" for i in range(store_workers)],
                 "labels": {"service": "store"}}]
+    if _autoscaled(config):
+        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['autoscaler']}"], "labels": {"service": "autoscaler"}})
     (data / "run" / "prometheus-targets.json").write_text(json.dumps(targets, indent=2))

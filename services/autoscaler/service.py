@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from shared.bus import connect
+from shared.bus import connect, ensure_streams
 from shared.config import Config
 from shared.telemetry import add_health_check, start_metrics
 
@@ -131,6 +131,8 @@ async def serve(config: Config, actuator: Actuator, metrics_port: int | None = N
     """
     start_metrics(config.telemetry, metrics_port)
     nc = await connect(config, "dicomflow-autoscaler")
+    # Like every service: the stream exists before anyone reads it, so the first decision (min_replicas) is taken.
+    await ensure_streams(nc, config)
     add_health_check("nats", lambda: nc.is_connected)
     scaler = Autoscaler(config, actuator, on_decision)
     stop = stop or asyncio.Event()
@@ -138,7 +140,7 @@ async def serve(config: Config, actuator: Actuator, metrics_port: int | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests, benchmarks)
             pass
     log.info("autoscaler: groups %s every %.1f s%s", sorted(scaler.groups), config.autoscaler.interval_s,
              " (dry run)" if isinstance(actuator, DryRun) else "")

@@ -189,6 +189,14 @@ class TargetConfig(_Section):
 class TargetGroupConfig(_Section):
     members: dict[str, float] = Field(..., min_length=1, description="Target name -> weight (relative share of new studies).")
     on_member_down: Literal["wait", "reassign"] = Field("wait", description="A study whose gateway is down: wait and retry there (never split), or move the whole study to another member.")
+    load_bound: float = Field(1.05, description="Bounded loads: a member takes a new study only while its open studies stay within this factor of its weighted share (otherwise the next member in the study's rendezvous order). 0: pure rendezvous.")
+
+    @field_validator("load_bound")
+    @classmethod
+    def _bound(cls, v: float) -> float:
+        if v != 0 and v < 1:
+            raise ValueError("load_bound must be 0 (off) or >= 1")
+        return v
 
 
 class CompletionConfig(_Section):

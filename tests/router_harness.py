@@ -215,3 +215,25 @@ def study_state(url: str, study_uid: str) -> dict | None:
 
 
 __all__ = ["Cluster", "Gateway", "make_studies", "split_folder", "where", "events_on", "study_state"]
+
+
+def assigned(url: str, group: str = "gateways") -> dict[str, str]:
+    """The sticky assignments of a group: StudyInstanceUID -> target."""
+    async def go() -> dict[str, str]:
+        nc = await nats.connect(url)
+        try:
+            try:
+                kv = await nc.jetstream().key_value("router-assign")
+                keys = await kv.keys()
+            except Exception:
+                return {}
+            out = {}
+            for k in keys:
+                g, _, token = k.partition(".")
+                if g == group:
+                    out[token.replace("_", ".")] = (await kv.get(k)).value.decode()
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())

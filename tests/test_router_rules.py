@@ -179,6 +179,17 @@ def test_unhealthy_members_are_skipped_and_all_down_keeps_the_first_choice():
     assert choose(uid, w, exclude=[order[0]]) == order[1]
 
 
+def test_bounded_loads_pass_a_full_member_over():
+    w = {"a": 1.0, "b": 1.0, "c": 1.0}
+    uid = "1.2.3.4"
+    first, second, _ = ranking(uid, w)
+    assert choose(uid, w, loads={first: 0, second: 0}, bound=1.05) == first
+    # The first choice already holds far more than its share of open studies: the next one takes it.
+    assert choose(uid, w, loads={first: 10, second: 0}, bound=1.05) == second
+    assert choose(uid, w, loads={first: 10, second: 0}, bound=0) == first  # bound off: pure rendezvous
+    assert choose(uid, w, healthy=[first], loads={first: 10}, bound=1.05) == first  # the only healthy member
+
+
 # --- the dry-run tester -------------------------------------------------------------------------------------------
 
 def _cli(tmp_path, rules: str, *args: str) -> subprocess.CompletedProcess:

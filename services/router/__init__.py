@@ -1,0 +1,1 @@
+"""The router: study completion, rule-based routing, study-affine forwarding to gateways."""

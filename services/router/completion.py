@@ -1,0 +1,163 @@
+"""Study assembly and completion: the state of one study and the decisions over it. Pure.
+
+The state lives in a JetStream KV bucket (the service's shell), so any router member can take a
+study over. Arrivals are idempotent (an instance is remembered by a short hash of SOP UID + digest),
+a generation counts completions: an instance arriving after a completion re-opens the study
+(generation + 1) and its next completion is a ``study.updated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+from pydantic import BaseModel, Field
+
+from shared.config import CompletionConfig
+
+
+class SeriesState(BaseModel):
+    n: int = 0
+    description: str = ""
+    modality: str = ""
+
+
+class StudyState(BaseModel):
+    """Everything the router remembers about one study."""
+
+    study_uid: str
+    gen: int = 1
+    completed_gen: int = 0
+    count: int = 0
+    count_at_complete: int = 0
+    seq_at_complete: int = 0
+    max_seq: int = 0
+    instances: list[str] = Field(default_factory=list, description="short hashes of SOP UID + digest seen")
+    series: dict[str, SeriesState] = Field(default_factory=dict)
+    first_arrival: float = 0.0
+    gen_started: float = 0.0
+    last_arrival: float = 0.0
+    patient_id: str = ""
+    accession_number: str = ""
+    calling_ae: str = ""
+    institution_name: str = ""
+    policy: CompletionConfig | None = None
+    on_complete: bool = Field(False, description="some instance matched a forward rule with when: complete")
+    targets: list[str] = Field(default_factory=list, description="destinations already announced (study.routed)")
+
+    @property
+    def is_open(self) -> bool:
+        return self.completed_gen < self.gen
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance as the completion logic sees it."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    digest: str
+    seq: int
+    series_description: str = ""
+    modality: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    calling_ae: str = ""
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A study to complete now."""
+
+    reason: str  # "quiet" or "forced"
+    incomplete: bool = False
+    discard: bool = False
+
+
+def instance_key(sop_uid: str, digest: str) -> str:
+    """The short, fixed-size memory of one instance (12 hex chars keep a 2,000-slice study at ~30 KiB)."""
+    return blake3.blake3(f"{sop_uid}:{digest}".encode()).hexdigest()[:12]
+
+
+def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: CompletionConfig,
+                   on_complete: bool) -> tuple[StudyState, bool]:
+    """The state after an arrival, and whether anything changed (False for a redelivered instance)."""
+    st = state.model_copy(deep=True) if state is not None else StudyState(study_uid=a.study_uid, first_arrival=now,
+                                                                           gen_started=now, policy=policy)
+    key = instance_key(a.sop_uid, a.digest)
+    if key in st.instances:
+        if a.seq > st.max_seq:
+            st.max_seq = a.seq
+            return st, True
+        return st, False
+    if not st.is_open:
+        st.gen += 1  # re-opened: the next completion is an update
+        st.gen_started = now
+    st.instances.append(key)
+    st.count += 1
+    st.max_seq = max(st.max_seq, a.seq)
+    series = st.series.setdefault(a.series_uid, SeriesState())
+    series.n += 1
+    series.description = series.description or a.series_description
+    series.modality = series.modality or a.modality
+    st.last_arrival = max(st.last_arrival, now)
+    for attr in ("patient_id", "accession_number", "calling_ae", "institution_name"):
+        if not getattr(st, attr) and getattr(a, attr):
+            setattr(st, attr, getattr(a, attr))
+    if st.policy is None:
+        st.policy = policy
+    st.on_complete = st.on_complete or on_complete
+    return st, True
+
+
+def conditions_met(st: StudyState, policy: CompletionConfig) -> bool:
+    """Whether the required series (by description) and the minimum series count are there."""
+    if len(st.series) < policy.min_series:
+        return False
+    have = {s.description.strip().lower() for s in st.series.values()}
+    return all(req.strip().lower() in have for req in policy.required_series)
+
+
+def due(st: StudyState, now: float, default: CompletionConfig) -> Decision | None:
+    """Whether the study completes now, and how."""
+    if not st.is_open or st.count == 0:
+        return None
+    policy = st.policy or default
+    met = conditions_met(st, policy)
+    if met and now - st.last_arrival >= policy.quiet_s:
+        return Decision("quiet")
+    if (policy.force_after_s > 0 and policy.force_action != "wait"
+            and now - st.gen_started >= policy.force_after_s):
+        return Decision("forced", incomplete=not met, discard=policy.force_action == "discard")
+    return None
+
+
+def next_check(st: StudyState, default: CompletionConfig) -> float | None:
+    """When the study could next be due (for logs and status; the scanner polls anyway)."""
+    if not st.is_open:
+        return None
+    policy = st.policy or default
+    times = [st.last_arrival + policy.quiet_s]
+    if policy.force_after_s > 0 and policy.force_action != "wait":
+        times.append(st.gen_started + policy.force_after_s)
+    return min(times)
+
+
+def mark_completed(st: StudyState, gen: int, count: int, seq: int) -> StudyState | None:
+    """The state once generation ``gen`` (covering ``count`` instances up to stream ``seq``) was announced.
+
+    None when another member already recorded it. Instances that arrived between the decision and
+    now were not covered: the study re-opens at once so they get their own ``study.updated``.
+    """
+    if st.completed_gen >= gen:
+        return None
+    out = st.model_copy(deep=True)
+    out.completed_gen = gen
+    out.count_at_complete = count
+    out.seq_at_complete = max(out.seq_at_complete, seq)
+    if out.count > count:
+        out.gen = gen + 1
+        out.gen_started = out.last_arrival
+    return out

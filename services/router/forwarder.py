@@ -1,0 +1,220 @@
+"""One target's forwarder: pulls its queue, sends batches, retries with backoff, dead-letters.
+
+Each target has its own durable consumer on ROUTER_OUT, so a dead destination only fills its own
+queue. A failed batch is negatively acknowledged per instance with an exponential delay; after
+``forward.max_attempts`` an instance goes to DICOM_DLQ with a ``dicom.forward.failed`` event.
+A job whose study was moved to another member of its group (reassign) is handed on to that member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from shared import routing_subjects as rs
+from shared.bus import publish_event
+from shared.events import utcnow
+from shared.jetstream_raw import ensure_consumer
+from shared.objectstore import Backends, ObjectMissing
+from shared.routing_events import DeadLetter, ForwardFailed, ForwardJob
+
+from . import metrics
+from .assignment import choose
+from .routing import Router
+from .senders import SENDERS, SendError
+
+log = logging.getLogger("dicomflow.router.forward")
+tracer = trace.get_tracer("dicomflow.router")
+NS = 1_000_000_000
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Seconds before retry ``attempt`` (1-based): initial, 2x, 4x, ... capped at ``maximum``."""
+    return min(maximum, initial * 2 ** max(0, attempt - 1))
+
+
+def consumer_config(target: str, ack_wait_s: float) -> dict:
+    """The target queue's durable consumer (shared by every router member: they split the work)."""
+    return {"durable_name": rs.forward_durable(target), "deliver_policy": "all", "ack_policy": "explicit",
+            "ack_wait": int(ack_wait_s * NS), "max_deliver": -1, "filter_subject": rs.target_filter(target),
+            "max_ack_pending": 4096, "max_waiting": 512}
+
+
+class Forwarder:
+    """Sends one target's queue."""
+
+    def __init__(self, router: Router, backends: Backends, target: str):
+        self.router = router
+        self.backends = backends
+        self.target = target
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def cfg(self):
+        return self.router.config.router
+
+    async def start(self) -> None:
+        tcfg = self.cfg.targets[self.target]
+        await ensure_consumer(self.router.nc, rs.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
+        self._task = asyncio.create_task(self._run(), name=f"forward-{self.target}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, 120)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def _run(self) -> None:
+        sub = await self.router.js.pull_subscribe_bind(rs.forward_durable(self.target), stream=rs.OUT_STREAM)
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.cfg.forward.batch, timeout=1.0)
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # NATS reconnecting
+                    log.debug("%s: fetch: %s", self.target, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                try:
+                    await self.send(msgs)
+                except Exception:
+                    log.exception("%s: batch handling failed; the jobs are redelivered", self.target)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    async def send(self, msgs: list[Msg]) -> None:
+        """Send one fetched batch and settle every message (ack, nak with delay, or dead-letter)."""
+        jobs: list[tuple[Msg, ForwardJob]] = []
+        moved: dict[tuple[str, str], str] = {}
+        for msg in msgs:
+            try:
+                job = ForwardJob.model_validate_json(msg.data)
+            except ValidationError as exc:
+                log.error("%s: undecodable job dropped: %s", self.target, exc)
+                await msg.ack()
+                continue
+            if job.group:
+                key = (job.group, job.study_uid)
+                if key not in moved:
+                    moved[key] = (await self.router.assignments.get(job.group, job.study_uid))[0] or self.target
+                if moved[key] != self.target:
+                    await self._hand_on(msg, job, moved[key])
+                    continue
+            jobs.append((msg, job))
+        if not jobs:
+            return
+        batch, ready = [], []
+        for msg, job in jobs:
+            try:
+                data = await asyncio.to_thread(self.backends.get(job.backend).get, job.digest)
+            except (ObjectMissing, KeyError) as exc:  # permanent: retrying cannot bring the bytes back
+                await self._dead_letter(msg, job, f"instance bytes unavailable: {exc}", 1)
+                continue
+            batch.append((job, data))
+            ready.append((msg, job))
+        if not batch:
+            return
+        tcfg = self.cfg.targets[self.target]
+        t0 = time.perf_counter()
+        with tracer.start_as_current_span("router.forward") as span:
+            span.set_attribute("router.target", self.target)
+            span.set_attribute("router.instances", len(batch))
+            try:
+                await asyncio.to_thread(SENDERS[tcfg.kind], tcfg, self.cfg.forward.calling_ae, batch)
+            except SendError as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                await self._failed(ready, str(exc))
+                return
+        metrics.send_seconds.labels(self.target).observe(time.perf_counter() - t0)
+        await self.router.health.set(self.target, True)
+        metrics.target_up.labels(self.target).set(1)
+        for msg, job in ready:
+            await msg.ack()
+            metrics.forwarded.labels(self.target).inc()
+            metrics.forwarded_bytes.labels(self.target).inc(job.size)
+
+    async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
+        """The study lives on another member now: queue the job there, and drop it here."""
+        new = job.model_copy(update={"target": target})
+        await publish_event(self.router.js, rs.forward_job(target, job.study_uid, job.sop_uid), new, new.msg_id(),
+                            self.router.timeout)
+        await msg.ack()
+
+    async def _failed(self, ready: list[tuple[Msg, ForwardJob]], reason: str) -> None:
+        log.warning("%s: %d instances not sent: %s", self.target, len(ready), reason)
+        await self.router.health.set(self.target, False)
+        metrics.target_up.labels(self.target).set(0)
+        fwd = self.cfg.forward
+        reassigned: set[tuple[str, str]] = set()
+        for msg, job in ready:
+            metrics.forward_failures.labels(self.target).inc()
+            attempts = _attempts(msg)
+            group = self.cfg.groups.get(job.group) if job.group else None
+            # Reassign on a second failure, not the first: one refused connection is not a dead gateway.
+            if group is not None and group.on_member_down == "reassign" and attempts >= 2:
+                if (job.group, job.study_uid) in reassigned or await self._reassign(job):
+                    reassigned.add((job.group, job.study_uid))
+                    await msg.ack()  # resent whole to the new member
+                    continue
+            if attempts >= fwd.max_attempts:
+                await self._dead_letter(msg, job, reason, attempts)
+                continue
+            delay = backoff_delay(attempts, fwd.backoff_initial_s, fwd.backoff_max_s)
+            await self.router.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * NS)}).encode())
+
+    async def _reassign(self, job: ForwardJob) -> bool:
+        """Move the whole study off this (down) target to the next healthy member; False when none is up."""
+        gcfg = self.cfg.groups[job.group]
+        members = gcfg.members
+        healthy = [t for t in members if t != self.target and await self.router.health.is_up(t)]
+        if not healthy:
+            return False
+        new = choose(job.study_uid, members, healthy, exclude=[self.target], loads=self.router.open_loads(members),
+                     bound=gcfg.load_bound)
+        if new is None:
+            return False
+        target, moved = await self.router.assignments.move(job.group, job.study_uid, self.target, new)
+        if target == self.target:
+            return False
+        if moved:
+            metrics.reassignments.labels(job.group).inc()
+            n = await self.router.resend_study(job.study_uid, job.group, target)
+            log.warning("study %s moved whole from %s to %s (%d instances queued)", job.study_uid, self.target,
+                        target, n)
+            await self.router.announce_routed(job.study_uid, target, job.group, job.rule, moved_from=self.target)
+        return True
+
+    async def _dead_letter(self, msg: Msg, job: ForwardJob, reason: str, attempts: int) -> None:
+        log.error("%s: instance %s of study %s dead-lettered after %d attempts: %s", self.target, job.sop_uid,
+                  job.study_uid, attempts, reason)
+        now = utcnow()
+        dl = DeadLetter(job=job, reason=reason, attempts=attempts, failed_at=now)
+        await publish_event(self.router.js, rs.dead_letter(self.target, job.study_uid, job.sop_uid), dl,
+                            f"dlq:{self.target}:{job.sop_uid}:{job.digest[:16]}:{msg.metadata.sequence.stream}",
+                            self.router.timeout)
+        ff = ForwardFailed(target=self.target, study_uid=job.study_uid, sop_uid=job.sop_uid, reason=reason,
+                           attempts=attempts, failed_at=now)
+        await publish_event(self.router.js, rs.forward_failed(self.target, job.study_uid), ff,
+                            f"failed:{self.target}:{job.sop_uid}:{msg.metadata.sequence.stream}", self.router.timeout)
+        metrics.dead_letters.labels(self.target).inc()
+        await msg.ack()
+
+
+def _attempts(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1

@@ -1,0 +1,251 @@
+"""The router's handling of one instance event, and of a study's completion.
+
+Instance: rules -> streaming forwards (a job per instance and destination on the destination's
+queue; a group's destination is the study's sticky member) -> study state (KV, compare-and-set).
+Completion: on-complete forwards (the study's events read back from the stream) -> one
+``study.complete`` / ``study.updated`` per generation (Nats-Msg-Id = study UID + generation) ->
+the generation marked done. Publishing before marking makes a crash in between harmless: the next
+member publishes again and JetStream drops the duplicate.
+
+Every step is idempotent: JetStream redelivers after a crash, out of order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from shared import routing_subjects as rs
+from shared.bus import publish_event
+from shared.config import Config
+from shared.events import InstanceReceived, utcnow
+from shared.routing_events import DeadLetter, ForwardJob, SeriesSummary, StudyComplete, StudyRouted
+from shared.telemetry import extract_context
+
+from . import metrics
+from .assignment import choose
+from .completion import Arrival, Decision, StudyState, due, mark_completed, record_arrival
+from .history import study_events
+from .rules import Rule, RuleSet, completion_for, facts_of
+from .state import Assignments, Health, StudyBook
+
+log = logging.getLogger("dicomflow.router")
+tracer = trace.get_tracer("dicomflow.router")
+
+
+def job_for(event: InstanceReceived, target: str, group: str, rule: str) -> ForwardJob:
+    """The forward job of one instance to one target."""
+    t = event.tags
+    return ForwardJob(target=target, group=group, rule=rule, study_uid=t.study_uid, series_uid=t.series_uid,
+                      sop_uid=t.sop_uid, sop_class_uid=t.sop_class_uid, transfer_syntax_uid=event.transfer_syntax_uid,
+                      digest=event.digest, size=event.size, backend=event.backend)
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class Router:
+    """Routes instance events (the consumer-group handler) and completes studies (the scanner)."""
+
+    def __init__(self, config: Config, rules: RuleSet, nc: NATS, book: StudyBook, assignments: Assignments,
+                 health: Health):
+        self.config = config
+        self.rules = rules
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.book = book
+        self.assignments = assignments
+        self.health = health
+
+    @property
+    def timeout(self) -> float:
+        return self.config.nats.publish_timeout_s
+
+    def reconfigure(self, config: Config, rules: RuleSet) -> None:
+        """New targets, groups and rules (a reload); in-flight studies keep their assignments."""
+        self.config = config
+        self.rules = rules
+
+    # --- instances --------------------------------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        """Handle one ``dicom.part.*`` message of the router's consumer group."""
+        with tracer.start_as_current_span("router.instance", context=extract_context(msg.headers),
+                                          kind=trace.SpanKind.CONSUMER) as span:
+            try:
+                event = InstanceReceived.model_validate_json(msg.data)
+            except ValidationError as exc:
+                log.error("undecodable event on %s dropped: %s", msg.subject, exc)
+                metrics.instances.labels("undecodable").inc()
+                return
+            try:
+                seq = msg.metadata.sequence.stream
+            except Exception:
+                seq = 0
+            t = event.tags
+            span.set_attribute("dicom.study_uid", t.study_uid)
+            span.set_attribute("dicom.sop_uid", t.sop_uid)
+            matched = self.rules.evaluate(facts_of(t, event.calling_ae, event.called_ae))
+            span.set_attribute("router.rules", ",".join(r.name for r in matched))
+            announced: list[tuple[str, str, str]] = []
+            for rule in matched:
+                metrics.actions.labels(rule.name, rule.action).inc()
+                if rule.action == "forward" and rule.when == "instance":
+                    for dest in rule.to:
+                        target, group = await self.enqueue(dest, rule.name, event)
+                        announced.append((target, group, rule.name))
+                elif rule.action == "quarantine":
+                    await self.quarantine(rule.name, event)
+            policy = completion_for(matched, self.config.router.completion)
+            on_complete = any(r.action == "forward" and r.when == "complete" for r in matched)
+            arrival = Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description,
+                              t.modality, t.patient_id, t.accession_number, event.calling_ae, t.institution_name)
+            now = time.time()
+            new_targets: list[tuple[str, str, str]] = []
+
+            def change(st: StudyState | None) -> StudyState | None:
+                new_targets.clear()
+                after, changed = record_arrival(st, arrival, now, policy, on_complete)
+                for target, group, rule in announced:
+                    if target not in after.targets:
+                        after.targets.append(target)
+                        new_targets.append((target, group, rule))
+                        changed = True
+                return after if changed else None
+
+            _, after = await self.book.update(t.study_uid, change)
+            metrics.instances.labels("new" if after is not None else "duplicate").inc()
+            for target, group, rule in new_targets:
+                await self.announce_routed(t.study_uid, target, group, rule)
+
+    async def enqueue(self, dest: str, rule: str, event: InstanceReceived) -> tuple[str, str]:
+        """Put the instance on the queue of ``dest`` (a group resolves to the study's member); returns (target, group)."""
+        group = dest if dest in self.config.router.groups else ""
+        target = await self.assign(group, event.tags.study_uid) if group else dest
+        job = job_for(event, target, group, rule)
+        await publish_event(self.js, rs.forward_job(target, job.study_uid, job.sop_uid), job, job.msg_id(),
+                            self.timeout)
+        return target, group
+
+    async def assign(self, group: str, study_uid: str) -> str:
+        """The study's member of ``group``: the recorded one, or a new sticky choice among healthy members."""
+        current, _ = await self.assignments.get(group, study_uid)
+        if current:
+            return current
+        gcfg = self.config.router.groups[group]
+        members = gcfg.members
+        healthy = [t for t in members if await self.health.is_up(t)]
+        choice = choose(study_uid, members, healthy, loads=self.open_loads(members), bound=gcfg.load_bound)
+        assert choice is not None  # a group has at least one member (validated)
+        target, mine = await self.assignments.claim(group, study_uid, choice)
+        if mine:
+            metrics.assignments.labels(group, target).inc()
+            log.info("study %s -> %s (group %s)", study_uid, target, group)
+        return target
+
+    def open_loads(self, members) -> dict[str, int]:
+        """Open studies per member (from this member's mirror of the study states): the load to bound."""
+        loads = dict.fromkeys(members, 0)
+        for st in list(self.book.mirror.values()):
+            if st.is_open:
+                for t in st.targets:
+                    if t in loads:
+                        loads[t] += 1
+        return loads
+
+    async def announce_routed(self, study_uid: str, target: str, group: str, rule: str, moved_from: str = "") -> None:
+        ev = StudyRouted(study_uid=study_uid, target=target, group=group, rule=rule, reassigned_from=moved_from,
+                         routed_at=utcnow())
+        await publish_event(self.js, rs.study_routed(study_uid), ev, f"routed:{study_uid}:{target}:{moved_from}",
+                            self.timeout)
+
+    async def quarantine(self, rule: str, event: InstanceReceived) -> None:
+        """Hold the instance in the dead-letter stream (pseudo-target ``_quarantine``) for an operator."""
+        job = job_for(event, rs.QUARANTINE, "", rule)
+        dl = DeadLetter(job=job, reason=f"quarantined by rule {rule!r}", attempts=0, failed_at=utcnow())
+        await publish_event(self.js, rs.dead_letter(rs.QUARANTINE, job.study_uid, job.sop_uid), dl,
+                            f"quarantine:{job.sop_uid}:{job.digest[:24]}", self.timeout)
+
+    # --- whole studies ---------------------------------------------------------------------------------------
+
+    async def resend_study(self, study_uid: str, group: str, target: str, after_seq: int = 0) -> int:
+        """Queue every instance of the study that a streaming rule sends to ``group`` again, to ``target``."""
+        n = 0
+        async for _, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
+                                           study_uid, after_seq):
+            for rule in self._forwarding(event, "instance"):
+                if group in rule.to:
+                    job = job_for(event, target, group, rule.name)
+                    await publish_event(self.js, rs.forward_job(target, study_uid, job.sop_uid), job, job.msg_id(),
+                                        self.timeout)
+                    n += 1
+        return n
+
+    def _forwarding(self, event: InstanceReceived, when: str) -> list[Rule]:
+        matched = self.rules.evaluate(facts_of(event.tags, event.calling_ae, event.called_ae))
+        return [r for r in matched if r.action == "forward" and r.when == when]
+
+    async def scan(self) -> int:
+        """Complete every study that is due (any member may; the KV and Nats-Msg-Id keep it once)."""
+        now = time.time()
+        default = self.config.router.completion
+        due_now = [st for st in list(self.book.mirror.values()) if due(st, now, default)]
+        metrics.open_studies.set(sum(1 for st in self.book.mirror.values() if st.is_open))
+        done = 0
+        for st in due_now:
+            try:
+                done += await self.complete(st.study_uid)
+            except Exception:
+                log.exception("completing study %s failed; retrying at the next scan", st.study_uid)
+        return done
+
+    async def complete(self, study_uid: str) -> int:
+        """Complete one study if it is still due (re-checked on the stored state); returns 1 when announced."""
+        st, _ = await self.book.get(study_uid)
+        if st is None:
+            return 0
+        decision = due(st, time.time(), self.config.router.completion)
+        if decision is None:
+            return 0
+        with tracer.start_as_current_span("router.complete") as span:
+            span.set_attribute("dicom.study_uid", study_uid)
+            span.set_attribute("router.generation", st.gen)
+            if st.on_complete and not decision.discard:
+                await self._forward_on_complete(st)
+            event = self._complete_event(st, decision)
+            kind = "complete" if st.gen == 1 else "updated"
+            subject = rs.study_complete(study_uid) if kind == "complete" else rs.study_updated(study_uid)
+            ack = await publish_event(self.js, subject, event, event.msg_id(), self.timeout)
+            gen, count, seq = st.gen, st.count, st.max_seq
+            await self.book.update(study_uid, lambda s: mark_completed(s, gen, count, seq) if s else None)
+            if not ack.duplicate:
+                metrics.studies_completed.labels(kind, decision.reason).inc()
+                log.info("study %s %s (generation %d, %d instances, %s)", study_uid, kind, gen, count, decision.reason)
+            return 0 if ack.duplicate else 1
+
+    async def _forward_on_complete(self, st: StudyState) -> None:
+        n = 0
+        async for _, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
+                                           st.study_uid, st.seq_at_complete):
+            for rule in self._forwarding(event, "complete"):
+                for dest in rule.to:
+                    await self.enqueue(dest, rule.name, event)
+                    n += 1
+        log.info("study %s: %d on-complete forwards queued", st.study_uid, n)
+
+    def _complete_event(self, st: StudyState, decision: Decision) -> StudyComplete:
+        series = [SeriesSummary(series_uid=uid, instances=s.n, description=s.description, modality=s.modality)
+                  for uid, s in st.series.items()]
+        return StudyComplete(study_uid=st.study_uid, generation=st.gen, reason=decision.reason,
+                             incomplete=decision.incomplete, discarded=decision.discard, instances=st.count,
+                             series=series, patient_id=st.patient_id, accession_number=st.accession_number,
+                             calling_ae=st.calling_ae, institution_name=st.institution_name,
+                             first_arrival=_ts(st.first_arrival), last_arrival=_ts(st.last_arrival),
+                             completed_at=utcnow())

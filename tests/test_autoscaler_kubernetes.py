@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from kubernetes import client
+from prometheus_client import generate_latest
 
 from services.autoscaler.decision import Decision
 from services.autoscaler.kubernetes_scale import KubernetesScale
@@ -186,6 +187,13 @@ def test_autoscaler_round_patches_the_deployment(tmp_path, nats_server):
         (d,) = asyncio.run(_one_round(config, k8s))
         assert d.desired == 3
         k8s.close()
+    # The lag in Prometheus format, for dashboards and for a KEDA ScaledObject (Prometheus trigger) instead of
+    # this actuator: affinity_lag = min(lag, backlog partitions x target) = min(450, 3 x 100).
+    exposition = generate_latest().decode()
+    for line in ('dicomflow_autoscaler_lag{group="store"} 450.0', 'dicomflow_autoscaler_affinity_lag{group="store"} 300.0',
+                 'dicomflow_autoscaler_backlog_partitions{group="store"} 3.0',
+                 'dicomflow_autoscaler_desired_replicas{group="store"} 3.0'):
+        assert line in exposition, line
     assert api.requests[1:] == [("GET", DEPLOY, None, "Bearer sa-token", None),
                                 ("PATCH", DEPLOY, "application/merge-patch+json", "Bearer sa-token",
                                  {"spec": {"replicas": 3}})]

@@ -11,6 +11,9 @@ from pathlib import Path
 from shared.config import Config, ConfigError, describe, load_config
 from shared.telemetry import setup_logging
 
+from .routing_cli import add_parsers as add_router_parsers
+from .routing_cli import cmd_dlq, cmd_router, cmd_rules
+
 
 def _common(default) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -40,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
     st.add_argument("--metrics-port", type=int)
-    for name in ("router",):
-        sp = sub.add_parser(name, parents=[common], help=f"the {name} service")
-        sp.add_argument("--metrics-port", type=int)
+    add_router_parsers(sub, common)
     asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
     asc.add_argument("--metrics-port", type=int)
     asc.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
@@ -300,6 +301,6 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_not_yet,
+COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
             "autoscaler": cmd_autoscaler, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
-            "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex}
+            "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq}

@@ -76,6 +76,9 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         for i in range(config.store.workers):
             port = mport + METRICS_OFFSETS["store"] + i if mport else 0
             children.append(Child(f"store-{i}", [*base, "store", "--metrics-port", str(port)], env))
+    if config.router.rules_file:  # without rules there is nothing to route
+        port = mport + METRICS_OFFSETS["router"] if mport else 0
+        children.append(Child("router", [*base, "router", "--metrics-port", str(port)], env))
     _write_targets(data, config, mport)
     for c in children:
         c.start()
@@ -134,4 +137,6 @@ def _write_targets(data: Path, config: Config, mport: int) -> None:
                 "labels": {"service": "store"}}]
     if _autoscaled(config):
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['autoscaler']}"], "labels": {"service": "autoscaler"}})
+    if config.router.rules_file:
+        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['router']}"], "labels": {"service": "router"}})
     (data / "run" / "prometheus-targets.json").write_text(json.dumps(targets, indent=2))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import events
+from . import events, routing_events
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,23 @@ CHANNELS: list[Channel] = [
             "An instance is stored on every placement of its institution's policy and indexed.", "DICOM_EVENTS"),
     Channel("instance-rejected", "dicom.rejected.{study}.{sop}", events.InstanceRejected,
             "The store could not place an instance (e.g. no placement policy for its institution).", "DICOM_EVENTS"),
+    Channel("study-complete", "dicom.study.complete.{study}", routing_events.StudyComplete,
+            "A study is complete (quiet period after its last instance and its required series, or forced), once per "
+            "study across the cluster: Nats-Msg-Id = complete:<StudyInstanceUID>:<generation>.", "DICOM_EVENTS"),
+    Channel("study-updated", "dicom.study.updated.{study}", routing_events.StudyComplete,
+            "Instances arrived after a study completed (it re-opened); the next generation completed. Same body.",
+            "DICOM_EVENTS"),
+    Channel("study-routed", "dicom.study.routed.{study}", routing_events.StudyRouted,
+            "A study was given a destination (for a target group: its sticky member; again when moved whole).",
+            "DICOM_EVENTS"),
+    Channel("forward-failed", "dicom.forward.failed.{target}.{study}", routing_events.ForwardFailed,
+            "An instance gave up after router.forward.max_attempts; it waits in DICOM_DLQ (dicomflow dlq replay).",
+            "DICOM_EVENTS"),
+    Channel("forward-job", "router.out.{target}.{study}.{sop}", routing_events.ForwardJob,
+            "The router's per-target work queue: one instance to send to one target.", "ROUTER_OUT"),
+    Channel("dead-letter", "dicom.dlq.{target}.{study}.{sop}", routing_events.DeadLetter,
+            "A forward that failed max_attempts times, or an instance quarantined by a rule (target _quarantine).",
+            "DICOM_DLQ"),
 ]
 
 

@@ -16,6 +16,7 @@ from shared.bus import connect, ensure_streams
 from shared.config import Config, ConfigError
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.jetstream_raw import ensure_stream
+from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
@@ -25,16 +26,6 @@ from .routing import Router
 from .rules import RulesError, RuleSet, load_rules
 from .senders import probe_address
 from .state import open_state
-
-try:  # elastic membership (issue 3) lands separately; until then a lone member owns every partition
-    from shared.membership import ElasticOwnership, default_member_name
-except ImportError:  # pragma: no cover
-    ElasticOwnership = None  # type: ignore[assignment,misc]
-
-    def default_member_name(prefix: str) -> str:
-        import socket
-
-        return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
 
 log = logging.getLogger("dicomflow.router")
 
@@ -97,7 +88,7 @@ class RouterService:
         if ownership is None:
             ownership = (ElasticOwnership(self.nc, GROUP, self.member, config.stream.partitions, gcfg,
                                           config.stream.replicas)
-                         if gcfg.elastic and ElasticOwnership is not None else AllPartitions(config.stream.partitions))
+                         if gcfg.elastic else AllPartitions(config.stream.partitions))
         self.consumer = PartitionedConsumer(self.nc, config.stream.name, GROUP, config.stream.partitions,
                                             self.router.handle, gcfg, ownership, self.member)
         await self.consumer.start()

@@ -237,3 +237,57 @@ def assigned(url: str, group: str = "gateways") -> dict[str, str]:
             await nc.close()
 
     return asyncio.run(go())
+
+
+class StowReceiver:
+    """A minimal DICOMweb STOW-RS endpoint (POST /studies, multipart/related) over real HTTP on loopback."""
+
+    def __init__(self):
+        import http.server
+
+        self.received: dict[str, bytes] = {}
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server API
+                import email.parser
+                import io
+
+                from pydicom import dcmread
+
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ctype = self.headers["Content-Type"]
+                if self.path != "/dicom-web/studies" or "multipart/related" not in ctype:
+                    self.send_response(415)
+                    self.end_headers()
+                    return
+                msg = email.parser.BytesParser().parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + body)
+                for part in msg.walk():
+                    if part.get_content_type() == "application/dicom":
+                        raw = part.get_payload(decode=True)
+                        ds = dcmread(io.BytesIO(raw), stop_before_pixels=True)
+                        meta_len = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+                        outer.received[str(ds.SOPInstanceUID)] = raw[meta_len:]
+                outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -314,3 +314,24 @@ def test_dicomflow_run_starts_the_router_when_rules_are_configured(tmp_path, nat
     wait_for(lambda: stack.instances_of(uid) == 3, 60, what="the study stored as well")
     wait_for(lambda: events_on(nats_server.url, f"dicom.study.complete.{uid_token(uid)}") == 1, 30,
              what="study.complete")
+
+
+def test_stow_rs_target_receives_the_study_byte_identical(tmp_path, cluster_factory):
+    from tests.router_harness import StowReceiver
+
+    stow = StowReceiver()
+    try:
+        rules = "rules:\n  - name: web\n    match: {Modality: CT}\n    action: forward\n    to: WEB\n"
+        cluster = cluster_factory({"targets": {"WEB": {"kind": "dicomweb", "url": stow.url, "timeout_s": 20}}}, rules)
+        cluster.start_ingest()
+        cluster.start_router()
+        studies = make_studies(tmp_path / "studies", 1, 4)
+        (uid, files), = studies.items()
+        cluster.send([files[0].parent])
+        sop_of = _sops(studies)
+        wait_for(lambda: len(stow.received) == 4, 60, interval=0.3, what="4 instances over STOW-RS")
+        assert {sop_of[f]: dataset_bytes(f) for f in files} == stow.received
+        wait_for(lambda: events_on(cluster.nats_url, f"dicom.study.routed.{uid_token(uid)}") == 1, 30,
+                 what="study.routed")
+    finally:
+        stow.close()

@@ -232,12 +232,17 @@ class Router:
 
     async def _forward_on_complete(self, st: StudyState) -> None:
         n = 0
+        routed: dict[str, tuple[str, str]] = {}
         async for _, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
                                            st.study_uid, st.seq_at_complete):
             for rule in self._forwarding(event, "complete"):
                 for dest in rule.to:
-                    await self.enqueue(dest, rule.name, event)
+                    target, group = await self.enqueue(dest, rule.name, event)
+                    routed.setdefault(target, (group, rule.name))
                     n += 1
+        for target, (group, rule) in routed.items():
+            if target not in st.targets:  # announced once; the same Nats-Msg-Id absorbs a repeat
+                await self.announce_routed(st.study_uid, target, group, rule)
         log.info("study %s: %d on-complete forwards queued", st.study_uid, n)
 
     def _complete_event(self, st: StudyState, decision: Decision) -> StudyComplete:

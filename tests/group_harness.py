@@ -63,6 +63,7 @@ class Publisher(threading.Thread):
         self.retries = 0
         self.error: BaseException | None = None
         self.max_stall_s = 0.0
+        self.stop = threading.Event()
 
     def run(self) -> None:
         try:
@@ -88,6 +89,8 @@ class Publisher(threading.Thread):
         js = nc.jetstream()
         t0 = time.monotonic()
         for i in range(0, len(self.items), self.window):
+            if self.stop.is_set():
+                break
             chunk = self.items[i:i + self.window]
             await asyncio.gather(*(self._one(js, st, sop) for st, sop in chunk))
             ahead = t0 + (i + len(chunk)) / self.rate - time.monotonic()

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pinned", type=float, default=3.0)
     ap.add_argument("--ack-wait", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--gate", default="", help="own nothing until this file exists (a common start line)")
     return ap.parse_args(argv)
 
 
@@ -80,6 +81,34 @@ class Recorder:
         self.line(f"E {p} {self.member} {start:.6f} {time.monotonic():.6f} {study} {sop} {delivered} {outcome}")
 
 
+class Gated:
+    """An ownership that owns nothing until the gate file exists (members join first, start together)."""
+
+    def __init__(self, inner, gate: str):
+        self.inner = inner
+        self.gate = gate
+        self.open = False
+
+    @property
+    def report(self):
+        return getattr(self.inner, "report", None)
+
+    @report.setter
+    def report(self, fn) -> None:
+        if hasattr(self.inner, "report"):
+            self.inner.report = fn
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    def owned(self) -> set[int]:
+        self.open = self.open or os.path.exists(self.gate)
+        return self.inner.owned() if self.open else set()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+
 class Counter:
     """A no-op handler that only counts (throughput runs)."""
 
@@ -105,6 +134,8 @@ async def main(args: argparse.Namespace) -> None:
     worker = Recorder(args) if args.mode == "record" else Counter()
     ownership = (AllPartitions(args.partitions) if args.static
                  else ElasticOwnership(nc, args.group, args.member, args.partitions, cfg, args.replicas))
+    if args.gate:
+        ownership = Gated(ownership, args.gate)
     consumer = PartitionedConsumer(nc, args.stream, args.group, args.partitions, worker.handle, cfg, ownership,
                                    args.member)
     stop = asyncio.Event()

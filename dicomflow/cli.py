@@ -223,7 +223,7 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from shared.bus import connect
 
-    from .status import collect
+    from .status import collect, format_text
 
     async def go() -> dict:
         nc = await connect(config, "dicomflow-status", max_reconnect_attempts=0, allow_reconnect=False)
@@ -240,13 +240,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    s = st["stream"]
-    print(f"stream {s['name']}: {s['messages']} messages, {s['bytes']} bytes, {s['partitions']} partitions")
-    for name, g in st["groups"].items():
-        print(f"group {name}: lag {g['lag']}, {g['partitions_with_backlog']} partitions with backlog")
-        for p in g["partitions"]:
-            if p["lag"] or p["pinned_id"]:
-                print(f"  p{p['partition']:02d} pending={p['pending']} unacked={p['ack_pending']} pinned={p['pinned_id']}")
+    print(format_text(st))
     return 0
 
 

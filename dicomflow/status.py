@@ -51,3 +51,19 @@ async def collect(nc: NATS, config: Config, groups: tuple[str, ...] = ("store", 
                                     "members": members,
                                     "partitions": parts}
     return out
+
+
+def format_text(st: dict) -> str:
+    """The human-readable ``dicomflow status``: stream, then per group its members and busy partitions."""
+    s = st["stream"]
+    lines = [f"stream {s['name']}: {s['messages']} messages, {s['bytes']} bytes, {s['partitions']} partitions"]
+    for name, g in st["groups"].items():
+        lines.append(f"group {name}: {len(g.get('members', {}))} members, lag {g['lag']}, "
+                     f"{g['partitions_with_backlog']} partitions with backlog")
+        for m, info in sorted(g.get("members", {}).items()):
+            lines.append(f"  member {m} ({info.get('host')}, pid {info.get('pid')}): owns {info['owned']}")
+        for p in g["partitions"]:
+            if p["lag"] or p["pinned_id"]:
+                lines.append(f"  p{p['partition']:02d} pending={p['pending']} unacked={p['ack_pending']} "
+                             f"pinned={p['pinned_id']} owner={p['owner'] or p['assigned']}")
+    return "\n".join(lines)

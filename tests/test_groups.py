@@ -10,15 +10,20 @@ kill -9 of the stream leader losing nothing acknowledged.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import nats
 import pytest
 
-from dicomflow.status import collect
+from dicomflow.status import collect, format_text
 from shared.config import load_config
 from shared.membership import ElasticOwnership, live_members, member_reports
 from tests.group_harness import (
+    REPO,
     Publisher,
     Worker,
     analyse,
@@ -163,6 +168,14 @@ def test_status_shows_members_owned_partitions_and_pins(tmp_path, nats_server):
             return st
         st = wait_until(settled, 60, "status to show both members owning every partition, lag 0", interval=0.5)
         g = st["groups"]["store"]
+        assert "member s1" in format_text(st) and "member s2" in format_text(st)
+        # The command a user runs shows the same.
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")},
+               "DICOMFLOW__NATS__URL": nats_server.url, "DICOMFLOW__STREAM__PARTITIONS": str(PARTITIONS)}
+        res = subprocess.run([sys.executable, "-m", "dicomflow", "status", "--json"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert set(json.loads(res.stdout)["groups"]["store"]["members"]) == {"s1", "s2"}
         for part in g["partitions"]:
             assert part["lag"] == 0 and "owner" in part
             if part["pinned_id"]:  # a partition that delivered has a pin, held by the member that owns it

@@ -223,3 +223,40 @@ def test_stream_leader_kill_loses_nothing_acknowledged(tmp_path, cluster):
     finally:
         for w in workers:
             w.cleanup()
+
+
+def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_server):
+    """In-progress acks stop a slow call from being redelivered; a raising handler gets the message again."""
+    from shared.config import GroupConfig
+    from shared.consumer_group import PartitionedConsumer
+
+    create_stream(nats_server.url, 2)
+    cfg = GroupConfig(ack_wait_s=1.2, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5)
+    calls: list[tuple[str, int]] = []
+
+    async def handler(msg):
+        sop = msg.subject.split(".")[-1]
+        calls.append((sop, msg.metadata.num_delivered))
+        if sop == "slow":
+            await asyncio.sleep(3.0)  # 2.5 x ack_wait
+        elif sop == "flaky" and msg.metadata.num_delivered == 1:
+            raise RuntimeError("transient")
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        consumer = PartitionedConsumer(nc, "DICOM", "slowgrp", 2, handler, cfg,
+                                       ElasticOwnership(nc, "slowgrp", "m", 2, cfg), "m")
+        await consumer.start()
+        await js.publish("dicom.in.st1.slow", b"{}", headers={"Nats-Msg-Id": "slow"})
+        await js.publish("dicom.in.st2.flaky", b"{}", headers={"Nats-Msg-Id": "flaky"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (("slow", 1) in calls and ("flaky", 2) in calls):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # would a redelivery of the slow one come?
+        await consumer.stop()
+        await nc.close()
+
+    asyncio.run(go())
+    assert [c for c in calls if c[0] == "slow"] == [("slow", 1)]
+    assert [c for c in calls if c[0] == "flaky"] == [("flaky", 1), ("flaky", 2)]

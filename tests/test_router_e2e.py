@@ -79,7 +79,9 @@ def _group(gws, weights=None, **kw):
 def test_thirty_studies_whole_at_one_gateway_each_balanced_and_complete_once(tmp_path, cluster_factory, gateways):
     gws = gateways("GW1", "GW2", "GW3")
     weights = {"GW1": 2.0, "GW2": 1.0, "GW3": 1.0}
-    cluster = cluster_factory(_group(gws, weights))
+    # Pure weighted rendezvous (load_bound 0) so every study's gateway is predictable; the bounded
+    # default depends on which studies are open at the time (unit tests and bench/balance.py cover it).
+    cluster = cluster_factory(_group(gws, weights, load_bound=0))
     cluster.start_ingest()
     cluster.start_router()
     cluster.start_router()  # two members: completion must still be announced once per study
@@ -90,10 +92,10 @@ def test_thirty_studies_whole_at_one_gateway_each_balanced_and_complete_once(tmp
     try:
         wait_for(lambda: sum(len(g.received()) for g in gws) >= total, 120, interval=0.5, what="every instance forwarded")
         homes = _assert_whole_and_identical(gws, studies, sop_of)
-        # Weighted 2:1:1 (15/7.5/7.5 of 30), loads bounded at 1.05 x the weighted share of open studies;
-        # the margins absorb studies completing (and leaving the open set) while others still arrive.
+        assert homes == {uid: choose(uid, weights) for uid in studies}
+        # Weighted 2:1:1: about 15/7.5/7.5 of 30 (bounds at ~3 standard deviations of the binomial).
         counts = {g.name: sum(1 for h in homes.values() if h == g.name) for g in gws}
-        assert 12 <= counts["GW1"] <= 18 and all(5 <= counts[n] <= 10 for n in ("GW2", "GW3")), counts
+        assert 7 <= counts["GW1"] <= 23 and all(1 <= counts[n] <= 15 for n in ("GW2", "GW3")), counts
         wait_for(lambda: events_on(cluster.nats_url, "dicom.study.complete.>") >= 30, 60, interval=0.5,
                  what="a study.complete per study")
     except AssertionError:
@@ -178,12 +180,13 @@ def test_fourth_gateway_added_mid_run_in_flight_studies_stay_new_ones_spread(tmp
     three = {g.name: 1.0 for g in gws}
     four = {**three, "GW4": 1.0}
     try:
-        cluster = cluster_factory(_group(gws))
+        cluster = cluster_factory({**_group(gws, load_bound=0), "completion": {"quiet_s": 30}})
         cluster.start_ingest()
         cluster.start_router()
         # In flight: studies that GW4 would win once it joins - they must stay where they started.
         inflight = make_studies(tmp_path / "inflight", 4, 4, pick=lambda uid: choose(uid, four) == "GW4")
-        fresh = make_studies(tmp_path / "fresh", 8, 2)
+        fresh = make_studies(tmp_path / "fresh", 6, 2)
+        fresh.update(make_studies(tmp_path / "fresh4", 2, 2, pick=lambda u: choose(u, four) == "GW4"))
         everything = {**inflight, **fresh}
         sop_of = _sops(everything)
         pieces = {uid: split_folder(files, tmp_path / "pieces" / uid_token(uid), 2) for uid, files in inflight.items()}
@@ -204,11 +207,10 @@ def test_fourth_gateway_added_mid_run_in_flight_studies_stay_new_ones_spread(tmp
             print(cluster.logs())
             raise
         # In flight: still where they started, although GW4 is now their first choice.
-        assert {uid: homes[uid] for uid in inflight} == started
-        assert "GW4" not in started.values()
-        # New studies: spread over four, GW4 (no open studies yet) among them.
-        spread = {homes[uid] for uid in fresh}
-        assert "GW4" in spread and len(spread) >= 3, spread
+        assert {uid: homes[uid] for uid in inflight} == started == {uid: choose(uid, three) for uid in inflight}
+        # New studies: spread over four by the pure core's choice, GW4 among them.
+        assert {uid: homes[uid] for uid in fresh} == {uid: choose(uid, four) for uid in fresh}
+        assert "GW4" in {homes[uid] for uid in fresh}
     finally:
         gw4.kill()
 
@@ -224,7 +226,7 @@ rules:
 
 def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(tmp_path, cluster_factory, gateways):
     archive, = gateways("ARCHIVE")
-    cluster = cluster_factory({"targets": {"ARCHIVE": archive.target()}, "completion": {"quiet_s": 2.0}},
+    cluster = cluster_factory({"targets": {"ARCHIVE": archive.target()}, "completion": {"quiet_s": 4.0}},
                               ON_COMPLETE_RULES)
     cluster.start_ingest()
     first = cluster.start_router()

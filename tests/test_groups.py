@@ -195,7 +195,8 @@ def cluster(tmp_path):
 
 
 def test_group_churn_cluster_r3(tmp_path, cluster):
-    _churn(tmp_path, cluster.url, 3, studies=60, instances=25, rate=150)
+    a = _churn(tmp_path, cluster.url, 3, studies=200, instances=25, rate=400)
+    assert len(a.members_per_study()) == 200
 
 
 def test_stream_leader_kill_loses_nothing_acknowledged(tmp_path, cluster):

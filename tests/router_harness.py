@@ -119,10 +119,10 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(self.tmp.glob("*.log")))
 
-    def send(self, folders: list[Path], parallel: int = 6) -> None:
+    def send(self, folders: list[Path], parallel: int = 6, calling_ae: str = "MODALITY") -> None:
         """Send each folder with its own storescu association, several at once; every send must succeed."""
         def one(folder: Path) -> None:
-            res = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(self.port),
+            res = subprocess.run(["storescu", "-aet", calling_ae, "-aec", "DICOMFLOW", "127.0.0.1", str(self.port),
                                   "+sd", str(folder)], capture_output=True, text=True, timeout=120,
                                  env={**os.environ, "TCP_NODELAY": "1"})
             assert res.returncode == 0, res.stderr

@@ -266,7 +266,8 @@ def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(t
 
 def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
     down = Gateway(tmp_path, "DOWN")  # not started: its port refuses
-    rules = "rules:\n  - name: all\n    action: forward\n    to: DOWN\n"
+    rules = ("rules:\n  - {name: suspect, match: {calling_ae: SUSPECT}, action: quarantine}\n"
+             "  - {name: all, action: forward, to: DOWN}\n")
     cluster = cluster_factory({"targets": {"DOWN": down.target()},
                                "forward": {"batch": 16, "backoff_initial_s": 0.1, "backoff_max_s": 0.2,
                                            "max_attempts": 2, "probe_interval_s": 0.5}}, rules)
@@ -275,6 +276,9 @@ def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
     studies = make_studies(tmp_path / "studies", 1, 3)
     (uid, files), = studies.items()
     cluster.send([files[0].parent])
+    held = make_studies(tmp_path / "held", 1, 1)
+    (held_uid, held_files), = held.items()
+    cluster.send([held_files[0].parent], calling_ae="SUSPECT")
 
     def cli(*args):
         res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(cluster.config_path), *args],
@@ -283,19 +287,29 @@ def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
         return res.stdout
 
     try:
-        wait_for(lambda: len(json.loads(cli("dlq", "list", "--json"))) == 3, 60, interval=0.5, what="3 dead letters")
+        wait_for(lambda: len(json.loads(cli("dlq", "list", "--json"))) == 4, 60, interval=0.5,
+                 what="3 dead letters and 1 quarantined")
     except AssertionError:
         print(cluster.logs())
         raise
     rows = json.loads(cli("dlq", "list", "--json", "--study", uid))
     assert {r["target"] for r in rows} == {"DOWN"} and all(r["attempts"] == 2 for r in rows)
     assert events_on(cluster.nats_url, "dicom.forward.failed.DOWN.>") == 3
+    quarantined = json.loads(cli("dlq", "list", "--json", "--target", "_quarantine"))
+    assert [(r["study_uid"], r["attempts"]) for r in quarantined] == [(held_uid, 0)]
+    assert "quarantined by rule 'suspect'" in quarantined[0]["reason"]
     down.start()
     try:
         replayed = json.loads(cli("dlq", "replay", "--json", "--target", "DOWN"))
         assert [r["replayed_to"] for r in replayed] == ["DOWN"] * 3
         wait_for(lambda: len(down.received()) == 3, 60, interval=0.3, what="replayed instances delivered")
         _assert_whole_and_identical([down], studies, _sops(studies))
+        # A quarantined instance has no target of its own: it is released to one named explicitly.
+        skipped = json.loads(cli("dlq", "replay", "--json", "--target", "_quarantine"))
+        assert "use --to" in skipped[0]["skipped"]
+        released = json.loads(cli("dlq", "replay", "--json", "--target", "_quarantine", "--to", "DOWN"))
+        assert [r["replayed_to"] for r in released] == ["DOWN"]
+        wait_for(lambda: len(down.received()) == 4, 60, interval=0.3, what="the released instance delivered")
         assert json.loads(cli("dlq", "list", "--json")) == []
     finally:
         down.kill()

@@ -291,3 +291,22 @@ class StowReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def target_up(url: str, target: str) -> bool | None:
+    """The router's shared view of a target's health (None before any member probed it)."""
+    import json
+
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            try:
+                kv = await nc.jetstream().key_value("router-health")
+                entry = await kv.get(target)
+            except Exception:
+                return None
+            return bool(json.loads(entry.value)["up"]) if entry.value else None
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())

@@ -16,7 +16,17 @@ from pydicom import dcmread
 from services.router.assignment import choose
 from shared.uids import uid_token
 from tests.helpers import REPO, dataset_bytes, wait_for
-from tests.router_harness import Cluster, Gateway, assigned, events_on, make_studies, split_folder, study_state, where
+from tests.router_harness import (
+    Cluster,
+    Gateway,
+    assigned,
+    events_on,
+    make_studies,
+    split_folder,
+    study_state,
+    target_up,
+    where,
+)
 
 STREAM_RULES = """
 rules:
@@ -123,6 +133,7 @@ def test_gateway_killed_mid_run_and_restarted_nothing_split_nothing_lost(tmp_pat
     # The victim is the gateway holding the most started studies; it dies with half of each sent.
     victim = max(gws, key=lambda g: sum(1 for h in before.values() if h == g.name))
     victim.kill()
+    wait_for(lambda: target_up(cluster.nats_url, victim.name) is False, 30, what="the victim marked down")
     cluster.send(first[6:])
     cluster.send([p[1] for p in pieces.values()])
     total = sum(len(f) for f in studies.values())
@@ -138,6 +149,8 @@ def test_gateway_killed_mid_run_and_restarted_nothing_split_nothing_lost(tmp_pat
         for uid in [u for u, h in homes_now.items() if h == victim.name]:
             assert set(placed[uid]) <= {victim.name}, placed[uid]
         assert all(homes_now[uid] == victim.name for uid in waiting)
+        # New studies skipped the down gateway.
+        assert all(homes_now[uid] != victim.name for uid in list(studies)[6:])
         victim.start()  # same port, same folder
         wait_for(lambda: sum(len(g.received()) for g in gws) >= total, 120, interval=0.5, what="every instance")
         homes = _assert_whole_and_identical(gws, studies, sop_of)

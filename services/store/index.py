@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,20 @@ class Recorded:
     replaced_digest: str | None = None
 
 
+def _set_wal(conn: sqlite3.Connection, within_s: float = 30.0) -> None:
+    """Switch to WAL. SQLite answers "database is locked" at once, without the busy timeout, while another
+    process is creating or switching the same file (two store workers starting together): retry."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Index:
     """Thread-safe access to the SQLite index (one connection per thread)."""
 
@@ -61,7 +76,7 @@ class Index:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(conn)
             # FULL: a row is durable before the event is acknowledged.
             conn.execute("PRAGMA synchronous=FULL")
             conn.row_factory = sqlite3.Row

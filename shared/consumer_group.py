@@ -15,8 +15,8 @@ The public API, for every service that consumes the partitioned stream::
 ``handler(msg)`` is awaited once per message, in order within a partition, partitions concurrently.
 It must be idempotent (redeliveries come after a crash or a lost ack, out of order). Returning acks
 the message; raising naks it with a growing delay. A handler running longer than a third of
-``ack_wait_s`` gets in-progress acks automatically; it must still finish well within
-``pinned_timeout_s`` (the pin is kept by pulling, which waits for the handler).
+``ack_wait_s`` gets in-progress acks automatically, and while a batch is being handled the member
+keeps pulling (batch 1) at a third of ``pinned_timeout_s`` so its pin cannot lapse under a slow batch.
 """
 
 from __future__ import annotations
@@ -208,16 +208,29 @@ class PartitionedConsumer:
                 if result.messages and gained_at is not None:
                     handover_seconds.labels(self.group, "acquire").observe(time.monotonic() - gained_at)
                     gained_at = None
-                for i, msg in enumerate(result.messages):
-                    if stop.is_set():
-                        # Not ours any more: hand the rest back at once rather than after ack_wait.
-                        await _nak_all(result.messages[i:])
-                        break
-                    await self._handle(msg)
+                keeper = asyncio.create_task(self._keep_pin(puller)) if result.messages else None
+                try:
+                    for i, msg in enumerate(result.messages):
+                        if stop.is_set():
+                            # Not ours any more: hand the rest back at once rather than after ack_wait.
+                            await _nak_all(result.messages[i:])
+                            break
+                        await self._handle(msg)
+                finally:
+                    if keeper:
+                        keeper.cancel()
         finally:
             stop_wait.cancel()
             self._pullers.pop(p, None)
             await _nak_all(await puller.close())
+
+    async def _keep_pin(self, puller: PinnedPuller) -> None:
+        """While a batch is being handled, pull at a third of PinnedTTL so the pin cannot lapse."""
+        period = self.cfg.pinned_timeout_s / 3
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(Exception):
+                await puller.keep_pin(expires_s=period)
 
     async def _handle(self, msg: Msg) -> None:
         t0 = time.perf_counter()

@@ -190,6 +190,22 @@ class PinnedPuller:
                 pass
         return result
 
+    async def keep_pin(self, expires_s: float) -> None:
+        """Keep our pin while the caller is busy with what it fetched.
+
+        The server unpins a client that has not pulled for PinnedTTL (priority_timeout), and would
+        then deliver the partition to another member while we are still handling our batch: two
+        members on one partition. A small pull (batch 1) proves we are alive; what it delivers waits
+        in our queue and is handled after the batch, in order.
+        """
+        if self.pin_id is None or self._sub is None:
+            return
+        req = {"batch": 1, "expires": int(expires_s * NS), "group": PRIORITY_GROUP, "id": self.pin_id}
+        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+                              json.dumps(req).encode(), reply=self._inbox)
+        self._active_until = max(self._active_until, time.monotonic() + expires_s)
+        self._outstanding = max(self._outstanding, 0) + 1
+
     def forget_pin(self) -> None:
         """Drop the pin id (after an unpin, or when giving the partition away)."""
         self.pin_id = None

@@ -261,3 +261,55 @@ def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_
     asyncio.run(go())
     assert [c for c in calls if c[0] == "slow"] == [("slow", 1)]
     assert [c for c in calls if c[0] == "flaky"] == [("flaky", 1), ("flaky", 2)]
+
+
+def test_slow_batch_keeps_the_pin_so_no_second_member_gets_the_partition(tmp_path, nats_server):
+    """A batch that takes several PinnedTTLs to handle must not let another puller in meanwhile."""
+    from shared.config import GroupConfig
+    from shared.consumer_group import AllPartitions, PartitionedConsumer, durable_name
+    from shared.jetstream_raw import PinnedPuller
+
+    create_stream(nats_server.url, 1)
+    cfg = GroupConfig(ack_wait_s=30, pinned_timeout_s=1.5, member_ttl_s=2, heartbeat_s=0.5, batch=8)
+    handled: list[tuple[float, float]] = []
+
+    async def handler(msg):
+        t0 = time.monotonic()
+        await asyncio.sleep(0.6)  # 8 x 0.6 s = 4.8 s per batch, > 3 x PinnedTTL
+        handled.append((t0, time.monotonic()))
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        for i in range(10):
+            await js.publish(f"dicom.in.st.s{i}", b"{}", headers={"Nats-Msg-Id": f"s{i}"})
+        consumer = PartitionedConsumer(nc, "DICOM", "pin", 1, handler, cfg, AllPartitions(1), "a")
+        await consumer.start()
+        while not handled:
+            await asyncio.sleep(0.05)
+        # An intruder on the same durable: it must get nothing while "a" is busy with its batch.
+        intruder_nc = await nats.connect(nats_server.url)
+        intruder = PinnedPuller(intruder_nc, "DICOM", durable_name("pin", 0))
+        stolen = []
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            result = await intruder.fetch(1, expires_s=0.5)
+            stolen += result.messages
+        await _nak_all_of(stolen)
+        while len(handled) < 10:
+            await asyncio.sleep(0.1)
+        await intruder.close()
+        await intruder_nc.close()
+        await consumer.stop()
+        await nc.close()
+        return stolen
+
+    stolen = asyncio.run(go())
+    assert stolen == [], f"another puller got {len(stolen)} messages while the owner was busy"
+    intervals = sorted(handled)
+    assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:], strict=False))
+
+
+async def _nak_all_of(msgs):
+    for m in msgs:
+        await m.nak()

@@ -35,6 +35,20 @@ CRD_REQUIRED = {
     "PrometheusRule": ["spec.groups"],
     "ScaledObject": ["spec.scaleTargetRef.name", "spec.triggers"],
 }
+# The spec fields their CRDs define (Rook v1.14, prometheus-operator v0.7x, KEDA v2): a typo fails here.
+CRD_SPEC_FIELDS = {
+    "CephCluster": {"cephVersion", "dataDirHostPath", "mon", "mgr", "dashboard", "monitoring", "network", "storage",
+                    "placement", "disruptionManagement", "crashCollector", "resources", "priorityClassNames",
+                    "healthCheck", "removeOSDsIfOutAndSafeToRemove", "cleanupPolicy", "logCollector"},
+    "CephBlockPool": {"application", "failureDomain", "crushRoot", "deviceClass", "replicated", "erasureCoded",
+                      "parameters", "mirroring", "statusCheck", "quotas", "name", "enableRBDStats"},
+    "CephClient": {"caps", "name"},
+    "PodMonitor": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"},
+    "PrometheusRule": {"groups"},
+    "ScaledObject": {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod",
+                     "idleReplicaCount", "advanced", "triggers", "fallback"},
+}
+FAILURE_DOMAINS = {"osd", "host", "chassis", "rack", "row", "pdu", "pod", "room", "datacenter", "zone", "region"}
 
 
 def kubectl() -> str:
@@ -125,6 +139,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, overlay
         if kind in CRD_REQUIRED:
             for field in CRD_REQUIRED[kind]:
                 assert get(doc, field) is not None, f"{overlay}: {kind}/{name} lacks {field}"
+            assert set(doc["spec"]) <= CRD_SPEC_FIELDS[kind], f"{kind}/{name}: {set(doc['spec']) - CRD_SPEC_FIELDS[kind]}"
+            if kind == "CephBlockPool":
+                assert doc["spec"]["failureDomain"] in FAILURE_DOMAINS
             continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

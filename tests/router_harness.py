@@ -310,3 +310,21 @@ def target_up(url: str, target: str) -> bool | None:
             await nc.close()
 
     return asyncio.run(go())
+
+
+def last_event(url: str, subject: str, stream: str = "DICOM_EVENTS") -> dict:
+    """The JSON body of the last message on ``subject``."""
+    import base64
+    import json
+
+    from shared.jetstream_raw import api
+
+    async def go() -> dict:
+        nc = await nats.connect(url)
+        try:
+            resp = await api(nc, f"STREAM.MSG.GET.{stream}", {"last_by_subj": subject})
+            return json.loads(base64.b64decode(resp["message"]["data"]))
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())

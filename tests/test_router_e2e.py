@@ -21,6 +21,7 @@ from tests.router_harness import (
     Gateway,
     assigned,
     events_on,
+    last_event,
     make_studies,
     split_folder,
     study_state,
@@ -263,6 +264,10 @@ def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(t
         raise
     wait_for(lambda: (study_state(cluster.nats_url, uid) or {}).get("completed_gen") == 1, 30, what="gen 1 done")
     assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
+    complete = last_event(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}")
+    assert (complete["generation"], complete["instances"], complete["reason"]) == (1, 5, "quiet")
+    assert [(x["instances"], x["description"]) for x in complete["series"]] == [(5, "AXIAL")]
+    assert complete["calling_ae"] == "MODALITY" and complete["institution_name"] == "General Hospital"
     # An instance arriving after completion re-opens the study: one study.updated, forwarded too.
     extra, = make_studies(tmp_path / "extra", 1, 1).values()
     from dicomflow.synthetic import ct_instance
@@ -274,6 +279,8 @@ def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(t
     wait_for(lambda: events_on(cluster.nats_url, f"dicom.study.updated.{uid_token(uid)}") == 1, 30,
              what="study.updated")
     wait_for(lambda: len(archive.received()) == 6, 30, what="the late instance forwarded")
+    updated = last_event(cluster.nats_url, f"dicom.study.updated.{uid_token(uid)}")
+    assert (updated["generation"], updated["instances"]) == (2, 6)
     assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from dicomflow.synthetic import write_study
 from services.router.assignment import choose, ranking
-from services.router.completion import Arrival, due, mark_completed, next_check, record_arrival
+from services.router.completion import RECENT, Arrival, due, mark_completed, next_check, record_arrival, summarize
 from services.router.rules import RulesError, completion_for, facts_of, parse_rules
 from shared.config import CompletionConfig
 from shared.events import InstanceTags
@@ -120,19 +120,42 @@ def test_quiet_period_generations_and_redelivery():
     assert not changed3 and same.count == 2  # redelivery changes nothing
     assert due(st, 114.9, pol) is None and due(st, 115.0, pol).reason == "quiet"
     assert next_check(st, pol) == 115.0
-    done = mark_completed(st, 1, 2, 2)
+    done = mark_completed(st, 1, seq=2, count=2)
     assert done.completed_gen == 1 and not done.is_open and due(done, 999, pol) is None
-    assert mark_completed(done, 1, 2, 2) is None  # another member recorded it already
+    assert mark_completed(done, 1, seq=2, count=2) is None  # another member recorded it already
     again, _ = record_arrival(done, _arr("3", seq=9), 200.0, pol, False)
     assert again.gen == 2 and again.is_open and due(again, 210.0, pol).reason == "quiet"
+
+
+def test_redelivery_after_completion_does_not_reopen_even_when_forgotten():
+    pol = CompletionConfig(quiet_s=1)
+    st = None
+    for i in range(1, RECENT + 11):  # more instances than the redelivery filter remembers
+        st, _ = record_arrival(st, _arr(str(i), seq=i), float(i), pol, False)
+    assert st.count == RECENT + 10 and len(st.recent) == RECENT and len(st.model_dump_json()) < 16_000
+    done = mark_completed(st, 1, seq=st.max_seq, count=st.count)
+    old, changed = record_arrival(done, _arr("1", seq=1), 999.0, pol, False)  # evicted from the filter
+    assert not changed and not old.is_open
+    new, changed = record_arrival(done, _arr("x", seq=st.max_seq + 1), 999.0, pol, False)
+    assert changed and new.gen == 2
 
 
 def test_instance_between_decision_and_mark_reopens():
     pol = CompletionConfig(quiet_s=1)
     st, _ = record_arrival(None, _arr("1"), 0.0, pol, False)
     late, _ = record_arrival(st, _arr("2", seq=2), 5.0, pol, False)  # arrived while gen 1 was being announced
-    marked = mark_completed(late, gen=1, count=1, seq=1)
+    marked = mark_completed(late, gen=1, seq=1, count=1)
     assert marked.completed_gen == 1 and marked.gen == 2 and marked.is_open
+    covered = mark_completed(late, gen=1, seq=2, count=2)  # the recount had seen it: nothing re-opens
+    assert covered.completed_gen == 1 and not covered.is_open
+
+
+def test_summary_counts_each_instance_once():
+    items = [(1, "s1", "a", "d1", "AX", "CT"), (2, "s1", "b", "d2", "AX", "CT"), (3, "s2", "c", "d3", "COR", "CT"),
+             (7, "s1", "a", "d1", "AX", "CT")]  # the same instance stored again
+    summary = summarize(items)
+    assert summary.instances == 3 and summary.last_seq == 7
+    assert {k: (v.n, v.description) for k, v in summary.series.items()} == {"s1": (2, "AX"), "s2": (1, "COR")}
 
 
 def test_required_series_min_series_and_force_actions():

@@ -1,13 +1,17 @@
 """Study assembly and completion: the state of one study and the decisions over it. Pure.
 
 The state lives in a JetStream KV bucket (the service's shell), so any router member can take a
-study over. Arrivals are idempotent (an instance is remembered by a short hash of SOP UID + digest),
-a generation counts completions: an instance arriving after a completion re-opens the study
-(generation + 1) and its next completion is a ``study.updated``.
+study over. It stays small whatever the study's size (it is rewritten on every arrival): the live
+counts skip redeliveries of the last RECENT instances (a short hash of SOP UID + digest each), and
+the exact figures of a completion event are recounted from the instance stream (:func:`summarize`).
+A generation counts completions: an instance stored after a completion re-opens the study
+(generation + 1) and its next completion is a ``study.updated``; a redelivery of an instance the
+completion already covered (stream sequence at or below it) does not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import blake3
@@ -32,7 +36,7 @@ class StudyState(BaseModel):
     count_at_complete: int = 0
     seq_at_complete: int = 0
     max_seq: int = 0
-    instances: list[str] = Field(default_factory=list, description="short hashes of SOP UID + digest seen")
+    recent: list[str] = Field(default_factory=list, description="short hashes of the last RECENT instances (redelivery filter)")
     series: dict[str, SeriesState] = Field(default_factory=dict)
     first_arrival: float = 0.0
     gen_started: float = 0.0
@@ -76,8 +80,11 @@ class Decision:
     discard: bool = False
 
 
+RECENT = 512  # redeliveries come from a partition's in-flight batch; 512 keys are ~8 KiB of state
+
+
 def instance_key(sop_uid: str, digest: str) -> str:
-    """The short, fixed-size memory of one instance (12 hex chars keep a 2,000-slice study at ~30 KiB)."""
+    """The short, fixed-size memory of one instance."""
     return blake3.blake3(f"{sop_uid}:{digest}".encode()).hexdigest()[:12]
 
 
@@ -87,15 +94,15 @@ def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: Com
     st = state.model_copy(deep=True) if state is not None else StudyState(study_uid=a.study_uid, first_arrival=now,
                                                                            gen_started=now, policy=policy)
     key = instance_key(a.sop_uid, a.digest)
-    if key in st.instances:
-        if a.seq > st.max_seq:
-            st.max_seq = a.seq
-            return st, True
+    if key in st.recent:
         return st, False
     if not st.is_open:
+        if a.seq and a.seq <= st.seq_at_complete:
+            return st, False  # a redelivery of an instance the completion already covered
         st.gen += 1  # re-opened: the next completion is an update
         st.gen_started = now
-    st.instances.append(key)
+    st.recent.append(key)
+    del st.recent[:-RECENT]
     st.count += 1
     st.max_seq = max(st.max_seq, a.seq)
     series = st.series.setdefault(a.series_uid, SeriesState())
@@ -145,11 +152,11 @@ def next_check(st: StudyState, default: CompletionConfig) -> float | None:
     return min(times)
 
 
-def mark_completed(st: StudyState, gen: int, count: int, seq: int) -> StudyState | None:
-    """The state once generation ``gen`` (covering ``count`` instances up to stream ``seq``) was announced.
+def mark_completed(st: StudyState, gen: int, seq: int, count: int) -> StudyState | None:
+    """The state once generation ``gen`` (covering the stream up to ``seq``, ``count`` instances) was announced.
 
-    None when another member already recorded it. Instances that arrived between the decision and
-    now were not covered: the study re-opens at once so they get their own ``study.updated``.
+    None when another member already recorded it. Instances handled between the decision and now
+    were not covered: the study re-opens at once so they get their own ``study.updated``.
     """
     if st.completed_gen >= gen:
         return None
@@ -157,7 +164,33 @@ def mark_completed(st: StudyState, gen: int, count: int, seq: int) -> StudyState
     out.completed_gen = gen
     out.count_at_complete = count
     out.seq_at_complete = max(out.seq_at_complete, seq)
-    if out.count > count:
+    if out.max_seq > seq:
         out.gen = gen + 1
         out.gen_started = out.last_arrival
     return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The exact content of a study, recounted from its instance events."""
+
+    instances: int
+    series: dict[str, SeriesState]
+    last_seq: int
+
+
+def summarize(items: Iterable[tuple[int, str, str, str, str, str]]) -> Summary:
+    """Count (seq, series UID, SOP UID, digest, series description, modality) items, each instance once."""
+    seen: set[tuple[str, str]] = set()
+    series: dict[str, SeriesState] = {}
+    last = 0
+    for seq, series_uid, sop, digest, desc, modality in items:
+        last = max(last, seq)
+        if (sop, digest) in seen:
+            continue
+        seen.add((sop, digest))
+        s = series.setdefault(series_uid, SeriesState())
+        s.n += 1
+        s.description = s.description or desc
+        s.modality = s.modality or modality
+    return Summary(len(seen), series, last)

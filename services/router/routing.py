@@ -30,7 +30,7 @@ from shared.telemetry import extract_context
 
 from . import metrics
 from .assignment import choose
-from .completion import Arrival, Decision, StudyState, due, mark_completed, record_arrival
+from .completion import Arrival, Decision, StudyState, Summary, due, mark_completed, record_arrival, summarize
 from .history import study_events
 from .rules import Rule, RuleSet, completion_for, facts_of
 from .state import Assignments, Health, StudyBook
@@ -217,24 +217,30 @@ class Router:
         with tracer.start_as_current_span("router.complete") as span:
             span.set_attribute("dicom.study_uid", study_uid)
             span.set_attribute("router.generation", st.gen)
-            if st.on_complete and not decision.discard:
-                await self._forward_on_complete(st)
-            event = self._complete_event(st, decision)
+            summary = await self._recount_and_forward(st, forward=st.on_complete and not decision.discard)
+            event = self._complete_event(st, decision, summary)
             kind = "complete" if st.gen == 1 else "updated"
             subject = rs.study_complete(study_uid) if kind == "complete" else rs.study_updated(study_uid)
             ack = await publish_event(self.js, subject, event, event.msg_id(), self.timeout)
-            gen, count, seq = st.gen, st.count, st.max_seq
-            await self.book.update(study_uid, lambda s: mark_completed(s, gen, count, seq) if s else None)
+            gen, seq = st.gen, max(st.max_seq, summary.last_seq)
+            await self.book.update(study_uid, lambda s: mark_completed(s, gen, seq, summary.instances) if s else None)
             if not ack.duplicate:
                 metrics.studies_completed.labels(kind, decision.reason).inc()
-                log.info("study %s %s (generation %d, %d instances, %s)", study_uid, kind, gen, count, decision.reason)
+                log.info("study %s %s (generation %d, %d instances, %s)", study_uid, kind, gen, summary.instances,
+                         decision.reason)
             return 0 if ack.duplicate else 1
 
-    async def _forward_on_complete(self, st: StudyState) -> None:
+    async def _recount_and_forward(self, st: StudyState, forward: bool) -> Summary:
+        """Recount the study from its instance events; queue the on-complete forwards of those not yet covered."""
+        items = []
         n = 0
         routed: dict[str, tuple[str, str]] = {}
-        async for _, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
-                                           st.study_uid, st.seq_at_complete):
+        async for seq, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
+                                             st.study_uid):
+            t = event.tags
+            items.append((seq, t.series_uid, t.sop_uid, event.digest, t.series_description, t.modality))
+            if not forward or seq <= st.seq_at_complete:
+                continue
             for rule in self._forwarding(event, "complete"):
                 for dest in rule.to:
                     target, group = await self.enqueue(dest, rule.name, event)
@@ -243,13 +249,15 @@ class Router:
         for target, (group, rule) in routed.items():
             if target not in st.targets:  # announced once; the same Nats-Msg-Id absorbs a repeat
                 await self.announce_routed(st.study_uid, target, group, rule)
-        log.info("study %s: %d on-complete forwards queued", st.study_uid, n)
+        if forward:
+            log.info("study %s: %d on-complete forwards queued", st.study_uid, n)
+        return summarize(items)
 
-    def _complete_event(self, st: StudyState, decision: Decision) -> StudyComplete:
-        series = [SeriesSummary(series_uid=uid, instances=s.n, description=s.description, modality=s.modality)
-                  for uid, s in st.series.items()]
+    def _complete_event(self, st: StudyState, decision: Decision, summary: Summary) -> StudyComplete:
+        series = [SeriesSummary(series_uid=uid, instances=x.n, description=x.description, modality=x.modality)
+                  for uid, x in summary.series.items()]
         return StudyComplete(study_uid=st.study_uid, generation=st.gen, reason=decision.reason,
-                             incomplete=decision.incomplete, discarded=decision.discard, instances=st.count,
+                             incomplete=decision.incomplete, discarded=decision.discard, instances=summary.instances,
                              series=series, patient_id=st.patient_id, accession_number=st.accession_number,
                              calling_ae=st.calling_ae, institution_name=st.institution_name,
                              first_arrival=_ts(st.first_arrival), last_arrival=_ts(st.last_arrival),

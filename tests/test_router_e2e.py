@@ -371,3 +371,27 @@ def test_stow_rs_target_receives_the_study_byte_identical(tmp_path, cluster_fact
                  what="study.routed")
     finally:
         stow.close()
+
+
+def test_member_removed_from_group_study_moves_whole(tmp_path, cluster_factory, gateways):
+    gws = gateways("GW1", "GW2")
+    cluster = cluster_factory({**_group(gws, load_bound=0), "completion": {"quiet_s": 30}})
+    cluster.start_ingest()
+    cluster.start_router()
+    studies = make_studies(tmp_path / "studies", 1, 4, pick=lambda uid: choose(uid, {"GW1": 1, "GW2": 1}) == "GW1")
+    (uid, files), = studies.items()
+    sop_of = _sops(studies)
+    first, second = split_folder(files, tmp_path / "pieces", 2)
+    cluster.send([first])
+    wait_for(lambda: len(gws[0].received()) == 2, 60, what="first half at GW1")
+    del cluster.tree["router"]["groups"]["gateways"]["members"]["GW1"]  # GW1 stays a target, leaves the group
+    cluster.write()
+    wait_for(lambda: "reloaded" in (tmp_path / "router-0.log").read_text(), 30, what="the router reloaded")
+    cluster.send([second])
+    try:
+        wait_for(lambda: where(gws, studies, sop_of)[uid].get("GW2") == 4, 60, interval=0.3, what="whole at GW2")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    _assert_whole_and_identical([gws[1]], studies, sop_of)
+    assert assigned(cluster.nats_url) == {uid: "GW2"}

@@ -137,13 +137,22 @@ class Router:
     async def assign(self, group: str, study_uid: str) -> str:
         """The study's member of ``group``: the recorded one, or a new sticky choice among healthy members."""
         current, _ = await self.assignments.get(group, study_uid)
-        if current:
-            return current
         gcfg = self.config.router.groups[group]
         members = gcfg.members
+        if current and current in members:
+            return current
         healthy = [t for t in members if await self.health.is_up(t)]
         choice = choose(study_uid, members, healthy, loads=self.open_loads(members), bound=gcfg.load_bound)
         assert choice is not None  # a group has at least one member (validated)
+        if current:
+            # Its member left the group (a reload): the whole study moves, never half of it.
+            target, moved = await self.assignments.move(group, study_uid, current, choice)
+            if moved:
+                n = await self.resend_study(study_uid, group, target)
+                log.warning("study %s: %s left group %s; moved whole to %s (%d instances)", study_uid, current,
+                            group, target, n)
+                await self.announce_routed(study_uid, target, group, "", moved_from=current)
+            return target
         target, mine = await self.assignments.claim(group, study_uid, choice)
         if mine:
             metrics.assignments.labels(group, target).inc()

@@ -9,6 +9,7 @@ Every field's description is the reference documentation (``dicomflow config sho
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -349,8 +350,22 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         raise ConfigError("\n".join(lines)) from exc
 
 
+def _model_of_mapping(ann: object) -> type[BaseModel] | None:
+    """The value model of a ``dict[str, Model]`` annotation (also inside ``| None``), else None."""
+    for candidate in (ann, *typing.get_args(ann)):
+        if typing.get_origin(candidate) is dict:
+            value = typing.get_args(candidate)[1]
+            if isinstance(value, type) and issubclass(value, BaseModel):
+                return value
+    return None
+
+
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every setting: the configuration reference."""
+    """(dotted key, default, description) for every setting: the configuration reference.
+
+    A mapping of named sections (``dict[str, Model]``, e.g. storage backends or router targets) is
+    listed once itself and then with ``<name>`` standing for each key.
+    """
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -358,10 +373,20 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe(ann, key + "."))
             continue
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            default = default.model_dump()
-        elif isinstance(default, dict):
-            default = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()}
-        rows.append((key, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."), field.description or ""))
+        value_model = _model_of_mapping(ann)
+        if field.is_required():
+            shown = "(required)"
+        elif value_model is not None:
+            # Each entry is described field by field below; here only which entries exist by default.
+            shown = "{" + ", ".join(field.get_default(call_default_factory=True) or {}) + "}"
+        else:
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            elif isinstance(default, dict):
+                default = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()}
+            shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+        rows.append((key, shown, field.description or ""))
+        if value_model is not None:
+            rows.extend(describe(value_model, f"{key}.<name>."))
     return rows

@@ -46,3 +46,11 @@ def test_every_setting_is_documented():
     assert len(rows) > 30
     undocumented = [key for key, _, doc in rows if not doc.strip()]
     assert undocumented == []
+
+
+def test_configuration_reference_document_is_current():
+    from dicomflow.docs import render
+    from tests.helpers import REPO
+
+    assert (REPO / "docs" / "configuration.md").read_text() == render(), \
+        "docs/configuration.md is stale: run `.venv/bin/python -m dicomflow.docs > docs/configuration.md`"

@@ -93,3 +93,32 @@ def test_index_is_idempotent_on_sop_and_digest(tmp_path):
     [study] = index.studies()
     assert (study["study_uid"], study["instances"], study["series"]) == ("1.2.3", 2, 1)
     assert [r["digest"] for r in index.instances("1.2.3")] == ["b" * 64, "c" * 64]
+
+
+def test_group_commit_batches_concurrent_records_and_keeps_outcomes(tmp_path):
+    from services.store.index import GroupCommit
+
+    index = Index(tmp_path / "i.sqlite")
+    commits = GroupCommit(index)
+    calls = []
+    original = index.record_batch
+
+    def counting(items):
+        calls.append(len(items))
+        return original(items)
+
+    index.record_batch = counting
+    now = utcnow().isoformat()
+
+    async def go():
+        first = await asyncio.gather(*(commits.record(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)
+                                       for i in range(50)))
+        again = await asyncio.gather(*(commits.record(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)
+                                       for i in range(50)))
+        return first, again
+
+    first, again = asyncio.run(go())
+    assert [r.outcome for r in first] == ["new"] * 50
+    assert [r.outcome for r in again] == ["same"] * 50
+    assert index.count() == 50
+    assert sum(calls) == 100 and len(calls) < 100  # rows shared transactions

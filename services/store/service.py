@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 from shared.bus import connect, ensure_streams
 from shared.config import Config
@@ -30,6 +31,9 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     """
     setup_tracing("store", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    # Placement writes block one thread each; the default pool (cores + 4) would cap concurrent object
+    # writes well below the RADOS aio window and the number of partitions handled at once.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="store-io"))
     member = default_member_name(GROUP)
     nc = await connect(config, f"dicomflow-store-{member}")
     await ensure_streams(nc, config)

@@ -24,7 +24,7 @@ from shared.objectstore import Backends
 from shared.telemetry import extract_context
 
 from . import metrics, rados_index
-from .index import Index
+from .index import GroupCommit, Index
 from .placement import choose_policy, placements_of
 
 log = logging.getLogger("dicomflow.store")
@@ -39,6 +39,7 @@ class Storer:
         self.js = js
         self.backends = backends
         self.index = index
+        self._commits = GroupCommit(index)
 
     def place(self, event: InstanceReceived, placements: list[str]) -> None:
         """Make sure every placement holds the object (blocking; run in a thread)."""
@@ -94,7 +95,7 @@ class Storer:
             except Exception:
                 metrics.failures.labels("rados_index").inc()
                 raise
-            recorded = await asyncio.to_thread(self.index.record, event, policy, placements, stored_at.isoformat())
+            recorded = await self._commits.record(event, policy, placements, stored_at.isoformat())
             metrics.index_seconds.observe(time.perf_counter() - t0)
             metrics.instances.labels(recorded.outcome).inc()
             stored = InstanceStored(tags=t, transfer_syntax_uid=event.transfer_syntax_uid, digest=event.digest,

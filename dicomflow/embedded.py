@@ -23,6 +23,9 @@ from shared.natsserver import NatsServer, wait_port
 
 log = logging.getLogger("dicomflow.run")
 
+# Scheduling niceness of every service but the ingest (see run()).
+BACKGROUND_NICE = 10
+
 # Offsets from telemetry.metrics_port for each service's /metrics, so they never collide.
 METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60}
 
@@ -37,9 +40,11 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     started: float = field(default=0.0)
+    nice: int = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = subprocess.Popen(self.argv, env=self.env,
+                                     preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
         self.started = time.monotonic()
 
 
@@ -81,6 +86,10 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         children.append(Child("router", [*base, "router", "--metrics-port", str(port)], env))
     _write_targets(data, config, mport)
     for c in children:
+        if c.name != "ingest":
+            # The modality waits for the ingest's answer; the rest works from the stream's backlog. On a
+            # saturated machine the consumers yield the CPU to the receivers (children inherit it).
+            c.nice = BACKGROUND_NICE
         c.start()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -10,6 +10,14 @@ from .config import BackendConfig
 from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileObjectStore:
     """Content-addressed objects in a directory; the embedded default's staging and storage."""
 
@@ -19,6 +27,10 @@ class FileObjectStore:
         self.root = root if root.is_absolute() else Path(data_dir) / root
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # Plain strings on the put path: pathlib costs more than the syscalls for small instances.
+        self._root = str(self.root)
+        self._tmp = str(self.tmp)
+        self._folders: set[str] = set()
 
     def path(self, digest: str) -> Path:
         """Where the object with ``digest`` lives."""
@@ -26,11 +38,13 @@ class FileObjectStore:
         return self.root / digest[:2] / digest[2:4] / digest
 
     def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
-        final = self.path(digest)
-        if final.exists():
+        check_digest(digest)
+        folder = f"{self._root}/{digest[:2]}/{digest[2:4]}"
+        final = f"{folder}/{digest}"
+        if os.path.exists(final):
             return  # content-addressed: the same key holds the same bytes
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{digest}.{uuid.uuid4().hex}"
+        created = [] if folder in self._folders else self._make_folder(folder)
+        tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -40,13 +54,35 @@ class FileObjectStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        # The rename is durable only once the directory entry is: fsync the parent.
-        dfd = os.open(final.parent, os.O_RDONLY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            os.replace(tmp, final)
+        except FileNotFoundError:  # the remembered folder was removed behind our back
+            self._folders.discard(folder)
+            created = self._make_folder(folder)
+            os.replace(tmp, final)
+        # The rename is durable only once the directory entry is: fsync the parent. A folder created
+        # for this object is durable once its own entry is: fsync its parent too. These come last, so
+        # on a journalling filesystem the file's fsync already committed the mkdirs and they are cheap.
+        _fsync_dir(folder)
+        for parent in created:
+            _fsync_dir(parent)
+
+    def _make_folder(self, folder: str) -> list[str]:
+        """Create a shard folder (and its parent); returns the directories whose entries must be fsynced.
+
+        Remembered, so later puts skip the syscalls. A folder that already existed may have been made
+        by another process that has not fsynced it yet, so its parents are synced on first use too.
+        """
+        created = []
+        for path in (os.path.dirname(folder), folder):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            created.append(os.path.dirname(path))
+        if len(self._folders) < 70_000:  # 65,536 shards at most
+            self._folders.add(folder)
+        return created[::-1]
 
     def get(self, digest: str) -> bytes:
         try:

@@ -90,3 +90,14 @@ def test_deflated_input_is_read_from_the_head_only(tmp_path):
     data = _encode(ds, DeflatedExplicitVRLittleEndian, tmp_path)
     assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)  # really deflated
     assert read_tags(data, DeflatedExplicitVRLittleEndian).sop_uid == ds.SOPInstanceUID
+
+
+def test_non_ascii_text_goes_through_the_character_set(tmp_path):
+    """ASCII values are read straight from the bytes; others are decoded by pydicom with the data set's charset."""
+    ds = ct_instance(new_uid(), new_uid(), 1, institution="Hôpital Général")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    tags = read_tags(_encode(ds, ExplicitVRLittleEndian, tmp_path), ExplicitVRLittleEndian)
+    assert tags.institution_name == "Hôpital Général"
+    ascii_tags = read_tags(_encode(ct_instance(new_uid(), new_uid(), 7), ImplicitVRLittleEndian, tmp_path),
+                           ImplicitVRLittleEndian)
+    assert (ascii_tags.institution_name, ascii_tags.instance_number, ascii_tags.modality) == ("General Hospital", 7, "CT")

@@ -227,7 +227,9 @@ def response(field_: int, message_id: int, status: int, sop_class: str, sop_inst
             _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)), _elem(0x0800, us(NO_DATA_SET)),
             _elem(0x0900, us(status))]
     if comment:
-        body.append(_elem(0x0902, _even(comment[:64], b" ")))
+        # LO: 64 characters, no backslash (the value delimiter) and no control characters.
+        text = "".join(c if " " <= c <= "~" and c != "\\" else "/" for c in comment[:64])
+        body.append(_elem(0x0902, _even(text, b" ")))
     if sop_instance:
         body.append(_elem(0x1000, _even(sop_instance, b"\0")))
     rest = b"".join(body)

@@ -36,6 +36,8 @@ _TAGS = {
 }
 _SPECIFIC = [Tag(t) for t in _TAGS.values()]
 _LAST = max(_TAGS.values())
+_CHARSET = 0x00080005
+_WANTED = frozenset(_TAGS.values()) | {_CHARSET}
 
 
 _VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
@@ -54,6 +56,7 @@ class _Walker:
         self.raw, self.implicit, self.partial = raw, implicit, partial
         self.o = "<" if little else ">"
         self.end = len(raw)
+        self.found: dict[int, bytes] = {}  # top-level routing tags met on the way: tag -> value bytes
 
     def fail(self, msg: str) -> None:
         raise Rejection(CANNOT_UNDERSTAND, msg)
@@ -78,7 +81,7 @@ class _Walker:
         (length,) = struct.unpack_from(self.o + "H", self.raw, pos + 6)
         return tag, vr, length, pos + 8
 
-    def elements(self, pos: int, stop_at_item_end: bool) -> int:
+    def elements(self, pos: int, stop_at_item_end: bool, top: bool = False) -> int:
         """Walk elements from ``pos``; returns the offset after them (or after the item delimiter)."""
         last = -1
         while pos < self.end:
@@ -98,6 +101,8 @@ class _Walker:
                     return self.end
                 self.fail(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes, "
                           f"{self.end - value} remain")
+            if top and tag in _WANTED:
+                self.found[tag] = self.raw[value: value + length]
             pos = value + length
         if stop_at_item_end:
             if self.partial:
@@ -125,14 +130,38 @@ class _Walker:
                 pos = value + length
 
 
-def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> None:
+def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> dict[int, bytes]:
     """Walk every element header of the data set and reject what is not well-formed DICOM.
 
     pydicom reads leniently (an element claiming more bytes than exist just gets what is left), so a
     truncated or garbage data set would otherwise pass as one with odd values. ``partial``: ``raw``
     is only the head of the data set (deflated input), running off its end is not an error.
+    Returns the raw values of the top-level routing tags (and Specific Character Set) it passed.
     """
-    _Walker(raw, implicit, little, partial).elements(0, stop_at_item_end=False)
+    walker = _Walker(raw, implicit, little, partial)
+    walker.elements(0, stop_at_item_end=False, top=True)
+    return walker.found
+
+
+def _ascii_values(found: dict[int, bytes]) -> dict[str, str] | None:
+    """The routing tags' text straight from the walked bytes, when every value is plain ASCII.
+
+    Anything else (another character set, a non-ASCII value) returns None and goes through pydicom,
+    which knows every character set; for ASCII both give the same text, without a Dataset.
+    """
+    charset = found.get(_CHARSET)
+    if charset is not None and charset.strip(b" \0") not in (b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192"):
+        return None
+    out = {}
+    for key, tag in _TAGS.items():
+        value = found.get(tag)
+        if value is None:
+            out[key] = ""
+            continue
+        if not value.isascii():
+            return None
+        out[key] = value.decode("ascii").replace("\0", " ").strip()[:256]
+    return out
 
 
 def _stop(tag, vr, length) -> bool:
@@ -149,8 +178,7 @@ def _text(ds, keyword: str) -> str:
     return str(value).strip()[:256]
 
 
-def _int(ds, keyword: str) -> int | None:
-    text = _text(ds, keyword)
+def _int(text: str) -> int | None:
     try:
         return int(float(text)) if text else None
     except ValueError:
@@ -170,9 +198,12 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
             raw = data if isinstance(data, bytes) else bytes(data)  # BytesIO(bytes) shares, no copy
         if not raw:
             raise Rejection(CANNOT_UNDERSTAND, "empty data set")
-        check_structure(raw, implicit, little, partial)
-        ds = read_dataset(io.BytesIO(raw), implicit, little, stop_when=_stop, specific_tags=_SPECIFIC)
-        values = {k: _text(ds, k) for k in _TAGS if k not in ("series_number", "instance_number")}
+        found = check_structure(raw, implicit, little, partial)
+        texts = None if partial else _ascii_values(found)
+        if texts is None:
+            ds = read_dataset(io.BytesIO(raw), implicit, little, stop_when=_stop, specific_tags=_SPECIFIC)
+            texts = {k: _text(ds, k) for k in _TAGS}
+        values = {k: v for k, v in texts.items() if k not in ("series_number", "instance_number")}
     except Rejection:
         raise
     except Exception as exc:  # pydicom raises many types for broken input; all mean "cannot parse"
@@ -183,5 +214,5 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
             values[key] = validate_uid(values[key] or None, name)
     except InvalidUID as exc:
         raise Rejection(INVALID_UID, str(exc)) from exc
-    return InstanceTags(**values, series_number=_int(ds, "series_number"),
-                        instance_number=_int(ds, "instance_number"))
+    return InstanceTags(**values, series_number=_int(texts["series_number"]),
+                        instance_number=_int(texts["instance_number"]))

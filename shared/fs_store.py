@@ -43,7 +43,7 @@ class FileObjectStore:
         final = f"{folder}/{digest}"
         if os.path.exists(final):
             return  # content-addressed: the same key holds the same bytes
-        created = [] if folder in self._folders else self._make_folder(folder)
+        created = [] if folder in self._folders else self._make_folder(folder)  # parents to fsync
         tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -62,10 +62,14 @@ class FileObjectStore:
             os.replace(tmp, final)
         # The rename is durable only once the directory entry is: fsync the parent. A folder created
         # for this object is durable once its own entry is: fsync its parent too. These come last, so
-        # on a journalling filesystem the file's fsync already committed the mkdirs and they are cheap.
+        # on a journalling filesystem the file's fsync already committed the mkdirs (a flush, no commit).
         _fsync_dir(folder)
         for parent in created:
             _fsync_dir(parent)
+        if created and len(self._folders) < 70_000:  # 256 + 65,536 shards at most
+            # Only now: another thread of this process may skip these fsyncs once the folder is known.
+            self._folders.add(os.path.dirname(folder))
+            self._folders.add(folder)
 
     def _make_folder(self, folder: str) -> list[str]:
         """Create a shard folder (and its parent); returns the directories whose entries must be fsynced.
@@ -75,13 +79,13 @@ class FileObjectStore:
         """
         created = []
         for path in (os.path.dirname(folder), folder):
+            if path in self._folders:
+                continue  # made durable by an earlier put of this process
             try:
                 os.mkdir(path)
             except FileExistsError:
                 pass
             created.append(os.path.dirname(path))
-        if len(self._folders) < 70_000:  # 65,536 shards at most
-            self._folders.add(folder)
         return created[::-1]
 
     def get(self, digest: str) -> bytes:

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
 from shared.objectstore import Backends, ObjectMissing
+from shared.part10 import part10
 from shared.uids import validate_uid
-
-
-def part10(data: bytes, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str) -> bytes:
-    """A DICOM Part-10 file: preamble, file meta information, then the data set bytes as stored."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    buf = io.BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    buf.write(data)
-    return buf.getvalue()
 
 
 def read_instance(backends: Backends, row: dict) -> bytes:

@@ -7,6 +7,7 @@ tokens (:func:`shared.uids.uid_token`).
 from __future__ import annotations
 
 from .config import StreamConfig
+from .subjects import stream_config
 from .uids import uid_token
 
 OUT_STREAM = "ROUTER_OUT"
@@ -23,7 +24,6 @@ STUDIES_BUCKET = "router-studies"
 ASSIGN_BUCKET = "router-assign"
 HEALTH_BUCKET = "router-health"
 
-NS = 1_000_000_000
 
 
 def forward_job(target: str, study_uid: str, sop_uid: str) -> str:
@@ -64,29 +64,9 @@ def forward_failed(target: str, study_uid: str) -> str:
 
 def out_stream_config(cfg: StreamConfig) -> dict:
     """The forward queues: a work queue, one non-overlapping consumer per target."""
-    return {
-        "name": OUT_STREAM,
-        "subjects": [f"{OUT_PREFIX}.>"],
-        "retention": "workqueue",
-        "storage": "file",
-        "num_replicas": cfg.replicas,
-        "duplicate_window": int(cfg.duplicate_window_s * NS),
-        "max_age": int(cfg.max_age_days * 86400 * NS),
-        "max_msg_size": 65536,
-        "discard": "old",
-    }
+    return stream_config(OUT_STREAM, [f"{OUT_PREFIX}.>"], cfg, cfg.max_age_days, retention="workqueue")
 
 
 def dlq_stream_config(cfg: StreamConfig) -> dict:
     """The dead-letter stream: kept until replayed (deleted then) or aged out with the events."""
-    return {
-        "name": DLQ_STREAM,
-        "subjects": [f"{DLQ_PREFIX}.>"],
-        "retention": "limits",
-        "storage": "file",
-        "num_replicas": cfg.replicas,
-        "duplicate_window": int(cfg.duplicate_window_s * NS),
-        "max_age": int(cfg.events_max_age_days * 86400 * NS),
-        "max_msg_size": 65536,
-        "discard": "old",
-    }
+    return stream_config(DLQ_STREAM, [f"{DLQ_PREFIX}.>"], cfg, cfg.events_max_age_days)

@@ -42,35 +42,34 @@ def instance_rejected(study_uid: str, sop_uid: str) -> str:
     return f"{REJECTED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
 
 
-def instance_stream_config(cfg: StreamConfig) -> dict:
-    """Raw JetStream config of the partitioned instance stream (the server's partition() does the hashing)."""
+def stream_config(name: str, subjects: list[str], cfg: StreamConfig, max_age_days: float,
+                  retention: str = "limits", **extra) -> dict:
+    """Raw JetStream config of one of our streams: file storage, events of at most 64 KiB (claim-checks,
+    never instance bytes), replicas and de-duplication window from the configuration."""
     return {
-        "name": cfg.name,
-        "subjects": [f"{IN_PREFIX}.*.*"],
-        "subject_transform": {
-            "src": f"{IN_PREFIX}.*.*",
-            "dest": f"{PART_PREFIX}.{{{{partition({cfg.partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
-        },
-        "retention": "limits",
+        "name": name,
+        "subjects": subjects,
+        **extra,
+        "retention": retention,
         "storage": "file",
         "num_replicas": cfg.replicas,
         "duplicate_window": int(cfg.duplicate_window_s * NS),
-        "max_age": int(cfg.max_age_days * 86400 * NS),
+        "max_age": int(max_age_days * 86400 * NS),
         "max_msg_size": 65536,
         "discard": "old",
     }
+
+
+def instance_stream_config(cfg: StreamConfig) -> dict:
+    """Raw JetStream config of the partitioned instance stream (the server's partition() does the hashing)."""
+    return stream_config(cfg.name, [f"{IN_PREFIX}.*.*"], cfg, cfg.max_age_days, subject_transform={
+        "src": f"{IN_PREFIX}.*.*",
+        "dest": f"{PART_PREFIX}.{{{{partition({cfg.partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+    })
 
 
 def events_stream_config(cfg: StreamConfig) -> dict:
     """Raw JetStream config of the integration events stream."""
-    return {
-        "name": cfg.events_name,
-        "subjects": [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>"],
-        "retention": "limits",
-        "storage": "file",
-        "num_replicas": cfg.replicas,
-        "duplicate_window": int(cfg.duplicate_window_s * NS),
-        "max_age": int(cfg.events_max_age_days * 86400 * NS),
-        "max_msg_size": 65536,
-        "discard": "old",
-    }
+    return stream_config(cfg.events_name,
+                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>"],
+                         cfg, cfg.events_max_age_days)

@@ -10,9 +10,9 @@ import blake3
 import nats
 import pytest
 
-from dicomflow.export import part10
 from dicomflow.synthetic import write_study
 from shared.jetstream_raw import api
+from shared.part10 import part10
 from tests.helpers import dataset_bytes, scu_send, start_nats, wait_for
 
 

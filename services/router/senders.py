@@ -22,11 +22,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
 from shared.config import TargetConfig
+from shared.part10 import part10
 from shared.routing_events import ForwardJob
 from shared.uids import validate_uid
 
@@ -37,27 +34,13 @@ class SendError(Exception):
     """The target did not accept the batch (connection refused, rejected, failure status, timeout)."""
 
 
-def part10(data: bytes, job: ForwardJob) -> bytes:
-    """A Part-10 file around the data set bytes as received: preamble, file meta, then the bytes unchanged."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = job.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = job.sop_uid
-    meta.TransferSyntaxUID = job.transfer_syntax_uid
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    buf = io.BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    buf.write(data)
-    return buf.getvalue()
-
-
 def send_dicom(target: TargetConfig, calling_ae: str, batch: Batch) -> None:
     """C-STORE every instance over one association with dcmtk storescu."""
     with tempfile.TemporaryDirectory(prefix="dicomflow-fwd-") as tmp:
         files = []
         for job, data in batch:
             path = Path(tmp) / f"{validate_uid(job.sop_uid, 'SOPInstanceUID')}.dcm"
-            path.write_bytes(part10(data, job))
+            path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
             files.append(str(path))
         t = str(max(1, int(target.timeout_s)))
         argv = ["storescu", "-R", "-aet", calling_ae, "-aec", target.ae_title, "-to", t, "-ta", t, "-td", t]
@@ -81,7 +64,7 @@ def send_stow(target: TargetConfig, calling_ae: str, batch: Batch) -> None:
     body = io.BytesIO()
     for job, data in batch:
         body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        body.write(part10(data, job))
+        body.write(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
         body.write(b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     req = urllib.request.Request(target.url.rstrip("/") + "/studies", data=body.getvalue(), method="POST", headers={

@@ -10,7 +10,8 @@ files each). Receivers, each started fresh for every pass so nothing is a duplic
   only ports and directories set.
 
 Data sets: ``ct512`` (300 CT instances, 512x512 16-bit, ~0.5 MiB each) and ``small64`` (2,000
-instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes.
+instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes. Timing
+starts once the receiver's processes are idle (start-up work such as JetStream consumers is done).
 
 storescp and Orthanc cannot bind to loopback only, so as root the whole benchmark re-runs itself
 in a private network namespace (``unshare -n``, only ``lo`` up). The machine may be shared: the
@@ -98,6 +99,19 @@ def send(files: list[Path], port: int, aec: str, assocs: int) -> float:
     return elapsed
 
 
+def _session_cpu(sid: int) -> float:
+    """CPU seconds used so far by every process of session ``sid``."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the command: state, ppid, pgrp, session, ...
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Receiver:
     """A receiver started fresh in its own directory; ``count()`` says how many instances it holds."""
 
@@ -116,6 +130,17 @@ class Receiver:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the receiver's processes are idle (start-up work done: streams, consumers, indexes)."""
+        deadline = time.monotonic() + timeout
+        last = _session_cpu(self.proc.pid)
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = _session_cpu(self.proc.pid)
+            if now - last < 0.05:  # under 10% of one core
+                return
+            last = now
 
     def _popen(self, argv: list[str], **kw) -> None:
         self.proc = subprocess.Popen(argv, stdout=open(self.work / "log", "ab"), stderr=subprocess.STDOUT,
@@ -205,6 +230,7 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
            "orthanc": lambda: Orthanc(work)}[kind]()
     try:
         rcv.start()
+        rcv.settle()
         elapsed = send(files, rcv.port, rcv.aec, assocs)
         got = rcv.count()
         if got != len(files):

@@ -31,6 +31,7 @@ class FileObjectStore:
         self._root = str(self.root)
         self._tmp = str(self.tmp)
         self._folders: set[str] = set()
+        self._make_top_folders()
 
     def path(self, digest: str) -> Path:
         """Where the object with ``digest`` lives."""
@@ -70,6 +71,19 @@ class FileObjectStore:
             # Only now: another thread of this process may skip these fsyncs once the folder is known.
             self._folders.add(os.path.dirname(folder))
             self._folders.add(folder)
+
+    def _make_top_folders(self) -> None:
+        """The 256 first-level folders, made once and durably, so puts only ever create the second level."""
+        made = False
+        for i in range(256):
+            try:
+                os.mkdir(f"{self._root}/{i:02x}")
+                made = True
+            except FileExistsError:
+                pass
+        if made:
+            _fsync_dir(self._root)
+        self._folders.update(f"{self._root}/{i:02x}" for i in range(256))
 
     def _make_folder(self, folder: str) -> list[str]:
         """Create a shard folder (and its parent); returns the directories whose entries must be fsynced.

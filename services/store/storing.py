@@ -20,7 +20,7 @@ from shared import subjects
 from shared.bus import publish_event
 from shared.config import Config
 from shared.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
-from shared.objectstore import Backends
+from shared.objectstore import Backends, ObjectMissing
 from shared.telemetry import extract_context
 
 from . import metrics, rados_index
@@ -46,8 +46,13 @@ class Storer:
         data = None
         for name in placements:
             backend = self.backends.get(name)
-            if backend.exists(event.digest):
+            if name == event.backend:
+                # The claim-check itself: the ingest made it durable there; only confirm it is present.
+                if not backend.exists(event.digest):
+                    raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
                 continue
+            # No exists() first: put is idempotent, and each backend knows whether a rewrite or a check is
+            # cheaper (a stat is a synchronous round trip to an OSD per object).
             if data is None:
                 data = self.backends.get(event.backend).get(event.digest)  # verifies the digest
             backend.put(event.digest, data, {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,

@@ -188,6 +188,13 @@ class Dicomflow(Receiver):
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # nats-server runs in a session of its own: after a forced stop, end what still names our directory.
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(self.work).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
 
     def count(self) -> int:
         return count_files(self.data / "objects", skip="tmp")

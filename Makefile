@@ -11,25 +11,31 @@ RUN_DEBS  := dcmtk
 TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose
 BENCH_DEBS := dcmtk orthanc
 
-.PHONY: run test lint bench-ingest venv rados-link debs-run debs-test debs-bench clean
+.PHONY: run test lint bench-ingest venv venv-test rados-link debs-run debs-test debs-bench clean
 
 run: debs-run venv
 	$(BIN)/dicomflow run $(ARGS)
 
-test: debs-test venv rados-link
+test: debs-test venv-test rados-link
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(ARGS)
 
-lint: venv
+lint: venv-test
 	$(BIN)/ruff check .
 
 bench-ingest: debs-bench venv
 	$(BIN)/python bench/ingest.py
 
 venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
 
+# `make run` installs only what the services need; `make test` adds the test tools.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 

@@ -44,7 +44,7 @@ from shared.natsserver import free_port, wait_port  # noqa: E402
 
 DATASETS = {"ct512": (300, 512, 1), "small64": (2000, 64, 10)}  # instances, rows=cols, studies
 ASSOCS = (1, 4)
-RECEIVERS = ("dicomflow", "storescp", "orthanc")
+RECEIVERS = ("dicomflow", "dicomflow-pynetdicom", "storescp", "orthanc")
 NETNS_FLAG = "DICOMFLOW_BENCH_NETNS"
 SEND_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -150,10 +150,10 @@ class Receiver:
 class Dicomflow(Receiver):
     aec = "DICOMFLOW"
 
-    def __init__(self, work: Path, workers: int | None):
+    def __init__(self, work: Path, workers: int | None, engine: str = "lean"):
         super().__init__(work)
         self.data = work / "data"
-        ingest = {"port": self.port, "host": "127.0.0.1"}
+        ingest = {"port": self.port, "host": "127.0.0.1", "engine": engine}
         if workers:
             ingest["workers"] = workers
         self.tree = {"data_dir": str(self.data), "nats": {"port": free_port(), "monitor_port": 0},
@@ -233,7 +233,9 @@ class Orthanc(Receiver):
 def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: int | None) -> float:
     """Start a fresh receiver, send, check every instance arrived, stop; returns instances/s."""
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
-    rcv = {"dicomflow": lambda: Dicomflow(work, workers), "storescp": lambda: Storescp(work),
+    rcv = {"dicomflow": lambda: Dicomflow(work, workers),
+           "dicomflow-pynetdicom": lambda: Dicomflow(work, workers, engine="pynetdicom"),
+           "storescp": lambda: Storescp(work),
            "orthanc": lambda: Orthanc(work)}[kind]()
     try:
         rcv.start()
@@ -287,7 +289,7 @@ def main() -> int:
     print(f"\n{'row':<12} " + " ".join(f"{r:>10}" for r in receivers) + "  vs_orthanc vs_storescp")
     for key, row in rows.items():
         ratios = {}
-        for peer in ("orthanc", "storescp"):
+        for peer in ("orthanc", "storescp", "dicomflow-pynetdicom"):
             if "dicomflow" in row and peer in row and row[peer]:
                 ratios[f"vs_{peer}"] = round(row["dicomflow"] / row[peer], 2)
         row.update(ratios)

@@ -43,6 +43,7 @@ class IngestConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the DICOM SCP binds to. 0.0.0.0 for every interface.")
     port: int = Field(11112, description="DICOM port.")
     ae_title: str = Field("DICOMFLOW", max_length=16, description="Called AE title the SCP answers to.")
+    engine: Literal["lean", "pynetdicom"] = Field("lean", description="DICOM protocol engine of the SCP. lean: dicomflow's own upper layer for C-STORE/C-ECHO (one blocking thread per association; 1.3-2x the rate of the pynetdicom engine in bench/ingest.py). pynetdicom: pynetdicom's acceptor, for peers that need negotiation the lean engine does not do (it accepts and ignores user identity, role selection and extended negotiation).")
     workers: int = Field(2, ge=1, le=64, description="Receiver processes sharing the port (SO_REUSEPORT; the kernel hashes each association to one of them): Python receivers scale with processes, not threads. 2 measured best on 2 cores (bench/ingest.py: 4 were 15-35% slower); about one per core.")
     allowed_calling_aes: list[str] = Field(default_factory=list, description="Calling AE titles allowed to associate. Empty: any. Others are rejected at association (reason: calling AE not recognised).")
     max_instance_bytes: int = Field(4 * 1024**3, gt=0, description="Largest instance accepted; larger ones get 0xC003 and are not stored.")

@@ -27,8 +27,9 @@ def _stream_messages(url: str, stream: str, subject: str | None = None) -> int:
     return asyncio.run(go())
 
 
-def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory):
-    stack = stack_factory(nats_server.url)
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory, engine):
+    stack = stack_factory(nats_server.url, ingest={"engine": engine})
     study_uid, files = write_study(tmp_path / "study", 50, rows=128, cols=128)
     res = stack.storescu(tmp_path / "study")
     assert res.returncode == 0, res.stderr
@@ -110,12 +111,13 @@ def _raw_file(path, body: bytes, sop_uid: str, ts: str = "1.2.840.10008.1.2.1"):
     return path
 
 
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 @pytest.mark.parametrize("case", ["garbage", "truncated", "no_study_uid", "dotdot_uid", "star_uid", "sop_mismatch"])
-def test_bad_input_is_refused_and_nothing_stored(tmp_path, nats_server, stack_factory, case):
+def test_bad_input_is_refused_and_nothing_stored(tmp_path, nats_server, stack_factory, case, engine):
     from pydicom import dcmread
     from pynetdicom import _config
 
-    stack = stack_factory(nats_server.url)
+    stack = stack_factory(nats_server.url, ingest={"engine": engine})
     _, files = write_study(tmp_path / "s", 1)
     ds = dcmread(files[0])
     expected = {"garbage": 0xC000, "truncated": 0xC000, "no_study_uid": 0xC001, "dotdot_uid": 0xC001,

@@ -65,8 +65,12 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     backends = Backends(config)
     intake = Intake(backends.get(config.storage.staging), publish, config.ingest.max_instance_bytes)
     ing = config.ingest
-    server = start_scp(intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations,
-                       ing.network_timeout_s, ing.allowed_calling_aes)
+    if ing.engine == "pynetdicom":
+        from .scp_pynetdicom import start_scp as start_engine
+    else:
+        start_engine = start_scp
+    server = start_engine(intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations,
+                          ing.network_timeout_s, ing.allowed_calling_aes)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: nc.is_connected)

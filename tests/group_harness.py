@@ -240,14 +240,3 @@ def analyse(workers: list[Worker]) -> Analysis:
     for calls in by_study.values():
         res.study_overlaps.extend((a, b) for a, b in _overlaps(calls) if a.member != b.member)
     return res
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -33,8 +33,8 @@ from tests.group_harness import (
     recorded_sops,
     sop_names,
     start_worker,
-    wait_until,
 )
+from tests.helpers import wait_for
 from tests.nats_cluster import NatsCluster
 
 PARTITIONS = 8
@@ -65,23 +65,23 @@ def _churn(tmp, url: str, replicas: int, studies: int, instances: int, rate: flo
     try:
         w1, w2 = (start_worker(tmp, url, m, *extra) for m in ("w1", "w2"))
         workers += [w1, w2]
-        wait_until(lambda: w1.ready() and w2.ready(), 60, "two members to join")
+        wait_for(lambda: w1.ready() and w2.ready(), 60, what="two members to join")
         items = sop_names(studies, instances)
         total = len(items)
         pub = Publisher(url, items, rate)
         pub.start()
-        wait_until(lambda: recorded_count(db) >= total * 0.15, 120, "15% recorded")
+        wait_for(lambda: recorded_count(db) >= total * 0.15, 120, what="15% recorded")
         w3 = start_worker(tmp, url, "w3", *extra)
         workers.append(w3)
-        wait_until(w3.ready, 60, "w3 to join")
-        wait_until(lambda: recorded_count(db) >= total * 0.4, 120, "40% recorded")
+        wait_for(w3.ready, 60, what="w3 to join")
+        wait_for(lambda: recorded_count(db) >= total * 0.4, 120, what="40% recorded")
         w2.kill9()
-        wait_until(lambda: recorded_count(db) >= total * 0.65, 120, "65% recorded")
+        wait_for(lambda: recorded_count(db) >= total * 0.65, 120, what="65% recorded")
         assert w3.sigterm(60) == 0
         pub.join(180)
         assert not pub.is_alive() and pub.error is None, pub.error
         assert len(pub.acked) == total
-        wait_until(lambda: recorded_count(db) >= total, 120, "every instance recorded", interval=0.5)
+        wait_for(lambda: recorded_count(db) >= total, 120, interval=0.5, what="every instance recorded")
         assert w1.sigterm(60) == 0
         a = _assert_sound(workers, pub.acked, db)
         # Each member really took part, and membership changes moved studies sequentially.
@@ -144,7 +144,7 @@ def test_status_shows_members_owned_partitions_and_pins(tmp_path, nats_server):
     extra = ["--partitions", str(PARTITIONS), "--group", "store", *TIMINGS]
     workers = [start_worker(tmp_path, nats_server.url, m, *extra) for m in ("s1", "s2")]
     try:
-        wait_until(lambda: all(w.ready() for w in workers), 60, "members to join")
+        wait_for(lambda: all(w.ready() for w in workers), 60, what="members to join")
         from tests.group_harness import Publisher as Pub
         pub = Pub(nats_server.url, sop_names(8, 4), rate=500)
         pub.run()
@@ -166,7 +166,7 @@ def test_status_shows_members_owned_partitions_and_pins(tmp_path, nats_server):
             if sorted(owned) != list(range(PARTITIONS)) or g["lag"]:
                 return None
             return st
-        st = wait_until(settled, 60, "status to show both members owning every partition, lag 0", interval=0.5)
+        st = wait_for(settled, 60, interval=0.5, what="status to show both members owning every partition, lag 0")
         g = st["groups"]["store"]
         assert "member s1" in format_text(st) and "member s2" in format_text(st)
         # The command a user runs shows the same.
@@ -205,18 +205,18 @@ def test_stream_leader_kill_loses_nothing_acknowledged(tmp_path, cluster):
     extra = ["--partitions", str(PARTITIONS), "--replicas", "3", "--db", str(db), "--delay", "0.002", *TIMINGS]
     workers = [start_worker(tmp_path, cluster.url, m, *extra) for m in ("w1", "w2")]
     try:
-        wait_until(lambda: all(w.ready() for w in workers), 60, "two members to join")
+        wait_for(lambda: all(w.ready() for w in workers), 60, what="two members to join")
         items = sop_names(60, 20)
         pub = Publisher(cluster.url, items, rate=150)
         pub.start()
-        wait_until(lambda: recorded_count(db) >= len(items) * 0.3, 120, "30% recorded")
+        wait_for(lambda: recorded_count(db) >= len(items) * 0.3, 120, what="30% recorded")
         leader = cluster.stream_leader("DICOM")
         cluster.by_name(leader).kill()
         pub.join(240)
         assert not pub.is_alive() and pub.error is None, pub.error
         assert len(pub.acked) == len(items)
-        wait_until(lambda: recorded_count(db) >= len(items), 180, "every acknowledged instance recorded",
-                   interval=0.5)
+        wait_for(lambda: recorded_count(db) >= len(items), 180, what="every acknowledged instance recorded",
+                 interval=0.5)
         for w in workers:
             assert w.sigterm(60) == 0
         _assert_sound(workers, pub.acked, db)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from shared.bus import connect, ensure_streams
 from shared.config import Config
+from shared.lifecycle import stop_on_signals
 from shared.telemetry import add_health_check, start_metrics
 
 from . import metrics
@@ -136,12 +136,7 @@ async def serve(config: Config, actuator: Actuator, metrics_port: int | None = N
     add_health_check("nats", lambda: nc.is_connected)
     scaler = Autoscaler(config, actuator, on_decision)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests, benchmarks)
-            pass
+    stop_on_signals(stop)
     log.info("autoscaler: groups %s every %.1f s%s", sorted(scaler.groups), config.autoscaler.interval_s,
              " (dry run)" if isinstance(actuator, DryRun) else "")
     decisions: list[Decision] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from shared.bus import connect, ensure_streams
 from shared.config import Config, ConfigError
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.jetstream_raw import ensure_stream
+from shared.lifecycle import stop_on_signals
 from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
@@ -173,12 +173,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     stop = stop or asyncio.Event()
     add_health_check("nats", lambda: service.nc.is_connected)
     add_health_check("group_member", lambda: not stop.is_set())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(stop)
     t0 = time.monotonic()
     await stop.wait()
     log.info("router member %s leaving after %.0fs: finishing in-flight work", service.member, time.monotonic() - t0)

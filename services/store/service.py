@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 from shared.bus import connect, ensure_streams
 from shared.config import Config
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
+from shared.lifecycle import stop_on_signals
 from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
@@ -51,12 +51,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     # Ready while connected and a group member; not ready from SIGTERM on (it is leaving the group).
     add_health_check("nats", lambda: nc.is_connected)
     add_health_check("group_member", lambda: not stop.is_set())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop_on_signals(stop)
     log.info("store member %s joined (%d partitions in the stream)", member, config.stream.partitions)
     await stop.wait()
     log.info("store member %s leaving: finishing in-flight work", member)

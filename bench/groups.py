@@ -33,8 +33,8 @@ from tests.group_harness import (  # noqa: E402
     create_stream,
     sop_names,
     start_worker,
-    wait_until,
 )
+from tests.helpers import wait_for  # noqa: E402
 
 TTL, HEARTBEAT, PINNED, ACK_WAIT = 2.0, 0.5, 3.0, 6.0
 TIMINGS = ["--ttl", str(TTL), "--heartbeat", str(HEARTBEAT), "--pinned", str(PINNED), "--ack-wait", str(ACK_WAIT)]
@@ -72,10 +72,10 @@ def throughput(tmp: Path, url: str, members: int, events: int, partitions: int) 
     ws = [start_worker(tmp, url, f"{group}m{i}", "--group", group, "--mode", "count", "--partitions",
                        str(partitions), "--gate", str(gate), *TIMINGS) for i in range(members)]
     try:
-        wait_until(lambda: all((tmp / f"{w.member}.log.ready").exists() for w in ws), 60, "members to join")
+        wait_for(lambda: all((tmp / f"{w.member}.log.ready").exists() for w in ws), 60, what="members to join")
         time.sleep(2 * HEARTBEAT + 0.5)  # every member has read the full membership
         gate.write_text("go")
-        wait_until(lambda: asyncio.run(_lag(url, group, partitions)) == 0, 300, f"{group} to drain", interval=0.5)
+        wait_for(lambda: asyncio.run(_lag(url, group, partitions)) == 0, 300, interval=0.5, what=f"{group} to drain")
         for w in ws:
             w.sigterm(60)
         summaries = [json.loads(w.log.read_text()) for w in ws]
@@ -99,13 +99,13 @@ def handovers(tmp: Path, url: str, partitions: int, rounds: int) -> dict:
     workers: list[Worker] = [a]
     sessions: list[tuple[str, Worker, float]] = []
     try:
-        wait_until(a.ready, 60, "A to join")
+        wait_for(a.ready, 60, what="A to join")
         pub.start()
         for kind in ["graceful"] * rounds + ["crash"] * rounds:
             b = start_worker(tmp, url, f"B{len(sessions)}", *extra)
             workers.append(b)
-            wait_until(b.ready, 60, f"{b.member} to join")
-            wait_until(lambda b=b: b.log.read_text().count("\nE ") > 50, 60, f"{b.member} to work")
+            wait_for(b.ready, 60, what=f"{b.member} to join")
+            wait_for(lambda b=b: b.log.read_text().count("\nE ") > 50, 60, what=f"{b.member} to work")
             time.sleep(1.0)
             t = time.monotonic()
             if kind == "graceful":
@@ -119,8 +119,8 @@ def handovers(tmp: Path, url: str, partitions: int, rounds: int) -> dict:
         pub.stop.set()
         pub.join(60)
         acked = set(pub.acked)
-        wait_until(lambda: acked <= analyse(workers).completed_sops(), 120, "every published event handled",
-                   interval=1.0)
+        wait_for(lambda: acked <= analyse(workers).completed_sops(), 120, interval=1.0,
+                 what="every published event handled")
         a.sigterm(60)
     finally:
         pub.stop.set()

@@ -143,14 +143,19 @@ def _change_in_period(events: tuple[tuple[float, int], ...], now: float, period:
     return sum(delta for t, delta in events if t > now - period)
 
 
+def _period_start(current: int, history: History, now: float, period: float) -> int:
+    """Replicas at the start of a policy's period: the current count less the changes made within it."""
+    return (current - _change_in_period(history.scale_up_events, now, period)
+            + _change_in_period(history.scale_down_events, now, period))
+
+
 def scale_up_limit(current: int, history: History, rules: ScalingRulesConfig, now: float) -> int:
     """The most replicas the scale-up policies allow now (``calculateScaleUpLimitWithScalingRules``)."""
     if rules.select == "disabled":
         return current
     limits = []
     for pol in rules.policies:
-        start = (current - _change_in_period(history.scale_up_events, now, pol.period_s)
-                 + _change_in_period(history.scale_down_events, now, pol.period_s))
+        start = _period_start(current, history, now, pol.period_s)
         limits.append(start + pol.value if pol.type == "pods" else math.ceil(start * (1 + pol.value / 100)))
     return (max if rules.select == "max" else min)(limits)
 
@@ -161,8 +166,7 @@ def scale_down_limit(current: int, history: History, rules: ScalingRulesConfig, 
         return current
     limits = []
     for pol in rules.policies:
-        start = (current - _change_in_period(history.scale_up_events, now, pol.period_s)
-                 + _change_in_period(history.scale_down_events, now, pol.period_s))
+        start = _period_start(current, history, now, pol.period_s)
         limits.append(start - pol.value if pol.type == "pods" else int(start * (1 - pol.value / 100)))
     # "max" selects the largest change, which for scaling down is the lowest limit.
     return (min if rules.select == "max" else max)(limits)

@@ -43,6 +43,35 @@ async def api(nc: NATS, subject: str, body: dict | None = None, timeout: float =
     return data
 
 
+# Answers a clustered JetStream gives while a meta leader or stream leader is being elected, or
+# while a loaded 2-core node falls behind: the request is safe to repeat, so set-up calls wait.
+# (err_code 10008: "JetStream system temporarily unavailable", 10009: "cluster can not handle
+# request", i.e. no meta leader yet.) "JetStream not enabled" is also a 503 but never goes away.
+TRANSIENT_API_ERRORS = {10008, 10009}
+
+
+async def admin_api(nc: NATS, subject: str, body: dict | None = None, deadline_s: float = 60.0,
+                    timeout: float = 5.0) -> dict:
+    """:func:`api` for idempotent set-up calls: repeat on timeouts and on transient cluster answers.
+
+    Start-up of a member must not fail because the cluster elected a leader at that moment;
+    only an answer that will not change (a real error) or the deadline ends the retries.
+    """
+    end = time.monotonic() + deadline_s
+    delay = 0.2
+    while True:
+        try:
+            return await api(nc, subject, body, timeout=timeout)
+        except JetStreamAPIError as exc:
+            if exc.err_code not in TRANSIENT_API_ERRORS or time.monotonic() + delay > end:
+                raise
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if time.monotonic() + delay > end:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
 async def ensure_stream(nc: NATS, config: dict, fixed: tuple[str, ...] = ()) -> dict:
     """Create the stream, or update it to ``config``; refuse to change the fields named in ``fixed``.
 
@@ -50,16 +79,16 @@ async def ensure_stream(nc: NATS, config: dict, fixed: tuple[str, ...] = ()) -> 
     """
     name = config["name"]
     try:
-        info = await api(nc, f"STREAM.INFO.{name}")
+        info = await admin_api(nc, f"STREAM.INFO.{name}")
     except JetStreamAPIError as exc:
         if exc.err_code != 10059:  # stream not found
             raise
         try:
-            return await api(nc, f"STREAM.CREATE.{name}", config)
+            return await admin_api(nc, f"STREAM.CREATE.{name}", config)
         except JetStreamAPIError as exc2:
             if exc2.err_code != 10058:  # created concurrently by another service
                 raise
-            info = await api(nc, f"STREAM.INFO.{name}")
+            info = await admin_api(nc, f"STREAM.INFO.{name}")
     current = info["config"]
     for key in fixed:
         if current.get(key) != config.get(key):
@@ -70,7 +99,7 @@ async def ensure_stream(nc: NATS, config: dict, fixed: tuple[str, ...] = ()) -> 
     wanted = {k: v for k, v in config.items() if current.get(k) != v}
     if not wanted:
         return info
-    return await api(nc, f"STREAM.UPDATE.{name}", {**current, **config})
+    return await admin_api(nc, f"STREAM.UPDATE.{name}", {**current, **config})
 
 
 def pinned_consumer_config(durable: str, filter_subject: str, ack_wait_s: float, pinned_timeout_s: float,
@@ -95,7 +124,7 @@ def pinned_consumer_config(durable: str, filter_subject: str, ack_wait_s: float,
 async def ensure_consumer(nc: NATS, stream: str, config: dict) -> dict:
     """Create or update a durable consumer (idempotent)."""
     durable = config["durable_name"]
-    return await api(nc, f"CONSUMER.CREATE.{stream}.{durable}", {"stream_name": stream, "config": config})
+    return await admin_api(nc, f"CONSUMER.CREATE.{stream}.{durable}", {"stream_name": stream, "config": config})
 
 
 async def consumer_info(nc: NATS, stream: str, durable: str) -> dict:

@@ -81,8 +81,8 @@ def dataset(cache: Path, name: str) -> list[Path]:
     return sorted(folder.glob("study*/*.dcm"))
 
 
-def count_files(root: Path, skip: str = "") -> int:
-    return sum(1 for p in root.rglob("*") if p.is_file() and not (skip and skip in p.relative_to(root).parts))
+def count_files(root: Path, skip: tuple[str, ...] = ()) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file() and not set(skip) & set(p.relative_to(root).parts))
 
 
 def send(files: list[Path], port: int, aec: str, assocs: int) -> float:
@@ -197,7 +197,7 @@ class Dicomflow(Receiver):
                 continue
 
     def count(self) -> int:
-        return count_files(self.data / "objects", skip="tmp")
+        return count_files(self.data / "objects", skip=("tmp", "wal"))
 
 
 class Storescp(Receiver):

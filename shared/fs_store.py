@@ -1,21 +1,20 @@
-"""Filesystem object store: one file per object under ``ab/cd/<digest>``, fsynced before put returns."""
+"""Filesystem object store: one file per object under ``ab/cd/<digest>``, durable before put returns.
+
+Small objects are made durable through the write-ahead log of :mod:`shared.fs_wal` (their file is
+visible at once and synced by a later checkpoint); large ones by fsyncing the file and its folder.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
+from . import fs_wal
 from .config import BackendConfig
+from .fs_wal import fsync_dir as _fsync_dir
 from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileObjectStore:
@@ -30,8 +29,16 @@ class FileObjectStore:
         # Plain strings on the put path: pathlib costs more than the syscalls for small instances.
         self._root = str(self.root)
         self._tmp = str(self.tmp)
-        self._folders: set[str] = set()
+        self._folders: set[str] = set()  # folders whose entries are durable
+        self._seen_folders: set[str] = set()  # folders that exist (maybe not durable yet: the log covers them)
         self._make_top_folders()
+        self._wal_dir = str(self.root / "wal")
+        self._wal_max = min(cfg.wal_max_object_bytes, cfg.wal_segment_bytes - fs_wal.DATA_START - 64)
+        self._wal_cfg = (cfg.wal_segment_bytes, cfg.wal_checkpoint_s)
+        self._wal: fs_wal.WriteAheadLog | None = None
+        self._wal_lock = threading.Lock()
+        # Before anything reads or writes: objects a crashed process acknowledged are only in its log.
+        fs_wal.recover(self._wal_dir, self._root, self._restore)
 
     def path(self, digest: str) -> Path:
         """Where the object with ``digest`` lives."""
@@ -44,6 +51,13 @@ class FileObjectStore:
         final = f"{folder}/{digest}"
         if os.path.exists(final):
             return  # content-addressed: the same key holds the same bytes
+        if len(data) <= self._wal_max:
+            ticket = self._log().append(digest, data)  # durable from here on
+            try:
+                self._materialize(folder, final, digest, data)
+            finally:
+                self._log().release(ticket)
+            return
         created = [] if folder in self._folders else self._make_folder(folder)  # parents to fsync
         tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -71,6 +85,47 @@ class FileObjectStore:
             # Only now: another thread of this process may skip these fsyncs once the folder is known.
             self._folders.add(os.path.dirname(folder))
             self._folders.add(folder)
+
+    def _log(self) -> fs_wal.WriteAheadLog:
+        """This process's write-ahead log, started by the first small put (readers never start one)."""
+        if self._wal is None:
+            with self._wal_lock:
+                if self._wal is None:
+                    self._wal = fs_wal.WriteAheadLog(self._wal_dir, self._root, *self._wal_cfg)
+        return self._wal
+
+    def _materialize(self, folder: str, final: str, digest: str, data: bytes | bytearray | memoryview) -> None:
+        """Make the object's file visible, without syncing: the log (or a checkpoint) holds it durably."""
+        if folder not in self._seen_folders:
+            os.makedirs(folder, exist_ok=True)
+            self._seen_folders.add(folder)
+        tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:  # the remembered folder was removed behind our back
+            os.makedirs(folder, exist_ok=True)
+            os.replace(tmp, final)
+
+    def _restore(self, digest: str, data: memoryview) -> None:
+        """Recovery: rewrite an object whose file a crash left missing or torn."""
+        check_digest(digest)
+        folder = f"{self._root}/{digest[:2]}/{digest[2:4]}"
+        final = f"{folder}/{digest}"
+        try:
+            with open(final, "rb") as f:
+                if content_digest(f.read()) == digest:
+                    return
+        except FileNotFoundError:
+            pass
+        self._materialize(folder, final, digest, data)
 
     def _make_top_folders(self) -> None:
         """The 256 first-level folders, made once and durably, so puts only ever create the second level."""
@@ -118,4 +173,7 @@ class FileObjectStore:
         return f"file://{self.path(digest).resolve()}"
 
     def close(self) -> None:
-        pass
+        """Checkpoint and remove this process's log: after a clean stop every file is durable on its own."""
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None

@@ -59,6 +59,11 @@ class Storer:
                                              "series_uid": event.tags.series_uid, "size": str(event.size)})
             metrics.bytes_written.labels(name).inc(event.size)
 
+    def _only_local_check(self, event: InstanceReceived, placements: list[str]) -> bool:
+        """Whether placing is only confirming the claim-check on a local filesystem (the embedded default)."""
+        backends = self.config.storage.backends
+        return all(name == event.backend and backends[name].kind == "fs" for name in placements)
+
     def index_in_rados(self, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> None:
         """Add the instance to its study's index object in every RADOS placement (before the SQLite row)."""
         for name in placements:
@@ -88,7 +93,10 @@ class Storer:
             placements = placements_of(self.config.storage, policy)
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(self.place, event, placements)
+                if self._only_local_check(event, placements):
+                    self.place(event, placements)  # one stat: a thread hop would cost more than the call
+                else:
+                    await asyncio.to_thread(self.place, event, placements)
             except Exception:
                 metrics.failures.labels("place").inc()
                 raise
@@ -96,7 +104,8 @@ class Storer:
             t0 = time.perf_counter()
             stored_at = utcnow()
             try:
-                await asyncio.to_thread(self.index_in_rados, event, policy, placements, stored_at.isoformat())
+                if any(rados_index.is_rados(self.backends.get(name)) for name in placements):
+                    await asyncio.to_thread(self.index_in_rados, event, policy, placements, stored_at.isoformat())
             except Exception:
                 metrics.failures.labels("rados_index").inc()
                 raise

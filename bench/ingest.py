@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -168,17 +169,18 @@ class Dicomflow(Receiver):
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
         self._popen([sys.executable, "-m", "dicomflow", "--config", str(cfg), "run"], cwd=REPO, env=env)
         deadline = time.monotonic() + 90
-        # SO_REUSEPORT spreads connections only over sockets already bound: wait for every receiver.
-        while self._listening() < workers:
+        # Every receiver must be listening before the clock starts (the shared socket of the lean
+        # engine, or one SO_REUSEPORT socket per receiver of the pynetdicom engine).
+        while self._listeners() < workers:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("dicomflow did not start: " + (self.work / "log").read_text()[-3000:])
             time.sleep(0.1)
         wait_port("127.0.0.1", self.port, 10)
 
-    def _listening(self) -> int:
-        """Listening sockets on the DICOM port: one per receiver process (SO_REUSEPORT)."""
-        res = subprocess.run(["ss", "-Hltn", f"sport = :{self.port}"], capture_output=True, text=True)
-        return len([line for line in res.stdout.splitlines() if line.strip()])
+    def _listeners(self) -> int:
+        """Processes holding a listening socket on the DICOM port (a supervisor counts too)."""
+        res = subprocess.run(["ss", "-Hltnp", f"sport = :{self.port}"], capture_output=True, text=True)
+        return len(set(re.findall(r"pid=(\d+)", res.stdout)))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

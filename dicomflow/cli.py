@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--host")
     ing.add_argument("--metrics-port", type=int)
     ing.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    ing.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
     st.add_argument("--metrics-port", type=int)
@@ -116,7 +117,7 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     from services.ingest.service import self_command, serve, supervise
 
     if args.single or config.ingest.workers == 1:
-        serve(config, args.metrics_port)
+        serve(config, args.metrics_port, listen_fd=args.listen_fd)
         return 0
     argv = self_command(*(["--config", args.config] if args.config else []), "ingest")
     if args.data_dir:

@@ -61,7 +61,7 @@ class BackendConfig(_Section):
     pool: str = Field("", description="rados: pool name.")
     namespace: str = Field("", description="rados: RADOS namespace (empty: default).")
     op_timeout_s: float = Field(30, gt=0, description="rados: rados_osd_op_timeout; a write to an unavailable PG fails after this instead of hanging.")
-    wal_max_object_bytes: int = Field(1024 * 1024, ge=0, description="fs: objects up to this size are made durable through a write-ahead log (one fdatasync into a pre-zeroed segment, shared by concurrent writers) instead of fsyncing a new file and its folder; their files are synced by a checkpoint later and replayed from the log after a crash. 0 turns the log off.")
+    wal_max_object_bytes: int = Field(256 * 1024, ge=0, description="fs: objects up to this size are made durable through a write-ahead log (one fdatasync into a pre-zeroed segment, shared by concurrent writers) instead of fsyncing a new file and its folder; their files are synced by a checkpoint later and replayed from the log after a crash. 0 turns the log off.")
     wal_segment_bytes: int = Field(64 * 1024**2, ge=1024**2, le=1024**3, description="fs: size of one write-ahead log segment (pre-zeroed once, then recycled).")
     wal_checkpoint_s: float = Field(5.0, gt=0, description="fs: a segment older than this is checkpointed (its files synced with one syncfs) and recycled.")
     aio_window: int = Field(16, ge=1, description="rados: concurrent aio writes.")

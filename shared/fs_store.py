@@ -1,4 +1,4 @@
-"""Filesystem object store: one file per object under ``ab/cd/<digest>``, durable before put returns.
+"""Filesystem object store: one file per object under ``ab/<digest>``, durable before put returns.
 
 Small objects are made durable through the write-ahead log of :mod:`shared.fs_wal` (their file is
 visible at once and synced by a later checkpoint); large ones by fsyncing the file and its folder.
@@ -17,8 +17,19 @@ from .fs_wal import fsync_dir as _fsync_dir
 from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
 
 
+def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class FileObjectStore:
-    """Content-addressed objects in a directory; the embedded default's staging and storage."""
+    """Content-addressed objects in a directory; the embedded default's staging and storage.
+
+    One level of 256 folders (``ab/<digest>``), made durably when the store opens: a put never
+    creates a folder (a mkdir costs as much as an fsync here, measured). ext4 and XFS index large
+    directories, so 256 folders hold tens of millions of objects.
+    """
 
     def __init__(self, name: str, cfg: BackendConfig, data_dir: Path):
         self.name = name
@@ -29,9 +40,7 @@ class FileObjectStore:
         # Plain strings on the put path: pathlib costs more than the syscalls for small instances.
         self._root = str(self.root)
         self._tmp = str(self.tmp)
-        self._folders: set[str] = set()  # folders whose entries are durable
-        self._seen_folders: set[str] = set()  # folders that exist (maybe not durable yet: the log covers them)
-        self._make_top_folders()
+        self._make_folders()
         self._wal_dir = str(self.root / "wal")
         self._wal_max = min(cfg.wal_max_object_bytes, cfg.wal_segment_bytes - fs_wal.DATA_START - 64)
         self._wal_cfg = (cfg.wal_segment_bytes, cfg.wal_checkpoint_s)
@@ -40,15 +49,18 @@ class FileObjectStore:
         # Before anything reads or writes: objects a crashed process acknowledged are only in its log.
         fs_wal.recover(self._wal_dir, self._root, self._restore)
 
+    def _final(self, digest: str) -> tuple[str, str]:
+        folder = f"{self._root}/{digest[:2]}"
+        return folder, f"{folder}/{digest}"
+
     def path(self, digest: str) -> Path:
         """Where the object with ``digest`` lives."""
         check_digest(digest)
-        return self.root / digest[:2] / digest[2:4] / digest
+        return self.root / digest[:2] / digest
 
     def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
         check_digest(digest)
-        folder = f"{self._root}/{digest[:2]}/{digest[2:4]}"
-        final = f"{folder}/{digest}"
+        folder, final = self._final(digest)
         if os.path.exists(final):
             return  # content-addressed: the same key holds the same bytes
         if len(data) <= self._wal_max:
@@ -58,33 +70,17 @@ class FileObjectStore:
             finally:
                 self._log().release(ticket)
             return
-        created = [] if folder in self._folders else self._make_folder(folder)  # parents to fsync
         tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.replace(tmp, final)
-        except FileNotFoundError:  # the remembered folder was removed behind our back
-            self._folders.discard(folder)
-            created = self._make_folder(folder)
-            os.replace(tmp, final)
-        # The rename is durable only once the directory entry is: fsync the parent. A folder created
-        # for this object is durable once its own entry is: fsync its parent too. These come last, so
-        # on a journalling filesystem the file's fsync already committed the mkdirs (a flush, no commit).
+        self._rename(tmp, folder, final)
+        # The rename is durable only once the directory entry is. It comes last, so on a journalling
+        # filesystem the file's fsync already committed the file itself (this is one more commit).
         _fsync_dir(folder)
-        for parent in created:
-            _fsync_dir(parent)
-        if created and len(self._folders) < 70_000:  # 256 + 65,536 shards at most
-            # Only now: another thread of this process may skip these fsyncs once the folder is known.
-            self._folders.add(os.path.dirname(folder))
-            self._folders.add(folder)
 
     def _log(self) -> fs_wal.WriteAheadLog:
         """This process's write-ahead log, started by the first small put (readers never start one)."""
@@ -96,29 +92,26 @@ class FileObjectStore:
 
     def _materialize(self, folder: str, final: str, digest: str, data: bytes | bytearray | memoryview) -> None:
         """Make the object's file visible, without syncing: the log (or a checkpoint) holds it durably."""
-        if folder not in self._seen_folders:
-            os.makedirs(folder, exist_ok=True)
-            self._seen_folders.add(folder)
         tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write(fd, data)
         finally:
             os.close(fd)
+        self._rename(tmp, folder, final)
+
+    def _rename(self, tmp: str, folder: str, final: str) -> None:
         try:
             os.replace(tmp, final)
-        except FileNotFoundError:  # the remembered folder was removed behind our back
-            os.makedirs(folder, exist_ok=True)
+        except FileNotFoundError:  # the folder was removed behind our back
+            os.mkdir(folder)
+            _fsync_dir(self._root)
             os.replace(tmp, final)
 
     def _restore(self, digest: str, data: memoryview) -> None:
         """Recovery: rewrite an object whose file a crash left missing or torn."""
         check_digest(digest)
-        folder = f"{self._root}/{digest[:2]}/{digest[2:4]}"
-        final = f"{folder}/{digest}"
+        folder, final = self._final(digest)
         try:
             with open(final, "rb") as f:
                 if content_digest(f.read()) == digest:
@@ -127,8 +120,8 @@ class FileObjectStore:
             pass
         self._materialize(folder, final, digest, data)
 
-    def _make_top_folders(self) -> None:
-        """The 256 first-level folders, made once and durably, so puts only ever create the second level."""
+    def _make_folders(self) -> None:
+        """The 256 folders, made once and durably."""
         made = False
         for i in range(256):
             try:
@@ -138,24 +131,6 @@ class FileObjectStore:
                 pass
         if made:
             _fsync_dir(self._root)
-        self._folders.update(f"{self._root}/{i:02x}" for i in range(256))
-
-    def _make_folder(self, folder: str) -> list[str]:
-        """Create a shard folder (and its parent); returns the directories whose entries must be fsynced.
-
-        Remembered, so later puts skip the syscalls. A folder that already existed may have been made
-        by another process that has not fsynced it yet, so its parents are synced on first use too.
-        """
-        created = []
-        for path in (os.path.dirname(folder), folder):
-            if path in self._folders:
-                continue  # made durable by an earlier put of this process
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                pass
-            created.append(os.path.dirname(path))
-        return created[::-1]
 
     def get(self, digest: str) -> bytes:
         try:

@@ -47,7 +47,7 @@ def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory
     objects = stack.data_dir / "objects"
     sent = {blake3.blake3(dataset_bytes(p)).hexdigest() for p in files}
     for digest in sent:
-        stored = objects / digest[:2] / digest[2:4] / digest
+        stored = objects / digest[:2] / digest
         assert stored.exists(), digest
         assert blake3.blake3(stored.read_bytes()).hexdigest() == digest
 

@@ -5,8 +5,11 @@ machine, DIMSE message objects, a Dataset per response), which capped a receiver
 storage SCP needs a small part of the protocol, so it is implemented directly (:mod:`.pdu`): read a
 PDU, act, answer. Measured defences kept from the notes on peers: TCP_NODELAY on every association
 and TCP_QUICKACK after each read, because a stock storescu with Nagle on otherwise stalls 40-90 ms
-per instance; SO_REUSEPORT, so several receiver processes share the port (the only way a Python
-receiver scales past one core).
+per instance. Several receiver processes share the port (the only way a Python receiver scales
+past one core): one listening socket made by the supervisor and inherited by every receiver, where
+a receiver with associations open waits a little before accepting, so idle receivers take new
+associations first (SO_REUSEPORT's hashing put all four of a benchmark's associations on one of two
+receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class StorageServer(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
-                 network_timeout: float, allowed_calling_aes: list[str]):
+                 network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None):
         self.intake = intake
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
@@ -65,7 +68,28 @@ class StorageServer(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._open = 0
         self._inflight = 0
-        super().__init__(address, _AssociationHandler)
+        self._connections = 0  # accepted and not yet closed (counted from accept, before the handler runs)
+        self.shared = listen_socket is not None
+        if listen_socket is None:
+            super().__init__(address, _AssociationHandler)
+        else:
+            super().__init__(address, _AssociationHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listen_socket  # non-blocking: a receiver that loses the race gets EAGAIN
+
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        busy = self._connections
+        if self.shared and busy:
+            # Idle receivers of the shared socket accept first; a busy one takes the association only
+            # if nobody else did meanwhile (2 ms per open association, at most 16 ms).
+            time.sleep(min(busy, 8) * 0.002)
+        conn, addr = self.socket.accept()
+        self._count("_connections", 1)
+        return conn, addr
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        self._count("_connections", -1)
+        super().shutdown_request(request)
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
@@ -225,11 +249,23 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         self.sock.sendall(b"".join(pdu.p_data(cid, command, max_pdu)))
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The port's listening socket, made once by the supervisor and inherited by every receiver."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
-              network_timeout: float, allowed_calling_aes: list[str]) -> StorageServer:
-    """Bind and serve in background threads; returns the server (``.stop()`` stops it)."""
+              network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None) -> StorageServer:
+    """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server."""
+    listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes)
+                           allowed_calling_aes, listen)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

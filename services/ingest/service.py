@@ -21,7 +21,7 @@ from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 from .intake import Intake
-from .scp import start_scp
+from .scp import listening_socket, start_scp
 
 log = logging.getLogger("dicomflow.ingest")
 T = TypeVar("T")
@@ -48,8 +48,12 @@ def call_on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[A
     return tasks[0].result()
 
 
-def serve(config: Config, metrics_port: int | None = None, stop: threading.Event | None = None) -> None:
-    """Run one receiver process until SIGTERM/SIGINT (or ``stop`` is set)."""
+def serve(config: Config, metrics_port: int | None = None, stop: threading.Event | None = None,
+          listen_fd: int | None = None) -> None:
+    """Run one receiver process until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``listen_fd``: the listening socket inherited from :func:`supervise` (lean engine), instead of binding.
+    """
     setup_tracing("ingest", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
     loop = LoopThread("ingest-nats")
@@ -65,12 +69,14 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     backends = Backends(config)
     intake = Intake(backends.get(config.storage.staging), publish, config.ingest.max_instance_bytes)
     ing = config.ingest
+    args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
+            ing.allowed_calling_aes)
     if ing.engine == "pynetdicom":
-        from .scp_pynetdicom import start_scp as start_engine
+        from .scp_pynetdicom import start_scp as start_pynetdicom
+
+        server = start_pynetdicom(*args)
     else:
-        start_engine = start_scp
-    server = start_engine(intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations,
-                          ing.network_timeout_s, ing.allowed_calling_aes)
+        server = start_scp(*args, listen_fd=listen_fd)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: nc.is_connected)
@@ -90,20 +96,28 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
 
 def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:
-    """Run ``ingest.workers`` receiver processes sharing the port; restart any that dies."""
+    """Run ``ingest.workers`` receiver processes sharing the port; restart any that dies.
+
+    With the lean engine the supervisor owns the listening socket and the receivers inherit it, so
+    new associations go to idle receivers first and wait in the backlog while one restarts; the
+    pynetdicom engine binds in each receiver with SO_REUSEPORT.
+    """
     n = config.ingest.workers
     if n == 1:
         serve(config, metrics_port)
         return 0
     procs: dict[int, subprocess.Popen] = {}
     stopping = threading.Event()
+    listen = listening_socket(config.ingest.host, config.ingest.port) if config.ingest.engine == "lean" else None
 
     def spawn(i: int) -> subprocess.Popen:
         port = (metrics_port if metrics_port is not None else config.telemetry.metrics_port)
         args = [*argv_base, "--single"]
         if port:
             args += ["--metrics-port", str(port + i)]
-        return subprocess.Popen(args)
+        if listen is None:
+            return subprocess.Popen(args)
+        return subprocess.Popen([*args, "--listen-fd", str(listen.fileno())], pass_fds=(listen.fileno(),))
 
     for i in range(n):
         procs[i] = spawn(i)
@@ -123,6 +137,8 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
+    if listen is not None:
+        listen.close()
     return 0
 
 

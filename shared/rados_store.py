@@ -202,6 +202,32 @@ class RadosObjectStore:
         manifest = encode_manifest(digest, size, described)
         self._wait([self._aio_write(digest, manifest, xattrs_for(digest, size, LAYOUT_CHUNKED, meta))], "write")
 
+    def put_many(self, items: list[tuple[str, bytes | bytearray | memoryview, dict[str, str] | None]]
+                 ) -> list[Exception | None]:
+        """:meth:`put` for several objects with their writes in flight together (within the aio window).
+
+        Returns one outcome per item: None when that object is durable on every replica, else the error.
+        """
+        errors: list[Exception | None] = [None] * len(items)
+        pending: list[tuple[int, _Pending]] = []
+        for i, (digest, data, meta) in enumerate(items):
+            try:
+                check_digest(digest)
+                view = memoryview(data).cast("B")
+                if plan_chunks(digest, len(view), self.cfg.chunk_bytes):
+                    self.put(digest, data, meta)  # large: its chunks already go out together
+                    continue
+                whole = data if isinstance(data, bytes) else view
+                pending.append((i, self._aio_write(digest, whole, xattrs_for(digest, len(view), LAYOUT_WHOLE, meta))))
+            except Exception as exc:
+                errors[i] = exc
+        for i, pend in pending:
+            try:
+                self._wait([pend], "write")
+            except Exception as exc:
+                errors[i] = exc
+        return errors
+
     def _stat(self, oid: str) -> int:
         try:
             size, _ = self.io.stat(oid)

@@ -143,10 +143,10 @@ def start_metrics(cfg: TelemetryConfig, port: int | None = None) -> int:
     return port
 
 
-def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
-    """Headers carrying the current trace context (W3C traceparent)."""
+def inject_headers(headers: dict[str, str] | None = None, span: trace.Span | None = None) -> dict[str, str]:
+    """Headers carrying the trace context (W3C traceparent) of ``span``, or the current one."""
     headers = dict(headers or {})
-    propagate.inject(headers)
+    propagate.inject(headers, context=trace.set_span_in_context(span) if span is not None else None)
     return headers
 
 

@@ -62,7 +62,7 @@ def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory
     assert res.returncode == 0
     assert stack.instances_of(study_uid) == 50
     assert _stream_messages(nats_server.url, "DICOM") == 50
-    assert len(list(objects.glob("??/??/*"))) == 50
+    assert len(list(objects.glob("??/*"))) == 50
 
 
 def test_two_associations_at_once(tmp_path, nats_server, stack_factory):
@@ -146,7 +146,7 @@ def test_bad_input_is_refused_and_nothing_stored(tmp_path, nats_server, stack_fa
     assert statuses == [expected], [hex(s) for s in statuses]
     assert stack.studies() == []
     assert _stream_messages(stack.tree["nats"]["url"], "DICOM") == 0
-    assert not list((stack.data_dir / "objects").glob("??/??/*"))
+    assert not list((stack.data_dir / "objects").glob("??/*"))
     # The ingest is still serving.
     assert scu_send(stack.port, [dcmread(files[0])]) == [0]
 

@@ -144,7 +144,7 @@ def test_scp_with_pynetdicom_fragmented_pdus_echo_and_rejections(scp, tmp_path):
     finally:
         assoc.release()
     assert statuses == [0, 0, 0]
-    assert len(list(objects.glob("??/??/*"))) == 3
+    assert len(list(objects.glob("??/*"))) == 3
 
     stranger = AE(ae_title="STRANGER")
     stranger.add_requested_context(Verification)
@@ -174,4 +174,4 @@ def test_scp_with_dcmtk_echoscu_and_parallel_storescu(scp, tmp_path):
     for t in threads:
         t.join()
     assert all(r.returncode == 0 and "Store Failed" not in r.stderr for r in results.values()), results
-    assert len(list(objects.glob("??/??/*"))) == 10
+    assert len(list(objects.glob("??/*"))) == 10

@@ -172,6 +172,16 @@ class GroupCommit:
             asyncio.create_task(self._drain())
         return await fut
 
+    async def record_many(self, items: list[tuple[InstanceReceived, str, list[str], str]]) -> list[Recorded]:
+        """Record several instances (event, policy, placements, stored_at); returns once all are committed."""
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futs, strict=True))
+        if not self._running:
+            self._running = True
+            asyncio.create_task(self._drain())
+        return list(await asyncio.gather(*futs))
+
     async def _drain(self) -> None:
         try:
             while self._pending:

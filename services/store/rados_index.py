@@ -45,6 +45,16 @@ def record_entry(store, event: InstanceReceived, policy: str, placements: list[s
                    {event.tags.sop_uid: encode_entry(event, policy, placements, stored_at)})
 
 
+def record_entries(store, entries: list[tuple[InstanceReceived, str, list[str], str]]) -> None:
+    """Add the entries of several instances of ONE study in one omap write: (event, policy, placements, stored_at)."""
+    study = entries[0][0].tags.study_uid
+    if any(e.tags.study_uid != study for e, _, _, _ in entries):
+        raise ValueError("record_entries takes the entries of one study")
+    store.omap_set(study_index_name(study),
+                   {e.tags.sop_uid: encode_entry(e, policy, placements, stored_at)
+                    for e, policy, placements, stored_at in entries})
+
+
 def study_entries(store, study_uid: str) -> dict[str, bytes]:
     """SOPInstanceUID -> raw entry for one study."""
     return store.omap_get(study_index_name(study_uid))

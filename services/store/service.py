@@ -45,7 +45,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
         ownership = (ElasticOwnership(nc, GROUP, member, config.stream.partitions, gcfg, config.stream.replicas)
                      if gcfg.elastic else AllPartitions(config.stream.partitions))
     consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle,
-                                   gcfg, ownership, member)
+                                   gcfg, ownership, member, batch_handler=storer.handle_batch)
     await consumer.start()
     stop = stop or asyncio.Event()
     # Ready while connected and a group member; not ready from SIGTERM on (it is leaving the group).

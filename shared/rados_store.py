@@ -14,7 +14,7 @@ The ``rados`` module is Debian's python3-rados (not on PyPI); ``make rados-link`
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .config import BackendConfig
@@ -202,15 +202,17 @@ class RadosObjectStore:
         manifest = encode_manifest(digest, size, described)
         self._wait([self._aio_write(digest, manifest, xattrs_for(digest, size, LAYOUT_CHUNKED, meta))], "write")
 
-    def put_many(self, items: list[tuple[str, bytes | bytearray | memoryview, dict[str, str] | None]]
+    def put_many(self, items: Iterable[tuple[str, bytes | bytearray | memoryview, dict[str, str] | None]]
                  ) -> list[Exception | None]:
         """:meth:`put` for several objects with their writes in flight together (within the aio window).
 
-        Returns one outcome per item: None when that object is durable on every replica, else the error.
+        ``items`` may be a generator: each write is submitted as soon as it is produced. Returns one
+        outcome per item: None when that object is durable on every replica, else the error.
         """
-        errors: list[Exception | None] = [None] * len(items)
+        errors: list[Exception | None] = []
         pending: list[tuple[int, _Pending]] = []
         for i, (digest, data, meta) in enumerate(items):
+            errors.append(None)
             try:
                 check_digest(digest)
                 view = memoryview(data).cast("B")

@@ -204,44 +204,49 @@ class Storer:
                 metrics.place_seconds.observe(per)
 
     def place_many(self, items: list[tuple[InstanceReceived, list[str]]]) -> list[Exception | None]:
-        """:meth:`place` for many instances, backend by backend, writes in flight together (blocking)."""
+        """:meth:`place` for many instances, backend by backend, writes in flight together (blocking).
+
+        The claim-checks are read lazily, as the backend takes the writes, so the first writes are in
+        flight while later objects are still being read and verified.
+        """
         errors: list[Exception | None] = [None] * len(items)
         data: dict[int, bytes] = {}
         names = list(dict.fromkeys(name for _, placements in items for name in placements))
         for name in names:
             backend = self.backends.get(name)
-            writes: list[tuple[int, str, bytes, dict[str, str]]] = []
-            for i, (event, placements) in enumerate(items):
-                if errors[i] is not None or name not in placements:
-                    continue
-                try:
-                    if name == event.backend:
-                        if not backend.exists(event.digest):
-                            raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
+            order: list[int] = []
+
+            def writes(name=name, backend=backend, order=order):
+                for i, (event, placements) in enumerate(items):
+                    if errors[i] is not None or name not in placements:
                         continue
-                    if i not in data:
-                        data[i] = self.backends.get(event.backend).get(event.digest)  # verifies the digest
-                except Exception as exc:
-                    errors[i] = exc
-                    continue
-                writes.append((i, event.digest, data[i], {
-                    "sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
-                    "series_uid": event.tags.series_uid, "size": str(event.size)}))
-            if not writes:
-                continue
+                    try:
+                        if name == event.backend:
+                            if not backend.exists(event.digest):
+                                raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
+                            continue
+                        if i not in data:
+                            data[i] = self.backends.get(event.backend).get(event.digest)  # verifies the digest
+                    except Exception as exc:
+                        errors[i] = exc
+                        continue
+                    order.append(i)
+                    yield event.digest, data[i], {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
+                                                  "series_uid": event.tags.series_uid}
+
             if hasattr(backend, "put_many"):
-                results = backend.put_many([(digest, body, meta) for _, digest, body, meta in writes])
+                results = backend.put_many(writes())
             else:
                 results = []
-                for _, digest, body, meta in writes:
+                for digest, body, meta in writes():
                     try:
                         backend.put(digest, body, meta)
                         results.append(None)
                     except Exception as exc:
                         results.append(exc)
-            for (i, _, body, _), err in zip(writes, results, strict=True):
+            for i, err in zip(order, results, strict=True):
                 if err is None:
-                    metrics.bytes_written.labels(name).inc(len(body))
+                    metrics.bytes_written.labels(name).inc(len(data[i]))
                 else:
                     errors[i] = err
         return errors

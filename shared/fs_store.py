@@ -136,13 +136,21 @@ class FileObjectStore:
         try:
             data = self.path(digest).read_bytes()
         except FileNotFoundError:
-            raise ObjectMissing(digest) from None
+            try:
+                data = self._legacy_path(digest).read_bytes()
+            except FileNotFoundError:
+                raise ObjectMissing(digest) from None
         if content_digest(data) != digest:
             raise CorruptObject(f"{self.name}: object {digest} does not match its digest")
         return data
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        _, final = self._final(check_digest(digest))
+        return os.path.exists(final) or self._legacy_path(digest).exists()
+
+    def _legacy_path(self, digest: str) -> Path:
+        """Where versions before the write-ahead log kept an object (``ab/cd/<digest>``): still read."""
+        return self.root / digest[:2] / digest[2:4] / digest
 
     def location(self, digest: str) -> str:
         return f"file://{self.path(digest).resolve()}"

@@ -148,3 +148,15 @@ def test_a_torn_tail_is_ignored(tmp_path):
     records = list(fs_wal.read_records(Path(seg.path).read_bytes()))
     assert [d for d, _ in records] == list(blobs)
     store.close()
+
+
+def test_objects_in_the_earlier_two_level_layout_are_still_read(tmp_path):
+    root = tmp_path / "o"
+    data = b"stored by an earlier version" * 50
+    digest = content_digest(data)
+    legacy = root / digest[:2] / digest[2:4] / digest
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(data)
+    store = _store(root)
+    assert store.exists(digest) and store.get(digest) == data
+    store.close()

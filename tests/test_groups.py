@@ -226,6 +226,17 @@ def test_stream_leader_kill_loses_nothing_acknowledged(tmp_path, cluster):
             w.cleanup()
 
 
+async def _bounded(aw, timeout: float, what: str):
+    """Await ``aw``; on a hang, print every task's stack (a rare stop hang seen once) and fail."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(aw), timeout)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            print(f"pending task: {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+        raise AssertionError(f"{what} did not finish in {timeout}s") from None
+
+
 def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_server):
     """In-progress acks stop a slow call from being redelivered; a raising handler gets the message again."""
     from shared.config import GroupConfig
@@ -255,8 +266,8 @@ def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_
         while time.monotonic() < deadline and not (("slow", 1) in calls and ("flaky", 2) in calls):
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # would a redelivery of the slow one come?
-        await consumer.stop()
-        await nc.close()
+        await _bounded(consumer.stop(), 60, "consumer.stop()")
+        await _bounded(nc.close(), 20, "nc.close()")
 
     asyncio.run(go())
     assert [c for c in calls if c[0] == "slow"] == [("slow", 1)]

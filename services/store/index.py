@@ -165,12 +165,7 @@ class GroupCommit:
 
     async def record(self, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> Recorded:
         """Record one instance; returns when its transaction has committed."""
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append(((event, policy, placements, stored_at), fut))
-        if not self._running:
-            self._running = True
-            asyncio.create_task(self._drain())
-        return await fut
+        return (await self.record_many([(event, policy, placements, stored_at)]))[0]
 
     async def record_many(self, items: list[tuple[InstanceReceived, str, list[str], str]]) -> list[Recorded]:
         """Record several instances (event, policy, placements, stored_at); returns once all are committed."""

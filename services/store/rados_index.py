@@ -39,12 +39,6 @@ def is_rados(store) -> bool:
     return hasattr(store, "omap_set")
 
 
-def record_entry(store, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> None:
-    """Add (or refresh) the instance's entry in its study's index object in ``store``."""
-    store.omap_set(study_index_name(event.tags.study_uid),
-                   {event.tags.sop_uid: encode_entry(event, policy, placements, stored_at)})
-
-
 def record_entries(store, entries: list[tuple[InstanceReceived, str, list[str], str]]) -> None:
     """Add the entries of several instances of ONE study in one omap write: (event, policy, placements, stored_at)."""
     study = entries[0][0].tags.study_uid

@@ -71,8 +71,8 @@ class Storer:
     async def handle_batch(self, msgs: list[Msg]) -> list[BaseException | None]:
         """Handle one pull's messages together; one outcome per message (None: acknowledge).
 
-        The same steps and the same order of durability as :meth:`handle` (objects in every placement,
-        then RADOS study index entries, then the SQLite row, then the stored event), but shared by the
+        Per instance, in this order of durability: the object in every placement, then its entry in the
+        RADOS study index objects, then the SQLite row, then the stored event. The work is shared by the
         batch: objects written concurrently, one index write per study and backend, one SQLite
         transaction, stored events published back to back and their PubAcks awaited together. Under a
         backlog a pull brings many messages, so the store gets cheaper per instance as it falls behind.
@@ -85,6 +85,7 @@ class Storer:
             try:
                 event = InstanceReceived.model_validate_json(msg.data)
             except ValidationError as exc:
+                # Poison: retrying cannot fix it. Logged and acknowledged; nothing to store.
                 log.error("undecodable event on %s dropped: %s", msg.subject, exc)
                 metrics.instances.labels("undecodable").inc()
                 span.end()

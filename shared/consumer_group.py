@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from . import subjects
 from .config import GroupConfig
 from .jetstream_raw import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
+from .lifecycle import cancel_and_wait
 from .telemetry import LATENCY_BUCKETS
 
 log = logging.getLogger("dicomflow.group")
@@ -269,10 +270,7 @@ class PartitionedConsumer:
     async def stop(self) -> None:
         """Leave gracefully: leave the membership, release every partition (finish, ack, unpin)."""
         self._stopping = True
-        if self._reconciler:
-            self._reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
+        await cancel_and_wait(self._reconciler)
         await self.ownership.stop()
         await asyncio.gather(*(self._release(p) for p in list(self._tasks)))
         owned_partitions.labels(self.group, self.member).set(0)

@@ -18,3 +18,20 @@ def stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
+
+
+async def cancel_and_wait(*tasks: asyncio.Task | None) -> None:
+    """Cancel background tasks and wait until they have ended, cancelling again while they have not.
+
+    Once is not enough: Python 3.11's ``wait_for`` (inside nats-py's requests and KV watchers) returns
+    the result and drops a cancel that lands as the result arrives, and a ``while True`` loop then runs
+    on while the caller waits for it (a stop hang seen in the tests).
+    """
+    pending = {t for t in tasks if t is not None and not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:  # retrieve outcomes, so asyncio does not warn that nobody did
+        if task is not None and not task.cancelled():
+            task.exception()

@@ -32,6 +32,7 @@ from nats.aio.client import Client as NATS
 
 from .config import GroupConfig
 from .jetstream_raw import NS, JetStreamAPIError, api, ensure_stream
+from .lifecycle import cancel_and_wait
 from .rendezvous import owned_by
 
 log = logging.getLogger("dicomflow.membership")
@@ -175,11 +176,7 @@ class ElasticOwnership:
     async def stop(self) -> None:
         """Stop heartbeating and leave the membership at once."""
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
         self._members = []
         try:

@@ -61,3 +61,29 @@ def test_a_real_error_is_not_repeated(server):
 def test_the_deadline_ends_the_retries(server):
     with pytest.raises(nats.errors.TimeoutError):
         _run(server.url, [None] * 100, deadline_s=2.0)
+
+
+def test_cancel_and_wait_ends_a_loop_that_swallowed_a_cancel():
+    """What Python 3.11's wait_for does when a reply and a cancel meet: the loop must still end."""
+    from shared.lifecycle import cancel_and_wait
+
+    async def go():
+        swallowed = []
+
+        async def loop():
+            while True:
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    if not swallowed:  # the first cancel is lost, as in the race
+                        swallowed.append(True)
+                        continue
+                    raise
+
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(cancel_and_wait(task, None), 10)
+        return task.cancelled(), swallowed
+
+    cancelled, swallowed = asyncio.run(go())
+    assert cancelled and swallowed == [True]

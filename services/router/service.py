@@ -15,7 +15,7 @@ from shared.bus import connect, ensure_streams
 from shared.config import Config, ConfigError
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.jetstream_raw import ensure_stream
-from shared.lifecycle import stop_on_signals
+from shared.lifecycle import cancel_and_wait, stop_on_signals
 from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
@@ -151,9 +151,7 @@ class RouterService:
                  {g: sorted(c.members) for g, c in config.router.groups.items()})
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self.consumer.stop()
         await asyncio.gather(*(f.stop() for f in self.forwarders.values()))
         await self.book.stop()

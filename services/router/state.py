@@ -19,6 +19,7 @@ from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundErro
 from nats.js.kv import KeyValue
 
 from shared import routing_subjects as rs
+from shared.lifecycle import cancel_and_wait
 from shared.uids import uid_token
 
 from .completion import StudyState
@@ -118,12 +119,7 @@ class StudyBook:
                 await asyncio.sleep(1)
 
     async def stop(self) -> None:
-        if self._watch_task:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._watch_task)
 
 
 class Assignments:

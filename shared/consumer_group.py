@@ -243,29 +243,41 @@ class PartitionedConsumer:
 
     async def _handle(self, msg: Msg) -> None:
         t0 = time.perf_counter()
+        delivered = self._delivered(msg)
+        keepalive = _InProgress(msg, self.cfg.ack_wait_s / 3)
+        try:
+            await self.handler(msg)
+        except Exception as exc:
+            keepalive.cancel()
+            await self._retry(msg, delivered, exc)
+            return
+        keepalive.cancel()
+        await self._ack(msg)
+        handle_seconds.labels(self.group).observe(time.perf_counter() - t0)
+
+    def _delivered(self, msg: Msg) -> int:
+        """How often the server has delivered ``msg`` (counted as a redelivery when more than once)."""
         try:
             delivered = msg.metadata.num_delivered
         except Exception:
             delivered = 1
         if delivered > 1:
             redeliveries.labels(self.group).inc()
-        keepalive = _InProgress(msg, self.cfg.ack_wait_s / 3)
-        try:
-            await self.handler(msg)
-        except Exception as exc:
-            keepalive.cancel()
-            delay = min(2 ** min(delivered, 6), 60)
-            log.warning("%s: handler failed on %s (delivery %d), retry in %ss: %s", self.group, msg.subject,
-                        delivered, delay, exc)
-            handled.labels(self.group, "retry").inc()
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
-            return
-        keepalive.cancel()
+        return delivered
+
+    async def _ack(self, msg: Msg) -> None:
         with contextlib.suppress(Exception):  # a lost ack means a redelivery, which the handler absorbs
             await msg.ack()
         handled.labels(self.group, "ok").inc()
-        handle_seconds.labels(self.group).observe(time.perf_counter() - t0)
+
+    async def _retry(self, msg: Msg, delivered: int, exc: BaseException) -> None:
+        """Negative-acknowledge with a backoff that grows with the delivery count (2 s .. 60 s)."""
+        delay = min(2 ** min(delivered, 6), 60)
+        log.warning("%s: handler failed on %s (delivery %d), retry in %ss: %s", self.group, msg.subject,
+                    delivered, delay, exc)
+        handled.labels(self.group, "retry").inc()
+        with contextlib.suppress(Exception):
+            await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
 
     async def stop(self) -> None:
         """Leave gracefully: leave the membership, release every partition (finish, ack, unpin)."""
@@ -279,15 +291,7 @@ class PartitionedConsumer:
     async def _handle_batch(self, msgs: list[Msg]) -> None:
         """One pull's messages through the batch handler; ack each success, retry each failure."""
         t0 = time.perf_counter()
-        delivered = []
-        for msg in msgs:
-            try:
-                n = msg.metadata.num_delivered
-            except Exception:
-                n = 1
-            delivered.append(n)
-            if n > 1:
-                redeliveries.labels(self.group).inc()
+        delivered = [self._delivered(msg) for msg in msgs]
         keepalive = _InProgress(msgs, self.cfg.ack_wait_s / 3)
         try:
             outcomes = await self.batch_handler(msgs)
@@ -299,16 +303,9 @@ class PartitionedConsumer:
             keepalive.cancel()
         for msg, n, outcome in zip(msgs, delivered, outcomes, strict=True):
             if outcome is None:
-                with contextlib.suppress(Exception):
-                    await msg.ack()
-                handled.labels(self.group, "ok").inc()
-                continue
-            delay = min(2 ** min(n, 6), 60)
-            log.warning("%s: handler failed on %s (delivery %d), retry in %ss: %s", self.group, msg.subject, n, delay,
-                        outcome)
-            handled.labels(self.group, "retry").inc()
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
+                await self._ack(msg)
+            else:
+                await self._retry(msg, n, outcome)
         per_message = (time.perf_counter() - t0) / len(msgs)
         for _ in msgs:
             handle_seconds.labels(self.group).observe(per_message)

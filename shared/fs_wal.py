@@ -61,6 +61,29 @@ def _syncfs_call() -> Callable[[int], None]:
 syncfs = _syncfs_call()
 
 
+def sync_filesystem(path: str) -> None:
+    """Flush every written file and folder of the filesystem that holds ``path``, in one call."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_if_orphan(path: str) -> int | None:
+    """Open and lock a segment no live process holds (its lock ended with it); None if owned or gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -254,11 +277,7 @@ class WriteAheadLog:
             ready = [s for s in self._full if s.writers == 0]
         if not ready:
             return 0
-        fd = os.open(self.fs_root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            syncfs(fd)  # every object file and folder written so far, in one call
-        finally:
-            os.close(fd)
+        sync_filesystem(self.fs_root)  # every object file and folder written so far
         with self._cond:
             for seg in ready:
                 self._full.remove(seg)
@@ -336,14 +355,8 @@ def recover(folder: str, fs_root: str, restore: Callable[[str, memoryview], None
                 continue
             if not name.endswith(".wal"):
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)  # a live process owns it
+            fd = _lock_if_orphan(path)
+            if fd is None:
                 continue
             claimed.append((path, fd))
             with open(path, "rb") as f:
@@ -352,11 +365,7 @@ def recover(folder: str, fs_root: str, restore: Callable[[str, memoryview], None
                 restore(digest, body)
                 replayed += 1
         if claimed:
-            root = os.open(fs_root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                syncfs(root)
-            finally:
-                os.close(root)
+            sync_filesystem(fs_root)
             for path, _ in claimed:
                 try:
                     os.unlink(path)
@@ -373,14 +382,12 @@ def recover(folder: str, fs_root: str, restore: Callable[[str, memoryview], None
 
 def _remove_if_orphan(path: str) -> None:
     """A segment still being zeroed by a process that died: nothing in it was ever written."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    fd = _lock_if_orphan(path)
+    if fd is None:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.unlink(path)
-    except (BlockingIOError, FileNotFoundError):
+    except FileNotFoundError:
         pass
     finally:
         os.close(fd)

@@ -115,8 +115,9 @@ class Storer:
 
     async def _place_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
         t0 = time.perf_counter()
-        local = [it for it in work if self._only_local_check(it.event, it.placements)]
-        remote = [it for it in work if not self._only_local_check(it.event, it.placements)]
+        local, remote = [], []
+        for it in work:
+            (local if self._only_local_check(it.event, it.placements) else remote).append(it)
         if local:  # only stats of local files: a thread hop would cost more than the calls
             errors = self.place_many([(it.event, it.placements) for it in local])
             for it, err in zip(local, errors, strict=True):

@@ -146,8 +146,11 @@ class Storer:
         flight while later objects are still being read and verified.
         """
         errors: list[Exception | None] = [None] * len(items)
-        data: dict[int, bytes] = {}
         names = list(dict.fromkeys(name for _, placements in items for name in placements))
+        # The bytes of an instance are read once and kept only until its last placement took them: a
+        # batch's worth of 512 KiB objects held at once made every batch page-fault fresh memory.
+        data: dict[int, bytes] = {}
+        copies_left = [sum(1 for name in placements if name != event.backend) for event, placements in items]
         for name in names:
             backend = self.backends.get(name)
             order: list[int] = []
@@ -161,14 +164,19 @@ class Storer:
                             if not backend.exists(event.digest):
                                 raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
                             continue
-                        if i not in data:
-                            data[i] = self.backends.get(event.backend).get(event.digest)  # verifies the digest
+                        body = data.pop(i, None)
+                        if body is None:
+                            body = self.backends.get(event.backend).get(event.digest)  # verifies the digest
                     except Exception as exc:
                         errors[i] = exc
                         continue
                     order.append(i)
-                    yield event.digest, data[i], {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
-                                                  "series_uid": event.tags.series_uid}
+                    copies_left[i] -= 1
+                    if copies_left[i]:
+                        data[i] = body
+                    yield event.digest, body, {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
+                                               "series_uid": event.tags.series_uid}
+                    body = None
 
             if hasattr(backend, "put_many"):
                 results = backend.put_many(writes())
@@ -180,9 +188,10 @@ class Storer:
                         results.append(None)
                     except Exception as exc:
                         results.append(exc)
+                    body = None
             for i, err in zip(order, results, strict=True):
                 if err is None:
-                    metrics.bytes_written.labels(name).inc(len(data[i]))
+                    metrics.bytes_written.labels(name).inc(items[i][0].size)
                 else:
                     errors[i] = err
         return errors

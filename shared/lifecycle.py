@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 
@@ -35,3 +36,18 @@ async def cancel_and_wait(*tasks: asyncio.Task | None) -> None:
     for task in tasks:  # retrieve outcomes, so asyncio does not warn that nobody did
         if task is not None and not task.cancelled():
             task.exception()
+
+
+def settle_after_startup(young_threshold: int = 20_000) -> None:
+    """Once a service is up: keep its start-up objects out of the cyclic collector, and collect less often.
+
+    Imports, config and clients make a long-lived heap that every full collection would walk again;
+    per-instance work allocates many short-lived objects, so the default first-generation threshold
+    (700) ran a collection every few instances (measured: about 5% of the store's CPU). Reference
+    counting still frees almost everything at once; cycles wait a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(young_threshold, older, oldest)
+

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from shared.bus import connect, ensure_streams, publish_event
 from shared.config import Config
 from shared.events import InstanceReceived
+from shared.lifecycle import settle_after_startup
 from shared.loopthread import LoopThread
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
@@ -81,9 +82,10 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: nc.is_connected)
     add_health_check("scp_accepting", lambda: not stop.is_set())
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # this process is the receiver
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        settle_after_startup()
     stop.wait()
     log.info("ingest stopping: no new associations, finishing open ones")
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first

@@ -41,12 +41,21 @@ def is_rados(store) -> bool:
 
 def record_entries(store, entries: list[tuple[InstanceReceived, str, list[str], str]]) -> None:
     """Add the entries of several instances of ONE study in one omap write: (event, policy, placements, stored_at)."""
-    study = entries[0][0].tags.study_uid
-    if any(e.tags.study_uid != study for e, _, _, _ in entries):
-        raise ValueError("record_entries takes the entries of one study")
-    store.omap_set(study_index_name(study),
-                   {e.tags.sop_uid: encode_entry(e, policy, placements, stored_at)
-                    for e, policy, placements, stored_at in entries})
+    err = record_studies(store, [entries])[0]
+    if err is not None:
+        raise err
+
+
+def record_studies(store, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
+    """:func:`record_entries` for several studies, one omap write each, in flight together; one outcome per study."""
+    writes = []
+    for entries in studies:
+        study = entries[0][0].tags.study_uid
+        if any(e.tags.study_uid != study for e, _, _, _ in entries):
+            raise ValueError("each list of entries must hold the entries of one study")
+        writes.append((study_index_name(study), {e.tags.sop_uid: encode_entry(e, policy, placements, stored_at)
+                                                 for e, policy, placements, stored_at in entries}))
+    return store.omap_set_many(writes)
 
 
 def study_entries(store, study_uid: str) -> dict[str, bytes]:

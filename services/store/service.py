@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from shared.bus import connect, ensure_streams
 from shared.config import Config
 from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
-from shared.lifecycle import stop_on_signals
+from shared.lifecycle import settle_after_startup, stop_on_signals
 from shared.membership import ElasticOwnership, default_member_name
 from shared.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
@@ -47,6 +47,8 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle,
                                    gcfg, ownership, member, batch_handler=storer.handle_batch)
     await consumer.start()
+    if stop is None:  # this process is the service (not embedded in a test or benchmark)
+        settle_after_startup()
     stop = stop or asyncio.Event()
     # Ready while connected and a group member; not ready from SIGTERM on (it is leaving the group).
     add_health_check("nats", lambda: nc.is_connected)

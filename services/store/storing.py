@@ -227,21 +227,25 @@ class Storer:
             metrics.index_seconds.observe(per)
 
     def index_in_rados_many(self, items: list[_Item]) -> list[Exception | None]:
-        """One omap write per study and RADOS placement for the whole batch (blocking)."""
+        """One omap write per study and RADOS placement for the whole batch, in flight together (blocking)."""
         errors: list[Exception | None] = [None] * len(items)
-        groups: dict[tuple[str, str], list[int]] = {}
+        by_backend: dict[str, dict[str, list[int]]] = {}  # backend -> study -> positions in items
         for k, it in enumerate(items):
             for name in it.placements:
                 if rados_index.is_rados(self.backends.get(name)):
-                    groups.setdefault((name, it.event.tags.study_uid), []).append(k)
-        for (name, _study), members in groups.items():
-            entries = [(items[k].event, items[k].policy, items[k].placements, items[k].stored_at.isoformat())
-                       for k in members]
+                    by_backend.setdefault(name, {}).setdefault(it.event.tags.study_uid, []).append(k)
+        for name, by_study in by_backend.items():
+            studies = list(by_study.values())
+            entries = [[(items[k].event, items[k].policy, items[k].placements, items[k].stored_at.isoformat())
+                        for k in members] for members in studies]
             try:
-                rados_index.record_entries(self.backends.get(name), entries)
+                outcomes = rados_index.record_studies(self.backends.get(name), entries)
             except Exception as exc:
-                for k in members:
-                    errors[k] = exc
+                outcomes = [exc] * len(studies)
+            for members, err in zip(studies, outcomes, strict=True):
+                if err is not None:
+                    for k in members:
+                        errors[k] = err
         return errors
 
     async def _publish_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:

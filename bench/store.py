@@ -120,29 +120,52 @@ async def _stored(nc, stream: str) -> int:
     return sum((info["state"].get("subjects") or {}).values())
 
 
-async def _publish_and_wait(url: str, events: list[InstanceReceived], expect: int, timeout: float = 600) -> float:
+async def _wait_streams(nc) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # the store declares the streams when it starts
+        try:
+            await api(nc, f"STREAM.INFO.{StreamConfig().events_name}")
+            await api(nc, f"STREAM.INFO.{StreamConfig().name}")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _publish(js, events: list[InstanceReceived]) -> None:
+    for i in range(0, len(events), 64):  # bounded concurrency of in-flight PubAcks
+        await asyncio.gather(*(js.publish(instance_in(e.tags.study_uid, e.tags.sop_uid), e.model_dump_json().encode(),
+                                          headers={"Nats-Msg-Id": e.msg_id()}) for e in events[i:i + 64]))
+
+
+async def _until_stored(nc, expect: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while await _stored(nc, StreamConfig().events_name) < expect:
+        if time.monotonic() > deadline:
+            raise TimeoutError("store did not finish")
+        await asyncio.sleep(0.02)
+
+
+async def _publish_and_wait(url: str, events: list[InstanceReceived], expect: int, timeout: float = 600,
+                            paused: list[subprocess.Popen] | None = None) -> float:
+    """Seconds until ``expect`` stored events exist: from the first publish, or (``paused``) from resuming the
+    store processes, which were stopped (SIGSTOP) while every event was published."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the store declares the streams when it starts
-            try:
-                await api(nc, f"STREAM.INFO.{StreamConfig().events_name}")
-                await api(nc, f"STREAM.INFO.{StreamConfig().name}")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        t0 = time.perf_counter()
-        for i in range(0, len(events), 64):  # bounded concurrency of in-flight PubAcks
-            await asyncio.gather(*(js.publish(instance_in(e.tags.study_uid, e.tags.sop_uid), e.model_dump_json().encode(),
-                                              headers={"Nats-Msg-Id": e.msg_id()}) for e in events[i:i + 64]))
-        deadline = time.monotonic() + timeout
-        while await _stored(nc, StreamConfig().events_name) < expect:
-            if time.monotonic() > deadline:
-                raise TimeoutError("store did not finish")
-            await asyncio.sleep(0.05)
+        await _wait_streams(nc)
+        if paused:
+            for proc in paused:
+                proc.send_signal(signal.SIGSTOP)
+            await _publish(js, events)
+            t0 = time.perf_counter()
+            for proc in paused:
+                proc.send_signal(signal.SIGCONT)
+        else:
+            t0 = time.perf_counter()
+            await _publish(js, events)
+        await _until_stored(nc, expect, timeout)
         return time.perf_counter() - t0
     finally:
         await nc.close()
@@ -157,12 +180,17 @@ def _event(n: int, digest: str, size: int) -> InstanceReceived:
 
 
 def store_pass(tmp: Path, conf: str, pool: str, stage: Path, objects: list[tuple[str, bytes]],
-               warmup: tuple[str, bytes], members: int = 1) -> float:
-    """Seconds for the store service to place every object (NATS + ``members`` store processes, fresh)."""
-    nats_dir = tmp / f"nats-{pool}"
-    server = NatsServer(nats_dir, free_port(), 0, name="bench", log_file=tmp / f"nats-{pool}.log").start()
+               warmup: tuple[str, bytes], members: int = 1, mode: str = "live") -> float:
+    """Seconds for the store service to place every object (NATS + ``members`` store processes, fresh).
+
+    ``live``: the events are published while the store works (the publisher shares the CPUs); ``backlog``:
+    the store is paused while they are published and timed from its resumption (draining a backlog).
+    """
+    run = f"{pool}-{mode}"
+    nats_dir = tmp / f"nats-{run}"
+    server = NatsServer(nats_dir, free_port(), 0, name="bench", log_file=tmp / f"nats-{run}.log").start()
     tree = {
-        "data_dir": str(tmp / f"data-{pool}"),
+        "data_dir": str(tmp / f"data-{run}"),
         "nats": {"url": server.url, "monitor_port": 0},
         "stream": {"partitions": PARTITIONS},
         "storage": {"staging": "stage",
@@ -172,17 +200,18 @@ def store_pass(tmp: Path, conf: str, pool: str, stage: Path, objects: list[tuple
                     "policies": {"default": {"placements": ["ceph"]}}, "default_policy": "default"},
         "telemetry": {"metrics_port": 0, "log_level": "WARNING"},
     }
-    cfg = tmp / f"store-{pool}.yaml"
+    cfg = tmp / f"store-{run}.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
     procs = [subprocess.Popen([sys.executable, "-m", "dicomflow", "--config", str(cfg), "store"], cwd=REPO, env=env,
-                              stdout=open(tmp / f"store-{pool}.log", "ab"), stderr=subprocess.STDOUT)
+                              stdout=open(tmp / f"store-{run}.log", "ab"), stderr=subprocess.STDOUT)
              for _ in range(members)]
     try:
         # Warm-up: one event end to end, so the timed part excludes start-up and consumer creation.
         asyncio.run(_publish_and_wait(server.url, [_event(10**6, warmup[0], len(warmup[1]))], 1, timeout=120))
         events = [_event(n, d, len(data)) for n, (d, data) in enumerate(objects)]
-        return asyncio.run(_publish_and_wait(server.url, events, len(events) + 1))
+        return asyncio.run(_publish_and_wait(server.url, events, len(events) + 1,
+                                             paused=procs if mode == "backlog" else None))
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -248,23 +277,30 @@ def main() -> int:
             raw_pass(conf, pool, objects[: max(1, len(objects) // 10)])
             raw_before = raw_pass(conf, pool, objects)
             log(f"{key}: raw   {args.objects / raw_before:8.1f} objects/s  {mb / raw_before:7.1f} MB/s")
-            store = store_pass(tmp, conf, pool, stage, objects, warmup, args.members)
-            log(f"{key}: store {args.objects / store:8.1f} objects/s  {mb / store:7.1f} MB/s")
+            live = store_pass(tmp, conf, pool, stage, objects, warmup, args.members, mode="live")
+            log(f"{key}: store {args.objects / live:8.1f} objects/s  {mb / live:7.1f} MB/s (live: publishing meanwhile)")
+            clear_namespace(conf, pool, "store")
+            store = store_pass(tmp, conf, pool, stage, objects, warmup, args.members, mode="backlog")
+            log(f"{key}: store {args.objects / store:8.1f} objects/s  {mb / store:7.1f} MB/s (draining a backlog)")
+            clear_namespace(conf, pool, "store")  # memstore OSDs hold everything in RAM
             raw_after = raw_pass(conf, pool, objects)
             log(f"{key}: raw   {args.objects / raw_after:8.1f} objects/s  {mb / raw_after:7.1f} MB/s (again)")
             raw_x = raw_pass(conf, pool, objects, xattrs=True)
             log(f"{key}: raw+xattrs {args.objects / raw_x:8.1f} objects/s (the same writes as the store's)")
             raw = min(raw_before, raw_after)
-            clear_namespace(conf, pool, "store")  # memstore OSDs hold everything in RAM
             rows[key] = {"raw_objects_per_s": round(args.objects / raw, 1), "raw_mb_per_s": round(mb / raw, 1),
                          "store_objects_per_s": round(args.objects / store, 1), "store_mb_per_s": round(mb / store, 1),
                          "store_vs_raw_ratio": round(raw / store, 3),
+                         "store_live_objects_per_s": round(args.objects / live, 1),
+                         "store_live_vs_raw_ratio": round(raw / live, 3),
                          "raw_xattrs_objects_per_s": round(args.objects / raw_x, 1),
                          "store_vs_raw_xattrs_ratio": round(raw_x / store, 3)}
-        print(f"\n{'pool':<6} {'raw obj/s':>10} {'raw MB/s':>9} {'store obj/s':>12} {'store MB/s':>11} {'ratio':>6}")
+        print(f"\n{'pool':<6} {'raw obj/s':>10} {'raw MB/s':>9} {'store obj/s':>12} {'store MB/s':>11} {'ratio':>6}"
+              f" {'live obj/s':>11} {'live ratio':>10}")
         for key, r in rows.items():
             print(f"{key:<6} {r['raw_objects_per_s']:>10.1f} {r['raw_mb_per_s']:>9.1f} {r['store_objects_per_s']:>12.1f}"
-                  f" {r['store_mb_per_s']:>11.1f} {r['store_vs_raw_ratio']:>6.3f}")
+                  f" {r['store_mb_per_s']:>11.1f} {r['store_vs_raw_ratio']:>6.3f} {r['store_live_objects_per_s']:>11.1f}"
+                  f" {r['store_live_vs_raw_ratio']:>10.3f}")
         out = {**rows["size1"], "size2": rows["size2"], "objects": args.objects, "object_kib": args.size_kib,
                "aio_window": WINDOW, "partitions": PARTITIONS, "store_members": args.members, "cpus": os.cpu_count(),
                "cluster": "external" if args.ceph_conf else f"throw-away: mon + 3 {args.objectstore} OSDs",

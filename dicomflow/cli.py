@@ -130,7 +130,9 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_store(config: Config, args: argparse.Namespace) -> int:
     from services.store.service import serve
+    from shared.lifecycle import tune_allocator
 
+    tune_allocator()
     asyncio.run(serve(config, args.metrics_port))
     return 0
 

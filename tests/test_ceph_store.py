@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -127,6 +128,53 @@ def test_per_pool_caps_surface_permission_error(cluster):
             denied.put(content_digest(data), data)
     finally:
         ok.close()
+        denied.close()
+
+
+def test_put_many_shares_a_small_window_between_threads_and_batches_omap_writes(cluster):
+    """Four threads write 40 objects each through one backend whose window (3) is far smaller than their
+    writes in flight: each finishes its own completions to free slots, so none waits on another forever;
+    every object lands whole. Then a batch of study index objects goes out in one call."""
+    store = RadosObjectStore("ceph", _backend(cluster, namespace="window", aio_window=3))
+    outcomes: dict[int, list] = {}
+    bodies = {t: [f"thread {t} object {i} ".encode() * (1000 + i) for i in range(40)] for t in range(4)}
+
+    def writer(t: int) -> None:
+        outcomes[t] = store.put_many((content_digest(b), b, {"sop_uid": f"1.2.{t}.{i}"})
+                                     for i, b in enumerate(bodies[t]))
+
+    try:
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads), "a writer is stuck waiting for a window slot"
+        assert all(err is None for t in range(4) for err in outcomes[t])
+        for t in range(4):
+            for body in bodies[t]:
+                assert store.get(content_digest(body)) == body
+        assert store._window.acquire(blocking=False)  # every slot came back
+        store._window.release()
+
+        writes = [(f"study.1.2.{n}", {f"1.2.{n}.{i}": f"entry {i}".encode() for i in range(5)}) for n in range(10)]
+        assert store.omap_set_many(writes) == [None] * 10
+        for oid, entries in writes:
+            assert store.omap_get(oid) == entries
+    finally:
+        store.close()
+
+
+def test_omap_writes_report_a_failure_per_object(cluster):
+    keyring = cluster.create_user("indexer", "allow rw pool=allowed")
+    denied = RadosObjectStore("forbidden", _backend(cluster, pool="forbidden", ceph_user="indexer",
+                                                    keyring=str(keyring)))
+    try:
+        errors = denied.omap_set_many([("study.a", {"k": b"v"}), ("study.b", {"k": b"v"})])
+        assert len(errors) == 2 and all(isinstance(e, PermissionError) for e in errors)
+        with pytest.raises(PermissionError, match=r"write omap of study\.a"):
+            denied.omap_set("study.a", {"k": b"v"})
+    finally:
         denied.close()
 
 

@@ -122,3 +122,42 @@ def test_group_commit_batches_concurrent_records_and_keeps_outcomes(tmp_path):
     assert [r.outcome for r in again] == ["same"] * 50
     assert index.count() == 50
     assert sum(calls) == 100 and len(calls) < 100  # rows shared transactions
+
+
+def test_place_many_reads_each_claim_check_once_for_every_placement(tmp_path):
+    """Two placements besides staging: each gets every instance's bytes, read (and verified) from staging once."""
+    from services.store.storing import Storer
+    from shared.config import Config
+    from shared.objectstore import Backends, content_digest
+
+    config = Config.model_validate({
+        "data_dir": str(tmp_path),
+        "storage": {"staging": "stage",
+                    "backends": {"stage": {"kind": "fs", "path": "stage"}, "copy1": {"kind": "fs", "path": "c1"},
+                                 "copy2": {"kind": "fs", "path": "c2"}},
+                    "policies": {"default": {"placements": ["copy1", "copy2"]}}, "default_policy": "default"}})
+    backends = Backends(config)
+    stage = backends.get("stage")
+    bodies = [f"instance {i} ".encode() * 500 for i in range(12)]
+    events = []
+    for i, body in enumerate(bodies):
+        digest = content_digest(body)
+        stage.put(digest, body)
+        tags = InstanceTags(study_uid="1.2.3", series_uid="1.2.3.1", sop_uid=f"1.2.3.1.{i}", modality="CT")
+        events.append(InstanceReceived(tags=tags, transfer_syntax_uid="1.2.840.10008.1.2.1", digest=digest,
+                                       size=len(body), backend="stage", calling_ae="CT1", called_ae="DICOMFLOW",
+                                       received_at=utcnow()))
+    missing = events[0].model_copy(update={"digest": content_digest(b"never staged")})
+    reads = []
+    original_get = stage.get
+    stage.get = lambda digest: reads.append(digest) or original_get(digest)
+    storer = Storer(config, None, backends, Index(tmp_path / "i.sqlite"))
+    try:
+        errors = storer.place_many([(e, ["copy1", "copy2"]) for e in [*events, missing]])
+        assert errors[:-1] == [None] * len(events)
+        assert errors[-1] is not None  # its claim-check is gone: retried, never acknowledged
+        assert sorted(reads[:-1]) == sorted(e.digest for e in events) and len(reads) == len(events) + 1
+        for name in ("copy1", "copy2"):
+            assert all(backends.get(name).get(e.digest) == body for e, body in zip(events, bodies, strict=True))
+    finally:
+        backends.close()

@@ -62,9 +62,9 @@ def connect_cluster(cfg: BackendConfig):
 class _Pending:
     """One in-flight aio operation: its completion, the op it keeps alive, and its outcome."""
 
-    __slots__ = ("done", "ret", "data", "op", "what", "completion", "finished")
+    __slots__ = ("done", "ret", "data", "op", "what", "completion", "finished", "size")
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, size: int = 0):
         self.done = threading.Event()
         self.ret = 0
         self.data = b""
@@ -72,6 +72,7 @@ class _Pending:
         self.what = what
         self.completion = None  # writes: waited on without a callback
         self.finished = False
+        self.size = size  # bytes counted against aio_window_bytes until finished
 
 
 class RadosObjectStore:
@@ -94,6 +95,9 @@ class RadosObjectStore:
         if cfg.namespace:
             self.io.set_namespace(cfg.namespace)
         self._window = threading.BoundedSemaphore(cfg.aio_window)
+        self._bytes = threading.Condition()
+        self._bytes_in_flight = 0
+        self.bytes_in_flight_peak = 0  # observed maximum, for tests and diagnostics
 
     # ------------------------------------------------------------------ errors
     def _where(self) -> str:
@@ -146,17 +150,37 @@ class RadosObjectStore:
             pend.done.set()
         return done
 
-    def _take_slot(self, mine: deque[_Pending]) -> None:
-        """A window slot; while none is free, finish this caller's own oldest op (no deadlock between callers)."""
+    def _take_slot(self, mine: deque[_Pending], size: int) -> None:
+        """A window slot and ``size`` bytes of the byte budget for one write.
+
+        While either is short, the caller finishes its own oldest write; with none of its own in flight
+        it waits for the other callers' writes, which finish theirs the same way, so no two callers
+        wait on each other. A write larger than the whole budget goes alone.
+        """
         while not self._window.acquire(blocking=False):
             unfinished = next((p for p in mine if not p.finished), None)
             if unfinished is None:
                 self._window.acquire()
-                return
+                break
             self._finish(unfinished)
+        try:
+            while True:
+                with self._bytes:
+                    if not self._bytes_in_flight or self._bytes_in_flight + size <= self.cfg.aio_window_bytes:
+                        self._bytes_in_flight += size
+                        self.bytes_in_flight_peak = max(self.bytes_in_flight_peak, self._bytes_in_flight)
+                        return
+                    unfinished = next((p for p in mine if not p.finished), None)
+                    if unfinished is None:
+                        self._bytes.wait(0.05)
+                        continue
+                self._finish(unfinished)
+        except BaseException:
+            self._window.release()
+            raise
 
     def _finish(self, pend: _Pending) -> None:
-        """Wait for a write (librados enforces op_timeout) and free its op and window slot; idempotent."""
+        """Wait for a write (librados enforces op_timeout) and free its op, window slot and bytes; idempotent."""
         if pend.finished:
             return
         try:
@@ -169,6 +193,9 @@ class RadosObjectStore:
                 pend.op.release()
                 pend.op = None
             self._window.release()
+            with self._bytes:
+                self._bytes_in_flight -= pend.size
+                self._bytes.notify_all()
 
     def _wait(self, pending: list[_Pending], action: str) -> None:
         """Wait for every op; raise the first failure (all of them have finished by then)."""
@@ -195,12 +222,14 @@ class RadosObjectStore:
             op.write_full(data if isinstance(data, bytes) else bytes(data))
             for k, v in xattrs.items():
                 op.set_xattr(k, v)
-        return self._aio_operate(oid, fill, mine)
+        return self._aio_operate(oid, fill, mine, len(data))
 
-    def _aio_operate(self, oid: str, fill: Callable[[object], None], mine: deque[_Pending]) -> _Pending:
-        """Start one write op on ``oid`` (``fill`` adds its steps) once a window slot is free; appended to ``mine``."""
-        self._take_slot(mine)
-        pend = _Pending(oid)
+    def _aio_operate(self, oid: str, fill: Callable[[object], None], mine: deque[_Pending], size: int = 0
+                     ) -> _Pending:
+        """Start one write op of ``size`` bytes on ``oid`` (``fill`` adds its steps) once the window has room;
+        appended to ``mine``."""
+        self._take_slot(mine, size)
+        pend = _Pending(oid, size)
         try:
             op = pend.op = self.io.create_write_op()
             fill(op)
@@ -209,6 +238,9 @@ class RadosObjectStore:
             if pend.op is not None:
                 pend.op.release()
             self._window.release()
+            with self._bytes:
+                self._bytes_in_flight -= size
+                self._bytes.notify_all()
             raise
         mine.append(pend)
         return pend

@@ -132,12 +132,13 @@ def test_per_pool_caps_surface_permission_error(cluster):
 
 
 def test_put_many_shares_a_small_window_between_threads_and_batches_omap_writes(cluster):
-    """Four threads write 40 objects each through one backend whose window (3) is far smaller than their
-    writes in flight: each finishes its own completions to free slots, so none waits on another forever;
-    every object lands whole. Then a batch of study index objects goes out in one call."""
-    store = RadosObjectStore("ceph", _backend(cluster, namespace="window", aio_window=3))
+    """Four threads write 40 objects of ~300 KiB each through one backend whose window (3 writes, 1 MiB) is
+    far smaller than their writes in flight: each finishes its own completions to free room, so none waits
+    on another forever; the byte budget holds; every object lands whole. Then a batch of study index
+    objects goes out in one call."""
+    store = RadosObjectStore("ceph", _backend(cluster, namespace="window", aio_window=3, aio_window_bytes=1024**2))
     outcomes: dict[int, list] = {}
-    bodies = {t: [f"thread {t} object {i} ".encode() * (1000 + i) for i in range(40)] for t in range(4)}
+    bodies = {t: [f"thread {t} object {i} ".encode() * (16000 + i) for i in range(40)] for t in range(4)}
 
     def writer(t: int) -> None:
         outcomes[t] = store.put_many((content_digest(b), b, {"sop_uid": f"1.2.{t}.{i}"})
@@ -154,7 +155,8 @@ def test_put_many_shares_a_small_window_between_threads_and_batches_omap_writes(
         for t in range(4):
             for body in bodies[t]:
                 assert store.get(content_digest(body)) == body
-        assert store._window.acquire(blocking=False)  # every slot came back
+        assert 0 < store.bytes_in_flight_peak <= 1024**2
+        assert store._window.acquire(blocking=False) and store._bytes_in_flight == 0  # every slot came back
         store._window.release()
 
         writes = [(f"study.1.2.{n}", {f"1.2.{n}.{i}": f"entry {i}".encode() for i in range(5)}) for n in range(10)]

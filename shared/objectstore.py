@@ -47,13 +47,14 @@ class ObjectStore(Protocol):
 
     name: str
 
-    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
-        """Store ``data`` under ``digest``; durable when it returns. Idempotent."""
+    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> str | None:
+        """Store ``data`` under ``digest``; durable when it returns. Idempotent. May return a locator that
+        :meth:`get` and :meth:`exists` take while the object is not visible under its digest yet."""
 
-    def get(self, digest: str) -> bytes:
+    def get(self, digest: str, locator: str = "") -> bytes:
         """The object's bytes, verified against the digest (raises CorruptObject / ObjectMissing)."""
 
-    def exists(self, digest: str) -> bool:
+    def exists(self, digest: str, locator: str = "") -> bool:
         """Whether an object is stored under ``digest``."""
 
     def location(self, digest: str) -> str:

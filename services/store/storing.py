@@ -161,12 +161,13 @@ class Storer:
                         continue
                     try:
                         if name == event.backend:
-                            if not backend.exists(event.digest):
+                            if not backend.exists(event.digest, event.staged_ref):
                                 raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
                             continue
                         body = data.pop(i, None)
                         if body is None:
-                            body = self.backends.get(event.backend).get(event.digest)  # verifies the digest
+                            # verifies the digest; the locator finds bytes whose file is not visible yet
+                            body = self.backends.get(event.backend).get(event.digest, event.staged_ref)
                     except Exception as exc:
                         errors[i] = exc
                         continue

@@ -243,11 +243,7 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
         rcv.start()
         rcv.settle()
         elapsed = send(files, rcv.port, rcv.aec, assocs)
-        # Acknowledged means durable: dicomflow makes small objects' files visible just after (they are in
-        # its write-ahead log before the ack), so the count may need a moment to catch up.
-        deadline = time.monotonic() + 30
-        while (got := rcv.count()) < len(files) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        got = rcv.count()
         if got != len(files):
             raise RuntimeError(f"{kind}: {got} of {len(files)} instances arrived")
     finally:

@@ -64,7 +64,6 @@ class BackendConfig(_Section):
     wal_max_object_bytes: int = Field(256 * 1024, ge=0, description="fs: objects up to this size are made durable through a write-ahead log (one fdatasync into a pre-zeroed segment, shared by concurrent writers) instead of fsyncing a new file and its folder; their files are synced by a checkpoint later and replayed from the log after a crash. 0 turns the log off.")
     wal_segment_bytes: int = Field(64 * 1024**2, ge=1024**2, le=1024**3, description="fs: size of one write-ahead log segment (pre-zeroed once, then recycled).")
     wal_checkpoint_s: float = Field(5.0, gt=0, description="fs: a segment older than this is checkpointed (its files synced with one syncfs) and recycled.")
-    wal_background_files: bool = Field(True, description="fs: make a logged object's file visible in background threads after put returns (creating a file waits for the filesystem journal under load); until then other processes read it from the log through the event's staged_ref. false: before put returns.")
     aio_window: int = Field(64, ge=1, description="rados: aio operations in flight per backend.")
     aio_window_bytes: int = Field(256 * 1024**2, ge=1024**2, description="rados: bytes of writes in flight per backend "
                                   "(librados holds a copy of each until it completes); one write may exceed it alone.")

@@ -55,8 +55,6 @@ class InstanceReceived(_Event):
     called_ae: str
     received_at: datetime
     receiver: str = Field("", description="host/pid of the receiving process")
-    staged_ref: str = Field("", description="where the staging backend also finds the bytes while the object is "
-                                            "not visible under its digest yet (filesystem: a write-ahead log record)")
 
     def msg_id(self) -> str:
         """De-duplication id: the same bytes of the same SOP instance are one event."""

@@ -1,33 +1,20 @@
 """Filesystem object store: one file per object under ``ab/<digest>``, durable before put returns.
 
-Small objects are made durable through the write-ahead log of :mod:`shared.fs_wal`; their file is
-then made visible by background threads (synced by a later checkpoint), because creating and renaming
-a file waits for the filesystem's journal whenever another process commits (1-5 ms per instance
-measured under load, against 0.1-0.5 ms for the log). Until it is visible, this process reads the
-object from memory and any process from the log, through the locator ``put`` returned. Large
-objects are made durable by fsyncing their file and its folder.
+Small objects are made durable through the write-ahead log of :mod:`shared.fs_wal` (their file is
+visible at once and synced by a later checkpoint); large ones by fsyncing the file and its folder.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-import time
 import uuid
-from collections import deque
 from pathlib import Path
 
 from . import fs_wal
 from .config import BackendConfig
 from .fs_wal import fsync_dir as _fsync_dir
 from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
-
-log = logging.getLogger("dicomflow.fs_store")
-
-# Bytes of logged objects whose files are not visible yet; a put beyond it waits (back-pressure).
-_BACKGROUND_BYTES = 64 * 1024 * 1024
-_BACKGROUND_THREADS = 2
 
 
 def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -59,14 +46,6 @@ class FileObjectStore:
         self._wal_cfg = (cfg.wal_segment_bytes, cfg.wal_checkpoint_s)
         self._wal: fs_wal.WriteAheadLog | None = None
         self._wal_lock = threading.Lock()
-        self._background = cfg.wal_background_files
-        self._pending: dict[str, tuple[bytes, str]] = {}  # logged, file not visible yet: (bytes, locator)
-        self._pending_bytes = 0
-        self._queue: deque = deque()
-        self._cond = threading.Condition()
-        self._workers: list[threading.Thread] = []
-        self._closing = False
-        self._stuck = 0  # objects whose file could not be made: left in the log for recovery
         # Before anything reads or writes: objects a crashed process acknowledged are only in its log.
         fs_wal.recover(self._wal_dir, self._root, self._restore)
 
@@ -79,26 +58,18 @@ class FileObjectStore:
         check_digest(digest)
         return self.root / digest[:2] / digest
 
-    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> str:
-        """Store ``data``; durable when it returns. Returns a locator for :meth:`get` / :meth:`exists` in
-        other processes while the file is not visible yet ("" when there is none)."""
+    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
         check_digest(digest)
         folder, final = self._final(digest)
-        pending = self._pending.get(digest)
-        if pending is not None:
-            return pending[1]  # content-addressed: the same key holds the same bytes
         if os.path.exists(final):
-            return ""
+            return  # content-addressed: the same key holds the same bytes
         if len(data) <= self._wal_max:
             ticket = self._log().append(digest, data)  # durable from here on
-            if not self._background:
-                try:
-                    self._materialize(folder, final, digest, data)
-                finally:
-                    self._log().release(ticket)
-                return ticket.locator
-            self._hand_over(folder, final, digest, data if isinstance(data, bytes) else bytes(data), ticket)
-            return ticket.locator
+            try:
+                self._materialize(folder, final, digest, data)
+            finally:
+                self._log().release(ticket)
+            return
         tmp = f"{self._tmp}/{digest}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -110,52 +81,6 @@ class FileObjectStore:
         # The rename is durable only once the directory entry is. It comes last, so on a journalling
         # filesystem the file's fsync already committed the file itself (this is one more commit).
         _fsync_dir(folder)
-        return ""
-
-    # -- files made visible in the background ---------------------------------------------------
-
-    def _hand_over(self, folder: str, final: str, digest: str, body: bytes, ticket: fs_wal.Ticket) -> None:
-        with self._cond:
-            while self._pending_bytes > _BACKGROUND_BYTES and self._queue:
-                self._cond.wait(1.0)
-            first = digest not in self._pending  # the same object put twice at once: one entry
-            if first:
-                self._pending[digest] = (body, ticket.locator)
-                self._pending_bytes += len(body)
-            self._queue.append((folder, final, digest, body, ticket, first))
-            while len(self._workers) < _BACKGROUND_THREADS:
-                worker = threading.Thread(target=self._make_files, name=f"fs-files-{len(self._workers)}", daemon=True)
-                self._workers.append(worker)
-                worker.start()
-            self._cond.notify_all()
-
-    def _make_files(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                folder, final, digest, body, ticket, first = self._queue.popleft()
-            for attempt in range(3):
-                try:
-                    self._materialize(folder, final, digest, body)
-                    break
-                except OSError as exc:
-                    log.warning("object %s: its file could not be made (%s)%s", digest, exc,
-                                "; it stays in the write-ahead log and is replayed at the next start"
-                                if attempt == 2 else ", retrying")
-                    time.sleep(0.2)
-            else:
-                with self._cond:
-                    self._stuck += 1  # the ticket stays held: its segment is never recycled
-                continue
-            self._log().release(ticket)
-            if first:
-                with self._cond:
-                    del self._pending[digest]
-                    self._pending_bytes -= len(body)
-                    self._cond.notify_all()
 
     def _log(self) -> fs_wal.WriteAheadLog:
         """This process's write-ahead log, started by the first small put (readers never start one)."""
@@ -207,40 +132,21 @@ class FileObjectStore:
         if made:
             _fsync_dir(self._root)
 
-    def get(self, digest: str, locator: str = "") -> bytes:
-        """The object's bytes, verified; ``locator`` (from :meth:`put`) finds one whose file is not visible yet."""
-        pending = self._pending.get(digest)
-        if pending is not None:
-            return pending[0]
-        for attempt in range(2):
-            try:
-                data = self.path(digest).read_bytes()
-                break
-            except FileNotFoundError:
-                pass
+    def get(self, digest: str) -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
             try:
                 data = self._legacy_path(digest).read_bytes()
-                break
             except FileNotFoundError:
-                pass
-            # Not visible yet: in the log. If the log no longer has it, its file exists by now.
-            logged = fs_wal.read_at(self._wal_dir, locator, digest) if locator and attempt == 0 else None
-            if logged is not None:
-                return logged
-        else:
-            raise ObjectMissing(digest)
+                raise ObjectMissing(digest) from None
         if content_digest(data) != digest:
             raise CorruptObject(f"{self.name}: object {digest} does not match its digest")
         return data
 
-    def exists(self, digest: str, locator: str = "") -> bool:
-        """Whether the object is stored; ``locator`` (from :meth:`put`) finds one whose file is not visible yet."""
+    def exists(self, digest: str) -> bool:
         _, final = self._final(check_digest(digest))
-        if digest in self._pending or os.path.exists(final) or self._legacy_path(digest).exists():
-            return True
-        if locator and fs_wal.read_at(self._wal_dir, locator, digest) is not None:
-            return True
-        return os.path.exists(final)
+        return os.path.exists(final) or self._legacy_path(digest).exists()
 
     def _legacy_path(self, digest: str) -> Path:
         """Where versions before the write-ahead log kept an object (``ab/cd/<digest>``): still read."""
@@ -250,19 +156,7 @@ class FileObjectStore:
         return f"file://{self.path(digest).resolve()}"
 
     def close(self) -> None:
-        """Make the pending files, checkpoint and remove this process's log: after a clean stop every
-        file is durable on its own (objects whose file could not be made stay in the log for recovery)."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        for worker in self._workers:
-            worker.join()
-        self._workers.clear()
+        """Checkpoint and remove this process's log: after a clean stop every file is durable on its own."""
         if self._wal is not None:
-            if self._stuck:
-                log.error("%d objects are only in the write-ahead log; they are replayed when the store next opens",
-                          self._stuck)
-                self._wal.abandon()
-            else:
-                self._wal.close()
+            self._wal.close()
             self._wal = None

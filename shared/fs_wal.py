@@ -128,12 +128,6 @@ class Ticket:
     """An append that is durable in the log; release it once the object's file is visible."""
 
     segment: _Segment
-    offset: int = 0
-
-    @property
-    def locator(self) -> str:
-        """Where the record is (``<segment file>@<offset>``): :func:`read_at` reads it from any process."""
-        return f"{os.path.basename(self.segment.path)}@{self.offset}"
 
 
 class WriteAheadLog:
@@ -181,9 +175,9 @@ class WriteAheadLog:
             _write_all(seg.fd, [header, data], offset)
             self._sync(seg)
         except BaseException:
-            self.release(Ticket(seg, offset))
+            self.release(Ticket(seg))
             raise
-        return Ticket(seg, offset)
+        return Ticket(seg)
 
     def release(self, ticket: Ticket) -> None:
         """The object's file is visible (or its write failed): the segment may be checkpointed."""
@@ -318,54 +312,6 @@ class WriteAheadLog:
                 seg.close()
             self._spares.clear()
         fsync_dir(self.folder)
-
-
-    def abandon(self) -> None:
-        """Stop without checkpointing: segments that hold records stay on disk, and whoever opens the store
-        next replays them (the lock ends with these file descriptors). For records whose file could not be made."""
-        with self._cond:
-            self._closed = True
-            segments = [s for s in [self._active, *self._full] if s is not None]
-            self._active, self._full = None, []
-            spares, self._spares = self._spares, []
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(30)
-        for seg in spares:
-            os.unlink(seg.path)
-            seg.close()
-        for seg in segments:
-            seg.close()
-
-
-# -- reading a record whose file is not visible yet --------------------------------------------
-
-def read_at(folder: str, locator: str, digest: str) -> bytes | None:
-    """The bytes of the record ``locator`` names in a segment under ``folder``, if it still holds ``digest``.
-
-    None when the segment is gone or was recycled (epoch or digest differ): its records' files were
-    made visible before that, so the caller reads the file instead.
-    """
-    name, _, offset_text = locator.rpartition("@")
-    if not name.endswith(".wal") or os.sep in name or not offset_text.isdigit():
-        return None
-    offset = int(offset_text)
-    try:
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        magic, epoch = _SEGMENT_HEADER.unpack(os.pread(fd, _SEGMENT_HEADER.size, 0).ljust(_SEGMENT_HEADER.size, b"\0"))
-        head = os.pread(fd, _RECORD_HEADER.size, offset)
-        if magic != SEGMENT_MAGIC or not epoch or len(head) != _RECORD_HEADER.size:
-            return None
-        rmagic, repoch, length, rdigest = _RECORD_HEADER.unpack(head)
-        if rmagic != RECORD_MAGIC or repoch != epoch or rdigest.hex() != digest:
-            return None
-        body = os.pread(fd, length, offset + _RECORD_HEADER.size)
-    finally:
-        os.close(fd)
-    return body if blake3.blake3(body).hexdigest() == digest else None
 
 
 # -- recovery -----------------------------------------------------------------------------------

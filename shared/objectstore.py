@@ -47,14 +47,13 @@ class ObjectStore(Protocol):
 
     name: str
 
-    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> str | None:
-        """Store ``data`` under ``digest``; durable when it returns. Idempotent. May return a locator that
-        :meth:`get` and :meth:`exists` take while the object is not visible under its digest yet."""
+    def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
+        """Store ``data`` under ``digest``; durable when it returns. Idempotent."""
 
-    def get(self, digest: str, locator: str = "") -> bytes:
+    def get(self, digest: str) -> bytes:
         """The object's bytes, verified against the digest (raises CorruptObject / ObjectMissing)."""
 
-    def exists(self, digest: str, locator: str = "") -> bool:
+    def exists(self, digest: str) -> bool:
         """Whether an object is stored under ``digest``."""
 
     def location(self, digest: str) -> str:

@@ -332,10 +332,8 @@ class RadosObjectStore:
             raise self._error(exc, "stat", oid) from None
         return size
 
-    def get(self, digest: str, locator: str = "") -> bytes:
-        """The object's bytes, reassembled from chunks when needed and verified against the digest.
-
-        ``locator`` is unused: an object is visible once put returns."""
+    def get(self, digest: str) -> bytes:
+        """The object's bytes, reassembled from chunks when needed and verified against the digest."""
         check_digest(digest)
         size = self._stat(digest)
         try:
@@ -377,8 +375,8 @@ class RadosObjectStore:
             out[c.offset:c.offset + c.size] = p.data
         return bytes(out)
 
-    def exists(self, digest: str, locator: str = "") -> bool:
-        """Whether the (complete) object is stored (``locator`` is unused)."""
+    def exists(self, digest: str) -> bool:
+        """Whether the (complete) object is stored."""
         check_digest(digest)
         try:
             self.io.stat(digest)

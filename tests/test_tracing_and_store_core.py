@@ -150,7 +150,7 @@ def test_place_many_reads_each_claim_check_once_for_every_placement(tmp_path):
     missing = events[0].model_copy(update={"digest": content_digest(b"never staged")})
     reads = []
     original_get = stage.get
-    stage.get = lambda digest, locator="": reads.append(digest) or original_get(digest, locator)
+    stage.get = lambda digest: reads.append(digest) or original_get(digest)
     storer = Storer(config, None, backends, Index(tmp_path / "i.sqlite"))
     try:
         errors = storer.place_many([(e, ["copy1", "copy2"]) for e in [*events, missing]])

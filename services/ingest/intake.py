@@ -96,15 +96,14 @@ class Intake:
         digest = content_digest(rcv.data)
         t0 = time.perf_counter()
         try:
-            staged_ref = self.staging.put(digest, rcv.data, {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid})
+            self.staging.put(digest, rcv.data, {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid})
         except Exception as exc:
             metrics.failures.labels(stage="staging").inc()
             return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
         metrics.staging_latency.observe(time.perf_counter() - t0)
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
                                  size=len(rcv.data), backend=self.staging.name, calling_ae=rcv.calling_ae,
-                                 called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver,
-                                 staged_ref=staged_ref or "")
+                                 called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver)
         t0 = time.perf_counter()
         try:
             self.publish(subjects.instance_in(tags.study_uid, tags.sop_uid), event, event_headers(event.msg_id()))

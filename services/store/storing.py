@@ -161,13 +161,12 @@ class Storer:
                         continue
                     try:
                         if name == event.backend:
-                            if not backend.exists(event.digest, event.staged_ref):
+                            if not backend.exists(event.digest):
                                 raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
                             continue
                         body = data.pop(i, None)
                         if body is None:
-                            # verifies the digest; the locator finds bytes whose file is not visible yet
-                            body = self.backends.get(event.backend).get(event.digest, event.staged_ref)
+                            body = self.backends.get(event.backend).get(event.digest)  # verifies the digest
                     except Exception as exc:
                         errors[i] = exc
                         continue

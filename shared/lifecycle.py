@@ -63,9 +63,10 @@ def tune_allocator(keep_bytes: int = 256 << 20, mmap_above: int = 8 << 20, arena
 
     A service moving 512 KiB objects allocates and frees them (Python bytes, librados' copies) from
     several threads: glibc's per-thread arenas and heap trimming gave the pages back and the next
-    object faulted them in again, zeroed (measured in the store: 16 page faults and a tenth of its
-    CPU per object; 6 faults with these settings). One arena, no trimming below ``keep_bytes``, and
-    no mmap below ``mmap_above``. Returns False (and changes nothing) where the C library is not glibc.
+    object faulted them in again, zeroed (measured in the store: 16 page faults per object, and
+    zeroing pages was a tenth of its CPU; 6 faults with these settings). One arena, no trimming below
+    ``keep_bytes``, and no mmap below ``mmap_above``. Returns False where the C library is not glibc
+    or refuses a setting (the settings before it stay applied).
     """
     name = ctypes.util.find_library("c")
     try:

@@ -292,17 +292,15 @@ class RadosObjectStore:
         # Ops are reaped as soon as they have completed: a finished op still holds librados' copy of its
         # bytes, and holding a whole batch's copies made the allocator hand out fresh (page-faulting) memory.
         mine: deque[_Pending] = deque()
-        item_of: dict[int, int] = {}
+        positions: deque[int] = deque()  # the item of each write in ``mine``, in the same order
 
         def reap(block: bool) -> None:
             while mine and (block or mine[0].finished or mine[0].completion.is_complete()):
-                pend = mine.popleft()
+                pend, i = mine.popleft(), positions.popleft()
                 try:
                     self._wait([pend], "write")
                 except Exception as exc:
-                    errors[item_of.pop(id(pend))] = exc
-                else:
-                    item_of.pop(id(pend))
+                    errors[i] = exc
 
         try:
             for i, (digest, data, meta) in enumerate(items):
@@ -314,8 +312,8 @@ class RadosObjectStore:
                         self.put(digest, data, meta)  # large: its chunks already go out together
                         continue
                     whole = data if isinstance(data, bytes) else view
-                    pend = self._aio_write(digest, whole, xattrs_for(digest, len(view), LAYOUT_WHOLE, meta), mine)
-                    item_of[id(pend)] = i
+                    self._aio_write(digest, whole, xattrs_for(digest, len(view), LAYOUT_WHOLE, meta), mine)
+                    positions.append(i)
                 except Exception as exc:
                     errors[i] = exc
                 finally:

@@ -104,6 +104,7 @@ class GroupConfig(_Section):
     heartbeat_s: float = Field(1, gt=0, description="Seconds between a member's heartbeats (and its reading of the membership); below member_ttl_s.")
     elastic: bool = Field(True, description="Members share the partitions by rendezvous hashing over the live membership; false: every member pulls every partition (the pinned consumers still serialise them).")
     batch: int = Field(64, ge=1, description="Events fetched per pull.")
+    linger_s: float = Field(0.02, ge=0, le=5, description="After a pull's first event, seconds to wait for more before handling them: a member keeping up with a slow sender otherwise pays a batch's fixed costs (index commit, publish round trips) per event. 0: handle what has arrived at once.")
     max_ack_pending: int = Field(1024, ge=1, description="Unacknowledged events per partition consumer.")
 
     @model_validator(mode="after")

@@ -193,7 +193,7 @@ class PartitionedConsumer:
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                fetch = asyncio.create_task(puller.fetch(self.cfg.batch, expires_s=1.0))
+                fetch = asyncio.create_task(puller.fetch(self.cfg.batch, expires_s=1.0, linger_s=self.cfg.linger_s))
                 await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     # Leaving: a pull that has not delivered is abandoned; anything it brings later

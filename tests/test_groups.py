@@ -365,3 +365,44 @@ def test_batch_handler_acks_each_success_and_retries_each_failure(tmp_path, nats
     assert [c for c in calls if c[1] > 1] == [("s07", 2)]
     first = [sop for sop, n in calls if n == 1]
     assert first == sorted(first), "partition order kept within and across batches"
+
+
+def test_linger_gathers_a_trickle_into_batches_without_waiting_for_a_full_one(tmp_path, nats_server):
+    """Events arriving one by one are handled in a few batches (linger), each started within the linger."""
+    from shared.config import GroupConfig
+    from shared.consumer_group import AllPartitions, PartitionedConsumer
+
+    create_stream(nats_server.url, 1)
+    cfg = GroupConfig(ack_wait_s=10, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5, batch=64, linger_s=0.4)
+    batches: list[tuple[float, list[str]]] = []
+    published: dict[str, float] = {}
+
+    async def one_by_one(msg):  # pragma: no cover - the batch handler takes every pull
+        raise AssertionError("per-message handler called")
+
+    async def batch_handler(msgs):
+        batches.append((time.monotonic(), [m.subject.split(".")[-1] for m in msgs]))
+        return [None] * len(msgs)
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        consumer = PartitionedConsumer(nc, "DICOM", "linger", 1, one_by_one, cfg, AllPartitions(1), "m",
+                                       batch_handler=batch_handler)
+        await consumer.start()
+        await asyncio.sleep(0.3)
+        for i in range(20):  # a slow sender: one event every 10 ms, 200 ms in all
+            published[f"s{i:02d}"] = time.monotonic()
+            await js.publish(f"dicom.in.st1.s{i:02d}", b"{}", headers={"Nats-Msg-Id": f"t{i:02d}"})
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(len(b) for _, b in batches) < 20:
+            await asyncio.sleep(0.05)
+        await consumer.stop()
+        await nc.close()
+
+    asyncio.run(go())
+    assert [s for _, b in batches for s in b] == [f"s{i:02d}" for i in range(20)]
+    assert len(batches) <= 3, f"a trickle of 20 came in {len(batches)} batches: {batches}"
+    for handled_at, subjects_ in batches:  # nobody waited for a full batch of 64
+        assert handled_at - published[subjects_[0]] < 0.4 + 1.0

@@ -9,7 +9,8 @@ files each). Receivers, each started fresh for every pass so nothing is a duplic
 - orthanc: Orthanc from Debian with its default configuration (fsyncs every file, SQLite index),
   only ports and directories set.
 
-Every pass's folder is removed only when the run ends: deleting many files slows file creation on
+Before each pass, ``sync`` flushes what the previous receiver left unwritten (storescp does not fsync),
+so its writeback does not land in the next receiver's pass. Every pass's folder is removed only when the run ends: deleting many files slows file creation on
 this machine's filesystem for the next half minute, which would tax the receiver that runs next.
 
 Data sets: ``ct512`` (300 CT instances, 512x512 16-bit, ~0.5 MiB each) and ``small64`` (2,000
@@ -244,6 +245,9 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
            "orthanc": lambda: Orthanc(work)}[kind]()
     try:
         rcv.start()
+        # The previous receiver's unsynced files (storescp never fsyncs) would otherwise be written
+        # back by the kernel during this pass and slow its fsyncs: flush them before the clock starts.
+        os.sync()
         rcv.settle()
         elapsed = send(files, rcv.port, rcv.aec, assocs)
         got = rcv.count()

@@ -9,9 +9,10 @@ files each). Receivers, each started fresh for every pass so nothing is a duplic
 - orthanc: Orthanc from Debian with its default configuration (fsyncs every file, SQLite index),
   only ports and directories set.
 
-Before each pass, ``sync`` flushes what the previous receiver left unwritten (storescp does not fsync),
-so its writeback does not land in the next receiver's pass. Every pass's folder is removed only when the run ends: deleting many files slows file creation on
-this machine's filesystem for the next half minute, which would tax the receiver that runs next.
+Before each pass, ``sync`` flushes what the previous receiver left unwritten (storescp does not
+fsync), so its writeback does not land in the next receiver's pass. Every pass's folder is removed
+only when the run ends: deleting many files slows file creation on this machine's filesystem for
+the next half minute, which would tax the receiver that runs next.
 
 Data sets: ``ct512`` (300 CT instances, 512x512 16-bit, ~0.5 MiB each) and ``small64`` (2,000
 instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes. Timing

@@ -1,9 +1,10 @@
 """Write-ahead log for the filesystem object store: one durable barrier per small object.
 
-Making one new file durable on ext4 costs two journal commits (the file's fsync, then the
-directory's after the rename) plus a mkdir for a new shard folder: about 1 ms per instance, most
-of an ingest's time for small instances. A write into a pre-zeroed, already-durable segment file
-followed by ``fdatasync`` flushes only data blocks, no journal commit (~0.1 ms, measured).
+Making one new file durable on ext4 costs two synchronous metadata flushes (the file's fsync, then
+the directory's after the rename; journal commits where the filesystem has a journal) plus a mkdir
+for a new shard folder: about 1 ms per instance, most of an ingest's time for small instances. A
+write into a pre-zeroed, already-durable segment file followed by ``fdatasync`` flushes only data
+blocks, no metadata (~0.1 ms, measured).
 
 So a small object's bytes are appended to a segment and ``fdatasync``-ed (the durable copy), and
 only then is the object's file made visible under its digest, without an fsync. Concurrent

@@ -1,4 +1,5 @@
-"""The association threads' JetStream publisher, against a real nats-server."""
+"""The association threads' JetStream publishers (blocking sockets, and the event-loop fallback), against
+a real nats-server."""
 
 from __future__ import annotations
 
@@ -9,18 +10,25 @@ import nats
 import pytest
 
 from services.ingest.publisher import PublishError, ThreadPublisher
+from services.ingest.sync_publisher import SyncPublisher, Unsupported
 from shared.loopthread import LoopThread
 
 
-@pytest.fixture
-def publisher(nats_server):
+@pytest.fixture(params=["sync", "loop"])
+def publisher(request, nats_server):
     loop = LoopThread("test-publisher")
     nc = loop.call(nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2), timeout=10)
     js = nc.jetstream()
     loop.call(js.add_stream(name="PUBTEST", subjects=["pub.>"], duplicate_window=60), timeout=10)
-    pub = ThreadPublisher(nc, loop.loop)
-    loop.call(pub.start(), timeout=10)
+    if request.param == "sync":
+        pub = SyncPublisher([nats_server.url], "test", 2.0)
+        pub.check()
+    else:
+        pub = ThreadPublisher(nc, loop.loop)
+        loop.call(pub.start(), timeout=10)
     yield pub, js, loop
+    if request.param == "sync":
+        pub.close()
     with contextlib.suppress(Exception):  # the timeout test killed the server: pending bytes cannot be flushed
         loop.call(nc.close(), timeout=10)
     loop.stop()
@@ -32,7 +40,8 @@ def test_each_thread_gets_its_own_pubAck_and_duplicates_are_stored_once(publishe
 
     def send(t: int) -> None:
         for i in range(50):
-            acks[t * 100 + i] = pub.publish(f"pub.t{t}.{i}", f"{t}:{i}".encode(), {"Nats-Msg-Id": f"m{t}-{i}"}, 5)
+            headers = {"Nats-Msg-Id": f"m{t}-{i}", "traceparent": f"00-{t:032x}-{i + 1:016x}-01"}
+            acks[t * 100 + i] = pub.publish(f"pub.t{t}.{i}", f"{t}:{i}".encode(), headers, 5)
 
     threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
     for th in threads:
@@ -47,17 +56,54 @@ def test_each_thread_gets_its_own_pubAck_and_duplicates_are_stored_once(publishe
     assert info.state.messages == 200
     # The bytes and headers arrive as published.
     msg = loop.call(js.get_msg("PUBTEST", acks[301]["seq"]), timeout=10)
-    assert msg.subject == "pub.t3.1" and msg.data == b"3:1" and msg.headers["Nats-Msg-Id"] == "m3-1"
+    assert msg.subject == "pub.t3.1" and msg.data == b"3:1"
+    assert msg.headers["Nats-Msg-Id"] == "m3-1" and msg.headers["traceparent"] == f"00-{3:032x}-{2:016x}-01"
 
 
 def test_a_subject_no_stream_serves_is_an_error_not_a_success(publisher):
     pub, _, _ = publisher
     with pytest.raises(PublishError, match="no stream"):
         pub.publish("nostream.x", b"x", {"Nats-Msg-Id": "x"}, 5)
+    assert pub.publish("pub.after.1", b"x", {"Nats-Msg-Id": "after"}, 5)["seq"] == 1, "the publisher still works"
 
 
-def test_no_pubAck_in_time_raises_timeout(publisher, nats_server):
+def test_no_pubAck_in_time_raises_timeout_or_connection_error(publisher, nats_server):
     pub, _, _ = publisher
-    nats_server.kill()  # the publish is buffered for a reconnect that does not come in time
-    with pytest.raises(TimeoutError):
+    nats_server.kill()
+    with pytest.raises((TimeoutError, ConnectionError)):
         pub.publish("pub.late.1", b"x", {"Nats-Msg-Id": "late"}, 1.0)
+
+
+def test_sync_publisher_reconnects_after_a_server_restart(nats_server):
+    """A pooled connection the server dropped is replaced; the publish after the restart succeeds."""
+    loop = LoopThread("test-publisher")
+    nc = loop.call(nats.connect(nats_server.url), timeout=10)
+    loop.call(nc.jetstream().add_stream(name="PUBTEST", subjects=["pub.>"]), timeout=10)
+    loop.call(nc.close(), timeout=10)
+    loop.stop()
+    pub = SyncPublisher([nats_server.url], "test", 2.0)
+    assert pub.publish("pub.a.1", b"1", {"Nats-Msg-Id": "1"}, 5)["seq"] == 1
+    nats_server.stop()
+    nats_server.start()  # same port, same JetStream store
+    assert pub.publish("pub.a.2", b"2", {"Nats-Msg-Id": "2"}, 5)["seq"] == 2
+    pub.close()
+
+
+def test_sync_publisher_fails_over_to_the_next_server(tmp_path, nats_server):
+    """The first URL refuses connections: the pool connects to the next one."""
+    from shared.natsserver import free_port
+
+    dead = f"nats://127.0.0.1:{free_port()}"
+    loop = LoopThread("test-publisher")
+    nc = loop.call(nats.connect(nats_server.url), timeout=10)
+    loop.call(nc.jetstream().add_stream(name="PUBTEST", subjects=["pub.>"]), timeout=10)
+    loop.call(nc.close(), timeout=10)
+    loop.stop()
+    pub = SyncPublisher([dead, nats_server.url], "test", 2.0)
+    assert pub.publish("pub.b.1", b"1", {"Nats-Msg-Id": "b1"}, 5)["seq"] == 1
+    pub.close()
+
+
+def test_sync_publisher_refuses_tls_urls_so_the_loop_publisher_takes_over():
+    with pytest.raises(Unsupported):
+        SyncPublisher(["tls://nats.example:4222"], "test", 1.0)

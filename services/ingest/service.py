@@ -9,6 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
 
 from shared.bus import connect, ensure_streams
 from shared.config import Config
@@ -21,6 +24,7 @@ from shared.telemetry import add_health_check, setup_tracing, start_metrics
 from .intake import Intake
 from .publisher import ThreadPublisher
 from .scp import listening_socket, start_scp
+from .sync_publisher import SyncPublisher, Unsupported
 
 log = logging.getLogger("dicomflow.ingest")
 
@@ -38,11 +42,10 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     loop.call(ensure_streams(nc, config), timeout=30)
     timeout = config.nats.publish_timeout_s
 
-    publisher = ThreadPublisher(nc, loop.loop)
-    loop.call(publisher.start(), timeout=10)
+    send, close_publisher = _publisher(config, loop, nc)
 
     def publish(subject: str, event: InstanceReceived, headers: dict[str, str]) -> None:
-        publisher.publish(subject, event.model_dump_json().encode(), headers, timeout)
+        send(subject, event.model_dump_json().encode(), headers, timeout)
 
     backends = Backends(config)
     intake = Intake(backends.get(config.storage.staging), publish, config.ingest.max_instance_bytes)
@@ -70,8 +73,27 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
         loop.call(nc.drain(), timeout=10)
     except Exception as exc:  # a dead NATS must not keep the process from exiting
         log.warning("nats drain: %s", exc)
+    close_publisher()
     backends.close()
     loop.stop()
+
+
+def _publisher(config: Config, loop: LoopThread, nc: NATS) -> tuple[
+        Callable[[str, bytes, dict[str, str], float], dict], Callable[[], None]]:
+    """The association threads' publish function (and how to close it): blocking sockets where NATS
+    allows them, else the process's nats-py connection (TLS)."""
+    sync = SyncPublisher(config.nats_servers(), f"dicomflow-ingest-{os.getpid()}", config.nats.connect_timeout_s)
+    try:
+        sync.check()
+        return sync.publish, sync.close
+    except Unsupported as exc:
+        log.info("NATS needs %s: publishing through the event loop", exc)
+    except Exception as exc:  # NATS went away since connect(): the pool connects on the next publish
+        log.warning("NATS publisher connection: %s (will retry per instance)", exc)
+        return sync.publish, sync.close
+    publisher = ThreadPublisher(nc, loop.loop)
+    loop.call(publisher.start(), timeout=10)
+    return publisher.publish, lambda: None
 
 
 def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:

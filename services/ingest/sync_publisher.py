@@ -1,0 +1,217 @@
+"""JetStream publishes over blocking sockets, one NATS connection per busy association thread.
+
+The association threads of a receiver are blocking threads; nats-py is asyncio. Handing each
+publish to an event loop and back costs thread switches, GIL handoffs and loop machinery on the
+one path every instance waits for. Publishing to JetStream needs very little of the protocol
+(CONNECT, SUB to a reply inbox, HPUB, read the reply, answer PING), so each thread that publishes
+borrows a connection of its own from a pool and talks to the server directly. Measured against a
+local nats-server: 72 us wall and 21 us of CPU per publish, against 150 us and 100 us through the
+event loop (:mod:`.publisher`, which stays the fallback for what this does not speak: TLS).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import socket
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+from nats.nuid import NUID
+
+from .publisher import PublishError
+
+_IDLE_REUSE_S = 60.0  # the server PINGs idle clients (every 2 min) and drops those that do not answer
+
+
+class Unsupported(Exception):
+    """The server or URL needs something this publisher does not speak (TLS)."""
+
+
+class _Server:
+    def __init__(self, url: str):
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        if parts.scheme not in ("nats", ""):
+            raise Unsupported(f"{parts.scheme}:// URLs")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 4222
+        self.auth: dict[str, str] = {}
+        if parts.username and parts.password is not None:
+            self.auth = {"user": unquote(parts.username), "pass": unquote(parts.password)}
+        elif parts.username:
+            self.auth = {"auth_token": unquote(parts.username)}
+
+
+class _Connection:
+    """One blocking NATS connection with its reply inbox; used by one thread at a time."""
+
+    def __init__(self, server: _Server, name: str, connect_timeout: float):
+        self.sock = socket.create_connection((server.host, server.port), timeout=connect_timeout)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.reader = self.sock.makefile("rb")
+            line = self.reader.readline()
+            if not line.startswith(b"INFO "):
+                raise ConnectionError(f"unexpected greeting from NATS: {line[:80]!r}")
+            info = json.loads(line[5:])
+            if info.get("tls_required"):
+                raise Unsupported("a server that requires TLS")
+            connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
+                       "name": name, "lang": "python-dicomflow-sync", "version": "1", **server.auth}
+            self.inbox = f"_INBOX.{NUID().next().decode()}"
+            self.sock.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n"
+                              + f"SUB {self.inbox}.* 1\r\n".encode())
+            while True:  # the PONG confirms CONNECT was accepted (an -ERR comes first otherwise)
+                line = self.reader.readline()
+                if line.startswith(b"PONG"):
+                    break
+                if not line or line.startswith(b"-ERR"):
+                    raise ConnectionError(f"NATS refused the connection: {line.strip().decode(errors='replace')}")
+        except BaseException:
+            self.sock.close()
+            raise
+        self.tokens = itertools.count()
+        self.used_at = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> dict:
+        reply = f"{self.inbox}.{next(self.tokens)}"
+        hdr = "NATS/1.0\r\n" + "".join(f"{k}: {_clean(v)}\r\n" for k, v in headers.items()) + "\r\n"
+        head = hdr.encode()
+        self.sock.settimeout(timeout)
+        self.sock.sendall(b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(), reply.encode(), len(head), len(head) + len(payload), head, payload))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            line = self.reader.readline()
+            if not line:
+                raise ConnectionError("NATS closed the connection")
+            if line.startswith(b"MSG ") or line.startswith(b"HMSG "):
+                got_reply, status, data = self._read_message(line)
+                if got_reply != reply:
+                    continue  # the late answer to a publish that already timed out
+                self.used_at = time.monotonic()
+                return _pub_ack(subject, status, data)
+            if line.startswith(b"PING"):
+                self.sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise ConnectionError(f"NATS: {line.strip().decode(errors='replace')}")
+            # +OK, PONG, INFO (cluster topology): nothing to do
+
+    def _read_message(self, line: bytes) -> tuple[str, str, bytes]:
+        """The (subject, status, payload) of a MSG or HMSG whose control line is ``line``."""
+        parts = line.split()
+        if parts[0] == b"MSG":  # MSG <subject> <sid> [reply] <size>
+            body = self.reader.read(int(parts[-1]) + 2)
+            return parts[1].decode(), "", body[:-2]
+        hdr_len, total = int(parts[-2]), int(parts[-1])  # HMSG <subject> <sid> [reply] <hdr> <total>
+        body = self.reader.read(total + 2)
+        first = body[:hdr_len].split(b"\r\n", 1)[0].split()  # "NATS/1.0 503" carries a status
+        status = first[1].decode() if len(first) > 1 else ""
+        return parts[1].decode(), status, body[hdr_len:total]
+
+
+def _clean(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ").strip()
+
+
+def _pub_ack(subject: str, status: str, data: bytes) -> dict:
+    if status == "503":
+        raise PublishError(f"no stream serves {subject}")
+    if not data:
+        raise PublishError(f"empty reply to a publish on {subject} (status {status or 'none'})")
+    ack = json.loads(data)
+    if "error" in ack:
+        err = ack["error"]
+        raise PublishError(f"JetStream refused {subject}: {err.get('code')} {err.get('description')}")
+    return ack
+
+
+class SyncPublisher:
+    """A pool of blocking NATS connections; :meth:`publish` is safe from any number of threads."""
+
+    def __init__(self, servers: list[str], name: str, connect_timeout: float):
+        self.servers = [_Server(u) for u in servers]
+        if not self.servers:
+            raise ValueError("no NATS server to publish to")
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self._idle: queue.LifoQueue[_Connection] = queue.LifoQueue()
+        self._next_server = 0
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Connect once now: raises :class:`Unsupported` or a connection error at start-up, not per instance."""
+        self._idle.put(self._connect())
+
+    def _connect(self) -> _Connection:
+        """A new connection to the first server that answers, starting after the last one used."""
+        with self._lock:
+            start = self._next_server
+        error: Exception | None = None
+        for i in range(len(self.servers)):
+            index = (start + i) % len(self.servers)
+            try:
+                conn = _Connection(self.servers[index], self.name, self.connect_timeout)
+            except Unsupported:
+                raise
+            except (OSError, ValueError) as exc:
+                error = exc
+                continue
+            with self._lock:
+                self._next_server = index
+            return conn
+        raise ConnectionError(f"no NATS server reachable: {error}")
+
+    def _checkout(self) -> tuple[_Connection, bool]:
+        """An idle connection (and True), or a new one (and False); connections idle too long are dropped."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return self._connect(), False
+            if time.monotonic() - conn.used_at < _IDLE_REUSE_S:
+                return conn, True
+            conn.close()
+
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> dict:
+        """Publish and wait for the PubAck; raises TimeoutError, PublishError or ConnectionError.
+
+        A pooled connection the server dropped meanwhile is replaced and the publish sent once more
+        (harmless: ``Nats-Msg-Id`` makes a second copy a duplicate). A stored duplicate is a success.
+        """
+        deadline = time.monotonic() + timeout
+        conn, reused = self._checkout()
+        while True:
+            try:
+                ack = conn.publish(subject, payload, headers, max(0.001, deadline - time.monotonic()))
+            except PublishError:
+                self._idle.put(conn)  # the connection is fine; JetStream said no
+                raise
+            except TimeoutError:
+                conn.close()
+                raise TimeoutError(f"no PubAck for {subject} within {timeout}s") from None
+            except (OSError, ValueError) as exc:
+                conn.close()
+                if reused and time.monotonic() < deadline:
+                    conn, reused = self._connect(), False
+                    continue
+                raise ConnectionError(f"publish on {subject} failed: {exc}") from exc
+            self._idle.put(conn)
+            return ack
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return

@@ -82,15 +82,15 @@ def _publisher(config: Config, loop: LoopThread, nc: NATS) -> tuple[
         Callable[[str, bytes, dict[str, str], float], dict], Callable[[], None]]:
     """The association threads' publish function (and how to close it): blocking sockets where NATS
     allows them, else the process's nats-py connection (TLS)."""
-    sync = SyncPublisher(config.nats_servers(), f"dicomflow-ingest-{os.getpid()}", config.nats.connect_timeout_s)
     try:
-        sync.check()
+        sync = SyncPublisher(config.nats_servers(), f"dicomflow-ingest-{os.getpid()}", config.nats.connect_timeout_s)
+        try:
+            sync.check()
+        except OSError as exc:  # NATS went away since connect(): the pool connects on the next publish
+            log.warning("NATS publisher connection: %s (will retry per instance)", exc)
         return sync.publish, sync.close
     except Unsupported as exc:
         log.info("NATS needs %s: publishing through the event loop", exc)
-    except Exception as exc:  # NATS went away since connect(): the pool connects on the next publish
-        log.warning("NATS publisher connection: %s (will retry per instance)", exc)
-        return sync.publish, sync.close
     publisher = ThreadPublisher(nc, loop.loop)
     loop.call(publisher.start(), timeout=10)
     return publisher.publish, lambda: None

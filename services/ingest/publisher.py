@@ -23,6 +23,22 @@ class PublishError(Exception):
     """JetStream did not store the message (an error PubAck, or nobody serves the subject)."""
 
 
+def parse_pub_ack(subject: str, status: str, data: bytes) -> dict:
+    """The PubAck of a publish on ``subject`` as a dict; raises PublishError where JetStream did not store it.
+
+    ``status`` is the reply's NATS status ("503": nobody serves the subject, i.e. no stream).
+    """
+    if status == "503":
+        raise PublishError(f"no stream serves {subject}")
+    if not data:
+        raise PublishError(f"empty reply to a publish on {subject} (status {status or 'none'})")
+    ack = json.loads(data)
+    if "error" in ack:
+        err = ack["error"]
+        raise PublishError(f"JetStream refused {subject}: {err.get('code')} {err.get('description')}")
+    return ack
+
+
 class _Waiter:
     __slots__ = ("lock", "reply", "error")
 
@@ -70,16 +86,7 @@ class ThreadPublisher:
             raise waiter.error
         msg = waiter.reply
         assert msg is not None
-        if not msg.data:
-            status = (msg.headers or {}).get("Status", "")
-            if status == "503":
-                raise PublishError(f"no stream serves {subject}")
-            raise PublishError(f"empty reply to a publish on {subject} (status {status or 'none'})")
-        ack = json.loads(msg.data)
-        if "error" in ack:
-            err = ack["error"]
-            raise PublishError(f"JetStream refused {subject}: {err.get('code')} {err.get('description')}")
-        return ack
+        return parse_pub_ack(subject, (msg.headers or {}).get("Status", ""), msg.data)
 
     def _send(self, subject: str, reply: str, payload: bytes, headers: dict[str, str], waiter: _Waiter) -> None:
         """On the loop: queue the HPUB; a failure to queue wakes the caller with the error."""

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from nats.nuid import NUID
 
-from .publisher import PublishError
+from .publisher import PublishError, parse_pub_ack
 
 _IDLE_REUSE_S = 60.0  # the server PINGs idle clients (every 2 min) and drops those that do not answer
 
@@ -99,7 +99,7 @@ class _Connection:
                 if got_reply != reply:
                     continue  # the late answer to a publish that already timed out
                 self.used_at = time.monotonic()
-                return _pub_ack(subject, status, data)
+                return parse_pub_ack(subject, status, data)
             if line.startswith(b"PING"):
                 self.sock.sendall(b"PONG\r\n")
             elif line.startswith(b"-ERR"):
@@ -123,18 +123,6 @@ def _clean(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ").strip()
 
 
-def _pub_ack(subject: str, status: str, data: bytes) -> dict:
-    if status == "503":
-        raise PublishError(f"no stream serves {subject}")
-    if not data:
-        raise PublishError(f"empty reply to a publish on {subject} (status {status or 'none'})")
-    ack = json.loads(data)
-    if "error" in ack:
-        err = ack["error"]
-        raise PublishError(f"JetStream refused {subject}: {err.get('code')} {err.get('description')}")
-    return ack
-
-
 class SyncPublisher:
     """A pool of blocking NATS connections; :meth:`publish` is safe from any number of threads."""
 
@@ -153,7 +141,7 @@ class SyncPublisher:
         self._idle.put(self._connect())
 
     def _connect(self) -> _Connection:
-        """A new connection to the first server that answers, starting after the last one used."""
+        """A new connection to the first server that answers, starting with the one that answered last."""
         with self._lock:
             start = self._next_server
         error: Exception | None = None

@@ -220,21 +220,19 @@ class PinnedPuller:
             result.status = "timeout"
             return result
         more = self._take(first, result)
-        while more and not self._queue.empty():
-            more = self._take(self._queue.get_nowait(), result)
-        if more and linger_s > 0 and len(result.messages) < batch:
-            deadline = time.monotonic() + linger_s
-            while more and len(result.messages) < batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    msg = await asyncio.wait_for(self._queue.get(), left)
-                except TimeoutError:
-                    break
-                more = self._take(msg, result)
-                while more and not self._queue.empty():
-                    more = self._take(self._queue.get_nowait(), result)
+        deadline = time.monotonic() + linger_s
+        while more:  # everything already here, then what arrives within the linger while the batch is short
+            if not self._queue.empty():
+                more = self._take(self._queue.get_nowait(), result)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0 or len(result.messages) >= batch:
+                break
+            try:
+                msg = await asyncio.wait_for(self._queue.get(), left)
+            except TimeoutError:
+                break
+            more = self._take(msg, result)
         return result
 
     async def keep_pin(self, expires_s: float) -> None:

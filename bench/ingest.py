@@ -23,6 +23,7 @@ in a private network namespace (``unshare -n``, only ``lo`` up). The machine may
 load average is printed at start and end. The last line is one JSON object.
 
     .venv/bin/python bench/ingest.py [--passes 3] [--workers N] [--only dicomflow,orthanc]
+                                     [--set storage.backends.local.wal_max_object_bytes=1048576]
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Receiver:
 class Dicomflow(Receiver):
     aec = "DICOMFLOW"
 
-    def __init__(self, work: Path, workers: int | None, engine: str = "lean"):
+    def __init__(self, work: Path, workers: int | None, engine: str = "lean", overrides: dict | None = None):
         super().__init__(work)
         self.data = work / "data"
         ingest = {"port": self.port, "host": "127.0.0.1", "engine": engine}
@@ -164,6 +165,12 @@ class Dicomflow(Receiver):
             ingest["workers"] = workers
         self.tree = {"data_dir": str(self.data), "nats": {"port": free_port(), "monitor_port": 0},
                      "ingest": ingest, "telemetry": {"metrics_port": 0, "log_level": "WARNING"}}
+        for dotted, value in (overrides or {}).items():
+            node = self.tree
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
 
     def start(self) -> None:
         from shared.config import load_config
@@ -237,11 +244,12 @@ class Orthanc(Receiver):
             return int(json.load(resp)["CountInstances"])
 
 
-def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: int | None) -> float:
+def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: int | None,
+             overrides: dict | None = None) -> float:
     """Start a fresh receiver, send, check every instance arrived, stop; returns instances/s."""
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
-    rcv = {"dicomflow": lambda: Dicomflow(work, workers),
-           "dicomflow-pynetdicom": lambda: Dicomflow(work, workers, engine="pynetdicom"),
+    rcv = {"dicomflow": lambda: Dicomflow(work, workers, overrides=overrides),
+           "dicomflow-pynetdicom": lambda: Dicomflow(work, workers, engine="pynetdicom", overrides=overrides),
            "storescp": lambda: Storescp(work),
            "orthanc": lambda: Orthanc(work)}[kind]()
     try:
@@ -271,7 +279,15 @@ def main() -> int:
     ap.add_argument("--datasets", default=",".join(DATASETS), help="data sets, comma-separated")
     ap.add_argument("--assocs", default=",".join(map(str, ASSOCS)), help="association counts, comma-separated")
     ap.add_argument("--cache", default="/tmp/dicomflow-bench-data", help="where generated data sets are kept")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dicomflow setting for this run (dotted path, YAML value), e.g. ingest.workers=3; repeatable")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     ensure_netns()
     receivers = [r for r in args.only.split(",") if r]
     names = [d for d in args.datasets.split(",") if d]
@@ -288,7 +304,7 @@ def main() -> int:
                 samples: dict[str, list[float]] = {r: [] for r in receivers}
                 for p in range(args.passes):
                     for r in receivers:  # interleaved, so a burst of outside load hits every receiver alike
-                        rate = one_pass(r, data[name], assocs, scratch, args.workers)
+                        rate = one_pass(r, data[name], assocs, scratch, args.workers, overrides)
                         samples[r].append(rate)
                         log(f"{key:<12} pass {p + 1} {r:<10} {rate:8.1f} inst/s  (load {os.getloadavg()[0]:.2f})")
                 rows[key] = {r: round(statistics.median(v), 1) for r, v in samples.items()}
@@ -296,7 +312,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     load_end = os.getloadavg()
     out: dict = {"unit": "instances/s (median)", "passes": args.passes, "cpus": os.cpu_count(),
-                 "ingest_workers": args.workers or "config default",
+                 "ingest_workers": args.workers or "config default", "settings": overrides,
                  "load_avg_start": [round(x, 2) for x in load_start], "load_avg_end": [round(x, 2) for x in load_end],
                  "rows": rows}
     print(f"\n{'row':<12} " + " ".join(f"{r:>10}" for r in receivers) + "  vs_orthanc vs_storescp")

@@ -82,6 +82,11 @@ class FileObjectStore:
         # filesystem the file's fsync already committed the file itself (this is one more commit).
         _fsync_dir(folder)
 
+    def prepare_writer(self) -> None:
+        """Ready this process to write: its write-ahead log segments exist before the first put."""
+        if self._wal_max > 0:
+            self._log().prepare()
+
     def _log(self) -> fs_wal.WriteAheadLog:
         """This process's write-ahead log, started by the first small put (readers never start one)."""
         if self._wal is None:

@@ -153,6 +153,21 @@ class WriteAheadLog:
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
 
+    def prepare(self) -> None:
+        """Make the active segment and (through the checkpoint thread) one spare now, before appends need them.
+
+        A new segment is written full of zeros and fsynced (64 MiB by default): done lazily, the
+        first append waits for it and the spare's writeback competes with the fdatasyncs of the
+        appends that follow. A writer calls this at start-up, before it accepts work.
+        """
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("write-ahead log is closed")
+            if self._active is None:
+                self._rotate()  # with no spare left, this wakes the checkpoint thread to make one
+            while not self._spares and not self._closed:
+                self._cond.wait(1.0)
+
     # -- appending ------------------------------------------------------------------------------
 
     def append(self, digest: str, data: bytes | bytearray | memoryview) -> Ticket:
@@ -271,6 +286,7 @@ class WriteAheadLog:
         seg = self._new_segment()
         with self._cond:
             self._spares.append(seg)
+            self._cond.notify_all()
 
     def checkpoint(self) -> int:
         """Make the files of retired segments durable and recycle the segments; returns how many."""

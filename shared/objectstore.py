@@ -59,6 +59,9 @@ class ObjectStore(Protocol):
     def location(self, digest: str) -> str:
         """A URI naming where the object lives (for events and operators)."""
 
+    def prepare_writer(self) -> None:
+        """Make what puts need ready before the first one (a writer calls it at start-up; may do nothing)."""
+
     def close(self) -> None:
         """Release connections."""
 

@@ -480,6 +480,9 @@ class RadosObjectStore:
         """Pool name, namespace and the librados pool stats (for checks and benchmarks)."""
         return {"pool": self.cfg.pool, "namespace": self.cfg.namespace, **self.io.get_stats()}
 
+    def prepare_writer(self) -> None:
+        """Nothing to prepare: the cluster connection is made when the backend opens."""
+
     def close(self) -> None:
         try:
             self.io.close()

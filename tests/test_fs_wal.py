@@ -53,6 +53,26 @@ def test_small_objects_go_through_the_log_and_a_clean_close_leaves_none(tmp_path
     assert reopened.get(content_digest(big)) == big
 
 
+def test_a_prepared_writer_makes_no_segment_while_it_writes(tmp_path):
+    store = _store(tmp_path / "o")
+    assert _segments(tmp_path / "o") == [], "readers never start a log"
+    store.prepare_writer()
+    prepared = _segments(tmp_path / "o")
+    assert len(prepared) == 2, "the active segment and a spare, zeroed and synced before the first put"
+    assert all(p.stat().st_size == 1024 * 1024 for p in prepared)
+    blobs = _blobs(30)
+    for digest, data in blobs.items():
+        store.put(digest, data)
+    assert _segments(tmp_path / "o") == prepared, "the puts appended to the prepared segment"
+    assert store._wal.appends == 30
+    store.close()
+    assert _segments(tmp_path / "o") == []
+    assert all(_store(tmp_path / "o").get(d) == data for d, data in blobs.items())
+    no_log = _store(tmp_path / "n", wal_max_object_bytes=0)
+    no_log.prepare_writer()
+    assert no_log._wal is None and _segments(tmp_path / "n") == []
+
+
 def test_concurrent_writers_share_fdatasyncs(tmp_path):
     store = _store(tmp_path / "o")
     blobs = list(_blobs(400).items())

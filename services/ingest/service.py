@@ -48,7 +48,9 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
         send(subject, event.model_dump_json().encode(), headers, timeout)
 
     backends = Backends(config)
-    intake = Intake(backends.get(config.storage.staging), publish, config.ingest.max_instance_bytes)
+    staging = backends.get(config.storage.staging)
+    staging.prepare_writer()  # before the first association: its write-ahead log exists, zeroed and synced
+    intake = Intake(staging, publish, config.ingest.max_instance_bytes)
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
             ing.allowed_calling_aes)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from shared.config import set_path  # noqa: E402
 from shared.natsserver import free_port, wait_port  # noqa: E402
 
 DATASETS = {"ct512": (300, 512, 1), "small64": (2000, 64, 10)}  # instances, rows=cols, studies
@@ -166,11 +167,7 @@ class Dicomflow(Receiver):
         self.tree = {"data_dir": str(self.data), "nats": {"port": free_port(), "monitor_port": 0},
                      "ingest": ingest, "telemetry": {"metrics_port": 0, "log_level": "WARNING"}}
         for dotted, value in (overrides or {}).items():
-            node = self.tree
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+            set_path(self.tree, dotted.split("."), value)
 
     def start(self) -> None:
         from shared.config import load_config

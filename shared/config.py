@@ -295,7 +295,8 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says where and why."""
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``value`` at ``path`` (section names, then the key) in a configuration tree, making sections."""
     node = tree
     for key in path[:-1]:
         node = node.setdefault(key, {})
@@ -313,7 +314,7 @@ def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if key.startswith("DICOMFLOW__"):
             path = [p.lower() for p in key[len("DICOMFLOW__"):].split("__") if p]
             if path:
-                _set_path(tree, path, yaml.safe_load(raw) if raw != "" else "")
+                set_path(tree, path, yaml.safe_load(raw) if raw != "" else "")
     return tree
 
 

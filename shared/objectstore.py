@@ -62,8 +62,79 @@ class ObjectStore(Protocol):
     def prepare_writer(self) -> None:
         """Make what puts need ready before the first one (a writer calls it at start-up; may do nothing)."""
 
+    def writer(self, limit: int) -> ObjectWriter:
+        """An object to be written as its bytes arrive (see :class:`ObjectWriter`); keeps at most ``limit`` bytes."""
+
     def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class ObjectWriter(Protocol):
+    """An object written piece by piece as its bytes arrive, hashed on the way.
+
+    Nothing is visible under the object's digest before :meth:`commit`, which makes it durable as
+    :meth:`ObjectStore.put` does. Bytes beyond the writer's limit are counted in ``size`` but not kept,
+    so a sender that goes on past the limit costs no memory or disk. An I/O error is kept in
+    ``failure`` instead of raised, so the receiver can read the rest of the data set and answer it.
+    """
+
+    size: int  # bytes offered so far, kept or not
+    failure: Exception | None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``."""
+
+    def contents(self) -> bytes | bytearray | memoryview:
+        """The bytes written so far (read-only; valid until commit or close)."""
+
+    def digest(self) -> str:
+        """The blake3 digest of the bytes written so far."""
+
+    def commit(self, meta: dict[str, str] | None = None) -> str:
+        """Make the object durable under its digest (idempotent like put) and close; returns the digest."""
+
+    def close(self) -> None:
+        """Release the writer; an object not committed is discarded. Idempotent."""
+
+
+class BufferedWriter:
+    """The :class:`ObjectWriter` of a backend that only stores whole objects: bytes are kept in memory."""
+
+    def __init__(self, store: ObjectStore, limit: int):
+        self._store = store
+        self._limit = limit
+        self._buf = bytearray()
+        self._hash = blake3.blake3()
+        self.size = 0
+        self.failure: Exception | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        if self.size <= self._limit:
+            self._buf += data
+            self._hash.update(data)
+        elif self._buf:
+            self._buf = bytearray()
+
+    def contents(self) -> bytearray:
+        return self._buf
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, meta: dict[str, str] | None = None) -> str:
+        if self.size > self._limit:
+            raise ValueError(f"{self.size} bytes exceed the writer's limit of {self._limit}")
+        digest = self.digest()
+        try:
+            self._store.put(digest, bytes(self._buf), meta)
+        finally:
+            self.close()
+        return digest
+
+    def close(self) -> None:
+        self._buf = bytearray()
 
 
 _KINDS = {"fs": "shared.fs_store:FileObjectStore", "rados": "shared.rados_store:RadosObjectStore"}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .config import BackendConfig
-from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
+from .objectstore import BufferedWriter, CorruptObject, ObjectMissing, check_digest, content_digest
 from .rados_layout import (
     LAYOUT_CHUNKED,
     LAYOUT_WHOLE,
@@ -482,6 +482,10 @@ class RadosObjectStore:
 
     def prepare_writer(self) -> None:
         """Nothing to prepare: the cluster connection is made when the backend opens."""
+
+    def writer(self, limit: int) -> BufferedWriter:
+        """Objects are written whole (one atomic op, or chunks and a manifest): kept in memory until commit."""
+        return BufferedWriter(self, limit)
 
     def close(self) -> None:
         try:

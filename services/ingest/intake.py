@@ -20,7 +20,7 @@ from opentelemetry import trace
 from shared import subjects
 from shared.bus import event_headers
 from shared.events import InstanceReceived, utcnow
-from shared.objectstore import ObjectStore, content_digest
+from shared.objectstore import ObjectStore, ObjectWriter, content_digest
 
 from . import metrics
 from .statuses import (
@@ -43,9 +43,13 @@ Publish = Callable[[str, InstanceReceived, dict[str, str]], None]
 
 @dataclass(frozen=True)
 class Received:
-    """One C-STORE request as the SCP shell saw it."""
+    """One C-STORE request as the SCP shell saw it.
 
-    data: bytes
+    ``data`` is the data set's bytes, or for a large one the staging backend's writer that took
+    them as they arrived (:meth:`Intake.open_writer`); the intake commits or discards it.
+    """
+
+    data: bytes | ObjectWriter
     transfer_syntax: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -56,22 +60,31 @@ class Received:
 class Intake:
     """Turns received instances into durable bytes plus an acknowledged event."""
 
-    def __init__(self, staging: ObjectStore, publish: Publish, max_instance_bytes: int):
+    def __init__(self, staging: ObjectStore, publish: Publish, max_instance_bytes: int,
+                 stream_above_bytes: int = 256 * 1024):
         self.staging = staging
         self.publish = publish
         self.max_instance_bytes = max_instance_bytes
+        self.stream_above_bytes = stream_above_bytes
         self.receiver = f"{socket.gethostname()}/{os.getpid()}"
+
+    def open_writer(self) -> ObjectWriter:
+        """Where the SCP shell puts a data set that outgrew ``stream_above_bytes``, piece by piece."""
+        return self.staging.writer(self.max_instance_bytes)
 
     def accept(self, rcv: Received) -> tuple[int, str]:
         """Handle one instance; returns (DICOM status, error comment)."""
         start = time.perf_counter()
         with tracer.start_as_current_span("ingest.c_store", kind=trace.SpanKind.SERVER) as span:
             span.set_attribute("dicom.calling_ae", rcv.calling_ae)
-            span.set_attribute("dicom.size", len(rcv.data))
+            span.set_attribute("dicom.size", _size(rcv.data))
             try:
                 status, comment = self._accept(rcv, span)
             except Rejection as rej:
                 status, comment = rej.status, rej.reason
+            finally:
+                if (writer := _writer(rcv.data)) is not None:
+                    writer.close()  # discards what was not committed
             span.set_attribute("dicom.status", f"0x{status:04X}")
             if status != SUCCESS:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, comment))
@@ -82,9 +95,16 @@ class Intake:
         return status, comment
 
     def _accept(self, rcv: Received, span: trace.Span) -> tuple[int, str]:
-        if len(rcv.data) > self.max_instance_bytes:
-            raise Rejection(TOO_LARGE, f"instance of {len(rcv.data)} bytes exceeds {self.max_instance_bytes}")
-        tags = read_tags(rcv.data, rcv.transfer_syntax)
+        data = rcv.data
+        size = _size(data)
+        if size > self.max_instance_bytes:
+            raise Rejection(TOO_LARGE, f"instance of {size} bytes exceeds {self.max_instance_bytes}")
+        writer = _writer(data)
+        if writer is not None and writer.failure is not None:
+            metrics.failures.labels(stage="staging").inc()
+            return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(writer.failure).__name__}: " \
+                                     f"{writer.failure}"
+        tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax)
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)
         if tags.sop_uid != rcv.sop_instance_uid.strip():
@@ -93,16 +113,20 @@ class Intake:
         if tags.sop_class_uid and rcv.sop_class_uid and tags.sop_class_uid != rcv.sop_class_uid.strip():
             raise Rejection(SOP_CLASS_MISMATCH,
                             f"data set SOPClassUID {tags.sop_class_uid} differs from the request's {rcv.sop_class_uid}")
-        digest = content_digest(rcv.data)
+        meta = {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid}
         t0 = time.perf_counter()
         try:
-            self.staging.put(digest, rcv.data, {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid})
+            if writer is None:
+                digest = content_digest(data)
+                self.staging.put(digest, data, meta)
+            else:
+                digest = writer.commit(meta)
         except Exception as exc:
             metrics.failures.labels(stage="staging").inc()
             return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
         metrics.staging_latency.observe(time.perf_counter() - t0)
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
-                                 size=len(rcv.data), backend=self.staging.name, calling_ae=rcv.calling_ae,
+                                 size=size, backend=self.staging.name, calling_ae=rcv.calling_ae,
                                  called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver)
         t0 = time.perf_counter()
         try:
@@ -111,5 +135,16 @@ class Intake:
             metrics.failures.labels(stage="publish").inc()
             return OUT_OF_RESOURCES, f"event not acknowledged by JetStream: {type(exc).__name__}: {exc}"
         metrics.publish_latency.observe(time.perf_counter() - t0)
-        metrics.bytes_received.inc(len(rcv.data))
+        metrics.bytes_received.inc(size)
         return SUCCESS, ""
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _writer(data: bytes | ObjectWriter) -> ObjectWriter | None:
+    return None if isinstance(data, _BYTES) else data
+
+
+def _size(data: bytes | ObjectWriter) -> int:
+    return len(data) if isinstance(data, _BYTES) else data.size

@@ -24,6 +24,8 @@ import time
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from shared.objectstore import ObjectWriter
+
 from . import metrics, pdu
 from .intake import Intake, Received
 from .statuses import CANNOT_UNDERSTAND
@@ -112,6 +114,44 @@ class StorageServer(socketserver.ThreadingTCPServer):
             time.sleep(0.02)
 
 
+class _DataSet:
+    """One C-STORE's data set as its fragments arrive: held in memory while small, then streamed.
+
+    Once it outgrows the intake's ``stream_above_bytes`` it goes to a staging writer piece by piece
+    (written, hashed, writeback started), so the receiver never holds a large instance whole and
+    the disk works while the rest is still on the wire.
+    """
+
+    __slots__ = ("intake", "parts", "held", "writer")
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self.parts: list[memoryview] = []
+        self.held = 0
+        self.writer: ObjectWriter | None = None
+
+    def add(self, fragment: memoryview) -> None:
+        if self.writer is not None:
+            self.writer.write(fragment)
+            return
+        self.parts.append(fragment)
+        self.held += len(fragment)
+        if self.held > self.intake.stream_above_bytes:
+            self.writer = self.intake.open_writer()
+            for part in self.parts:
+                self.writer.write(part)
+            self.parts = []
+
+    def take(self) -> bytes | ObjectWriter:
+        """The whole data set: its bytes, or the writer that holds them (the intake commits or discards it)."""
+        return self.writer if self.writer is not None else b"".join(self.parts)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.parts = []
+
+
 class _AssociationHandler(socketserver.BaseRequestHandler):
     server: StorageServer
 
@@ -182,43 +222,56 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
         command: list[memoryview] = []
-        data: list[memoryview] = []
+        data: _DataSet | None = None  # the data set of the pending command, as it arrives
         pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
-        while True:
-            kind, body = self._read_pdu()
-            if kind == pdu.P_DATA_TF:
-                for cid, is_command, last, fragment in pdu.pdvs(body):
-                    if cid not in contexts:
-                        raise pdu.ProtocolError(f"PDV on presentation context {cid}, which was not accepted")
-                    if is_command:
-                        command.append(fragment)
-                        if last:
-                            cmd = pdu.parse_command(b"".join(command))
-                            command = []
-                            if pdu.command_us(cmd, 0x0800, pdu.NO_DATA_SET) == pdu.NO_DATA_SET:
-                                self._dispatch(req, cid, contexts[cid], cmd, None)
-                            else:
-                                pending = (cid, cmd)
-                    else:
-                        if pending is None:
-                            raise pdu.ProtocolError("data set fragment without a command")
-                        data.append(fragment)
-                        if last:
-                            dataset = b"".join(data)
-                            data = []
-                            cid, cmd = pending
-                            pending = None
-                            self._dispatch(req, cid, contexts[cid], cmd, dataset)
-            elif kind == pdu.RELEASE_RQ:
-                self.sock.sendall(pdu.release_rp())
-                return
-            elif kind == pdu.ABORT:
-                return
-            else:
-                raise pdu.ProtocolError(f"unexpected PDU type {kind} during the association")
+        try:
+            while True:
+                kind, body = self._read_pdu()
+                if kind == pdu.P_DATA_TF:
+                    for cid, is_command, last, fragment in pdu.pdvs(body):
+                        if cid not in contexts:
+                            raise pdu.ProtocolError(f"PDV on presentation context {cid}, which was not accepted")
+                        if is_command:
+                            command.append(fragment)
+                            if last:
+                                cmd = pdu.parse_command(b"".join(command))
+                                command = []
+                                if pdu.command_us(cmd, 0x0800, pdu.NO_DATA_SET) == pdu.NO_DATA_SET:
+                                    self._dispatch(req, cid, contexts[cid], cmd, None)
+                                else:
+                                    if data is not None:  # a command that never got its data set
+                                        data.discard()
+                                    pending = (cid, cmd)
+                                    data = _DataSet(self.server.intake)
+                        else:
+                            if pending is None or data is None:
+                                raise pdu.ProtocolError("data set fragment without a command")
+                            data.add(fragment)
+                            if last:
+                                cid, cmd = pending
+                                dataset, data, pending = data.take(), None, None
+                                self._dispatch(req, cid, contexts[cid], cmd, dataset)
+                elif kind == pdu.RELEASE_RQ:
+                    self.sock.sendall(pdu.release_rp())
+                    return
+                elif kind == pdu.ABORT:
+                    return
+                else:
+                    raise pdu.ProtocolError(f"unexpected PDU type {kind} during the association")
+        finally:
+            if data is not None:  # the association ended inside a data set: nothing of it is kept
+                data.discard()
 
     def _dispatch(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], cmd: dict[int, bytes],
-                  dataset: bytes | None) -> None:
+                  dataset: bytes | ObjectWriter | None) -> None:
+        try:
+            self._answer(req, cid, context, cmd, dataset)
+        finally:
+            if dataset is not None and not isinstance(dataset, bytes):
+                dataset.close()  # the intake has committed or discarded it; this covers every other path
+
+    def _answer(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], cmd: dict[int, bytes],
+                dataset: bytes | ObjectWriter | None) -> None:
         field = pdu.command_us(cmd, 0x0100)
         message_id = pdu.command_us(cmd, 0x0110)
         sop_class = pdu.command_uid(cmd, 0x0002)

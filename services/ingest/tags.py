@@ -7,6 +7,7 @@ Pure: bytes + transfer syntax in, :class:`~shared.events.InstanceTags` out, or a
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import zlib
 
@@ -195,7 +196,8 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
             # Only the head of the stream is inflated: the tags we need come before the pixels.
             raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data), 4 * 1024 * 1024)
         else:
-            raw = data if isinstance(data, bytes) else bytes(data)  # BytesIO(bytes) shares, no copy
+            # BytesIO(bytes) shares, no copy; a mapped file (a streamed instance) is walked in place
+            raw = data if isinstance(data, (bytes, mmap.mmap)) else bytes(data)
         if not raw:
             raise Rejection(CANNOT_UNDERSTAND, "empty data set")
         found = check_structure(raw, implicit, little, partial)

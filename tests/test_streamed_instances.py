@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+import uuid
 
 import pytest
 from pydicom import dcmread
@@ -97,7 +98,7 @@ def test_a_discarded_writer_leaves_nothing_and_a_known_object_is_kept_once(tmp_p
 
 def _instance(tmp_path, rows: int = 512, **changes) -> tuple[bytes, str]:
     """A CT data set (about rows*rows*2 bytes) and its SOPInstanceUID, with attributes changed or removed."""
-    _, files = write_study(tmp_path / f"src-{rows}-{len(changes)}", 1, rows=rows, cols=rows)
+    _, files = write_study(tmp_path / f"src-{uuid.uuid4().hex}", 1, rows=rows, cols=rows)
     ds = dcmread(files[0])
     for keyword, value in changes.items():
         if value is None:
@@ -129,6 +130,12 @@ def test_the_intake_commits_a_streamed_instance_only_when_it_is_valid(tmp_path):
     assert published[0].digest == content_digest(body) and published[0].size == len(body)
     assert store.get(published[0].digest) == body
 
+    # Another character set: the tags go through pydicom, still read from the mapped file.
+    utf8, utf8_sop = _instance(tmp_path, SpecificCharacterSet="ISO_IR 192", InstitutionName="Hôpital Nord")
+    assert intake.accept(_received(streamed(utf8), utf8_sop)) == (SUCCESS, "")
+    assert published[1].tags.institution_name == "Hôpital Nord"
+    assert store.get(published[1].digest) == utf8
+
     bad, bad_sop = _instance(tmp_path, StudyInstanceUID=None)
     assert intake.accept(_received(streamed(bad), bad_sop))[0] == INVALID_UID
     assert intake.accept(_received(streamed(body[: len(body) // 2]), sop))[0] == CANNOT_UNDERSTAND
@@ -139,8 +146,8 @@ def test_the_intake_commits_a_streamed_instance_only_when_it_is_valid(tmp_path):
     status, comment = intake.accept(_received(streamed(body), sop))
     assert status == OUT_OF_RESOURCES and "durable" in comment
     store.tmp.mkdir()
-    assert len(published) == 1
-    assert [p.name for p in store.root.glob("??/*")] == [content_digest(body)]
+    assert len(published) == 2
+    assert sorted(p.name for p in store.root.glob("??/*")) == sorted([content_digest(body), content_digest(utf8)])
     assert _temporaries(store.root) == []
 
 

@@ -9,7 +9,9 @@ per instance. Several receiver processes share the port (the only way a Python r
 past one core): one listening socket made by the supervisor and inherited by every receiver, where
 a receiver with associations open waits a little before accepting, so idle receivers take new
 associations first (SO_REUSEPORT's hashing put all four of a benchmark's associations on one of two
-receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT.
+receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT. A data set
+larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
+arrives (:class:`_DataSet`), not assembled in memory.
 """
 
 from __future__ import annotations

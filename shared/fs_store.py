@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import logging
 import mmap
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -22,8 +25,13 @@ from .config import BackendConfig
 from .fs_wal import fsync_dir as _fsync_dir
 from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
 
+log = logging.getLogger("dicomflow.fs_store")
+
 # A streamed object starts the writeback of every this many bytes as they are written.
 WRITEBACK_STEP = 128 * 1024
+# A temporary file this old that no process holds is a crashed writer's leftover (a put's lives milliseconds;
+# a streamed object is locked by its writer for as long as its association lasts).
+ORPHAN_AGE_S = 60.0
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -78,6 +86,9 @@ class IncomingFile:
         self._fd: int | None = None
         try:
             self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            # Held until closed, and by the kernel only while this process lives: a receiver that is killed
+            # mid-instance leaves an unlocked file, which the next writer to start removes (sweep_temporaries).
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             self.failure = exc
 
@@ -211,9 +222,43 @@ class FileObjectStore:
         return IncomingFile(self, limit)
 
     def prepare_writer(self) -> None:
-        """Ready this process to write: its write-ahead log segments exist before the first put."""
+        """Ready this process to write: leftovers of crashed writers removed, log segments made before the first put."""
+        self.sweep_temporaries()
         if self._wal_max > 0:
             self._log().prepare()
+
+    def sweep_temporaries(self, min_age_s: float = ORPHAN_AGE_S) -> tuple[int, int]:
+        """Remove temporary files that crashed writers left: unlocked and older than ``min_age_s``.
+
+        Nothing in them was acknowledged (an object is answered only once renamed into place), but a
+        receiver killed while a multi-gigabyte instance streamed in would otherwise leave its bytes on
+        disk for good. Returns (files, bytes) removed.
+        """
+        files = size = 0
+        now = time.time()
+        for entry in os.scandir(self._tmp):
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < min_age_s:
+                    continue
+                fd = os.open(entry.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    files += 1
+                    size += st.st_size
+            finally:
+                os.close(fd)
+        if files:
+            log.warning("%s: removed %d temporary files (%d bytes) that crashed writers left in %s",
+                        self.name, files, size, self._tmp)
+        return files, size
 
     def _log(self) -> fs_wal.WriteAheadLog:
         """This process's write-ahead log, started by the first small put (readers never start one)."""

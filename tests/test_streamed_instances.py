@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,8 @@ from shared.objectstore import Backends, BufferedWriter, content_digest
 from shared.part10 import part10
 from tests.helpers import dataset_bytes, scu_send, wait_for
 from tests.test_ingest_scp import _contexts, _rq_bytes
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _store(tmp_path) -> FileObjectStore:
@@ -272,3 +275,33 @@ def test_a_receiver_does_not_hold_a_large_instance_in_memory(tmp_path, nats_serv
     staged = stack.data_dir / "objects" / content_digest(body)[:2] / content_digest(body)
     assert staged.read_bytes() == body
     assert _temporaries(stack.data_dir / "objects") == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer_and_live_ones_are_kept(tmp_path):
+    store = _store(tmp_path)
+    # A receiver killed while an instance streamed in: its temporary file stays, unlocked.
+    child = subprocess.run([sys.executable, "-c", f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from shared.config import BackendConfig
+from shared.fs_store import FileObjectStore
+w = FileObjectStore("stage", BackendConfig(path={str(store.root)!r}), Path({str(tmp_path)!r})).writer(10**9)
+w.write(os.urandom(3 * 1024 * 1024))
+os.kill(os.getpid(), 9)
+"""], timeout=60)
+    assert child.returncode == -9
+    (orphan,) = _temporaries(store.root)
+    live = store.writer(10**9)  # a writer of a live process, as old as the orphan
+    live.write(os.urandom(1000))
+    fresh = store.tmp / "0123.fresh"  # a put's temporary file of a moment ago: unlocked, but young
+    fresh.write_bytes(b"x")
+    old = time.time() - 3600
+    for name in _temporaries(store.root):
+        if name != fresh.name:
+            os.utime(store.tmp / name, (old, old))
+    store.prepare_writer()  # what a receiver does when it starts
+    left = set(_temporaries(store.root))
+    assert orphan not in left and fresh.name in left and len(left) == 2
+    assert live.commit() == live.digest() and store.exists(live.digest())
+    assert store.sweep_temporaries(min_age_s=0) == (1, 1)  # now only the put's file is left, and unlocked

@@ -101,9 +101,7 @@ class Intake:
             raise Rejection(TOO_LARGE, f"instance of {size} bytes exceeds {self.max_instance_bytes}")
         writer = _writer(data)
         if writer is not None and writer.failure is not None:
-            metrics.failures.labels(stage="staging").inc()
-            return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(writer.failure).__name__}: " \
-                                     f"{writer.failure}"
+            return _not_durable(writer.failure)
         tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax)
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)
@@ -122,8 +120,7 @@ class Intake:
             else:
                 digest = writer.commit(meta)
         except Exception as exc:
-            metrics.failures.labels(stage="staging").inc()
-            return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
+            return _not_durable(exc)
         metrics.staging_latency.observe(time.perf_counter() - t0)
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
                                  size=size, backend=self.staging.name, calling_ae=rcv.calling_ae,
@@ -137,6 +134,12 @@ class Intake:
         metrics.publish_latency.observe(time.perf_counter() - t0)
         metrics.bytes_received.inc(size)
         return SUCCESS, ""
+
+
+def _not_durable(exc: BaseException) -> tuple[int, str]:
+    """The answer when the claim-check could not be written: out of resources, so the modality retries."""
+    metrics.failures.labels(stage="staging").inc()
+    return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
 
 
 _BYTES = (bytes, bytearray, memoryview)

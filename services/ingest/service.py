@@ -49,7 +49,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
     backends = Backends(config)
     staging = backends.get(config.storage.staging)
-    staging.prepare_writer()  # before the first association: its write-ahead log exists, zeroed and synced
+    staging.prepare_writer()  # before the first association: killed writers' leftovers gone, log segments made
     intake = Intake(staging, publish, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes)
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,

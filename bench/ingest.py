@@ -9,10 +9,17 @@ files each). Receivers, each started fresh for every pass so nothing is a duplic
 - orthanc: Orthanc from Debian with its default configuration (fsyncs every file, SQLite index),
   only ports and directories set.
 
-Before each pass, ``sync`` flushes what the previous receiver left unwritten (storescp does not
-fsync), so its writeback does not land in the next receiver's pass. Every pass's folder is removed
-only when the run ends: deleting many files slows file creation on this machine's filesystem for
-the next half minute, which would tax the receiver that runs next.
+Before each pass every file of the data set is read once, outside the timing: this machine kind
+reclaims page cache that has not been touched for a while (DAMON ``pageout``), so otherwise storescu
+would send part of the data set from disk, competing with the receiver's own writes, in whichever
+pass follows a pause (measured: 80% of the CT files' pages gone three minutes after they were last
+read; over four runs, dicomflow's first pass of a data set, which always came first, was its slowest
+of three in 7 of the 8 first rows). The receivers take turns going first, one more step on per pass,
+so whatever the first pass of a row still pays is shared. Before each pass, ``sync`` flushes what
+the previous receiver left unwritten (storescp does not fsync), so its writeback does not land in
+the next receiver's pass. Every pass's folder is removed only when the run ends: deleting many files
+slows file creation on this machine's filesystem for the next half minute, which would tax the
+receiver that runs next.
 
 Data sets: ``ct512`` (300 CT instances, 512x512 16-bit, ~0.5 MiB each) and ``small64`` (2,000
 instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes. Timing
@@ -87,6 +94,15 @@ def dataset(cache: Path, name: str) -> list[Path]:
             write_study(folder / f"study{s}", count // studies, rows=size, cols=size)
         marker.write_text("ok")
     return sorted(folder.glob("study*/*.dcm"))
+
+
+def warm(files: list[Path]) -> None:
+    """Read every file once, so that storescu sends from the page cache in whichever pass comes first."""
+    buf = bytearray(1024 * 1024)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def count_files(root: Path, skip: tuple[str, ...] = ()) -> int:
@@ -250,6 +266,7 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
            "storescp": lambda: Storescp(work),
            "orthanc": lambda: Orthanc(work)}[kind]()
     try:
+        warm(files)
         rcv.start()
         # The previous receiver's unsynced files (storescp never fsyncs) would otherwise be written
         # back by the kernel during this pass and slow its fsyncs: flush them before the clock starts.
@@ -300,7 +317,9 @@ def main() -> int:
                 key = f"{name}/{assocs}"
                 samples: dict[str, list[float]] = {r: [] for r in receivers}
                 for p in range(args.passes):
-                    for r in receivers:  # interleaved, so a burst of outside load hits every receiver alike
+                    # Interleaved, so a burst of outside load hits every receiver alike, and rotated, so no
+                    # receiver is always the first after the previous row.
+                    for r in receivers[p % len(receivers):] + receivers[:p % len(receivers)]:
                         rate = one_pass(r, data[name], assocs, scratch, args.workers, overrides)
                         samples[r].append(rate)
                         log(f"{key:<12} pass {p + 1} {r:<10} {rate:8.1f} inst/s  (load {os.getloadavg()[0]:.2f})")

@@ -22,14 +22,16 @@ slows file creation on this machine's filesystem for the next half minute, which
 receiver that runs next.
 
 Data sets: ``ct512`` (300 CT instances, 512x512 16-bit, ~0.5 MiB each) and ``small64`` (2,000
-instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes. Timing
-starts once the receiver's processes are idle (start-up work such as JetStream consumers is done).
+instances of 64x64: per-instance overhead). Each row is the median of ``--passes`` passes (5: on
+this machine kind the medians of 3 moved by up to 30% between runs of the same code, a receiver's
+passes within one row by up to 2.4x). Timing starts once the receiver's processes are idle (start-up
+work such as JetStream consumers is done).
 
 storescp and Orthanc cannot bind to loopback only, so as root the whole benchmark re-runs itself
 in a private network namespace (``unshare -n``, only ``lo`` up). The machine may be shared: the
 load average is printed at start and end. The last line is one JSON object.
 
-    .venv/bin/python bench/ingest.py [--passes 3] [--workers N] [--only dicomflow,orthanc]
+    .venv/bin/python bench/ingest.py [--passes 5] [--workers N] [--only dicomflow,orthanc]
                                      [--set storage.backends.local.wal_max_object_bytes=1048576]
 """
 
@@ -287,7 +289,7 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--passes", type=int, default=3, help="passes per row; the median is reported")
+    ap.add_argument("--passes", type=int, default=5, help="passes per row; the median is reported")
     ap.add_argument("--workers", type=int, default=None, help="ingest.workers (default: the configuration's)")
     ap.add_argument("--only", default=",".join(RECEIVERS), help="receivers to run, comma-separated")
     ap.add_argument("--datasets", default=",".join(DATASETS), help="data sets, comma-separated")

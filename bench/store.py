@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import nats  # noqa: E402
 import yaml  # noqa: E402
+from ingest import warm  # noqa: E402  (bench/ingest.py, beside this script: the same page-cache read)
 
 from shared.config import BackendConfig, StreamConfig  # noqa: E402
 from shared.events import InstanceReceived, InstanceTags, utcnow  # noqa: E402
@@ -198,11 +199,7 @@ def warm_staging(stage: Path) -> float:
             resident = res / size if size else None
         except (subprocess.SubprocessError, ValueError):
             resident = None
-    buf = bytearray(1024 * 1024)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+    warm(files)
     return resident
 
 

@@ -128,7 +128,7 @@ class BufferedWriter:
             raise ValueError(f"{self.size} bytes exceed the writer's limit of {self._limit}")
         digest = self.digest()
         try:
-            self._store.put(digest, bytes(self._buf), meta)
+            self._store.put(digest, self._buf, meta)  # put takes a bytearray: no copy of the whole instance
         finally:
             self.close()
         return digest

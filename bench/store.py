@@ -193,10 +193,11 @@ def warm_staging(stage: Path) -> float:
     resident = None
     if shutil.which("fincore") and files:
         try:
-            out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, files)], capture_output=True,
+            out = subprocess.run(["fincore", "-n", "-o", "PAGES", *map(str, files)], capture_output=True,
                                  text=True, timeout=120, check=True).stdout.split()
-            res, size = sum(map(int, out[0::2])), sum(map(int, out[1::2]))
-            resident = res / size if size else None
+            page = os.sysconf("SC_PAGE_SIZE")
+            pages = sum(-(-p.stat().st_size // page) for p in files)  # fincore counts whole pages
+            resident = sum(map(int, out)) / pages if pages else None
         except (subprocess.SubprocessError, ValueError):
             resident = None
     warm(files)

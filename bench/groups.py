@@ -23,9 +23,9 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.consumer_group import durable_name  # noqa: E402
-from shared.jetstream_raw import api  # noqa: E402
-from shared.natsserver import NatsServer, free_port  # noqa: E402
+from dicomflow.natsserver import NatsServer, free_port  # noqa: E402
+from shared.bus.consumer_group import durable_name  # noqa: E402
+from shared.bus.jetstream import api  # noqa: E402
 from tests.group_harness import (  # noqa: E402
     Publisher,
     Worker,

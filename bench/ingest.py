@@ -56,8 +56,8 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 from shared.config import set_path  # noqa: E402
-from shared.natsserver import free_port, wait_port  # noqa: E402
 
 DATASETS = {"ct512": (300, 512, 1), "small64": (2000, 64, 10)}  # instances, rows=cols, studies
 ASSOCS = (1, 4)

@@ -40,15 +40,15 @@ import nats  # noqa: E402
 import yaml  # noqa: E402
 from ingest import warm  # noqa: E402  (bench/ingest.py, beside this script: the same page-cache read)
 
+from dicomflow.natsserver import NatsServer, free_port  # noqa: E402
+from shared.bus.jetstream import api  # noqa: E402
 from shared.config import BackendConfig, StreamConfig  # noqa: E402
-from shared.events import InstanceReceived, InstanceTags, utcnow  # noqa: E402
-from shared.fs_store import FileObjectStore  # noqa: E402
-from shared.jetstream_raw import api  # noqa: E402
-from shared.natsserver import NatsServer, free_port  # noqa: E402
-from shared.objectstore import content_digest  # noqa: E402
-from shared.rados_layout import LAYOUT_WHOLE, xattrs_for  # noqa: E402
-from shared.rados_store import connect_cluster  # noqa: E402
-from shared.subjects import instance_in  # noqa: E402
+from shared.contract.events import InstanceReceived, InstanceTags, utcnow  # noqa: E402
+from shared.contract.subjects import instance_in  # noqa: E402
+from shared.storage.fs_store import FileObjectStore  # noqa: E402
+from shared.storage.objectstore import content_digest  # noqa: E402
+from shared.storage.rados_layout import LAYOUT_WHOLE, xattrs_for  # noqa: E402
+from shared.storage.rados_store import connect_cluster  # noqa: E402
 
 POOLS = {"size1": ("bench-size1", "replicated_rule", 1), "size2": ("bench-size2", "everywhere", 2)}
 WINDOW = 64

@@ -196,8 +196,8 @@ def cmd_studies(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
-    from shared.objectstore import Backends
-    from shared.uids import InvalidUID, validate_uid
+    from shared.contract.uids import InvalidUID, validate_uid
+    from shared.storage.objectstore import Backends
 
     from .export import export_study
 
@@ -224,7 +224,7 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    from shared.bus import connect
+    from shared.bus.connection import connect
 
     from .status import collect, format_text
 
@@ -263,11 +263,11 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_asyncapi(config: Config, args: argparse.Namespace) -> int:
-    from shared.contract import asyncapi
+    from shared.contract.asyncapi import asyncapi
 
     from . import __version__
 
-    print(asyncapi(config.nats_servers(), __version__))
+    print(asyncapi(config.nats_servers(), __version__, config.stream))
     return 0
 
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicomflow.natsserver import NatsServer, wait_port
 from shared.config import Config
-from shared.natsserver import NatsServer, wait_port
 
 log = logging.getLogger("dicomflow.run")
 

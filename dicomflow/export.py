@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.objectstore import Backends, ObjectMissing
-from shared.part10 import part10
-from shared.uids import validate_uid
+from shared.contract.uids import validate_uid
+from shared.dicom.part10 import part10
+from shared.storage.objectstore import Backends, ObjectMissing
 
 
 def read_instance(backends: Backends, row: dict) -> bytes:

@@ -66,9 +66,9 @@ def _read_part10(path: Path):
 
 def dry_run(config: Config, ruleset, path: Path, calling_ae: str, called_ae: str) -> dict:
     """What the router would do with one file (no NATS, no sending): matches, actions, destinations."""
-    from services.ingest.tags import read_tags
     from services.router.assignment import choose
     from services.router.rules import completion_for, facts_of
+    from shared.dicom.tags import read_tags
 
     data, ts = _read_part10(path)
     tags = read_tags(data, ts)
@@ -95,8 +95,8 @@ def dry_run(config: Config, ruleset, path: Path, calling_ae: str, called_ae: str
 
 
 def cmd_rules(config: Config, args: argparse.Namespace) -> int:
-    from services.ingest.statuses import Rejection
     from services.router.rules import RulesError, RuleSet, load_rules
+    from shared.dicom.statuses import Rejection
 
     path = args.rules or config.router.rules_file
     try:
@@ -145,16 +145,15 @@ def cmd_rules(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _dlq_entries(nc, args: argparse.Namespace) -> list[dict]:
-    from shared import routing_subjects as rs
-    from shared.jetstream_raw import JetStreamAPIError, api
-    from shared.routing_events import DeadLetter
-    from shared.uids import uid_token
+    from shared.bus.jetstream import JetStreamAPIError, api
+    from shared.contract import subjects
+    from shared.contract.events import DeadLetter
 
-    filt = f"{rs.DLQ_PREFIX}.{args.target or '*'}.{uid_token(args.study) if args.study else '*'}.*"
+    filt = subjects.dead_letter_filter(args.target, args.study)
     out, seq = [], 1
     while True:
         try:
-            resp = await api(nc, f"STREAM.MSG.GET.{rs.DLQ_STREAM}", {"seq": seq, "next_by_subj": filt})
+            resp = await api(nc, f"STREAM.MSG.GET.{subjects.DLQ_STREAM}", {"seq": seq, "next_by_subj": filt})
         except JetStreamAPIError as exc:
             if exc.err_code in (10037, 10059) or exc.code == 404:
                 return out
@@ -168,9 +167,9 @@ async def _dlq_entries(nc, args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
-    from shared import routing_subjects as rs
-    from shared.bus import connect, publish_event
-    from shared.jetstream_raw import api
+    from shared.bus.connection import connect, publish_event
+    from shared.bus.jetstream import api
+    from shared.contract import subjects
 
     if args.to and args.to not in config.router.targets:
         print(f"dicomflow dlq: --to {args.to!r} is not a configured target", file=sys.stderr)
@@ -187,14 +186,13 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
             for e in entries:
                 job = e["entry"].job
                 target = args.to or job.target
-                if target == rs.QUARANTINE or target not in config.router.targets:
+                if target == subjects.QUARANTINE or target not in config.router.targets:
                     e["skipped"] = f"no target to replay to ({target}); use --to"
                     done.append(e)
                     continue
                 new = job.model_copy(update={"target": target, "group": job.group if target == job.target else ""})
-                await publish_event(js, rs.forward_job(target, job.study_uid, job.sop_uid), new,
-                                    f"replay:{e['seq']}:{new.msg_id()}", config.nats.publish_timeout_s)
-                await api(nc, f"STREAM.MSG.DELETE.{rs.DLQ_STREAM}", {"seq": e["seq"]})
+                await publish_event(js, new, config.nats.publish_timeout_s, msg_id=f"replay:{e['seq']}:{new.msg_id()}")
+                await api(nc, f"STREAM.MSG.DELETE.{subjects.DLQ_STREAM}", {"seq": e["seq"]})
                 e["replayed_to"] = target
                 done.append(e)
             return done

@@ -7,11 +7,11 @@ import time
 
 from nats.aio.client import Client as NATS
 
+from shared.bus.consumer_group import durable_name
+from shared.bus.jetstream import JetStreamAPIError, api
+from shared.bus.membership import member_reports
+from shared.bus.rendezvous import owner_of
 from shared.config import Config
-from shared.consumer_group import durable_name
-from shared.jetstream_raw import JetStreamAPIError, api
-from shared.membership import member_reports
-from shared.rendezvous import owner_of
 
 
 async def collect(nc: NATS, config: Config, groups: tuple[str, ...] = ("store", "router")) -> dict:

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from prometheus_client import make_wsgi_app
 
-from .config import TelemetryConfig
+from shared.config import TelemetryConfig
 
 log = logging.getLogger("dicomflow.telemetry")
 

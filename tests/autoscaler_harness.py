@@ -22,13 +22,13 @@ import nats
 from services.autoscaler.decision import Decision
 from services.autoscaler.local_workers import LocalWorkers, dicomflow_command
 from services.autoscaler.service import serve
-from shared import subjects
-from shared.bus import ensure_streams
+from shared.bus.connection import ensure_streams
+from shared.bus.jetstream import api
+from shared.bus.partitioning import partition_of
 from shared.config import Config, load_config
-from shared.events import InstanceReceived, InstanceTags, utcnow
-from shared.jetstream_raw import api
-from shared.objectstore import Backends, content_digest
-from shared.partitioning import partition_of
+from shared.contract import subjects
+from shared.contract.events import InstanceReceived, InstanceTags, utcnow
+from shared.storage.objectstore import Backends, content_digest
 from tests.helpers import make_config, write_config
 
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.natsserver import free_port
+from dicomflow.natsserver import free_port
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _PR_SET_PDEATHSIG = 1

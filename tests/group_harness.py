@@ -21,9 +21,9 @@ from pathlib import Path
 
 import nats
 
+from shared.bus.jetstream import ensure_stream
 from shared.config import StreamConfig
-from shared.jetstream_raw import ensure_stream
-from shared.subjects import instance_stream_config
+from shared.contract.subjects import instance_stream_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,10 +21,10 @@ import time
 
 import nats
 
+from shared.bus.consumer_group import AllPartitions, PartitionedConsumer
+from shared.bus.membership import ElasticOwnership
 from shared.config import GroupConfig
-from shared.consumer_group import AllPartitions, PartitionedConsumer
-from shared.membership import ElasticOwnership
-from shared.subjects import partition_from_subject
+from shared.contract.subjects import partition_from_subject
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from shared.natsserver import NatsServer, free_port, wait_port
+from dicomflow.natsserver import NatsServer, free_port, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 

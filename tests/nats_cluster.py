@@ -7,8 +7,8 @@ from pathlib import Path
 
 import nats
 
-from shared.jetstream_raw import api
-from shared.natsserver import NatsServer, free_port
+from dicomflow.natsserver import NatsServer, free_port
+from shared.bus.jetstream import api
 
 
 class NatsCluster:

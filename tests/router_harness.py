@@ -14,8 +14,8 @@ from pathlib import Path
 import nats
 import yaml
 
+from dicomflow.natsserver import free_port, wait_port
 from dicomflow.synthetic import write_study
-from shared.natsserver import free_port, wait_port
 from tests.helpers import REPO, dataset_bytes, make_config
 
 
@@ -177,7 +177,7 @@ def where(gateways: list[Gateway], studies: dict[str, list[Path]], sop_of: dict[
 
 def events_on(url: str, subject: str, stream: str = "DICOM_EVENTS") -> int:
     """How many messages the stream holds on ``subject`` (wildcards allowed)."""
-    from shared.jetstream_raw import api
+    from shared.bus.jetstream import api
 
     async def go() -> int:
         nc = await nats.connect(url)
@@ -194,7 +194,7 @@ def study_state(url: str, study_uid: str) -> dict | None:
     """The router's KV state of a study (None before it exists)."""
     import json
 
-    from shared.uids import uid_token
+    from shared.contract.uids import uid_token
 
     async def go():
         nc = await nats.connect(url)
@@ -317,7 +317,7 @@ def last_event(url: str, subject: str, stream: str = "DICOM_EVENTS") -> dict:
     import base64
     import json
 
-    from shared.jetstream_raw import api
+    from shared.bus.jetstream import api
 
     async def go() -> dict:
         nc = await nats.connect(url)

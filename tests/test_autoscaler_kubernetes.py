@@ -21,10 +21,10 @@ from prometheus_client import generate_latest
 from services.autoscaler.decision import Decision
 from services.autoscaler.kubernetes_scale import KubernetesScale
 from services.autoscaler.service import Autoscaler, DryRun
-from shared.bus import connect, ensure_streams
+from shared.bus.connection import connect, ensure_streams
+from shared.bus.consumer_group import AllPartitions, PartitionedConsumer
+from shared.bus.partitioning import partition_of
 from shared.config import Config
-from shared.consumer_group import AllPartitions, PartitionedConsumer
-from shared.partitioning import partition_of
 from tests.helpers import make_config
 
 SCALE_PATH = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>deployments|statefulsets)/(?P<name>[^/?]+)/scale$")

@@ -8,11 +8,11 @@ import nats
 
 from services.autoscaler.decision import History, decide
 from services.autoscaler.lag import read_lag
-from shared.bus import ensure_streams
+from shared.bus.connection import ensure_streams
+from shared.bus.consumer_group import AllPartitions, PartitionedConsumer, durable_name
+from shared.bus.jetstream import PinnedPuller
+from shared.bus.partitioning import partition_of
 from shared.config import Config
-from shared.consumer_group import AllPartitions, PartitionedConsumer, durable_name
-from shared.jetstream_raw import PinnedPuller
-from shared.partitioning import partition_of
 from tests.autoscaler_harness import publish_studies, study_uid
 from tests.helpers import make_config
 

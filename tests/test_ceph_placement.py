@@ -13,9 +13,9 @@ import pytest
 
 from dicomflow.synthetic import write_study
 from services.store import rados_index
+from shared.bus.jetstream import api
 from shared.config import BackendConfig
-from shared.jetstream_raw import api
-from shared.rados_store import RadosObjectStore
+from shared.storage.rados_store import RadosObjectStore
 from tests.ceph_cluster import CephCluster
 from tests.helpers import dataset_bytes, wait_for
 

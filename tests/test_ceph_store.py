@@ -15,9 +15,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondary
 
 from dicomflow.synthetic import new_uid
 from shared.config import BackendConfig
-from shared.objectstore import CorruptObject, ObjectMissing, ObjectStore, content_digest
-from shared.rados_layout import chunk_name
-from shared.rados_store import RadosObjectStore
+from shared.storage.objectstore import CorruptObject, ObjectMissing, ObjectStore, content_digest
+from shared.storage.rados_layout import chunk_name
+from shared.storage.rados_store import RadosObjectStore
 from tests.ceph_cluster import CephCluster
 from tests.helpers import REPO, make_config, write_config
 

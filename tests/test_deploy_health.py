@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from shared.natsserver import free_port
+from dicomflow.natsserver import free_port
 from tests.helpers import REPO, make_config, start_nats, wait_for, write_config
 
 

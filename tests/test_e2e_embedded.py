@@ -11,8 +11,8 @@ import nats
 import pytest
 
 from dicomflow.synthetic import write_study
-from shared.jetstream_raw import api
-from shared.part10 import part10
+from shared.bus.jetstream import api
+from shared.dicom.part10 import part10
 from tests.helpers import dataset_bytes, scu_send, start_nats, wait_for
 
 
@@ -154,7 +154,7 @@ def test_bad_input_is_refused_and_nothing_stored(tmp_path, nats_server, stack_fa
 def test_restart_keeps_data_and_metrics_are_served(tmp_path, nats_server, stack_factory):
     import urllib.request
 
-    from shared.natsserver import free_port
+    from dicomflow.natsserver import free_port
 
     base = free_port()
     # The embedded NATS too (no nats.url): a restart must find its JetStream data again.

@@ -10,10 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-from shared import fs_wal
 from shared.config import BackendConfig
-from shared.fs_store import FileObjectStore
-from shared.objectstore import content_digest
+from shared.storage import fs_wal
+from shared.storage.fs_store import FileObjectStore
+from shared.storage.objectstore import content_digest
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

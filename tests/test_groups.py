@@ -20,8 +20,8 @@ import nats
 import pytest
 
 from dicomflow.status import collect, format_text
+from shared.bus.membership import ElasticOwnership, live_members, member_reports
 from shared.config import load_config
-from shared.membership import ElasticOwnership, live_members, member_reports
 from tests.group_harness import (
     REPO,
     Publisher,
@@ -239,8 +239,8 @@ async def _bounded(aw, timeout: float, what: str):
 
 def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_server):
     """In-progress acks stop a slow call from being redelivered; a raising handler gets the message again."""
+    from shared.bus.consumer_group import PartitionedConsumer
     from shared.config import GroupConfig
-    from shared.consumer_group import PartitionedConsumer
 
     create_stream(nats_server.url, 2)
     cfg = GroupConfig(ack_wait_s=1.2, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5)
@@ -276,9 +276,9 @@ def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_
 
 def test_slow_batch_keeps_the_pin_so_no_second_member_gets_the_partition(tmp_path, nats_server):
     """A batch that takes several PinnedTTLs to handle must not let another puller in meanwhile."""
+    from shared.bus.consumer_group import AllPartitions, PartitionedConsumer, durable_name
+    from shared.bus.jetstream import PinnedPuller
     from shared.config import GroupConfig
-    from shared.consumer_group import AllPartitions, PartitionedConsumer, durable_name
-    from shared.jetstream_raw import PinnedPuller
 
     create_stream(nats_server.url, 1)
     cfg = GroupConfig(ack_wait_s=30, pinned_timeout_s=1.5, member_ttl_s=2, heartbeat_s=0.5, batch=8)
@@ -328,8 +328,8 @@ async def _nak_all_of(msgs):
 
 def test_batch_handler_acks_each_success_and_retries_each_failure(tmp_path, nats_server):
     """A pull's messages go to the batch handler together; one failed outcome is redelivered alone."""
+    from shared.bus.consumer_group import PartitionedConsumer
     from shared.config import GroupConfig
-    from shared.consumer_group import PartitionedConsumer
 
     create_stream(nats_server.url, 1)
     cfg = GroupConfig(ack_wait_s=5, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5, batch=64)
@@ -369,8 +369,8 @@ def test_batch_handler_acks_each_success_and_retries_each_failure(tmp_path, nats
 
 def test_linger_gathers_a_trickle_into_batches_without_waiting_for_a_full_one(tmp_path, nats_server):
     """Events arriving one by one are handled in a few batches (linger), each started within the linger."""
+    from shared.bus.consumer_group import AllPartitions, PartitionedConsumer
     from shared.config import GroupConfig
-    from shared.consumer_group import AllPartitions, PartitionedConsumer
 
     create_stream(nats_server.url, 1)
     cfg = GroupConfig(ack_wait_s=10, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5, batch=64, linger_s=0.4)

@@ -9,9 +9,9 @@ import threading
 import nats
 import pytest
 
+from services.ingest.loopthread import LoopThread
 from services.ingest.publisher import PublishError, ThreadPublisher
 from services.ingest.sync_publisher import SyncPublisher, Unsupported
-from shared.loopthread import LoopThread
 
 
 @pytest.fixture(params=["sync", "loop"])
@@ -91,7 +91,7 @@ def test_sync_publisher_reconnects_after_a_server_restart(nats_server):
 
 def test_sync_publisher_fails_over_to_the_next_server(tmp_path, nats_server):
     """The first URL refuses connections: the pool connects to the next one."""
-    from shared.natsserver import free_port
+    from dicomflow.natsserver import free_port
 
     dead = f"nats://127.0.0.1:{free_port()}"
     loop = LoopThread("test-publisher")

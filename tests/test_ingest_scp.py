@@ -17,15 +17,15 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
+from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
 from services.ingest import pdu
 from services.ingest.intake import Intake
+from services.ingest.loopthread import LoopThread
 from services.ingest.scp import SUPPORTED, start_scp
-from shared.bus import connect, ensure_streams, publish_event
+from shared.bus.connection import connect, ensure_streams, publish_event
 from shared.config import load_config
-from shared.loopthread import LoopThread
-from shared.natsserver import free_port
-from shared.objectstore import Backends
+from shared.storage.objectstore import Backends
 
 
 def _rq_bytes(called: str, calling: str, contexts, max_pdu: int = 16384) -> bytes:
@@ -119,7 +119,7 @@ def scp(tmp_path, nats_server):
     loop.call(ensure_streams(nc, cfg), timeout=30)
     backends = Backends(cfg)
     intake = Intake(backends.get("local"), lambda s, e, h: loop.call(
-        publish_event(js, s, e, h["Nats-Msg-Id"], 5, h), timeout=6), cfg.ingest.max_instance_bytes)
+        publish_event(js, e, 5, h), timeout=6), cfg.ingest.max_instance_bytes)
     port = free_port()
     server = start_scp(intake, "127.0.0.1", port, "DICOMFLOW", 4096, 2, 30, ["MODALITY"])
     yield port, tmp_path / "data" / "objects"

@@ -7,7 +7,7 @@ import json
 import nats
 import pytest
 
-from shared.jetstream_raw import JetStreamAPIError, admin_api
+from shared.bus.jetstream import JetStreamAPIError, admin_api
 from tests.helpers import start_nats
 
 SUBJECT = "$JS.API.DICOMFLOW.TEST"

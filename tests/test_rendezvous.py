@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from shared.partitioning import fnv1a_32
-from shared.rendezvous import assignment, moved, owned_by, owner_of, score
+from shared.bus.partitioning import fnv1a_32
+from shared.bus.rendezvous import assignment, moved, owned_by, owner_of, score
 
 
 def test_every_partition_has_exactly_one_owner():

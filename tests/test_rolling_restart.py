@@ -21,10 +21,10 @@ from pathlib import Path
 import nats
 import pytest
 
+from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
-from shared import routing_subjects
-from shared.natsserver import free_port
-from shared.uids import uid_token
+from shared.contract import subjects
+from shared.contract.uids import uid_token
 from tests.helpers import REPO, make_config, scu_send, start_nats, wait_for, write_config
 
 BATCH = 4           # instances per association
@@ -183,10 +183,10 @@ def test_rolling_restart_of_store_and_router_loses_and_splits_nothing(tmp_path):
         wait_for(lambda: stored() == n, 120, interval=1, what=f"{n} instances in the index")
         # The router announces the study complete once, with every instance (no re-open = no split state).
         events = wait_for(lambda: [e for e in asyncio.run(study_events(server.url, study))
-                                   if e[0] == routing_subjects.study_complete(study)], 90, interval=1,
+                                   if e[0] == subjects.study_complete(study)], 90, interval=1,
                           what="the study-complete event")
         all_events = asyncio.run(study_events(server.url, study))
-        assert [s for s, _ in all_events if s == routing_subjects.study_updated(study)] == [], "the study was re-opened"
+        assert [s for s, _ in all_events if s == subjects.study_updated(study)] == [], "the study was re-opened"
         assert len(events) == 1 and events[0][1]["instances"] == n, events
     finally:
         dep.cleanup()

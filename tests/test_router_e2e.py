@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from services.router.assignment import choose
-from shared.uids import uid_token
+from shared.contract.uids import uid_token
 from tests.helpers import REPO, dataset_bytes, wait_for
 from tests.router_harness import (
     Cluster,

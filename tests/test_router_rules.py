@@ -17,7 +17,7 @@ from services.router.assignment import choose, ranking
 from services.router.completion import RECENT, Arrival, due, mark_completed, next_check, record_arrival, summarize
 from services.router.rules import RulesError, completion_for, facts_of, parse_rules
 from shared.config import CompletionConfig
-from shared.events import InstanceTags
+from shared.contract.events import InstanceTags
 from tests.helpers import REPO
 
 TAGS = InstanceTags(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",

@@ -20,18 +20,18 @@ from pydicom import dcmread
 from pynetdicom import _config
 from pynetdicom.sop_class import CTImageStorage
 
+from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
 from services.ingest import pdu
 from services.ingest.intake import Intake, Received
+from services.ingest.loopthread import LoopThread
 from services.ingest.scp import start_scp
-from services.ingest.statuses import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, SUCCESS, TOO_LARGE
-from shared.bus import connect, ensure_streams, publish_event
+from shared.bus.connection import connect, ensure_streams, publish_event
 from shared.config import BackendConfig, load_config
-from shared.fs_store import WRITEBACK_STEP, FileObjectStore
-from shared.loopthread import LoopThread
-from shared.natsserver import free_port
-from shared.objectstore import Backends, BufferedWriter, content_digest
-from shared.part10 import part10
+from shared.dicom.part10 import part10
+from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, SUCCESS, TOO_LARGE
+from shared.storage.fs_store import WRITEBACK_STEP, FileObjectStore
+from shared.storage.objectstore import Backends, BufferedWriter, content_digest
 from tests.helpers import dataset_bytes, scu_send, wait_for
 from tests.test_ingest_scp import _contexts, _rq_bytes
 
@@ -168,7 +168,7 @@ def streaming_scp(tmp_path, nats_server):
     published = []
 
     def publish(s, e, h):
-        loop.call(publish_event(js, s, e, h["Nats-Msg-Id"], 5, h), timeout=6)
+        loop.call(publish_event(js, e, 5, h), timeout=6)
         published.append(e)
 
     backends = Backends(cfg)
@@ -285,7 +285,7 @@ import os, sys
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
 from shared.config import BackendConfig
-from shared.fs_store import FileObjectStore
+from shared.storage.fs_store import FileObjectStore
 w = FileObjectStore("stage", BackendConfig(path={str(store.root)!r}), Path({str(tmp_path)!r})).writer(10**9)
 w.write(os.urandom(3 * 1024 * 1024))
 os.kill(os.getpid(), 9)

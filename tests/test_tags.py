@@ -15,8 +15,8 @@ from pydicom.uid import (
 )
 
 from dicomflow.synthetic import ct_instance, new_uid
-from services.ingest.statuses import CANNOT_UNDERSTAND, INVALID_UID, Rejection
-from services.ingest.tags import read_tags
+from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, Rejection
+from shared.dicom.tags import read_tags
 from tests.helpers import dataset_bytes
 
 

@@ -7,13 +7,13 @@ import threading
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
+from services.ingest.loopthread import LoopThread
 from services.store.index import Index
 from services.store.placement import choose_policy
 from shared.config import StorageConfig, load_config
-from shared.events import InstanceReceived, InstanceTags, utcnow
-from shared.loopthread import LoopThread
-from shared.natsserver import free_port
+from shared.contract.events import InstanceReceived, InstanceTags, utcnow
 from shared.telemetry import setup_tracing
 from tests.helpers import scu_send, wait_for
 
@@ -36,7 +36,7 @@ def test_ingest_span_and_store_span_are_one_trace(tmp_path, nats_server):
     stop_store = asyncio.Event()
     store_done = asyncio.run_coroutine_threadsafe(serve_store(config, stop=stop_store), loop.loop)
     try:
-        from shared.natsserver import wait_port
+        from dicomflow.natsserver import wait_port
 
         wait_port("127.0.0.1", config.ingest.port, 20)
         _, files = write_study(tmp_path / "s", 1)
@@ -128,7 +128,7 @@ def test_place_many_reads_each_claim_check_once_for_every_placement(tmp_path):
     """Two placements besides staging: each gets every instance's bytes, read (and verified) from staging once."""
     from services.store.storing import Storer
     from shared.config import Config
-    from shared.objectstore import Backends, content_digest
+    from shared.storage.objectstore import Backends, content_digest
 
     config = Config.model_validate({
         "data_dir": str(tmp_path),

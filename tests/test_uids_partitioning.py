@@ -7,12 +7,12 @@ import asyncio
 import nats
 import pytest
 
-from shared import subjects
-from shared.bus import ensure_streams
+from shared.bus.connection import ensure_streams
+from shared.bus.jetstream import api
+from shared.bus.partitioning import fnv1a_32, partition_of
 from shared.config import load_config
-from shared.jetstream_raw import api
-from shared.partitioning import fnv1a_32, partition_of
-from shared.uids import InvalidUID, token_uid, uid_token, validate_uid
+from shared.contract import subjects
+from shared.contract.uids import InvalidUID, token_uid, uid_token, validate_uid
 
 
 @pytest.mark.parametrize("bad", [None, "", "1.2.", ".1.2", "1..2", "1.2.3/../x", "1.2.*", "1.2.>", "1 2", "1.2.a",

@@ -2,7 +2,7 @@
 
 Lag of a partition = ``num_pending`` (stored, not yet delivered) + ``num_ack_pending`` (delivered, not
 yet acknowledged), as the consumer leader reports it. The durable of group G on partition P is
-``G-pNN`` (:func:`shared.consumer_group.durable_name`).
+``G-pNN`` (:func:`shared.bus.consumer_group.durable_name`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
-from shared import subjects
-from shared.events import InstanceReceived
-from shared.jetstream_raw import JetStreamAPIError, api
+from shared.bus.jetstream import JetStreamAPIError, api
+from shared.contract import subjects
+from shared.contract.events import InstanceReceived
 
 from .decision import Observation, PartitionLag
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from shared.bus import connect, ensure_streams
+from shared.bus.connection import connect, ensure_streams
 from shared.config import Config
 from shared.lifecycle import stop_on_signals
 from shared.telemetry import add_health_check, start_metrics

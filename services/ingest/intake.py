@@ -17,13 +17,11 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from shared import subjects
-from shared.bus import event_headers
-from shared.events import InstanceReceived, utcnow
-from shared.objectstore import ObjectStore, ObjectWriter, content_digest
-
-from . import metrics
-from .statuses import (
+from services.ingest import metrics
+from shared.bus.connection import event_headers
+from shared.contract import subjects
+from shared.contract.events import InstanceReceived, utcnow
+from shared.dicom.statuses import (
     NAMES,
     OUT_OF_RESOURCES,
     SOP_CLASS_MISMATCH,
@@ -32,7 +30,8 @@ from .statuses import (
     TOO_LARGE,
     Rejection,
 )
-from .tags import read_tags
+from shared.dicom.tags import read_tags
+from shared.storage.objectstore import ObjectStore, ObjectWriter, content_digest
 
 log = logging.getLogger("dicomflow.ingest")
 tracer = trace.get_tracer("dicomflow.ingest")

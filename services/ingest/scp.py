@@ -26,11 +26,10 @@ import time
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from shared.objectstore import ObjectWriter
-
-from . import metrics, pdu
-from .intake import Intake, Received
-from .statuses import CANNOT_UNDERSTAND
+from services.ingest import metrics, pdu
+from services.ingest.intake import Intake, Received
+from shared.dicom.statuses import CANNOT_UNDERSTAND
+from shared.storage.objectstore import ObjectWriter
 
 log = logging.getLogger("dicomflow.ingest.scp")
 

@@ -20,9 +20,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, transport
 from pynetdicom.sop_class import Verification
 
-from . import metrics
-from .intake import Intake, Received
-from .statuses import CANNOT_UNDERSTAND
+from services.ingest import metrics
+from services.ingest.intake import Intake, Received
+from shared.dicom.statuses import CANNOT_UNDERSTAND
 
 log = logging.getLogger("dicomflow.ingest.scp")
 

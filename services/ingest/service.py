@@ -13,18 +13,17 @@ from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 
-from shared.bus import connect, ensure_streams
+from services.ingest.intake import Intake
+from services.ingest.loopthread import LoopThread
+from services.ingest.publisher import ThreadPublisher
+from services.ingest.scp import listening_socket, start_scp
+from services.ingest.sync_publisher import SyncPublisher, Unsupported
+from shared.bus.connection import connect, ensure_streams
 from shared.config import Config
-from shared.events import InstanceReceived
+from shared.contract.events import InstanceReceived
 from shared.lifecycle import settle_after_startup
-from shared.loopthread import LoopThread
-from shared.objectstore import Backends
+from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
-
-from .intake import Intake
-from .publisher import ThreadPublisher
-from .scp import listening_socket, start_scp
-from .sync_publisher import SyncPublisher, Unsupported
 
 log = logging.getLogger("dicomflow.ingest")
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from nats.nuid import NUID
 
-from .publisher import PublishError, parse_pub_ack
+from services.ingest.publisher import PublishError, parse_pub_ack
 
 _IDLE_REUSE_S = 60.0  # the server PINGs idle clients (every 2 min) and drops those that do not answer
 

@@ -8,7 +8,7 @@ than its share of open studies passes a new study on to the study's next choice.
 
 Weights use the logarithmic method of weighted HRW: score = -w / ln(u), u uniform in (0, 1) from
 blake3 of ``target/study`` - the share of studies a member wins is proportional to its weight.
-shared.rendezvous scores partitions (unweighted); this scores studies with weights.
+shared.bus.rendezvous scores partitions (unweighted); this scores studies with weights.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from shared import routing_subjects as rs
-from shared.bus import publish_event
-from shared.events import utcnow
-from shared.jetstream_raw import ensure_consumer
-from shared.objectstore import Backends, ObjectMissing
-from shared.routing_events import DeadLetter, ForwardFailed, ForwardJob
+from shared.backoff import backoff_delay
+from shared.bus.connection import publish_event
+from shared.bus.jetstream import ensure_consumer
+from shared.contract import subjects
+from shared.contract.events import DeadLetter, ForwardFailed, ForwardJob, utcnow
+from shared.storage.objectstore import Backends, ObjectMissing
 
 from . import metrics
 from .assignment import choose
@@ -34,15 +34,10 @@ tracer = trace.get_tracer("dicomflow.router")
 NS = 1_000_000_000
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Seconds before retry ``attempt`` (1-based): initial, 2x, 4x, ... capped at ``maximum``."""
-    return min(maximum, initial * 2 ** max(0, attempt - 1))
-
-
 def consumer_config(target: str, ack_wait_s: float) -> dict:
     """The target queue's durable consumer (shared by every router member: they split the work)."""
-    return {"durable_name": rs.forward_durable(target), "deliver_policy": "all", "ack_policy": "explicit",
-            "ack_wait": int(ack_wait_s * NS), "max_deliver": -1, "filter_subject": rs.target_filter(target),
+    return {"durable_name": subjects.forward_durable(target), "deliver_policy": "all", "ack_policy": "explicit",
+            "ack_wait": int(ack_wait_s * NS), "max_deliver": -1, "filter_subject": subjects.target_filter(target),
             "max_ack_pending": 4096, "max_waiting": 512}
 
 
@@ -62,7 +57,7 @@ class Forwarder:
 
     async def start(self) -> None:
         tcfg = self.cfg.targets[self.target]
-        await ensure_consumer(self.router.nc, rs.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
+        await ensure_consumer(self.router.nc, subjects.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
         self._task = asyncio.create_task(self._run(), name=f"forward-{self.target}")
 
     async def stop(self) -> None:
@@ -74,7 +69,7 @@ class Forwarder:
                 self._task.cancel()
 
     async def _run(self) -> None:
-        sub = await self.router.js.pull_subscribe_bind(rs.forward_durable(self.target), stream=rs.OUT_STREAM)
+        sub = await self.router.js.pull_subscribe_bind(subjects.forward_durable(self.target), stream=subjects.OUT_STREAM)
         try:
             while not self._stop.is_set():
                 try:
@@ -149,8 +144,7 @@ class Forwarder:
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
         """The study lives on another member now: queue the job there, and drop it here."""
         new = job.model_copy(update={"target": target})
-        await publish_event(self.router.js, rs.forward_job(target, job.study_uid, job.sop_uid), new, new.msg_id(),
-                            self.router.timeout)
+        await publish_event(self.router.js, new, self.router.timeout)
         await msg.ack()
 
     async def _failed(self, ready: list[tuple[Msg, ForwardJob]], reason: str) -> None:
@@ -201,14 +195,12 @@ class Forwarder:
         log.error("%s: instance %s of study %s dead-lettered after %d attempts: %s", self.target, job.sop_uid,
                   job.study_uid, attempts, reason)
         now = utcnow()
-        dl = DeadLetter(job=job, reason=reason, attempts=attempts, failed_at=now)
-        await publish_event(self.router.js, rs.dead_letter(self.target, job.study_uid, job.sop_uid), dl,
-                            f"dlq:{self.target}:{job.sop_uid}:{job.digest[:16]}:{msg.metadata.sequence.stream}",
-                            self.router.timeout)
+        seq = msg.metadata.sequence.stream
+        dl = DeadLetter(job=job, reason=reason, attempts=attempts, failed_at=now, job_sequence=seq)
+        await publish_event(self.router.js, dl, self.router.timeout)
         ff = ForwardFailed(target=self.target, study_uid=job.study_uid, sop_uid=job.sop_uid, reason=reason,
-                           attempts=attempts, failed_at=now)
-        await publish_event(self.router.js, rs.forward_failed(self.target, job.study_uid), ff,
-                            f"failed:{self.target}:{job.sop_uid}:{msg.metadata.sequence.stream}", self.router.timeout)
+                           attempts=attempts, failed_at=now, job_sequence=seq)
+        await publish_event(self.router.js, ff, self.router.timeout)
         metrics.dead_letters.labels(self.target).inc()
         await msg.ack()
 

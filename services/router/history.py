@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 
 from nats.aio.client import Client as NATS
 
-from shared import subjects
-from shared.events import InstanceReceived
-from shared.jetstream_raw import JetStreamAPIError, api
-from shared.partitioning import partition_of
-from shared.uids import uid_token
+from shared.bus.jetstream import JetStreamAPIError, api
+from shared.bus.partitioning import partition_of
+from shared.contract import subjects
+from shared.contract.events import InstanceReceived
+from shared.contract.uids import uid_token
 
 NO_MESSAGE = 10037
 

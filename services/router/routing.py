@@ -21,11 +21,18 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from shared import routing_subjects as rs
-from shared.bus import publish_event
+from shared.bus.connection import publish_event
 from shared.config import Config
-from shared.events import InstanceReceived, utcnow
-from shared.routing_events import DeadLetter, ForwardJob, SeriesSummary, StudyComplete, StudyRouted
+from shared.contract import subjects
+from shared.contract.events import (
+    DeadLetter,
+    ForwardJob,
+    InstanceReceived,
+    SeriesSummary,
+    StudyComplete,
+    StudyRouted,
+    utcnow,
+)
 from shared.telemetry import extract_context
 
 from . import metrics
@@ -130,8 +137,7 @@ class Router:
         group = dest if dest in self.config.router.groups else ""
         target = await self.assign(group, event.tags.study_uid) if group else dest
         job = job_for(event, target, group, rule)
-        await publish_event(self.js, rs.forward_job(target, job.study_uid, job.sop_uid), job, job.msg_id(),
-                            self.timeout)
+        await publish_event(self.js, job, self.timeout)
         return target, group
 
     async def assign(self, group: str, study_uid: str) -> str:
@@ -172,15 +178,13 @@ class Router:
     async def announce_routed(self, study_uid: str, target: str, group: str, rule: str, moved_from: str = "") -> None:
         ev = StudyRouted(study_uid=study_uid, target=target, group=group, rule=rule, reassigned_from=moved_from,
                          routed_at=utcnow())
-        await publish_event(self.js, rs.study_routed(study_uid), ev, f"routed:{study_uid}:{target}:{moved_from}",
-                            self.timeout)
+        await publish_event(self.js, ev, self.timeout)
 
     async def quarantine(self, rule: str, event: InstanceReceived) -> None:
         """Hold the instance in the dead-letter stream (pseudo-target ``_quarantine``) for an operator."""
-        job = job_for(event, rs.QUARANTINE, "", rule)
+        job = job_for(event, subjects.QUARANTINE, "", rule)
         dl = DeadLetter(job=job, reason=f"quarantined by rule {rule!r}", attempts=0, failed_at=utcnow())
-        await publish_event(self.js, rs.dead_letter(rs.QUARANTINE, job.study_uid, job.sop_uid), dl,
-                            f"quarantine:{job.sop_uid}:{job.digest[:24]}", self.timeout)
+        await publish_event(self.js, dl, self.timeout)
 
     # --- whole studies ---------------------------------------------------------------------------------------
 
@@ -192,8 +196,7 @@ class Router:
             for rule in self._forwarding(event, "instance"):
                 if group in rule.to:
                     job = job_for(event, target, group, rule.name)
-                    await publish_event(self.js, rs.forward_job(target, study_uid, job.sop_uid), job, job.msg_id(),
-                                        self.timeout)
+                    await publish_event(self.js, job, self.timeout)
                     n += 1
         return n
 
@@ -228,9 +231,8 @@ class Router:
             span.set_attribute("router.generation", st.gen)
             summary = await self._recount_and_forward(st, forward=st.on_complete and not decision.discard)
             event = self._complete_event(st, decision, summary)
-            kind = "complete" if st.gen == 1 else "updated"
-            subject = rs.study_complete(study_uid) if kind == "complete" else rs.study_updated(study_uid)
-            ack = await publish_event(self.js, subject, event, event.msg_id(), self.timeout)
+            kind = event.kind
+            ack = await publish_event(self.js, event, self.timeout)
             gen, seq = st.gen, max(st.max_seq, summary.last_seq)
             await self.book.update(study_uid, lambda s: mark_completed(s, gen, seq, summary.instances) if s else None)
             if not ack.duplicate:

@@ -30,7 +30,7 @@ import yaml
 from pydantic import ValidationError
 
 from shared.config import CompletionConfig
-from shared.events import InstanceTags
+from shared.contract.events import InstanceTags
 
 # DICOM keyword -> InstanceTags field: the tags the ingest reads (rules can only see those).
 TAG_FIELDS = {

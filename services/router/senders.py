@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.config import TargetConfig
-from shared.part10 import part10
-from shared.routing_events import ForwardJob
-from shared.uids import validate_uid
+from shared.contract.events import ForwardJob
+from shared.contract.uids import validate_uid
+from shared.dicom.part10 import part10
 
 Batch = list[tuple[ForwardJob, bytes]]
 

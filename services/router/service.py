@@ -10,14 +10,14 @@ import os
 import time
 from collections.abc import Callable
 
-from shared import routing_subjects as rs
-from shared.bus import connect, ensure_streams
+from shared.bus.connection import connect, ensure_streams
+from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
+from shared.bus.jetstream import ensure_stream
+from shared.bus.membership import ElasticOwnership, default_member_name
 from shared.config import Config, ConfigError
-from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
-from shared.jetstream_raw import ensure_stream
+from shared.contract import subjects
 from shared.lifecycle import cancel_and_wait, stop_on_signals
-from shared.membership import ElasticOwnership, default_member_name
-from shared.objectstore import Backends
+from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 from . import metrics
@@ -76,8 +76,8 @@ class RouterService:
         self.member = default_member_name(GROUP)
         self.nc = await connect(config, f"dicomflow-router-{self.member}")
         await ensure_streams(self.nc, config)
-        await ensure_stream(self.nc, rs.out_stream_config(config.stream))
-        await ensure_stream(self.nc, rs.dlq_stream_config(config.stream))
+        await ensure_stream(self.nc, subjects.out_stream_config(config.stream))
+        await ensure_stream(self.nc, subjects.dlq_stream_config(config.stream))
         js = self.nc.jetstream()
         self.book, assignments, health = await open_state(js, config.router.study_ttl_days, config.stream.replicas)
         await self.book.start_watch()

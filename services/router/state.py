@@ -18,9 +18,9 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from shared import routing_subjects as rs
+from shared.contract import subjects
+from shared.contract.uids import uid_token
 from shared.lifecycle import cancel_and_wait
-from shared.uids import uid_token
 
 from .completion import StudyState
 
@@ -184,7 +184,7 @@ class Health:
 
 async def open_state(js: JetStreamContext, study_ttl_days: float, replicas: int) -> tuple[StudyBook, Assignments, Health]:
     """Open (creating when missing) the three buckets."""
-    studies = await bucket(js, rs.STUDIES_BUCKET, study_ttl_days * 86400, replicas)
-    assign = await bucket(js, rs.ASSIGN_BUCKET, study_ttl_days * 86400, replicas)
-    health = await bucket(js, rs.HEALTH_BUCKET, 0, replicas)
+    studies = await bucket(js, subjects.STUDIES_BUCKET, study_ttl_days * 86400, replicas)
+    assign = await bucket(js, subjects.ASSIGN_BUCKET, study_ttl_days * 86400, replicas)
+    health = await bucket(js, subjects.HEALTH_BUCKET, 0, replicas)
     return StudyBook(studies), Assignments(assign), Health(health)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.events import InstanceReceived
+from shared.contract.events import InstanceReceived
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.config import Config, StorageConfig
-from shared.objectstore import content_digest, open_backend
+from shared.storage.objectstore import content_digest, open_backend
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from shared.events import InstanceReceived, InstanceTags
-from shared.rados_layout import STUDY_INDEX_PREFIX, study_index_name
+from shared.contract.events import InstanceReceived, InstanceTags
+from shared.storage.rados_layout import STUDY_INDEX_PREFIX, study_index_name
 
 
 def encode_entry(event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> bytes:

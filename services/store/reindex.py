@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from shared.config import Config
-from shared.objectstore import Backends
+from shared.storage.objectstore import Backends
 
 from . import rados_index
 from .index import Index

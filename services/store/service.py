@@ -6,12 +6,12 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from shared.bus import connect, ensure_streams
+from shared.bus.connection import connect, ensure_streams
+from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
+from shared.bus.membership import ElasticOwnership, default_member_name
 from shared.config import Config
-from shared.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.lifecycle import settle_after_startup, stop_on_signals
-from shared.membership import ElasticOwnership, default_member_name
-from shared.objectstore import Backends
+from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 from .index import Index

@@ -18,11 +18,10 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from shared import subjects
-from shared.bus import publish_event
+from shared.bus.connection import publish_event
 from shared.config import Config
-from shared.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
-from shared.objectstore import Backends, ObjectMissing
+from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
+from shared.storage.objectstore import Backends, ObjectMissing
 from shared.telemetry import extract_context, inject_headers
 
 from . import metrics, rados_index
@@ -258,8 +257,7 @@ class Storer:
                                     stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest)
             headers = inject_headers({"Nats-Msg-Id": stored.msg_id(), "Content-Type": "application/json"},
                                      it.span)
-            coros.append(publish_event(self.js, subjects.instance_stored(t.study_uid, t.sop_uid), stored,
-                                       stored.msg_id(), self.config.nats.publish_timeout_s, headers))
+            coros.append(publish_event(self.js, stored, self.config.nats.publish_timeout_s, headers))
         # gather starts them in order: the stored events of a partition are published in its order.
         results = await asyncio.gather(*coros, return_exceptions=True)
         for it, res in zip(ready, results, strict=True):
@@ -271,5 +269,4 @@ class Storer:
         log.error("instance %s of study %s not stored: %s", event.tags.sop_uid, event.tags.study_uid, reason)
         metrics.instances.labels("rejected").inc()
         rej = InstanceRejected(tags=event.tags, digest=event.digest, reason=reason, rejected_at=utcnow())
-        await publish_event(self.js, subjects.instance_rejected(event.tags.study_uid, event.tags.sop_uid), rej,
-                            f"rejected:{event.tags.sop_uid}:{event.digest[:32]}", self.config.nats.publish_timeout_s)
+        await publish_event(self.js, rej, self.config.nats.publish_timeout_s)

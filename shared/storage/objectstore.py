@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import blake3
 
-from .config import BackendConfig, Config
+from shared.config import BackendConfig, Config
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -137,7 +137,7 @@ class BufferedWriter:
         self._buf = bytearray()
 
 
-_KINDS = {"fs": "shared.fs_store:FileObjectStore", "rados": "shared.rados_store:RadosObjectStore"}
+_KINDS = {"fs": "shared.storage.fs_store:FileObjectStore", "rados": "shared.storage.rados_store:RadosObjectStore"}
 
 
 def open_backend(name: str, cfg: BackendConfig, data_dir: Path) -> ObjectStore:

@@ -8,12 +8,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from pydantic import BaseModel
 
-from . import subjects
-from .config import Config
-from .jetstream_raw import ensure_stream
-from .telemetry import inject_headers
+from shared.bus.jetstream import ensure_stream
+from shared.config import Config
+from shared.contract import subjects
+from shared.contract.events import Event
+from shared.telemetry import inject_headers
 
 log = logging.getLogger("dicomflow.bus")
 
@@ -49,12 +49,13 @@ def event_headers(msg_id: str) -> dict[str, str]:
     return inject_headers({"Nats-Msg-Id": msg_id, "Content-Type": "application/json"})
 
 
-async def publish_event(js: JetStreamContext, subject: str, event: BaseModel, msg_id: str,
-                        timeout: float, headers: dict[str, str] | None = None) -> PubAck:
-    """Publish one event with ``Nats-Msg-Id`` and trace context; returns the PubAck.
+async def publish_event(js: JetStreamContext, event: Event, timeout: float, headers: dict[str, str] | None = None,
+                        msg_id: str | None = None) -> PubAck:
+    """Publish one event on its subject with its ``Nats-Msg-Id`` and trace context; returns the PubAck.
 
-    ``headers`` come from :func:`event_headers` when the span lives in another thread than the loop.
+    ``headers`` come from :func:`event_headers` when the span lives in another thread than the loop;
+    ``msg_id`` replaces the event's own id where one event is deliberately published again (a replay).
     Raises on timeout or no responders: the caller must not report success then.
     """
-    headers = headers or event_headers(msg_id)
-    return await js.publish(subject, event.model_dump_json().encode(), timeout=timeout, headers=headers)
+    headers = headers or event_headers(msg_id or event.msg_id())
+    return await js.publish(event.subject(), event.model_dump_json().encode(), timeout=timeout, headers=headers)

@@ -2,7 +2,7 @@
 partition, with explicit acks, through pinned pull consumers.
 
 Which partitions a member owns is an :class:`Ownership`: :class:`AllPartitions` for a lone worker,
-:class:`~shared.membership.ElasticOwnership` (KV heartbeats + rendezvous hashing) for a group.
+:class:`~shared.bus.membership.ElasticOwnership` (KV heartbeats + rendezvous hashing) for a group.
 Ownership decides who pulls; the server's ``pinned_client`` policy makes a second puller impossible
 anyway while members disagree, so a partition (and the studies on it) is never processed concurrently.
 
@@ -33,13 +33,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import subjects
-from .config import GroupConfig
-from .jetstream_raw import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
-from .lifecycle import cancel_and_wait
-from .telemetry import LATENCY_BUCKETS
+from shared.backoff import backoff_delay
+from shared.bus.jetstream import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
+from shared.config import GroupConfig
+from shared.contract import subjects
+from shared.lifecycle import cancel_and_wait
+from shared.telemetry import LATENCY_BUCKETS
 
 log = logging.getLogger("dicomflow.group")
+
+# A failed handler is retried after 2, 4, 8 ... 60 s (by delivery count).
+RETRY_INITIAL_S, RETRY_MAX_S = 2.0, 60.0
 
 Handler = Callable[[Msg], Awaitable[None]]
 # Handles the messages of one pull, in partition order, and returns one outcome per message:
@@ -272,7 +276,7 @@ class PartitionedConsumer:
 
     async def _retry(self, msg: Msg, delivered: int, exc: BaseException) -> None:
         """Negative-acknowledge with a backoff that grows with the delivery count (2 s .. 60 s)."""
-        delay = min(2 ** min(delivered, 6), 60)
+        delay = backoff_delay(delivered, RETRY_INITIAL_S, RETRY_MAX_S)
         log.warning("%s: handler failed on %s (delivery %d), retry in %ss: %s", self.group, msg.subject,
                     delivered, delay, exc)
         handled.labels(self.group, "retry").inc()

@@ -1,6 +1,6 @@
 """Reading the routing tags, and only those, from a data set's bytes as received.
 
-Pure: bytes + transfer syntax in, :class:`~shared.events.InstanceTags` out, or a
+Pure: bytes + transfer syntax in, :class:`~shared.contract.events.InstanceTags` out, or a
 :class:`Rejection` naming the DICOM status. Pixel data is never parsed (we stop at group 0x0020).
 """
 
@@ -15,10 +15,9 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from shared.events import InstanceTags
-from shared.uids import InvalidUID, validate_uid
-
-from .statuses import CANNOT_UNDERSTAND, INVALID_UID, Rejection
+from shared.contract.events import InstanceTags
+from shared.contract.uids import InvalidUID, validate_uid
+from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, Rejection
 
 _TAGS = {
     "sop_class_uid": 0x00080016,

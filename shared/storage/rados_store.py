@@ -4,7 +4,7 @@ Writes are asynchronous (``aio``) with a window of at most ``aio_window`` operat
 shared by every thread of the process; a put returns only when every write is acknowledged by the OSDs
 (durable on all replicas of the pool). Each head object carries the digest, size, layout and the caller's
 UIDs as xattrs, written in the same atomic operation as the data. Large objects are chunked (see
-:mod:`shared.rados_layout`). ``rados_osd_op_timeout`` is always set, so a write to a placement group without
+:mod:`shared.storage.rados_layout`). ``rados_osd_op_timeout`` is always set, so a write to a placement group without
 active OSDs fails after ``op_timeout_s`` (TimeoutError) instead of hanging; a user without caps on the pool
 gets a PermissionError naming the user and the pool.
 
@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .config import BackendConfig
-from .objectstore import BufferedWriter, CorruptObject, ObjectMissing, check_digest, content_digest
-from .rados_layout import (
+from shared.config import BackendConfig
+from shared.storage.objectstore import BufferedWriter, CorruptObject, ObjectMissing, check_digest, content_digest
+from shared.storage.rados_layout import (
     LAYOUT_CHUNKED,
     LAYOUT_WHOLE,
     XATTR_PREFIX,

@@ -1,6 +1,6 @@
 """Elastic group membership: members heartbeat into a JetStream KV bucket whose entries expire after
 ``member_ttl_s``; each member reads the live membership and owns the partitions rendezvous hashing
-gives it (:mod:`shared.rendezvous`).
+gives it (:mod:`shared.bus.rendezvous`).
 
 The bucket (``members_<group>``) holds one key per live member; its value is the member's own report
 (host, pid, owned partitions, pin ids) so ``dicomflow status`` can show who holds what. Liveness is
@@ -30,10 +30,10 @@ from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 
-from .config import GroupConfig
-from .jetstream_raw import NS, JetStreamAPIError, api, ensure_stream
-from .lifecycle import cancel_and_wait
-from .rendezvous import owned_by
+from shared.bus.jetstream import NS, JetStreamAPIError, api, ensure_stream
+from shared.bus.rendezvous import owned_by
+from shared.config import GroupConfig
+from shared.lifecycle import cancel_and_wait
 
 log = logging.getLogger("dicomflow.membership")
 
@@ -140,7 +140,7 @@ class ElasticOwnership:
         self.partitions = partitions
         self.cfg = cfg
         self.replicas = replicas
-        #: Called for the heartbeat value; :class:`~shared.consumer_group.PartitionedConsumer` sets it.
+        #: Called for the heartbeat value; :class:`~shared.bus.consumer_group.PartitionedConsumer` sets it.
         self.report: Callable[[], dict] | None = None
         self._members: list[str] = []
         self._last_ok = 0.0

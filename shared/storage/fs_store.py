@@ -1,6 +1,6 @@
 """Filesystem object store: one file per object under ``ab/<digest>``, durable before put returns.
 
-Small objects are made durable through the write-ahead log of :mod:`shared.fs_wal` (their file is
+Small objects are made durable through the write-ahead log of :mod:`shared.storage.fs_wal` (their file is
 visible at once and synced by a later checkpoint); large ones by fsyncing the file and its folder.
 Large objects can also be streamed in as they arrive (:meth:`FileObjectStore.writer`).
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import blake3
 
-from . import fs_wal
-from .config import BackendConfig
-from .fs_wal import fsync_dir as _fsync_dir
-from .objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
+from shared.config import BackendConfig
+from shared.storage import fs_wal
+from shared.storage.fs_wal import fsync_dir as _fsync_dir
+from shared.storage.objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
 
 log = logging.getLogger("dicomflow.fs_store")
 

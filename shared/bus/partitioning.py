@@ -8,7 +8,7 @@ without asking the server.
 
 from __future__ import annotations
 
-from .uids import uid_token
+from shared.contract.uids import uid_token
 
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193

@@ -1,0 +1,285 @@
+"""Event schemas: the contract of every NATS subject dicomflow publishes.
+
+Each model is the JSON body of one subject family and declares it: its channels (address template,
+stream, meaning), :meth:`Event.subject` (the concrete subject, from :mod:`shared.contract.subjects`)
+and :meth:`Event.msg_id` (the ``Nats-Msg-Id`` JetStream de-duplicates on). The AsyncAPI document is
+generated from these declarations (:mod:`shared.contract.asyncapi`), so it cannot drift from what the
+services publish. Events are small (about 1 KiB): the instance bytes never travel on the bus, only a
+claim-check (backend + digest). Fields are only ever added, never renamed, so integrations keep
+working across versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.contract import subjects as s
+
+SCHEMA_VERSION = 1
+
+StreamRole = Literal["instances", "events", "forward", "dlq"]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the timestamp format of every event."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One subject family of an event model: its address template, the stream that keeps it, its meaning."""
+
+    title: str
+    address: str
+    stream: StreamRole
+    description: str
+
+
+class Event(BaseModel):
+    """The base of every event: frozen, unknown fields ignored (a newer producer adds fields), versioned."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: int = SCHEMA_VERSION
+    channels: ClassVar[tuple[Channel, ...]] = ()
+
+    def subject(self) -> str:
+        """The subject this event is published on."""
+        raise NotImplementedError(f"{type(self).__name__} declares no subject")
+
+    def msg_id(self) -> str:
+        """The ``Nats-Msg-Id``: a republished event (a redelivery, a retry) is one message in the stream."""
+        raise NotImplementedError(f"{type(self).__name__} declares no message id")
+
+
+class InstanceTags(BaseModel):
+    """The routing tags read from an instance (nothing else is parsed)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str = ""
+    patient_id: str = ""
+    modality: str = ""
+    institution_name: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    study_description: str = ""
+    accession_number: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+
+
+class InstanceReceived(Event):
+    """``dicom.in.<study>.<sop>``: an instance was received, its bytes are durable in the staging backend."""
+
+    channels = (Channel(
+        "instance-received", f"{s.IN_PREFIX}.{{study}}.{{sop}}", "instances",
+        "An instance's bytes are durable in the staging backend (claim-check: backend + blake3 digest). Published "
+        f"by the ingest before it answers the modality; stored partitioned as {s.PART_PREFIX}.{{partition}}.{{study}}"
+        ".{sop}. Nats-Msg-Id = in:<SOPInstanceUID>:<digest prefix>. UIDs appear in subjects with '.' replaced by "
+        "'_'."),)
+    tags: InstanceTags
+    transfer_syntax_uid: str
+    digest: str = Field(description="blake3 hex digest of the data set bytes as received (no file meta)")
+    size: int
+    backend: str = Field(description="staging backend that holds the bytes, addressed by digest")
+    calling_ae: str
+    called_ae: str
+    received_at: datetime
+    receiver: str = Field("", description="host/pid of the receiving process")
+
+    def subject(self) -> str:
+        return s.instance_in(self.tags.study_uid, self.tags.sop_uid)
+
+    def msg_id(self) -> str:
+        """De-duplication id: the same bytes of the same SOP instance are one event."""
+        return f"in:{self.tags.sop_uid}:{self.digest[:32]}"
+
+
+class InstanceStored(Event):
+    """``dicom.stored.<study>.<sop>``: an instance is stored according to its placement policy."""
+
+    channels = (Channel("instance-stored", f"{s.STORED_PREFIX}.{{study}}.{{sop}}", "events",
+                        "An instance is stored on every placement of its institution's policy and indexed."),)
+    tags: InstanceTags
+    transfer_syntax_uid: str
+    digest: str
+    size: int
+    policy: str
+    placements: list[str]
+    calling_ae: str
+    stored_at: datetime
+    replaced_digest: str | None = Field(None, description="digest of an earlier, different version of this SOP instance")
+
+    def subject(self) -> str:
+        return s.instance_stored(self.tags.study_uid, self.tags.sop_uid)
+
+    def msg_id(self) -> str:
+        return f"stored:{self.tags.sop_uid}:{self.digest[:32]}"
+
+
+class InstanceRejected(Event):
+    """``dicom.rejected.<study>.<sop>``: the store could not place an instance (e.g. no policy)."""
+
+    channels = (Channel("instance-rejected", f"{s.REJECTED_PREFIX}.{{study}}.{{sop}}", "events",
+                        "The store could not place an instance (e.g. no placement policy for its institution)."),)
+    tags: InstanceTags
+    digest: str
+    reason: str
+    rejected_at: datetime
+
+    def subject(self) -> str:
+        return s.instance_rejected(self.tags.study_uid, self.tags.sop_uid)
+
+    def msg_id(self) -> str:
+        return f"rejected:{self.tags.sop_uid}:{self.digest[:32]}"
+
+
+class ForwardJob(Event):
+    """``router.out.<target>.<study>.<sop>``: send one instance to one target (a per-target work queue)."""
+
+    channels = (Channel("forward-job", f"{s.OUT_PREFIX}.{{target}}.{{study}}.{{sop}}", "forward",
+                        "The router's per-target work queue: one instance to send to one target."),)
+    target: str
+    group: str = Field("", description="target group the target was chosen from (empty: named directly)")
+    rule: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    digest: str
+    size: int
+    backend: str
+
+    def subject(self) -> str:
+        return s.forward_job(self.target, self.study_uid, self.sop_uid)
+
+    def msg_id(self) -> str:
+        """De-duplication id: one instance's bytes once per target."""
+        return f"out:{self.target}:{self.sop_uid}:{self.digest[:24]}"
+
+
+class DeadLetter(Event):
+    """``dicom.dlq.<target>.<study>.<sop>``: a forward that failed max_attempts times, or a quarantined instance."""
+
+    channels = (Channel("dead-letter", f"{s.DLQ_PREFIX}.{{target}}.{{study}}.{{sop}}", "dlq",
+                        "A forward that failed max_attempts times, or an instance quarantined by a rule (target "
+                        f"{s.QUARANTINE})."),)
+    job: ForwardJob
+    reason: str
+    attempts: int
+    failed_at: datetime
+    job_sequence: int = Field(0, description="stream sequence of the failed job in ROUTER_OUT (0: quarantined)")
+
+    def subject(self) -> str:
+        return s.dead_letter(self.job.target, self.job.study_uid, self.job.sop_uid)
+
+    def msg_id(self) -> str:
+        """A quarantine once per instance version; a failed job once per delivery of it to the queue."""
+        if self.job.target == s.QUARANTINE:
+            return f"quarantine:{self.job.sop_uid}:{self.job.digest[:24]}"
+        return f"dlq:{self.job.target}:{self.job.sop_uid}:{self.job.digest[:16]}:{self.job_sequence}"
+
+
+class SeriesSummary(BaseModel):
+    """One series of a study as the router saw it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    series_uid: str
+    instances: int
+    description: str = ""
+    modality: str = ""
+
+
+class StudyComplete(Event):
+    """``dicom.study.complete.<study>`` (first completion) and ``dicom.study.updated.<study>`` (after a re-open).
+
+    Exactly once per study generation across the cluster (Nats-Msg-Id = study UID + generation).
+    """
+
+    channels = (
+        Channel("study-complete", f"{s.STUDY_COMPLETE_PREFIX}.{{study}}", "events",
+                "A study is complete (quiet period after its last instance and its required series, or forced), once "
+                "per study across the cluster: Nats-Msg-Id = complete:<StudyInstanceUID>:<generation>."),
+        Channel("study-updated", f"{s.STUDY_UPDATED_PREFIX}.{{study}}", "events",
+                "Instances arrived after a study completed (it re-opened); the next generation completed. Same "
+                "body."),
+    )
+    study_uid: str
+    generation: int
+    reason: str = Field(description="quiet (quiet period after the last instance, conditions met) or forced")
+    incomplete: bool = Field(False, description="forced before the required series arrived")
+    discarded: bool = Field(False, description="forced with force_action=discard: on-complete forwards were not made")
+    instances: int
+    series: list[SeriesSummary]
+    patient_id: str = ""
+    accession_number: str = ""
+    calling_ae: str = ""
+    institution_name: str = ""
+    first_arrival: datetime
+    last_arrival: datetime
+    completed_at: datetime
+
+    @property
+    def kind(self) -> Literal["complete", "updated"]:
+        """complete for a study's first generation, updated for every later one."""
+        return "complete" if self.generation == 1 else "updated"
+
+    def subject(self) -> str:
+        return s.study_complete(self.study_uid) if self.kind == "complete" else s.study_updated(self.study_uid)
+
+    def msg_id(self) -> str:
+        """De-duplication id: one event per study generation."""
+        return f"complete:{self.study_uid}:{self.generation}"
+
+
+class StudyRouted(Event):
+    """``dicom.study.routed.<study>``: a study was assigned a destination (sticky for a target group)."""
+
+    channels = (Channel("study-routed", f"{s.STUDY_ROUTED_PREFIX}.{{study}}", "events",
+                        "A study was given a destination (for a target group: its sticky member; again when moved "
+                        "whole)."),)
+    study_uid: str
+    target: str
+    group: str = ""
+    rule: str
+    reassigned_from: str = ""
+    routed_at: datetime
+
+    def subject(self) -> str:
+        return s.study_routed(self.study_uid)
+
+    def msg_id(self) -> str:
+        return f"routed:{self.study_uid}:{self.target}:{self.reassigned_from}"
+
+
+class ForwardFailed(Event):
+    """``dicom.forward.failed.<target>.<study>``: an instance gave up after max_attempts (now in DICOM_DLQ)."""
+
+    channels = (Channel("forward-failed", f"{s.FORWARD_FAILED_PREFIX}.{{target}}.{{study}}", "events",
+                        "An instance gave up after router.forward.max_attempts; it waits in DICOM_DLQ (dicomflow dlq "
+                        "replay)."),)
+    target: str
+    study_uid: str
+    sop_uid: str
+    reason: str
+    attempts: int
+    failed_at: datetime
+    job_sequence: int = Field(0, description="stream sequence of the failed job in ROUTER_OUT")
+
+    def subject(self) -> str:
+        return s.forward_failed(self.target, self.study_uid)
+
+    def msg_id(self) -> str:
+        return f"failed:{self.target}:{self.sop_uid}:{self.job_sequence}"
+
+
+#: Every published event model, in the order the AsyncAPI document lists them.
+EVENT_MODELS: tuple[type[Event], ...] = (InstanceReceived, InstanceStored, InstanceRejected, StudyComplete,
+                                         StudyRouted, ForwardFailed, ForwardJob, DeadLetter)

@@ -122,8 +122,11 @@ class Stack:
 
 
 def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "TESTSCU",
-             contexts=(CTImageStorage,)) -> list[int]:
-    """Send datasets (pydicom Datasets or file paths) over one pynetdicom association; returns the statuses."""
+             contexts=(CTImageStorage,), comments: list[str] | None = None) -> list[int]:
+    """Send datasets (pydicom Datasets or file paths) over one pynetdicom association; returns the statuses.
+
+    ``comments``, when given, receives each response's Error Comment ("" when none).
+    """
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for cx in contexts:  # one context per transfer syntax, so the SCP accepts each of them
@@ -137,6 +140,8 @@ def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "T
         for ds in datasets:
             status = assoc.send_c_store(ds)
             statuses.append(int(status.Status) if status else -1)
+            if comments is not None:
+                comments.append(str(status.get("ErrorComment", "")) if status else "")
     finally:
         assoc.release()
     return statuses

@@ -90,8 +90,13 @@ def test_nats_down_mid_study_answers_a700_and_loses_nothing(tmp_path, stack_fact
         first = scu_send(stack.port, datasets[:15])
         assert first == [0] * 15
         server.kill()
-        second = scu_send(stack.port, datasets[15:18])
+        comments: list[str] = []
+        second = scu_send(stack.port, datasets[15:18], comments=comments)
         assert second == [0xA700] * 3, [hex(s) for s in second]
+        # The Error Comment (an LO of 64 characters) says what failed in whole words.
+        for comment in comments:
+            assert comment.startswith("event not acknowledged by NATS: "), comment
+            assert comment.split(": ", 1)[1] in ("timed out", "server unreachable", "no stream serves the subject")
         server.start()  # same store dir and port: JetStream recovers its data
         # The modality retries everything it was not told succeeded; a full resend is also fine.
         wait_for(lambda: scu_send(stack.port, datasets[:1]) == [0], 30, interval=1, what="ingest reconnected")

@@ -149,7 +149,7 @@ def test_the_intake_commits_a_streamed_instance_only_when_it_is_valid(tmp_path):
     # The staging folder vanished (a broken disk): the modality is told to retry, nothing is published.
     os.rmdir(store.root / "tmp")
     status, comment = intake.accept(_received(streamed(body), sop))
-    assert status == OUT_OF_RESOURCES and "durable" in comment
+    assert status == OUT_OF_RESOURCES and comment.startswith("staging write failed: ")
     store.tmp.mkdir()
     assert len(published) == 2
     assert sorted(p.name for p in store.root.glob("??/*")) == sorted([content_digest(body), content_digest(utf8)])

@@ -29,6 +29,7 @@ from shared.dicom.statuses import (
     SUCCESS,
     TOO_LARGE,
     Rejection,
+    failure_cause,
 )
 from shared.dicom.tags import read_tags
 from shared.storage.objectstore import ObjectStore, ObjectWriter, content_digest
@@ -129,7 +130,8 @@ class Intake:
             self.publish(subjects.instance_in(tags.study_uid, tags.sop_uid), event, event_headers(event.msg_id()))
         except Exception as exc:
             metrics.failures.labels(stage="publish").inc()
-            return OUT_OF_RESOURCES, f"event not acknowledged by JetStream: {type(exc).__name__}: {exc}"
+            log.warning("event of %s not acknowledged: %s: %s", tags.sop_uid, type(exc).__name__, exc)
+            return OUT_OF_RESOURCES, f"event not acknowledged by NATS: {failure_cause(exc)}"
         metrics.publish_latency.observe(time.perf_counter() - t0)
         metrics.bytes_received.inc(size)
         return SUCCESS, ""
@@ -138,7 +140,8 @@ class Intake:
 def _not_durable(exc: BaseException) -> tuple[int, str]:
     """The answer when the claim-check could not be written: out of resources, so the modality retries."""
     metrics.failures.labels(stage="staging").inc()
-    return OUT_OF_RESOURCES, f"bytes could not be made durable: {type(exc).__name__}: {exc}"
+    log.warning("claim-check not written: %s: %s", type(exc).__name__, exc)
+    return OUT_OF_RESOURCES, f"staging write failed: {failure_cause(exc)}"
 
 
 _BYTES = (bytes, bytearray, memoryview)

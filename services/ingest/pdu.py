@@ -11,6 +11,8 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
+from shared.dicom.statuses import fit_comment
+
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 1, 2, 3, 4, 5, 6, 7
 
@@ -228,7 +230,7 @@ def response(field_: int, message_id: int, status: int, sop_class: str, sop_inst
             _elem(0x0900, us(status))]
     if comment:
         # LO: 64 characters, no backslash (the value delimiter) and no control characters.
-        text = "".join(c if " " <= c <= "~" and c != "\\" else "/" for c in comment[:64])
+        text = fit_comment(comment)
         body.append(_elem(0x0902, _even(text, b" ")))
     if sop_instance:
         body.append(_elem(0x1000, _even(sop_instance, b"\0")))

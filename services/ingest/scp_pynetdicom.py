@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics
 from services.ingest.intake import Intake, Received
-from shared.dicom.statuses import CANNOT_UNDERSTAND
+from shared.dicom.statuses import CANNOT_UNDERSTAND, fit_comment
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -71,7 +71,7 @@ def _status(status: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = status
     if comment:
-        ds.ErrorComment = comment[:64]
+        ds.ErrorComment = fit_comment(comment)
     return ds
 
 

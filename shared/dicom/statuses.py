@@ -36,3 +36,31 @@ class Rejection(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+# Error Comment (0000,0902) is an LO: at most 64 characters of the default repertoire.
+MAX_COMMENT = 64
+
+
+def fit_comment(text: str, limit: int = MAX_COMMENT) -> str:
+    """``text`` as an Error Comment: printable ASCII, at most ``limit`` characters, cut after a whole word."""
+    clean = "".join(c if " " <= c <= "~" and c != "\\" else "/" for c in text).strip()
+    if len(clean) <= limit:
+        return clean
+    cut = clean[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "..."
+
+
+def failure_cause(exc: BaseException) -> str:
+    """A few words naming why an infrastructure call failed (the exception itself goes to the log)."""
+    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+        return "timed out"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return "disk full"
+    if isinstance(exc, (ConnectionError, OSError)) or "Connection" in type(exc).__name__ \
+            or "NoServers" in type(exc).__name__:
+        return "server unreachable"
+    if "NoResponders" in type(exc).__name__:
+        return "no stream serves the subject"
+    return "refused"

@@ -224,12 +224,12 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    from shared.bus.connection import connect
+    from shared.bus.connection import Unreachable, connect_once
 
     from .status import collect, format_text
 
     async def go() -> dict:
-        nc = await connect(config, "dicomflow-status", max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await connect_once(config, "dicomflow-status")
         try:
             return await collect(nc, config)
         finally:
@@ -237,8 +237,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
     try:
         st = asyncio.run(go())
+    except Unreachable as exc:
+        print(f"dicomflow status: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        print(f"dicomflow status: cannot reach NATS at {config.nats_servers()}: {exc}", file=sys.stderr)
+        print(f"dicomflow status: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(st, indent=2))

@@ -167,7 +167,7 @@ async def _dlq_entries(nc, args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
-    from shared.bus.connection import connect, publish_event
+    from shared.bus.connection import connect_once, publish_event
     from shared.bus.jetstream import api
     from shared.contract import subjects
 
@@ -176,7 +176,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> list[dict]:
-        nc = await connect(config, "dicomflow-dlq", max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await connect_once(config, "dicomflow-dlq")
         try:
             entries = await _dlq_entries(nc, args)
             if args.action == "list":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
@@ -19,13 +20,19 @@ log = logging.getLogger("dicomflow.bus")
 
 
 async def connect(config: Config, name: str, **kwargs) -> NATS:
-    """A NATS connection that reconnects forever (a service outlives NATS restarts)."""
+    """A NATS connection that reconnects forever (a service outlives NATS restarts).
+
+    A disconnect is a warning only when the server went away: our own close (every short-lived
+    command ends with one) closes the client before nats-py reports the disconnect.
+    """
+    client: list[NATS] = []
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected")
+        if not (client and client[0].is_closed):
+            log.warning("nats: disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
@@ -35,7 +42,31 @@ async def connect(config: Config, name: str, **kwargs) -> NATS:
                 error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                 pending_size=64 * 1024 * 1024)
     opts.update(kwargs)
-    return await nats.connect(**opts)
+    nc = await nats.connect(**opts)
+    client.append(nc)
+    return nc
+
+
+class Unreachable(ConnectionError):
+    """No NATS server of the configuration answered (a short-lived command reports it and exits)."""
+
+
+async def connect_once(config: Config, name: str) -> NATS:
+    """A connection for a short-lived command: one attempt per server, no reconnects, bounded in time.
+
+    nats-py retries a refused server forever when ``max_reconnect_attempts`` is 0 (only values above
+    0 discard a server), which made ``dicomflow status`` hang while NATS was down.
+    """
+    async def quiet(_exc: Exception) -> None:  # the one failure is raised and reported by the caller
+        pass
+
+    servers = config.nats_servers()
+    try:
+        return await asyncio.wait_for(
+            connect(config, name, max_reconnect_attempts=1, allow_reconnect=False, error_cb=quiet),
+            timeout=config.nats.connect_timeout_s * (len(servers) + 1) + 1)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise Unreachable(f"cannot reach NATS at {', '.join(servers)} ({type(exc).__name__})") from exc
 
 
 async def ensure_streams(nc: NATS, config: Config) -> None:

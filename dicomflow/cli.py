@@ -166,11 +166,6 @@ def cmd_autoscaler(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(config: Config, args: argparse.Namespace) -> int:
-    print(f"dicomflow {args.command}: not available in this version", file=sys.stderr)
-    return 2
-
-
 def _index(config: Config):
     from services.store.index import Index
 

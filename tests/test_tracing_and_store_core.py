@@ -111,13 +111,14 @@ def test_group_commit_batches_concurrent_records_and_keeps_outcomes(tmp_path):
     now = utcnow().isoformat()
 
     async def go():
-        first = await asyncio.gather(*(commits.record(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)
+        first = await asyncio.gather(*(commits.record_many([(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)])
                                        for i in range(50)))
-        again = await asyncio.gather(*(commits.record(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)
+        again = await asyncio.gather(*(commits.record_many([(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)])
                                        for i in range(50)))
         return first, again
 
     first, again = asyncio.run(go())
+    first, again = [r for rs in first for r in rs], [r for rs in again for r in rs]
     assert [r.outcome for r in first] == ["new"] * 50
     assert [r.outcome for r in again] == ["same"] * 50
     assert index.count() == 50

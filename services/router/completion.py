@@ -141,17 +141,6 @@ def due(st: StudyState, now: float, default: CompletionConfig) -> Decision | Non
     return None
 
 
-def next_check(st: StudyState, default: CompletionConfig) -> float | None:
-    """When the study could next be due (for logs and status; the scanner polls anyway)."""
-    if not st.is_open:
-        return None
-    policy = st.policy or default
-    times = [st.last_arrival + policy.quiet_s]
-    if policy.force_after_s > 0 and policy.force_action != "wait":
-        times.append(st.gen_started + policy.force_after_s)
-    return min(times)
-
-
 def mark_completed(st: StudyState, gen: int, seq: int, count: int) -> StudyState | None:
     """The state once generation ``gen`` (covering the stream up to ``seq``, ``count`` instances) was announced.
 

@@ -163,10 +163,6 @@ class GroupCommit:
         self._pending: list[tuple[tuple, asyncio.Future]] = []
         self._running = False
 
-    async def record(self, event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> Recorded:
-        """Record one instance; returns when its transaction has committed."""
-        return (await self.record_many([(event, policy, placements, stored_at)]))[0]
-
     async def record_many(self, items: list[tuple[InstanceReceived, str, list[str], str]]) -> list[Recorded]:
         """Record several instances (event, policy, placements, stored_at); returns once all are committed."""
         loop = asyncio.get_running_loop()

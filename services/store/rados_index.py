@@ -39,15 +39,9 @@ def is_rados(store) -> bool:
     return hasattr(store, "omap_set")
 
 
-def record_entries(store, entries: list[tuple[InstanceReceived, str, list[str], str]]) -> None:
-    """Add the entries of several instances of ONE study in one omap write: (event, policy, placements, stored_at)."""
-    err = record_studies(store, [entries])[0]
-    if err is not None:
-        raise err
-
-
 def record_studies(store, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
-    """:func:`record_entries` for several studies, one omap write each, in flight together; one outcome per study."""
+    """Add the entries (event, policy, placements, stored_at) of each study in one omap write per study, all in
+    flight together; one outcome per study."""
     writes = []
     for entries in studies:
         study = entries[0][0].tags.study_uid

@@ -1,5 +1,7 @@
-"""The raw JetStream API calls nats-py 2.16 cannot make: streams with subject transforms, and
-pull consumers in a ``pinned_client`` priority group (ADR-42).
+"""The JetStream API calls dicomflow makes as raw requests: pull consumers in a ``pinned_client``
+priority group (ADR-42), which nats-py 2.16's pull subscriptions do not speak (no ``group`` or pin id
+on a pull), and the stream and consumer administration beside them, so that one module owns every
+field we set (subject transform included) and checks what the server holds against it.
 
 The pinned group is the server-side guarantee that two workers never consume one partition at
 once, even while their views of the membership differ. Shapes are those measured in the notes:
@@ -250,10 +252,6 @@ class PinnedPuller:
                               json.dumps(req).encode(), reply=self._inbox)
         self._active_until = max(self._active_until, time.monotonic() + expires_s)
         self._outstanding = max(self._outstanding, 0) + 1
-
-    def forget_pin(self) -> None:
-        """Drop the pin id (after an unpin, or when giving the partition away)."""
-        self.pin_id = None
 
     async def close(self) -> list[Msg]:
         """Drop the inbox subscription; return the messages delivered to us but never fetched.

@@ -52,6 +52,11 @@ def _env(config: Config, nats_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env["DICOMFLOW__NATS__URL"] = nats_url
     env["DICOMFLOW_DATA_DIR"] = str(Path(config.data_dir).resolve())
+    # The children read the file and the environment only: the command line's SCP options (run --dicom-port,
+    # --ae-title, --host) reach them as the environment overrides of the effective values.
+    env["DICOMFLOW__INGEST__PORT"] = str(config.ingest.port)
+    env["DICOMFLOW__INGEST__AE_TITLE"] = config.ingest.ae_title
+    env["DICOMFLOW__INGEST__HOST"] = config.ingest.host
     return env
 
 

@@ -6,9 +6,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN    := $(VENV)/bin
 ARGS   ?=
 # Debian packages: dcmtk (storescu/storescp, real DICOM peers), Ceph (mon, osd, python3-rados) for the
-# Ceph backend and its tests, docker-compose (validates compose/), orthanc (benchmark baseline).
+# Ceph backend and its tests, docker-compose (validates compose/), postgresql (the shared catalogue; the
+# suite starts its own server), orthanc (benchmark baseline).
 RUN_DEBS  := dcmtk
-TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose
+TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose postgresql
 BENCH_DEBS := dcmtk orthanc
 
 .PHONY: run test lint bench-ingest venv venv-test rados-link debs-run debs-test debs-bench clean

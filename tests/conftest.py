@@ -3,6 +3,7 @@ import shutil
 import pytest
 
 from tests.helpers import Stack, make_config, start_nats
+from tests.pg_cluster import PgCluster
 
 
 @pytest.fixture
@@ -10,6 +11,14 @@ def nats_server(tmp_path):
     server = start_nats(tmp_path)
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One real PostgreSQL server for the session; tests take fresh databases on it (``new_database``)."""
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

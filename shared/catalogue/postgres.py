@@ -1,0 +1,20 @@
+"""The PostgreSQL catalogue: one database shared by every store replica and every query service."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors
+
+from shared.catalogue.sql import Dialect, SqlCatalogue
+
+
+def open_postgres(dsn: str) -> SqlCatalogue:
+    """The catalogue in the PostgreSQL database at ``dsn`` (a libpq URL or key=value string); the schema
+    is created when missing.
+    """
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(dsn, autocommit=False, connect_timeout=10)
+
+    # Writers lock their studies in one order, so a deadlock means another client's order: retry it.
+    return SqlCatalogue(Dialect("postgresql", connect, "%s",
+                                retryable=(errors.DeadlockDetected, errors.SerializationFailure)))

@@ -263,6 +263,67 @@ class TelemetryConfig(_Section):
     log_level: str = Field("INFO", description="Python log level.")
 
 
+class TenantConfig(_Section):
+    aes: list[str] = Field(default_factory=list, description="Calling AE titles of this institution's modalities and systems: what they store is this tenant's, what they query is confined to it.")
+    policy: str | None = Field(None, description="Placement policy of this tenant's instances (a name under storage.policies). Null: storage.institutions by AE title or InstitutionName, else storage.default_policy.")
+    api_keys_sha256: list[str] = Field(default_factory=list, description="SHA-256 (hex) of the API keys that act for this tenant over HTTP (`Authorization: Bearer <key>` or `X-API-Key: <key>`). The keys themselves are never stored: `dicomflow apikey` makes one and prints its hash.")
+
+    @field_validator("api_keys_sha256")
+    @classmethod
+    def _hex_digests(cls, v: list[str]) -> list[str]:
+        for digest in v:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError(f"{digest[:12]!r}... is not a SHA-256 hex digest (64 hex digits)")
+        return [d.lower() for d in v]
+
+
+class JwtConfig(_Section):
+    issuer: str = Field("", description="Issuer (iss) of accepted bearer JWTs, e.g. a Keycloak realm URL. Empty: JWTs are not accepted.")
+    jwks_url: str = Field("", description="Where the issuer's signing keys are (JWKS), e.g. <realm>/protocol/openid-connect/certs.")
+    audience: str = Field("", description="Required audience (aud); empty: not checked.")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], description="Accepted signature algorithms (never 'none').")
+    tenant_claim: str = Field("tenant", description="Claim that names the caller's tenant (dotted path for nested claims).")
+    roles_claim: str = Field("realm_access.roles", description="Claim that lists the caller's roles (Keycloak: realm_access.roles).")
+    admin_role: str = Field("dicomflow-admin", description="Role that makes the caller an administrator (every tenant).")
+
+
+class AccessConfig(_Section):
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict, description="Institutions by tenant name: their AEs, credentials and placement policy. A tenant's data is reachable only by that tenant and administrators.")
+    default_tenant: str | None = Field("default", description="Tenant of a calling AE that no tenant lists. Null: such associations are rejected (calling AE not recognised).")
+    gateways: dict[str, dict[str, str]] = Field(default_factory=dict, description="Trusted gateways that forward for several institutions: calling AE -> {InstitutionName: tenant}. Only for these AEs does the data set's InstitutionName pick the tenant (an unlisted name: the AE's own tenant, else default_tenant).")
+    admin_api_keys_sha256: list[str] = Field(default_factory=list, description="SHA-256 (hex) of API keys that act as administrator (every tenant).")
+    anonymous_tenant: str | None = Field("default", description="Tenant of an HTTP request without credentials. The embedded default answers such requests on loopback as the default tenant; set null where the HTTP service is reachable from a network, so that every request needs an API key or a JWT (401 otherwise).")
+    jwt: JwtConfig = Field(default_factory=JwtConfig)
+
+    @model_validator(mode="after")
+    def _aes_once(self) -> AccessConfig:
+        owner: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
+            for ae in tenant.aes:
+                if ae in owner and owner[ae] != name:
+                    raise ValueError(f"calling AE {ae!r} is listed by tenants {owner[ae]!r} and {name!r}")
+                owner[ae] = name
+        for digest in self.admin_api_keys_sha256:
+            if len(digest) != 64:
+                raise ValueError("admin_api_keys_sha256: every entry is a SHA-256 hex digest (64 hex digits)")
+        return self
+
+
+class CatalogueConfig(_Section):
+    url: str = Field("", description="The catalogue database. Empty: SQLite at <data_dir>/catalogue.sqlite (the embedded default; one machine). postgresql://user:password@host:port/db for a deployment with more than one store replica or query service: they all share it.")
+
+
+class WebConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address of the DICOMweb HTTP service (QIDO-RS, metadata). 0.0.0.0 for every interface (then set access.anonymous_tenant: null).")
+    port: int = Field(8043, ge=0, le=65535, description="Port of the DICOMweb HTTP service; `dicomflow run` starts it there. 0: not started by `dicomflow run`.")
+    path_prefix: str = Field("/dicom-web", description="Path under which the DICOMweb resources are served (/dicom-web/studies, ...).")
+    public_url: str = Field("", description="Base URL clients reach the service at, for RetrieveURL and BulkDataURI (behind a proxy or an ingress). Empty: taken from each request's Host header.")
+    max_results: int = Field(1000, ge=1, description="Most results one query returns; a larger or missing limit is cut to it with a Warning header.")
+    max_offset: int = Field(1_000_000, ge=0, description="Largest offset a query may ask for (400 above).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the service from a browser (a viewer such as OHIF served elsewhere); '*' for any.")
+    threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
+
+
 class Config(_Section):
     data_dir: str = Field("var", description="Where the embedded default keeps NATS data, objects and the index.")
     nats: NatsConfig = Field(default_factory=NatsConfig)
@@ -273,6 +334,9 @@ class Config(_Section):
     autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -160,7 +160,7 @@ def test_metadata_in_instance_order_without_bulk(catalogue):
     catalogue.record_batch([entry(ds) for ds in reversed(instances)])
     rows = catalogue.metadata("a", instances[0].StudyInstanceUID, instances[0].SeriesInstanceUID)
     assert [r[1] for r in rows] == [instances[0].SOPInstanceUID, instances[2].SOPInstanceUID]
-    assert '"7FE00010":{"vr":"OW","BulkDataURI":"bulkdata/7FE00010"}' in rows[0][3]
+    assert '"7FE00010":{"vr":"OW","BulkDataURI":"bulkdata/7FE00010"}' in rows[0][4]
 
 
 @pytest.mark.parametrize("params, reason", [

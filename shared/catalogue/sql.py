@@ -288,9 +288,9 @@ class SqlCatalogue:
         return out
 
     def metadata(self, tenant: str | None, study_uid: str, series_uid: str | None = None,
-                 sop_uid: str | None = None) -> list[tuple[str, str, str, str]] | None:
-        """(series UID, SOP Instance UID, transfer syntax, DICOM JSON text) of each instance in scope, in
-        series and instance order; None when the study (or series, instance) is not in the tenant's catalogue.
+                 sop_uid: str | None = None) -> list[tuple[str, str, str, str, str]] | None:
+        """(series UID, SOP Instance UID, transfer syntax, digest, DICOM JSON text) of each instance in scope,
+        in series and instance order; None when the study (or series, instance) is not in the tenant's catalogue.
         """
         where, params = ["i.study_uid = ?"], [study_uid]
         if tenant is not None:
@@ -302,7 +302,8 @@ class SqlCatalogue:
         if sop_uid is not None:
             where.append("i.sop_uid = ?")
             params.append(sop_uid)
-        rows = self._read("SELECT i.series_uid, i.sop_uid, i.transfer_syntax_uid, i.metadata FROM instances i"
+        rows = self._read("SELECT i.series_uid, i.sop_uid, i.transfer_syntax_uid, i.digest, i.metadata"
+                          " FROM instances i"
                           f" WHERE {' AND '.join(where)}"
                           " ORDER BY i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid", params)
         return rows or None
@@ -320,6 +321,13 @@ class SqlCatalogue:
             item["placements"] = json.loads(item["placements"])
             out.append(item)
         return out
+
+    def ping(self) -> bool:
+        """Whether the database answers (a health check)."""
+        try:
+            return self._read("SELECT 1")[0][0] == 1
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
 
     def count(self, tenant: str | None = None) -> int:
         """Number of instances (of one tenant, or of all)."""

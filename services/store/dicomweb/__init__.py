@@ -1,0 +1,1 @@
+"""The DICOMweb HTTP service: stateless, any number of replicas over one shared catalogue."""

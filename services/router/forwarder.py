@@ -4,6 +4,8 @@ Each target has its own durable consumer on ROUTER_OUT, so a dead destination on
 queue. A failed batch is negatively acknowledged per instance with an exponential delay; after
 ``forward.max_attempts`` an instance goes to DICOM_DLQ with a ``dicom.forward.failed`` event.
 A job whose study was moved to another member of its group (reassign) is handed on to that member.
+What a failure becomes is decided by ``decisions.settle_failure``; of its router member a forwarder
+sees only the :class:`StudyRouting` port (assignments, reassignment, health), so it runs alone.
 """
 
 from __future__ import annotations

@@ -407,14 +407,8 @@ class RadosObjectStore:
         return f"rados://{self.cfg.pool}/{ns}{check_digest(digest)}"
 
     # ------------------------------------------------------------------ omap (the per-study index objects)
-    def omap_set(self, oid: str, entries: dict[str, bytes]) -> None:
-        """Set omap keys of ``oid`` (creating it), in one write op."""
-        err = self.omap_set_many([(oid, entries)])[0]
-        if err is not None:
-            raise err
-
     def omap_set_many(self, writes: list[tuple[str, dict[str, bytes]]]) -> list[Exception | None]:
-        """:meth:`omap_set` for several objects, their write ops in flight together; one outcome per object.
+        """Set omap keys of several objects (creating them), their write ops in flight together; one outcome per object.
 
         Under load an omap write queues behind the object writes on its OSD (tens of milliseconds
         measured), so a batch's study index objects are not written one after the other.

@@ -145,12 +145,13 @@ class Storer:
         """
         errors: list[Exception | None] = [None] * len(items)
         held: dict[int, bytes] = {}  # bytes read at an instance's first copy, until its last copy took them
-        for step in plan_placements([(event.backend, placements) for event, placements in items]):
+        for backend_plan in plan_placements([(event.backend, placements) for event, placements in items]):
             taken: list[int] = []  # the instance of each write put_many got, in its order
-            results = self.backends.get(step.backend).put_many(self._writes(step, items, errors, held, taken))
+            writes = self._writes(backend_plan, items, errors, held, taken)
+            results = self.backends.get(backend_plan.backend).put_many(writes)
             for i, err in zip(taken, results, strict=True):
                 if err is None:
-                    metrics.bytes_written.labels(step.backend).inc(items[i][0].size)
+                    metrics.bytes_written.labels(backend_plan.backend).inc(items[i][0].size)
                 else:
                     errors[i] = err
                     held.pop(i, None)
@@ -180,6 +181,7 @@ class Storer:
                     body = self.backends.get(step.source).get(event.digest)  # verifies the digest
             except Exception as exc:
                 errors[i] = exc
+                held.pop(i, None)
                 continue
             taken.append(i)
             if step.keep:

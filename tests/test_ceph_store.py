@@ -174,8 +174,7 @@ def test_omap_writes_report_a_failure_per_object(cluster):
     try:
         errors = denied.omap_set_many([("study.a", {"k": b"v"}), ("study.b", {"k": b"v"})])
         assert len(errors) == 2 and all(isinstance(e, PermissionError) for e in errors)
-        with pytest.raises(PermissionError, match=r"write omap of study\.a"):
-            denied.omap_set("study.a", {"k": b"v"})
+        assert "write omap of study.a" in str(errors[0]) and "write omap of study.b" in str(errors[1])
     finally:
         denied.close()
 

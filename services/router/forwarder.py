@@ -4,6 +4,8 @@ Each target has its own durable consumer on ROUTER_OUT, so a dead destination on
 queue. A failed batch is negatively acknowledged per instance with an exponential delay; after
 ``forward.max_attempts`` an instance goes to DICOM_DLQ with a ``dicom.forward.failed`` event.
 A job whose study was moved to another member of its group (reassign) is handed on to that member.
+What a failure becomes is decided by ``decisions.settle_failure``; of its router member a forwarder
+sees only the :class:`StudyRouting` port (assignments, reassignment, health), so it runs alone.
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ import asyncio
 import json
 import logging
 import time
+from typing import Protocol
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from shared.backoff import backoff_delay
 from shared.bus.connection import publish_event
 from shared.bus.jetstream import ensure_consumer
+from shared.config import Config
 from shared.contract import subjects
 from shared.contract.events import DeadLetter, ForwardFailed, ForwardJob, utcnow
 from shared.storage.objectstore import Backends, ObjectMissing
 
-from . import metrics
-from .assignment import choose
-from .routing import Router
+from . import decisions, metrics
 from .senders import SENDERS, SendError
 
 log = logging.getLogger("dicomflow.router.forward")
@@ -41,11 +43,28 @@ def consumer_config(target: str, ack_wait_s: float) -> dict:
             "max_ack_pending": 4096, "max_waiting": 512}
 
 
+class StudyRouting(Protocol):
+    """What a forwarder needs of its router member (``routing.Router`` is one)."""
+
+    config: Config  # the live configuration: a reload replaces it
+
+    async def member_of(self, group: str, study_uid: str) -> str | None:
+        """The study's recorded member of ``group``."""
+
+    async def reassign(self, group: str, study_uid: str, down: str, rule: str) -> bool:
+        """Move the whole study off the member ``down``; False when it stays there."""
+
+    async def set_health(self, target: str, up: bool) -> None:
+        """Record whether ``target`` accepts associations."""
+
+
 class Forwarder:
     """Sends one target's queue."""
 
-    def __init__(self, router: Router, backends: Backends, target: str):
-        self.router = router
+    def __init__(self, nc: NATS, routing: StudyRouting, backends: Backends, target: str):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.routing = routing
         self.backends = backends
         self.target = target
         self._task: asyncio.Task | None = None
@@ -53,11 +72,15 @@ class Forwarder:
 
     @property
     def cfg(self):
-        return self.router.config.router
+        return self.routing.config.router
+
+    @property
+    def timeout(self) -> float:
+        return self.routing.config.nats.publish_timeout_s
 
     async def start(self) -> None:
         tcfg = self.cfg.targets[self.target]
-        await ensure_consumer(self.router.nc, subjects.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
+        await ensure_consumer(self.nc, subjects.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
         self._task = asyncio.create_task(self._run(), name=f"forward-{self.target}")
 
     async def stop(self) -> None:
@@ -69,7 +92,7 @@ class Forwarder:
                 self._task.cancel()
 
     async def _run(self) -> None:
-        sub = await self.router.js.pull_subscribe_bind(subjects.forward_durable(self.target), stream=subjects.OUT_STREAM)
+        sub = await self.js.pull_subscribe_bind(subjects.forward_durable(self.target), stream=subjects.OUT_STREAM)
         try:
             while not self._stop.is_set():
                 try:
@@ -104,7 +127,7 @@ class Forwarder:
             if job.group:
                 key = (job.group, job.study_uid)
                 if key not in moved:
-                    moved[key] = (await self.router.assignments.get(job.group, job.study_uid))[0] or self.target
+                    moved[key] = await self.routing.member_of(job.group, job.study_uid) or self.target
                 if moved[key] != self.target:
                     await self._hand_on(msg, job, moved[key])
                     continue
@@ -134,7 +157,7 @@ class Forwarder:
                 await self._failed(ready, str(exc))
                 return
         metrics.send_seconds.labels(self.target).observe(time.perf_counter() - t0)
-        await self.router.health.set(self.target, True)
+        await self.routing.set_health(self.target, True)
         metrics.target_up.labels(self.target).set(1)
         for msg, job in ready:
             await msg.ack()
@@ -144,52 +167,31 @@ class Forwarder:
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
         """The study lives on another member now: queue the job there, and drop it here."""
         new = job.model_copy(update={"target": target})
-        await publish_event(self.router.js, new, self.router.timeout)
+        await publish_event(self.js, new, self.timeout)
         await msg.ack()
 
     async def _failed(self, ready: list[tuple[Msg, ForwardJob]], reason: str) -> None:
         log.warning("%s: %d instances not sent: %s", self.target, len(ready), reason)
-        await self.router.health.set(self.target, False)
+        await self.routing.set_health(self.target, False)
         metrics.target_up.labels(self.target).set(0)
-        fwd = self.cfg.forward
         reassigned: set[tuple[str, str]] = set()
         for msg, job in ready:
             metrics.forward_failures.labels(self.target).inc()
             attempts = _attempts(msg)
             group = self.cfg.groups.get(job.group) if job.group else None
-            # Reassign on a second failure, not the first: one refused connection is not a dead gateway.
-            if group is not None and group.on_member_down == "reassign" and attempts >= 2:
-                if (job.group, job.study_uid) in reassigned or await self._reassign(job):
-                    reassigned.add((job.group, job.study_uid))
+            settlement = decisions.settle_failure(attempts, group.on_member_down if group else None, self.cfg.forward,
+                                                  reason)
+            if isinstance(settlement, decisions.Reassign):
+                key = (job.group, job.study_uid)
+                if key in reassigned or await self.routing.reassign(job.group, job.study_uid, self.target, job.rule):
+                    reassigned.add(key)
                     await msg.ack()  # resent whole to the new member
                     continue
-            if attempts >= fwd.max_attempts:
-                await self._dead_letter(msg, job, reason, attempts)
+                settlement = settlement.otherwise
+            if isinstance(settlement, decisions.DeadLetter):
+                await self._dead_letter(msg, job, settlement.reason, attempts)
                 continue
-            delay = backoff_delay(attempts, fwd.backoff_initial_s, fwd.backoff_max_s)
-            await self.router.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * NS)}).encode())
-
-    async def _reassign(self, job: ForwardJob) -> bool:
-        """Move the whole study off this (down) target to the next healthy member; False when none is up."""
-        gcfg = self.cfg.groups[job.group]
-        members = gcfg.members
-        healthy = [t for t in members if t != self.target and await self.router.health.is_up(t)]
-        if not healthy:
-            return False
-        new = choose(job.study_uid, members, healthy, exclude=[self.target], loads=self.router.open_loads(members),
-                     bound=gcfg.load_bound)
-        if new is None:
-            return False
-        target, moved = await self.router.assignments.move(job.group, job.study_uid, self.target, new)
-        if target == self.target:
-            return False
-        if moved:
-            metrics.reassignments.labels(job.group).inc()
-            n = await self.router.resend_study(job.study_uid, job.group, target)
-            log.warning("study %s moved whole from %s to %s (%d instances queued)", job.study_uid, self.target,
-                        target, n)
-            await self.router.announce_routed(job.study_uid, target, job.group, job.rule, moved_from=self.target)
-        return True
+            await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(settlement.delay * NS)}).encode())
 
     async def _dead_letter(self, msg: Msg, job: ForwardJob, reason: str, attempts: int) -> None:
         log.error("%s: instance %s of study %s dead-lettered after %d attempts: %s", self.target, job.sop_uid,
@@ -197,10 +199,10 @@ class Forwarder:
         now = utcnow()
         seq = msg.metadata.sequence.stream
         dl = DeadLetter(job=job, reason=reason, attempts=attempts, failed_at=now, job_sequence=seq)
-        await publish_event(self.router.js, dl, self.router.timeout)
+        await publish_event(self.js, dl, self.timeout)
         ff = ForwardFailed(target=self.target, study_uid=job.study_uid, sop_uid=job.sop_uid, reason=reason,
                            attempts=attempts, failed_at=now, job_sequence=seq)
-        await publish_event(self.router.js, ff, self.router.timeout)
+        await publish_event(self.js, ff, self.timeout)
         metrics.dead_letters.labels(self.target).inc()
         await msg.ack()
 

@@ -36,10 +36,19 @@ from shared.contract.events import (
 from shared.telemetry import extract_context
 
 from . import metrics
-from .assignment import choose
-from .completion import Arrival, Decision, StudyState, Summary, due, mark_completed, record_arrival, summarize
+from .completion import Decision, StudyState, Summary, due, mark_completed, summarize
+from .decisions import (
+    Keep,
+    Move,
+    Routed,
+    forwarding,
+    newly_routed,
+    plan_instance,
+    record_instance,
+    resolve_assignment,
+)
 from .history import study_events
-from .rules import Rule, RuleSet, completion_for, facts_of
+from .rules import Rule, RuleSet, facts_of
 from .state import Assignments, Health, StudyBook
 
 log = logging.getLogger("dicomflow.router")
@@ -101,36 +110,21 @@ class Router:
             span.set_attribute("dicom.sop_uid", t.sop_uid)
             matched = self.rules.evaluate(facts_of(t, event.calling_ae, event.called_ae))
             span.set_attribute("router.rules", ",".join(r.name for r in matched))
-            announced: list[tuple[str, str, str]] = []
             for rule in matched:
                 metrics.actions.labels(rule.name, rule.action).inc()
-                if rule.action == "forward" and rule.when == "instance":
-                    for dest in rule.to:
-                        target, group = await self.enqueue(dest, rule.name, event)
-                        announced.append((target, group, rule.name))
-                elif rule.action == "quarantine":
-                    await self.quarantine(rule.name, event)
-            policy = completion_for(matched, self.config.router.completion)
-            on_complete = any(r.action == "forward" and r.when == "complete" for r in matched)
-            arrival = Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description,
-                              t.modality, t.patient_id, t.accession_number, event.calling_ae, t.institution_name)
+            plan = plan_instance(matched, event, seq, self.config.router.completion)
+            routed = []
+            for fwd in plan.forwards:
+                target, group = await self.enqueue(fwd.dest, fwd.rule, event)
+                routed.append(Routed(target, group, fwd.rule))
+            for rule_name in plan.quarantines:
+                await self.quarantine(rule_name, event)
             now = time.time()
-            new_targets: list[tuple[str, str, str]] = []
-
-            def change(st: StudyState | None) -> StudyState | None:
-                new_targets.clear()
-                after, changed = record_arrival(st, arrival, now, policy, on_complete)
-                for target, group, rule in announced:
-                    if target not in after.targets:
-                        after.targets.append(target)
-                        new_targets.append((target, group, rule))
-                        changed = True
-                return after if changed else None
-
-            _, after = await self.book.update(t.study_uid, change)
+            before, after = await self.book.update(t.study_uid,
+                                                   lambda st: record_instance(st, plan, now, routed)[0])
             metrics.instances.labels("new" if after is not None else "duplicate").inc()
-            for target, group, rule in new_targets:
-                await self.announce_routed(t.study_uid, target, group, rule)
+            for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
+                await self.announce_routed(t.study_uid, target, group, rule_name)
 
     async def enqueue(self, dest: str, rule: str, event: InstanceReceived) -> tuple[str, str]:
         """Put the instance on the queue of ``dest`` (a group resolves to the study's member); returns (target, group)."""
@@ -145,25 +139,57 @@ class Router:
         current, _ = await self.assignments.get(group, study_uid)
         gcfg = self.config.router.groups[group]
         members = gcfg.members
-        if current and current in members:
-            return current
         healthy = [t for t in members if await self.health.is_up(t)]
-        choice = choose(study_uid, members, healthy, loads=self.open_loads(members), bound=gcfg.load_bound)
-        assert choice is not None  # a group has at least one member (validated)
-        if current:
+        decision = resolve_assignment(study_uid, current or None, members, healthy, loads=self.open_loads(members),
+                                      bound=gcfg.load_bound)
+        assert decision is not None  # a group has at least one member (validated), and nothing is excluded
+        if isinstance(decision, Keep):
+            return decision.target
+        if isinstance(decision, Move):
             # Its member left the group (a reload): the whole study moves, never half of it.
-            target, moved = await self.assignments.move(group, study_uid, current, choice)
-            if moved:
-                n = await self.resend_study(study_uid, group, target)
-                log.warning("study %s: %s left group %s; moved whole to %s (%d instances)", study_uid, current,
-                            group, target, n)
-                await self.announce_routed(study_uid, target, group, "", moved_from=current)
+            target, _ = await self._move(group, study_uid, decision, "")
             return target
-        target, mine = await self.assignments.claim(group, study_uid, choice)
+        target, mine = await self.assignments.claim(group, study_uid, decision.target)
         if mine:
             metrics.assignments.labels(group, target).inc()
             log.info("study %s -> %s (group %s)", study_uid, target, group)
         return target
+
+    async def member_of(self, group: str, study_uid: str) -> str | None:
+        """The study's recorded member of ``group`` (None when it has none yet)."""
+        return (await self.assignments.get(group, study_uid))[0]
+
+    async def reassign(self, group: str, study_uid: str, down: str, rule: str) -> bool:
+        """Move the whole study off ``down`` (its member) to a healthy member; False when it stays on ``down``."""
+        gcfg = self.config.router.groups[group]
+        members = gcfg.members
+        healthy = [t for t in members if t != down and await self.health.is_up(t)]
+        decision = resolve_assignment(study_uid, down, members, healthy, loads=self.open_loads(members),
+                                      bound=gcfg.load_bound, exclude=[down])
+        if not isinstance(decision, Move):
+            return False
+        target, moved = await self._move(group, study_uid, decision, rule)
+        if moved:
+            metrics.reassignments.labels(group).inc()
+        return target != down
+
+    async def _move(self, group: str, study_uid: str, move: Move, rule: str) -> tuple[str, bool]:
+        """Carry a move out: record it (compare-and-set), then queue the study again and announce it there.
+
+        Returns (the study's member now, whether this call moved it): another router member may have
+        moved it first, and then that member resends it.
+        """
+        target, moved = await self.assignments.move(group, study_uid, move.source, move.target)
+        if moved:
+            n = await self.resend_study(study_uid, group, target)
+            log.warning("study %s moved whole from %s to %s in group %s (%d instances queued)", study_uid,
+                        move.source, target, group, n)
+            await self.announce_routed(study_uid, target, group, rule, moved_from=move.source)
+        return target, moved
+
+    async def set_health(self, target: str, up: bool) -> None:
+        """Record whether ``target`` accepts associations (shared with the other members)."""
+        await self.health.set(target, up)
 
     def open_loads(self, members) -> dict[str, int]:
         """Open studies per member (from this member's mirror of the study states): the load to bound."""
@@ -201,8 +227,7 @@ class Router:
         return n
 
     def _forwarding(self, event: InstanceReceived, when: str) -> list[Rule]:
-        matched = self.rules.evaluate(facts_of(event.tags, event.calling_ae, event.called_ae))
-        return [r for r in matched if r.action == "forward" and r.when == when]
+        return forwarding(self.rules.evaluate(facts_of(event.tags, event.calling_ae, event.called_ae)), when)
 
     async def scan(self) -> int:
         """Complete every study that is due (any member may; the KV and Nats-Msg-Id keep it once)."""

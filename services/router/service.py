@@ -117,7 +117,7 @@ class RouterService:
         for name in sorted(set(self.forwarders) - targets):
             await self.forwarders.pop(name).stop()
         for name in sorted(targets - set(self.forwarders)):
-            fwd = Forwarder(self.router, self.backends, name)
+            fwd = Forwarder(self.nc, self.router, self.backends, name)
             await fwd.start()
             self.forwarders[name] = fwd
 

@@ -50,11 +50,7 @@ def probe(name: str, config: Config) -> BackendCheck:
         store.put(digest, data, {"probe": "policies-check"})
         if store.get(digest) != data:
             raise OSError("probe object read back differently")
-        remove = getattr(store, "remove", None)
-        if remove is not None:
-            remove(digest)
-        elif hasattr(store, "path"):
-            store.path(digest).unlink(missing_ok=True)
+        store.remove(digest)
     except Exception as exc:
         return BackendCheck(name, cfg.kind, target_of(name, config), False, f"{type(exc).__name__}: {exc}")
     finally:

@@ -2,6 +2,7 @@
 
 Each entry holds what the SQLite index needs (series, digest, size, the routing tags, policy, placements),
 so a study can be listed from Ceph alone and ``dicomflow reindex`` can rebuild the SQLite index from it.
+Only backends that declare ``Capability.STUDY_INDEX`` keep these objects (RADOS: the omap).
 Writing an entry is idempotent (same key, same value); it happens after the object is placed and before
 the SQLite row, so an indexed instance always has its entry in every RADOS placement.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 
 from shared.contract.events import InstanceReceived, InstanceTags
+from shared.storage.objectstore import StudyIndex
 from shared.storage.rados_layout import STUDY_INDEX_PREFIX, study_index_name
 
 
@@ -34,12 +36,7 @@ def decode_entry(raw: bytes) -> tuple[InstanceReceived, str, list[str], str]:
     return event, e["policy"], list(e["placements"]), e["stored_at"]
 
 
-def is_rados(store) -> bool:
-    """Whether a backend keeps study index objects (it has an omap)."""
-    return hasattr(store, "omap_set")
-
-
-def record_studies(store, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
+def record_studies(store: StudyIndex, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
     """Add the entries (event, policy, placements, stored_at) of each study in one omap write per study, all in
     flight together; one outcome per study."""
     writes = []
@@ -52,11 +49,11 @@ def record_studies(store, studies: list[list[tuple[InstanceReceived, str, list[s
     return store.omap_set_many(writes)
 
 
-def study_entries(store, study_uid: str) -> dict[str, bytes]:
+def study_entries(store: StudyIndex, study_uid: str) -> dict[str, bytes]:
     """SOPInstanceUID -> raw entry for one study."""
     return store.omap_get(study_index_name(study_uid))
 
 
-def studies_in(store) -> list[str]:
+def studies_in(store: StudyIndex) -> list[str]:
     """The StudyInstanceUIDs that have an index object in ``store`` (lists the pool/namespace)."""
     return sorted(name[len(STUDY_INDEX_PREFIX):] for name in store.object_names(STUDY_INDEX_PREFIX))

@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from shared.bus.connection import publish_event
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
-from shared.storage.objectstore import Backends, ObjectMissing
+from shared.storage.objectstore import Backends, Capability, ObjectMissing
 from shared.telemetry import extract_context, inject_headers
 
 from . import metrics, rados_index
 from .index import GroupCommit, Index, Recorded
 from .placement import choose_policy, placements_of
+from .placement_plan import BackendPlan, Check, plan_placements
 
 log = logging.getLogger("dicomflow.store")
 tracer = trace.get_tracer("dicomflow.store")
@@ -136,64 +137,58 @@ class Storer:
     def place_many(self, items: list[tuple[InstanceReceived, list[str]]]) -> list[Exception | None]:
         """Make sure every placement holds each instance's object, backend by backend (blocking).
 
-        The staging backend itself is only checked (the ingest made the claim-check durable there);
-        other backends get the bytes, read back from staging and verified, with their writes in
-        flight together. No exists() first: put is idempotent, and each backend knows whether a
-        rewrite or a check is cheaper (a stat is a synchronous round trip to an OSD per object).
-
-        The claim-checks are read lazily, as the backend takes the writes, so the first writes are in
-        flight while later objects are still being read and verified.
+        Follows :func:`placement_plan.plan_placements`: the staging backend itself is only checked
+        (the ingest made the claim-check durable there); other backends get the bytes, read back from
+        staging and verified, with their writes in flight together (``put_many``). No exists() first:
+        put is idempotent, and each backend knows whether a rewrite or a check is cheaper (a stat is a
+        synchronous round trip to an OSD per object).
         """
         errors: list[Exception | None] = [None] * len(items)
-        names = list(dict.fromkeys(name for _, placements in items for name in placements))
-        # The bytes of an instance are read once and kept only until its last placement took them: a
-        # batch's worth of 512 KiB objects held at once made every batch page-fault fresh memory.
-        data: dict[int, bytes] = {}
-        copies_left = [sum(1 for name in placements if name != event.backend) for event, placements in items]
-        for name in names:
-            backend = self.backends.get(name)
-            order: list[int] = []
-
-            def writes(name=name, backend=backend, order=order):
-                for i, (event, placements) in enumerate(items):
-                    if errors[i] is not None or name not in placements:
-                        continue
-                    try:
-                        if name == event.backend:
-                            if not backend.exists(event.digest):
-                                raise ObjectMissing(f"{event.digest} is not in staging backend {name!r}")
-                            continue
-                        body = data.pop(i, None)
-                        if body is None:
-                            body = self.backends.get(event.backend).get(event.digest)  # verifies the digest
-                    except Exception as exc:
-                        errors[i] = exc
-                        continue
-                    order.append(i)
-                    copies_left[i] -= 1
-                    if copies_left[i]:
-                        data[i] = body
-                    yield event.digest, body, {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
-                                               "series_uid": event.tags.series_uid}
-                    body = None
-
-            if hasattr(backend, "put_many"):
-                results = backend.put_many(writes())
-            else:
-                results = []
-                for digest, body, meta in writes():
-                    try:
-                        backend.put(digest, body, meta)
-                        results.append(None)
-                    except Exception as exc:
-                        results.append(exc)
-                    body = None
-            for i, err in zip(order, results, strict=True):
+        held: dict[int, bytes] = {}  # bytes read at an instance's first copy, until its last copy took them
+        for backend_plan in plan_placements([(event.backend, placements) for event, placements in items]):
+            taken: list[int] = []  # the instance of each write put_many got, in its order
+            writes = self._writes(backend_plan, items, errors, held, taken)
+            results = self.backends.get(backend_plan.backend).put_many(writes)
+            for i, err in zip(taken, results, strict=True):
                 if err is None:
-                    metrics.bytes_written.labels(name).inc(items[i][0].size)
+                    metrics.bytes_written.labels(backend_plan.backend).inc(items[i][0].size)
                 else:
                     errors[i] = err
+                    held.pop(i, None)
         return errors
+
+    def _writes(self, plan: BackendPlan, items: list[tuple[InstanceReceived, list[str]]],
+                errors: list[Exception | None], held: dict[int, bytes], taken: list[int]):
+        """The writes of one backend's plan, produced as the backend takes them.
+
+        Lazily: the first writes are in flight while later claim-checks are still being read and
+        verified. A failed check or read goes to ``errors`` (the instance is left out of the later
+        backends); each write produced is noted in ``taken``.
+        """
+        backend = self.backends.get(plan.backend)
+        for step in plan.steps:
+            i = step.item
+            if errors[i] is not None:
+                continue
+            event = items[i][0]
+            try:
+                if isinstance(step, Check):
+                    if not backend.exists(event.digest):
+                        raise ObjectMissing(f"{event.digest} is not in staging backend {plan.backend!r}")
+                    continue
+                body = held.pop(i, None)
+                if body is None:
+                    body = self.backends.get(step.source).get(event.digest)  # verifies the digest
+            except Exception as exc:
+                errors[i] = exc
+                held.pop(i, None)
+                continue
+            taken.append(i)
+            if step.keep:
+                held[i] = body
+            yield event.digest, body, {"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
+                                       "series_uid": event.tags.series_uid}
+            body = None
 
     async def _index_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
         t0 = time.perf_counter()
@@ -201,7 +196,7 @@ class Storer:
         stored_at = utcnow()
         for it in placed:
             it.stored_at = stored_at
-        rados_items = [it for it in placed if any(rados_index.is_rados(self.backends.get(n)) for n in it.placements)]
+        rados_items = [it for it in placed if any(self._keeps_study_index(n) for n in it.placements)]
         if rados_items:
             errors = await asyncio.to_thread(self.index_in_rados_many, rados_items)
             for it, err in zip(rados_items, errors, strict=True):
@@ -225,13 +220,16 @@ class Storer:
         for _ in ready:
             metrics.index_seconds.observe(per)
 
+    def _keeps_study_index(self, name: str) -> bool:
+        return Capability.STUDY_INDEX in self.backends.get(name).capabilities
+
     def index_in_rados_many(self, items: list[_Item]) -> list[Exception | None]:
         """One omap write per study and RADOS placement for the whole batch, in flight together (blocking)."""
         errors: list[Exception | None] = [None] * len(items)
         by_backend: dict[str, dict[str, list[int]]] = {}  # backend -> study -> positions in items
         for k, it in enumerate(items):
             for name in it.placements:
-                if rados_index.is_rados(self.backends.get(name)):
+                if self._keeps_study_index(name):
                     by_backend.setdefault(name, {}).setdefault(it.event.tags.study_uid, []).append(k)
         for name, by_study in by_backend.items():
             studies = list(by_study.values())

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import blake3
@@ -23,7 +24,15 @@ import blake3
 from shared.config import BackendConfig
 from shared.storage import fs_wal
 from shared.storage.fs_wal import fsync_dir as _fsync_dir
-from shared.storage.objectstore import CorruptObject, ObjectMissing, check_digest, content_digest
+from shared.storage.objectstore import (
+    Capability,
+    CorruptObject,
+    ObjectMissing,
+    Write,
+    check_digest,
+    content_digest,
+    put_each,
+)
 
 log = logging.getLogger("dicomflow.fs_store")
 
@@ -166,6 +175,8 @@ class FileObjectStore:
     directories, so 256 folders hold tens of millions of objects.
     """
 
+    capabilities: frozenset[Capability] = frozenset()
+
     def __init__(self, name: str, cfg: BackendConfig, data_dir: Path):
         self.name = name
         root = Path(cfg.path)
@@ -216,6 +227,15 @@ class FileObjectStore:
         # The rename is durable only once the directory entry is. It comes last, so on a journalling
         # filesystem the file's fsync already committed the file itself (this is one more commit).
         _fsync_dir(folder)
+
+    def put_many(self, items: Iterable[Write]) -> list[Exception | None]:
+        """One put after the other: a put here is a log append or a file and its fsync, nothing to overlap."""
+        return put_each(self, items)
+
+    def remove(self, digest: str) -> None:
+        """Remove an object if present (tests and tools: the store never deletes)."""
+        self.path(digest).unlink(missing_ok=True)
+        self._legacy_path(digest).unlink(missing_ok=True)
 
     def writer(self, limit: int) -> IncomingFile:
         """A large object streamed in as it arrives (it does not use the write-ahead log)."""

@@ -3,12 +3,18 @@
 Objects are content-addressed: the key is the blake3 hex digest of the bytes, so a write is
 idempotent (the same bytes land on the same key) and a read can verify what it got. Adding a
 backend kind is adding one module and one line in :data:`_KINDS`.
+
+Every backend implements the whole :class:`ObjectStore` interface; what only some can do beyond
+it is declared in its ``capabilities`` (see :class:`Capability`), so callers ask the backend
+rather than guess from its type or its attributes.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -41,14 +47,36 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+class Capability(StrEnum):
+    """What a backend can do beyond the :class:`ObjectStore` interface."""
+
+    # Per-study index objects (the :class:`StudyIndex` methods): a study can be listed, and the SQLite
+    # index rebuilt, from the backend alone.
+    STUDY_INDEX = "study_index"
+
+
+Write = tuple[str, bytes | bytearray | memoryview, dict[str, str] | None]  # (digest, data, meta) of one put
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """A durable, content-addressed object store."""
 
     name: str
+    capabilities: frozenset[Capability]
 
     def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
         """Store ``data`` under ``digest``; durable when it returns. Idempotent."""
+
+    def put_many(self, items: Iterable[Write]) -> list[Exception | None]:
+        """:meth:`put` for several objects; one outcome per item (None: durable), in order.
+
+        ``items`` may be a generator, consumed as the backend takes the writes: a backend that can keeps
+        them in flight together; :func:`put_each` is the plain loop.
+        """
+
+    def remove(self, digest: str) -> None:
+        """Remove an object if present (tests and tools such as ``policies check``: the store never deletes)."""
 
     def get(self, digest: str) -> bytes:
         """The object's bytes, verified against the digest (raises CorruptObject / ObjectMissing)."""
@@ -67,6 +95,32 @@ class ObjectStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class StudyIndex(Protocol):
+    """The per-study index objects of a backend that declares :attr:`Capability.STUDY_INDEX` (key -> value maps)."""
+
+    def omap_set_many(self, writes: list[tuple[str, dict[str, bytes]]]) -> list[Exception | None]:
+        """Set keys of several index objects (creating them), in flight together; one outcome per object."""
+
+    def omap_get(self, oid: str) -> dict[str, bytes]:
+        """Every key/value of one index object (empty when it does not exist)."""
+
+    def object_names(self, prefix: str = "") -> Iterator[str]:
+        """Names of the backend's objects that start with ``prefix``."""
+
+
+def put_each(store: ObjectStore, items: Iterable[Write]) -> list[Exception | None]:
+    """:meth:`ObjectStore.put_many` as one put after the other, for backends that gain nothing from batching."""
+    results: list[Exception | None] = []
+    for digest, data, meta in items:
+        try:
+            store.put(digest, data, meta)
+            results.append(None)
+        except Exception as exc:
+            results.append(exc)
+        data = None  # before the next item is read: one instance's bytes held at a time
+    return results
 
 
 @runtime_checkable

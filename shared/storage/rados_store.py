@@ -19,7 +19,15 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shared.config import BackendConfig
-from shared.storage.objectstore import BufferedWriter, CorruptObject, ObjectMissing, check_digest, content_digest
+from shared.storage.objectstore import (
+    BufferedWriter,
+    Capability,
+    CorruptObject,
+    ObjectMissing,
+    Write,
+    check_digest,
+    content_digest,
+)
 from shared.storage.rados_layout import (
     LAYOUT_CHUNKED,
     LAYOUT_WHOLE,
@@ -77,6 +85,9 @@ class _Pending:
 
 class RadosObjectStore:
     """Content-addressed objects in one RADOS pool/namespace."""
+
+    # The study index lives in the omap of one object per study (services/store/rados_index.py).
+    capabilities: frozenset[Capability] = frozenset({Capability.STUDY_INDEX})
 
     def __init__(self, name: str, cfg: BackendConfig, data_dir: Path | None = None):
         if not cfg.pool:
@@ -281,8 +292,7 @@ class RadosObjectStore:
         self._wait([self._aio_write(digest, manifest, xattrs_for(digest, size, LAYOUT_CHUNKED, meta), deque())],
                    "write")
 
-    def put_many(self, items: Iterable[tuple[str, bytes | bytearray | memoryview, dict[str, str] | None]]
-                 ) -> list[Exception | None]:
+    def put_many(self, items: Iterable[Write]) -> list[Exception | None]:
         """:meth:`put` for several objects with their writes in flight together (within the aio window).
 
         ``items`` may be a generator: each write is submitted as soon as it is produced. Returns one
@@ -397,14 +407,8 @@ class RadosObjectStore:
         return f"rados://{self.cfg.pool}/{ns}{check_digest(digest)}"
 
     # ------------------------------------------------------------------ omap (the per-study index objects)
-    def omap_set(self, oid: str, entries: dict[str, bytes]) -> None:
-        """Set omap keys of ``oid`` (creating it), in one write op."""
-        err = self.omap_set_many([(oid, entries)])[0]
-        if err is not None:
-            raise err
-
     def omap_set_many(self, writes: list[tuple[str, dict[str, bytes]]]) -> list[Exception | None]:
-        """:meth:`omap_set` for several objects, their write ops in flight together; one outcome per object.
+        """Set omap keys of several objects (creating them), their write ops in flight together; one outcome per object.
 
         Under load an omap write queues behind the object writes on its OSD (tens of milliseconds
         measured), so a batch's study index objects are not written one after the other.

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from shared.config import BackendConfig
+from shared.config import RadosBackendConfig
 from shared.storage.objectstore import BufferedWriter, CorruptObject, ObjectMissing, check_digest, content_digest
 from shared.storage.rados_layout import (
     LAYOUT_CHUNKED,
@@ -41,7 +41,7 @@ def import_rados():
     return rados
 
 
-def connect_cluster(cfg: BackendConfig):
+def connect_cluster(cfg: RadosBackendConfig):
     """A connected ``rados.Rados`` for a backend's cluster and user, with op timeouts set."""
     rados = import_rados()
     conf = {"keyring": cfg.keyring} if cfg.keyring else {}
@@ -78,7 +78,7 @@ class _Pending:
 class RadosObjectStore:
     """Content-addressed objects in one RADOS pool/namespace."""
 
-    def __init__(self, name: str, cfg: BackendConfig, data_dir: Path | None = None):
+    def __init__(self, name: str, cfg: RadosBackendConfig, data_dir: Path | None = None):
         if not cfg.pool:
             raise ValueError(f"backend {name!r}: kind rados needs a pool")
         self.name = name

@@ -54,3 +54,37 @@ def test_configuration_reference_document_is_current():
 
     assert (REPO / "docs" / "configuration.md").read_text() == render(), \
         "docs/configuration.md is stale: run `.venv/bin/python -m dicomflow.docs > docs/configuration.md`"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("storage:\n  backends:\n    local: {path: objects, pool: p}\n",
+     "storage.backends.local: Value error, 'pool' is a setting of kind rados, not of kind fs"),
+    ("storage:\n  backends:\n    local: {kind: rados, pool: p, path: objects}\n",
+     "'path' is a setting of kind fs, not of kind rados"),
+    ("storage:\n  backends:\n    local: {kind: s3}\n", "tag 's3' found using 'kind' does not match any of the expected tags: 'fs', 'rados'"),
+    ("router:\n  targets:\n    pacs: {host: h, url: 'http://x', headers: {A: b}}\n",
+     "router.targets.pacs: Value error, 'url' is a setting of kind dicomweb; 'headers' is a setting of kind dicomweb, not of kind dicom"),
+    ("router:\n  targets:\n    web: {kind: dicomweb, url: 'http://x', ae_title: X}\n",
+     "'ae_title' is a setting of kind dicom, not of kind dicomweb"),
+    ("router:\n  targets:\n    web: {kind: dicomweb}\n", "router.targets.web.dicomweb.url: Field required"),
+])
+def test_a_setting_of_another_kind_is_refused_naming_that_kind(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    assert needle in str(exc.value)
+
+
+def test_entries_without_kind_keep_the_old_default_kind_and_env_overrides_pick_a_kind(tmp_path):
+    from shared.config import DicomTargetConfig, FsBackendConfig, RadosBackendConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("storage:\n  backends:\n    local: {path: /srv/objects}\nrouter:\n  targets:\n    pacs: {port: 11112}\n")
+    c = load_config(path, environ={"DICOMFLOW__STORAGE__BACKENDS__CEPH": "{kind: rados, pool: p}",
+                                   "DICOMFLOW__STORAGE__BACKENDS__LOCAL__WAL_MAX_OBJECT_BYTES": "0"})
+    local, ceph, pacs = c.storage.backends["local"], c.storage.backends["ceph"], c.router.targets["pacs"]
+    assert isinstance(local, FsBackendConfig) and (local.path, local.wal_max_object_bytes) == ("/srv/objects", 0)
+    assert isinstance(ceph, RadosBackendConfig) and ceph.pool == "p"
+    assert isinstance(pacs, DicomTargetConfig) and pacs.port == 11112
+    assert isinstance(load_config(environ={}).storage.backends["local"], FsBackendConfig)

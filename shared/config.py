@@ -32,6 +32,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SettingsOfOtherKinds(ValueError):
+    """Keys of an entry that are settings of other kinds than the entry's; ``strays``: key -> its kind."""
+
+    def __init__(self, kind: str, strays: dict[str, str]):
+        self.kind, self.strays = kind, strays
+        super().__init__("; ".join(f"{key!r} is a setting of kind {k}" for key, k in strays.items())
+                         + f", not of kind {kind}")
+
+
 @dataclass(frozen=True)
 class KindDefault:
     """Metadata of a union of kinds discriminated on ``kind``: the kind of an entry that names none.
@@ -53,11 +62,10 @@ class KindDefault:
             own = next((m for m in models if m.model_fields["kind"].default == value["kind"]), None)
             if own is None:
                 return value  # the union names the expected kinds
-            strays = [f"{key!r} is a setting of kind {other.model_fields['kind'].default}"
-                      for key in value if key not in own.model_fields
-                      for other in models if key in other.model_fields]
+            strays = {key: other.model_fields["kind"].default for key in value if key not in own.model_fields
+                      for other in models if key in other.model_fields}
             if strays:
-                raise ValueError(f"{'; '.join(strays)}, not of kind {value['kind']}")
+                raise SettingsOfOtherKinds(value["kind"], strays)
             return value
 
         return core_schema.no_info_before_validator_function(check, handler(source))
@@ -408,11 +416,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
                 environ: dict[str, str] | None = None) -> Config:
     """Read the YAML file (if any), apply environment and explicit overrides, validate.
 
-    Raises :class:`ConfigError` naming the field and the reason.
+    Raises :class:`ConfigError` naming the field, its line in the file (when it comes from there) and the reason.
     """
     env = dict(os.environ if environ is None else environ)
     path = path or env.get("DICOMFLOW_CONFIG") or None
     tree: dict[str, Any] = {}
+    nodes: yaml.Node | None = None
     if path:
         try:
             text = Path(path).read_text()
@@ -420,21 +429,84 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         try:
             loaded = yaml.safe_load(text) or {}
+            nodes = yaml.compose(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = loaded
-    tree = _merge(tree, env_overrides(env))
-    tree = _merge(tree, overrides or {})
+    over = _merge(env_overrides(env), overrides or {})
+    tree = _merge(tree, over)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         lines = [f"{path or 'configuration'} is invalid:"]
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
+            keys = _keys_of(err["loc"], tree)
+            cause = err.get("ctx", {}).get("error") if err["type"] == "value_error" else None
+            if isinstance(cause, SettingsOfOtherKinds):  # one line per stray key, where it is
+                found = [([*keys, key], f"a setting of kind {kind}, not of kind {cause.kind}")
+                         for key, kind in cause.strays.items()]
+            else:
+                found = [(keys, str(cause) if cause is not None else err["msg"])]
+            for where, msg in found:
+                line = None if _overridden(over, where) else _line_of(nodes, where)
+                name = ".".join(map(str, where)) or "(top level)"
+                lines.append(f"  {path}:{line}: {name}: {msg}" if line else f"  {name}: {msg}")
         raise ConfigError("\n".join(lines)) from exc
+
+
+def _kind_tags(model: type[BaseModel] = Config) -> set[str]:
+    """Every kind of every union of kinds under ``model``: pydantic puts the kind into an error's location."""
+    tags: set[str] = set()
+    for field in model.model_fields.values():
+        for ann in (field.annotation, _value_of_mapping(field.annotation)):
+            tags |= {m.model_fields["kind"].default for m in kind_models(ann)}
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                tags |= _kind_tags(ann)
+    return tags
+
+
+def _keys_of(loc: tuple[int | str, ...], tree: Any) -> list[int | str]:
+    """The keys in the configuration of an error's location: ``loc`` without the kind tags."""
+    tags, keys, node = _kind_tags(), [], tree
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part in tags and node.get("kind", part) == part:
+            continue
+        keys.append(part)
+        node = node.get(part) if isinstance(node, dict) else node[part] if isinstance(node, list) and \
+            isinstance(part, int) and part < len(node) else None
+    return keys
+
+
+def _overridden(over: dict[str, Any], keys: list[int | str]) -> bool:
+    """Whether the value at ``keys`` came from the environment or the flags, not the file."""
+    node: Any = over
+    for key in keys:
+        if not isinstance(node, dict):
+            return True
+        if key not in node:
+            return False
+        node = node[key]
+    return bool(keys) and not isinstance(node, dict)
+
+
+def _line_of(node: yaml.Node | None, keys: list[int | str]) -> int | None:
+    """The (1-based) line of the deepest of ``keys`` the YAML file has (None for the top level)."""
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)),
+                         None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def _value_of_mapping(ann: object) -> Any:

@@ -5,9 +5,10 @@
 FROM debian:bookworm-slim
 
 # python3-rados: Debian's librados binding (not on PyPI) for the Ceph backend, same CPython 3.11 ABI;
-# tini: PID 1 that forwards SIGTERM, so a service leaves its consumer group gracefully on `kubectl rollout`.
+# tini: PID 1 that forwards SIGTERM, so a service leaves its consumer group gracefully on `kubectl rollout`;
+# dcmtk: storescu, which the router's DICOM targets send with (a router refuses to start without it).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-rados ca-certificates tini \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-rados ca-certificates tini dcmtk \
  && rm -rf /var/lib/apt/lists/*
 
 # --system-site-packages makes Debian's rados module importable from the venv.

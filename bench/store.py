@@ -42,7 +42,7 @@ from ingest import warm  # noqa: E402  (bench/ingest.py, beside this script: the
 
 from dicomflow.natsserver import NatsServer, free_port  # noqa: E402
 from shared.bus.jetstream import api  # noqa: E402
-from shared.config import BackendConfig, StreamConfig  # noqa: E402
+from shared.config import FsBackendConfig, RadosBackendConfig, StreamConfig  # noqa: E402
 from shared.contract.events import InstanceReceived, InstanceTags, utcnow  # noqa: E402
 from shared.contract.subjects import instance_in  # noqa: E402
 from shared.storage.fs_store import FileObjectStore  # noqa: E402
@@ -65,7 +65,7 @@ def raw_pass(conf: str, pool: str, objects: list[tuple[str, bytes]], xattrs: boo
     ``xattrs``: each write also sets the attributes the store sets (digest, size, layout, UIDs) in the same
     write op, as the store's placement writes do: the ceiling for what the store is asked to write.
     """
-    cluster = connect_cluster(BackendConfig(kind="rados", ceph_conf=conf, pool=pool, op_timeout_s=60))
+    cluster = connect_cluster(RadosBackendConfig(ceph_conf=conf, pool=pool, op_timeout_s=60))
     io = cluster.open_ioctx(pool)
     io.set_namespace("raw")
     window = threading.BoundedSemaphore(WINDOW)
@@ -107,7 +107,7 @@ def raw_pass(conf: str, pool: str, objects: list[tuple[str, bytes]], xattrs: boo
 
 
 def clear_namespace(conf: str, pool: str, namespace: str) -> None:
-    cluster = connect_cluster(BackendConfig(kind="rados", ceph_conf=conf, pool=pool, op_timeout_s=60))
+    cluster = connect_cluster(RadosBackendConfig(ceph_conf=conf, pool=pool, op_timeout_s=60))
     io = cluster.open_ioctx(pool)
     io.set_namespace(namespace)
     for obj in list(io.list_objects()):
@@ -275,7 +275,7 @@ def main() -> int:
             cluster = CephCluster(tmp / "ceph", osds=3, bluestore=blue, osd_gb=4, op_timeout_s=60).start()
             conf = str(cluster.conf)
             log(f"throw-away cluster up in {time.perf_counter() - t0:.1f}s")
-        admin = connect_cluster(BackendConfig(kind="rados", ceph_conf=conf, pool="x", op_timeout_s=60))
+        admin = connect_cluster(RadosBackendConfig(ceph_conf=conf, pool="x", op_timeout_s=60))
         for pool, rule, size in POOLS.values():
             if not admin.pool_exists(pool):
                 cmd = {"prefix": "osd pool create", "pool": pool, "pg_num": 16, "pgp_num": 16,
@@ -292,7 +292,7 @@ def main() -> int:
         warm = os.urandom(size)
         warmup = (content_digest(warm), warm)
         stage = tmp / "stage"
-        fs = FileObjectStore("stage", BackendConfig(path=str(stage)), tmp)
+        fs = FileObjectStore("stage", FsBackendConfig(path=str(stage)), tmp)
         for digest, data in [*objects, warmup]:
             fs.put(digest, data)
         mb = args.objects * size / 1e6

@@ -36,6 +36,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 def cmd_router(config: Config, args: argparse.Namespace) -> int:
     from services.router.rules import RulesError
     from services.router.service import serve
+    from services.router.targets import TargetsUnusable
 
     def reload() -> Config:
         over = {"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}
@@ -45,6 +46,9 @@ def cmd_router(config: Config, args: argparse.Namespace) -> int:
         asyncio.run(serve(config, args.metrics_port, reload=reload, config_path=args.config))
     except (RulesError, OSError) as exc:
         print(f"dicomflow router: invalid rules:\n{exc}", file=sys.stderr)
+        return 2
+    except TargetsUnusable as exc:
+        print(f"dicomflow router: cannot send to configured targets:\n{exc}", file=sys.stderr)
         return 2
     return 0
 

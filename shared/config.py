@@ -9,16 +9,76 @@ Every field's description is the reference documentation (``dicomflow config sho
 from __future__ import annotations
 
 import os
+import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SettingsOfOtherKinds(ValueError):
+    """Keys of an entry that are settings of other kinds than the entry's; ``strays``: key -> its kind."""
+
+    def __init__(self, kind: str, strays: dict[str, str]):
+        self.kind, self.strays = kind, strays
+        super().__init__("; ".join(f"{key!r} is a setting of kind {k}" for key, k in strays.items())
+                         + f", not of kind {kind}")
+
+
+@dataclass(frozen=True)
+class KindDefault:
+    """Metadata of a union of kinds discriminated on ``kind``: the kind of an entry that names none.
+
+    Before the union picks the model of the entry's kind, an entry without ``kind`` gets this one, and a
+    key that belongs to another kind is refused naming that kind: the models forbid unknown keys anyway,
+    but "extra inputs are not permitted" would not tell that the key is right and the kind is wrong.
+    """
+
+    kind: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        models = kind_models(source)
+
+        def check(value: Any) -> Any:
+            if not isinstance(value, dict):
+                return value
+            value = {"kind": self.kind, **value}
+            own = next((m for m in models if m.model_fields["kind"].default == value["kind"]), None)
+            if own is None:
+                return value  # the union names the expected kinds
+            strays = {key: other.model_fields["kind"].default for key in value if key not in own.model_fields
+                      for other in models if key in other.model_fields}
+            if strays:
+                raise SettingsOfOtherKinds(value["kind"], strays)
+            return value
+
+        return core_schema.no_info_before_validator_function(check, handler(source))
+
+
+def kind_models(annotation: Any) -> tuple[type[BaseModel], ...]:
+    """The models of a union of kinds (``Annotated[A | B, ...]`` or ``A | B``); () for anything else."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    if members and all(isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields for m in members):
+        return members
+    return ()
 
 
 class NatsConfig(_Section):
@@ -43,8 +103,8 @@ class IngestConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the DICOM SCP binds to. 0.0.0.0 for every interface.")
     port: int = Field(11112, description="DICOM port.")
     ae_title: str = Field("DICOMFLOW", max_length=16, description="Called AE title the SCP answers to.")
-    engine: Literal["lean", "pynetdicom"] = Field("lean", description="DICOM protocol engine of the SCP. lean: dicomflow's own upper layer for C-STORE/C-ECHO (one blocking thread per association; 1.3-2x the rate of the pynetdicom engine in bench/ingest.py). pynetdicom: pynetdicom's acceptor, for peers that need negotiation the lean engine does not do (it accepts and ignores user identity, role selection and extended negotiation).")
-    workers: int = Field(2, ge=1, le=64, description="Receiver processes sharing the port (SO_REUSEPORT; the kernel hashes each association to one of them): Python receivers scale with processes, not threads. 2 measured best on 2 cores (bench/ingest.py: 4 were 15-35% slower); about one per core.")
+    engine: Literal["lean", "pynetdicom"] = Field("lean", description="DICOM protocol engine of the SCP. lean: dicomflow's own upper layer for C-STORE/C-ECHO, one blocking thread per association (pynetdicom's polling threads cost 3-4 ms per instance). pynetdicom: pynetdicom's acceptor, for peers that need negotiation the lean engine does not do (it accepts and ignores user identity, role selection and extended negotiation).")
+    workers: int = Field(2, ge=1, le=64, description="Receiver processes sharing the port: each inherits the one listening socket of their supervisor, and a receiver with associations open waits 2 ms per association before accepting, so idle receivers take new associations first. Python receivers scale with processes, not threads: about one per core (the default suits 2 cores).")
     allowed_calling_aes: list[str] = Field(default_factory=list, description="Calling AE titles allowed to associate. Empty: any. Others are rejected at association (reason: calling AE not recognised).")
     max_instance_bytes: int = Field(4 * 1024**3, gt=0, description="Largest instance accepted; larger ones get 0xC003 and are not stored (bytes past the limit are read and dropped, not held).")
     stream_above_bytes: int = Field(256 * 1024, ge=0, description="A data set larger than this is written to the staging backend while its fragments arrive (hashed on the way, the disk's writeback started early) instead of being assembled in memory: the fsync before the answer waits for less, and a receiver holds at most this much of an instance in memory. A streamed instance skips the write-ahead log (it is fsynced with its folder), so keep it at or above the staging backend's wal_max_object_bytes. On a rados staging backend the bytes are gathered in memory either way.")
@@ -53,22 +113,34 @@ class IngestConfig(_Section):
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
 
 
-class BackendConfig(_Section):
-    kind: Literal["fs", "rados"] = Field("fs", description="fs: a directory; rados: a Ceph pool through librados.")
-    path: str = Field("objects", description="fs: directory, relative to data_dir unless absolute.")
-    ceph_conf: str = Field("", description="rados: path of ceph.conf.")
-    ceph_user: str = Field("admin", description="rados: cephx user (without 'client.').")
-    keyring: str = Field("", description="rados: keyring path (empty: from ceph.conf).")
-    pool: str = Field("", description="rados: pool name.")
-    namespace: str = Field("", description="rados: RADOS namespace (empty: default).")
-    op_timeout_s: float = Field(30, gt=0, description="rados: rados_osd_op_timeout; a write to an unavailable PG fails after this instead of hanging.")
-    wal_max_object_bytes: int = Field(256 * 1024, ge=0, description="fs: objects up to this size are made durable through a write-ahead log (one fdatasync into a pre-zeroed segment, shared by concurrent writers) instead of fsyncing a new file and its folder; their files are synced by a checkpoint later and replayed from the log after a crash. 0 turns the log off.")
-    wal_segment_bytes: int = Field(64 * 1024**2, ge=1024**2, le=1024**3, description="fs: size of one write-ahead log segment (pre-zeroed once, then recycled).")
-    wal_checkpoint_s: float = Field(5.0, gt=0, description="fs: a segment older than this is checkpointed (its files synced with one syncfs) and recycled.")
-    aio_window: int = Field(64, ge=1, description="rados: aio operations in flight per backend.")
-    aio_window_bytes: int = Field(256 * 1024**2, ge=1024**2, description="rados: bytes of writes in flight per backend "
+class FsBackendConfig(_Section):
+    """A directory of content-addressed files."""
+
+    kind: Literal["fs"] = Field("fs", description="a directory")
+    path: str = Field("objects", description="directory, relative to data_dir unless absolute.")
+    wal_max_object_bytes: int = Field(256 * 1024, ge=0, description="objects up to this size are made durable through a write-ahead log (one fdatasync into a pre-zeroed segment, shared by concurrent writers) instead of fsyncing a new file and its folder; their files are synced by a checkpoint later and replayed from the log after a crash. 0 turns the log off.")
+    wal_segment_bytes: int = Field(64 * 1024**2, ge=1024**2, le=1024**3, description="size of one write-ahead log segment (pre-zeroed once, then recycled).")
+    wal_checkpoint_s: float = Field(5.0, gt=0, description="a segment older than this is checkpointed (its files synced with one syncfs) and recycled.")
+
+
+class RadosBackendConfig(_Section):
+    """A Ceph pool, through librados."""
+
+    kind: Literal["rados"] = Field("rados", description="a Ceph pool through librados")
+    ceph_conf: str = Field("", description="path of ceph.conf.")
+    ceph_user: str = Field("admin", description="cephx user (without 'client.').")
+    keyring: str = Field("", description="keyring path (empty: from ceph.conf).")
+    pool: str = Field("", description="pool name.")
+    namespace: str = Field("", description="RADOS namespace (empty: default).")
+    op_timeout_s: float = Field(30, gt=0, description="rados_osd_op_timeout; a write to an unavailable PG fails after this instead of hanging.")
+    aio_window: int = Field(64, ge=1, description="aio operations in flight per backend.")
+    aio_window_bytes: int = Field(256 * 1024**2, ge=1024**2, description="bytes of writes in flight per backend "
                                   "(librados holds a copy of each until it completes); one write may exceed it alone.")
-    chunk_bytes: int = Field(64 * 1024**2, ge=1024, le=90 * 1024**2, description="rados: objects larger than this are stored as chunks plus a manifest; at most the OSDs' osd_max_write_size (90 MiB by default).")
+    chunk_bytes: int = Field(64 * 1024**2, ge=1024, le=90 * 1024**2, description="objects larger than this are stored as chunks plus a manifest; at most the OSDs' osd_max_write_size (90 MiB by default).")
+
+
+BackendConfig = Annotated[FsBackendConfig | RadosBackendConfig, Field(discriminator="kind"), KindDefault("fs")]
+"""One storage backend: the model of its ``kind``."""
 
 
 class PolicyConfig(_Section):
@@ -77,7 +149,7 @@ class PolicyConfig(_Section):
 
 class StorageConfig(_Section):
     staging: str = Field("local", description="Backend where the ingest writes received bytes (the claim-check).")
-    backends: dict[str, BackendConfig] = Field(default_factory=lambda: {"local": BackendConfig()}, description="Named object stores.")
+    backends: dict[str, BackendConfig] = Field(default_factory=lambda: {"local": FsBackendConfig()}, description="Named object stores.")
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {"default": PolicyConfig(placements=["local"])}, description="Placement policies by name.")
     institutions: dict[str, str] = Field(default_factory=dict, description="Calling AE title (or InstitutionName) -> policy name.")
     default_policy: str | None = Field("default", description="Policy for institutions not listed; null rejects them (the store dead-letters the event).")
@@ -179,20 +251,34 @@ class AutoscalerConfig(_Section):
 
 
 _TARGET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+_TARGET_TIMEOUT = "Seconds one batch may take before the attempt counts as failed."
 
 
-class TargetConfig(_Section):
-    kind: Literal["dicom", "dicomweb"] = Field("dicom", description="dicom: a C-STORE SCP (sent with dcmtk storescu); dicomweb: a STOW-RS endpoint.")
-    host: str = Field("127.0.0.1", description="dicom: host of the SCP.")
-    port: int = Field(104, ge=1, le=65535, description="dicom: port of the SCP.")
-    ae_title: str = Field("ANY-SCP", max_length=16, description="dicom: called AE title of the SCP.")
-    tls: bool = Field(False, description="dicom: DICOM over TLS (storescu +tls).")
-    tls_ca: str = Field("", description="dicom+tls: CA certificate file the peer's certificate must chain to (empty: accept any).")
-    tls_cert: str = Field("", description="dicom+tls: our client certificate (PEM); empty: anonymous TLS.")
-    tls_key: str = Field("", description="dicom+tls: our private key (PEM).")
-    url: str = Field("", description="dicomweb: base URL of the DICOMweb service; instances are POSTed to URL/studies.")
-    headers: dict[str, str] = Field(default_factory=dict, description="dicomweb: extra HTTP headers (e.g. Authorization).")
-    timeout_s: float = Field(60, gt=0, description="Seconds one batch may take before the attempt counts as failed.")
+class DicomTargetConfig(_Section):
+    """A C-STORE SCP."""
+
+    kind: Literal["dicom"] = Field("dicom", description="a C-STORE SCP (sent with dcmtk storescu)")
+    host: str = Field("127.0.0.1", description="host of the SCP.")
+    port: int = Field(104, ge=1, le=65535, description="port of the SCP.")
+    ae_title: str = Field("ANY-SCP", max_length=16, description="called AE title of the SCP.")
+    tls: bool = Field(False, description="DICOM over TLS (storescu +tls).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: accept any).")
+    tls_cert: str = Field("", description="with tls, our client certificate (PEM); empty: anonymous TLS.")
+    tls_key: str = Field("", description="with tls, our private key (PEM).")
+    timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
+
+
+class DicomwebTargetConfig(_Section):
+    """A DICOMweb STOW-RS endpoint."""
+
+    kind: Literal["dicomweb"] = Field("dicomweb", description="a STOW-RS endpoint")
+    url: str = Field(..., min_length=1, description="base URL of the DICOMweb service; instances are POSTed to URL/studies.")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (e.g. Authorization).")
+    timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
+
+
+TargetConfig = Annotated[DicomTargetConfig | DicomwebTargetConfig, Field(discriminator="kind"), KindDefault("dicom")]
+"""One forwarding destination: the model of its ``kind``."""
 
 
 class TargetGroupConfig(_Section):
@@ -394,11 +480,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
                 environ: dict[str, str] | None = None) -> Config:
     """Read the YAML file (if any), apply environment and explicit overrides, validate.
 
-    Raises :class:`ConfigError` naming the field and the reason.
+    Raises :class:`ConfigError` naming the field, its line in the file (when it comes from there) and the reason.
     """
     env = dict(os.environ if environ is None else environ)
     path = path or env.get("DICOMFLOW_CONFIG") or None
     tree: dict[str, Any] = {}
+    nodes: yaml.Node | None = None
     if path:
         try:
             text = Path(path).read_text()
@@ -406,38 +493,120 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         try:
             loaded = yaml.safe_load(text) or {}
+            nodes = yaml.compose(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = loaded
-    tree = _merge(tree, env_overrides(env))
-    tree = _merge(tree, overrides or {})
+    over = _merge(env_overrides(env), overrides or {})
+    tree = _merge(tree, over)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         lines = [f"{path or 'configuration'} is invalid:"]
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
+            keys = _keys_of(err["loc"], tree)
+            cause = err.get("ctx", {}).get("error") if err["type"] == "value_error" else None
+            if isinstance(cause, SettingsOfOtherKinds):  # one line per stray key, where it is
+                found = [([*keys, key], f"a setting of kind {kind}, not of kind {cause.kind}")
+                         for key, kind in cause.strays.items()]
+            else:
+                found = [(keys, str(cause) if cause is not None else err["msg"])]
+            for where, msg in found:
+                line = None if _overridden(over, where) else _line_of(nodes, where)
+                name = ".".join(map(str, where)) or "(top level)"
+                lines.append(f"  {path}:{line}: {name}: {msg}" if line else f"  {name}: {msg}")
         raise ConfigError("\n".join(lines)) from exc
 
 
-def _model_of_mapping(ann: object) -> type[BaseModel] | None:
-    """The value model of a ``dict[str, Model]`` annotation (also inside ``| None``), else None."""
+def _kind_tags(model: type[BaseModel] = Config) -> set[str]:
+    """Every kind of every union of kinds under ``model``: pydantic puts the kind into an error's location."""
+    tags: set[str] = set()
+    for field in model.model_fields.values():
+        for ann in (field.annotation, _value_of_mapping(field.annotation)):
+            tags |= {m.model_fields["kind"].default for m in kind_models(ann)}
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                tags |= _kind_tags(ann)
+    return tags
+
+
+def _keys_of(loc: tuple[int | str, ...], tree: Any) -> list[int | str]:
+    """The keys in the configuration of an error's location: ``loc`` without the kind tags."""
+    tags, keys, node = _kind_tags(), [], tree
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part in tags and node.get("kind", part) == part:
+            continue
+        keys.append(part)
+        node = node.get(part) if isinstance(node, dict) else node[part] if isinstance(node, list) and \
+            isinstance(part, int) and part < len(node) else None
+    return keys
+
+
+def _overridden(over: dict[str, Any], keys: list[int | str]) -> bool:
+    """Whether the value at ``keys`` came from the environment or the flags, not the file."""
+    node: Any = over
+    for key in keys:
+        if not isinstance(node, dict):
+            return True
+        if key not in node:
+            return False
+        node = node[key]
+    return bool(keys) and not isinstance(node, dict)
+
+
+def _line_of(node: yaml.Node | None, keys: list[int | str]) -> int | None:
+    """The (1-based) line of the deepest of ``keys`` the YAML file has (None for the top level)."""
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)),
+                         None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _value_of_mapping(ann: object) -> Any:
+    """The value annotation of a ``dict[str, X]`` annotation (also inside ``| None``), else None."""
     for candidate in (ann, *typing.get_args(ann)):
         if typing.get_origin(candidate) is dict:
-            value = typing.get_args(candidate)[1]
-            if isinstance(value, type) and issubclass(value, BaseModel):
-                return value
+            return typing.get_args(candidate)[1]
     return None
+
+
+def _kind_default(ann: Any) -> str:
+    return next(m.kind for m in typing.get_args(ann)[1:] if isinstance(m, KindDefault))
+
+
+def _describe_kinds(ann: Any, prefix: str) -> list[tuple[str, str, str]]:
+    """The rows of a union of kinds: ``kind``, the settings every kind has, then each kind's own."""
+    models = kind_models(ann)
+    kinds = [m.model_fields["kind"].default for m in models]
+    rows = [(f"{prefix}kind", _kind_default(ann),
+             "; ".join(f"{k}: {m.model_fields['kind'].description}" for k, m in zip(kinds, models, strict=True)) + ".")]
+    shared = [n for n in models[0].model_fields if n != "kind" and all(
+        n in m.model_fields and m.model_fields[n].description == models[0].model_fields[n].description
+        for m in models)]
+    rows.extend(r for r in describe(models[0], prefix) if r[0].removeprefix(prefix) in shared)
+    for kind, model in zip(kinds, models, strict=True):
+        rows.extend((key, default, f"{kind}: {doc}") for key, default, doc in describe(model, prefix)
+                    if key.removeprefix(prefix) not in ("kind", *shared))
+    return rows
 
 
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, description) for every setting: the configuration reference.
 
     A mapping of named sections (``dict[str, Model]``, e.g. storage backends or router targets) is
-    listed once itself and then with ``<name>`` standing for each key.
+    listed once itself and then with ``<name>`` standing for each key; an entry that is one of several
+    kinds lists its ``kind``, the settings of every kind, then those of each kind, marked with it.
     """
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
@@ -446,10 +615,11 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe(ann, key + "."))
             continue
-        value_model = _model_of_mapping(ann)
+        value = _value_of_mapping(ann)
+        sectioned = kind_models(value) or (isinstance(value, type) and issubclass(value, BaseModel))
         if field.is_required():
             shown = "(required)"
-        elif value_model is not None:
+        elif sectioned:
             # Each entry is described field by field below; here only which entries exist by default.
             shown = "{" + ", ".join(field.get_default(call_default_factory=True) or {}) + "}"
         else:
@@ -460,6 +630,8 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
                 default = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()}
             shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
         rows.append((key, shown, field.description or ""))
-        if value_model is not None:
-            rows.extend(describe(value_model, f"{key}.<name>."))
+        if kind_models(value):
+            rows.extend(_describe_kinds(value, f"{key}.<name>."))
+        elif sectioned:
+            rows.extend(describe(value, f"{key}.<name>."))
     return rows

@@ -14,7 +14,7 @@ import pytest
 from dicomflow.synthetic import write_study
 from services.store import rados_index
 from shared.bus.jetstream import api
-from shared.config import BackendConfig
+from shared.config import RadosBackendConfig
 from shared.storage.rados_store import RadosObjectStore
 from tests.ceph_cluster import CephCluster
 from tests.helpers import dataset_bytes, wait_for
@@ -64,7 +64,7 @@ def _digests(files: list[Path]) -> set[str]:
 
 
 def _open(cluster: CephCluster, pool: str, namespace: str = "") -> RadosObjectStore:
-    return RadosObjectStore(pool, BackendConfig(kind="rados", ceph_conf=str(cluster.conf), pool=pool,
+    return RadosObjectStore(pool, RadosBackendConfig(ceph_conf=str(cluster.conf), pool=pool,
                                                 namespace=namespace, op_timeout_s=30))
 
 

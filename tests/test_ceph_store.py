@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 
 from dicomflow.synthetic import new_uid
-from shared.config import BackendConfig
+from shared.config import RadosBackendConfig
 from shared.storage.objectstore import CorruptObject, ObjectMissing, ObjectStore, content_digest
 from shared.storage.rados_layout import chunk_name
 from shared.storage.rados_store import RadosObjectStore
@@ -33,9 +33,9 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def _backend(cluster: CephCluster, **kw) -> BackendConfig:
-    return BackendConfig(**{"kind": "rados", "ceph_conf": str(cluster.conf), "pool": "objects", "op_timeout_s": 10,
-                            **kw})
+def _backend(cluster: CephCluster, **kw) -> RadosBackendConfig:
+    return RadosBackendConfig(**{"ceph_conf": str(cluster.conf), "pool": "objects", "op_timeout_s": 10,
+                               **kw})
 
 
 def test_round_trip_with_xattrs_and_namespace(cluster):

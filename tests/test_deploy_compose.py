@@ -126,3 +126,13 @@ def test_dockerfile_copies_the_packages_the_image_runs():
     grafana = yaml.safe_load((COMPOSE / "grafana" / "provisioning" / "dashboards" / "dicomflow.yaml").read_text())
     assert grafana["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     assert (COMPOSE / "grafana" / "dashboards" / "dicomflow.json").exists()
+
+
+def test_image_installs_dcmtk_for_the_routers_dicom_targets():
+    from services.router.targets.dicom import PROGRAM
+
+    dockerfile = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = [ln for ln in dockerfile.splitlines() if ln.startswith("RUN ") and "apt-get install" in ln]
+    packages = {w for ln in installs for w in ln.split("apt-get install", 1)[1].split("&&")[0].split()
+                if not w.startswith("-")}
+    assert "dcmtk" in packages, f"the router sends C-STORE with dcmtk's {PROGRAM}; the image installs {packages}"

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from shared.config import BackendConfig
+from shared.config import FsBackendConfig
 from shared.storage import fs_wal
 from shared.storage.fs_store import FileObjectStore
 from shared.storage.objectstore import content_digest
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _store(root: Path, **cfg) -> FileObjectStore:
-    return FileObjectStore("local", BackendConfig(path=str(root), wal_segment_bytes=1024 * 1024, **cfg), root)
+    return FileObjectStore("local", FsBackendConfig(path=str(root), wal_segment_bytes=1024 * 1024, **cfg), root)
 
 
 def _blobs(n: int, size: int = 3000, seed: int = 0) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from services.ingest.intake import Intake, Received
 from services.ingest.loopthread import LoopThread
 from services.ingest.scp import start_scp
 from shared.bus.connection import connect, ensure_streams, publish_event
-from shared.config import BackendConfig, load_config
+from shared.config import FsBackendConfig, load_config
 from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, SUCCESS, TOO_LARGE
 from shared.storage.fs_store import WRITEBACK_STEP, FileObjectStore
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _store(tmp_path) -> FileObjectStore:
-    return FileObjectStore("stage", BackendConfig(path=str(tmp_path / "objects")), tmp_path)
+    return FileObjectStore("stage", FsBackendConfig(path=str(tmp_path / "objects")), tmp_path)
 
 
 def _temporaries(root) -> list[str]:
@@ -284,9 +284,9 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer_and_live_
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
-from shared.config import BackendConfig
+from shared.config import FsBackendConfig
 from shared.storage.fs_store import FileObjectStore
-w = FileObjectStore("stage", BackendConfig(path={str(store.root)!r}), Path({str(tmp_path)!r})).writer(10**9)
+w = FileObjectStore("stage", FsBackendConfig(path={str(store.root)!r}), Path({str(tmp_path)!r})).writer(10**9)
 w.write(os.urandom(3 * 1024 * 1024))
 os.kill(os.getpid(), 9)
 """], timeout=60)

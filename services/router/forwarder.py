@@ -29,7 +29,7 @@ from shared.contract.events import DeadLetter, ForwardFailed, ForwardJob, utcnow
 from shared.storage.objectstore import Backends, ObjectMissing
 
 from . import decisions, metrics
-from .senders import SENDERS, SendError
+from .targets import SendError, target_for
 
 log = logging.getLogger("dicomflow.router.forward")
 tracer = trace.get_tracer("dicomflow.router")
@@ -151,7 +151,7 @@ class Forwarder:
             span.set_attribute("router.target", self.target)
             span.set_attribute("router.instances", len(batch))
             try:
-                await asyncio.to_thread(SENDERS[tcfg.kind], tcfg, self.cfg.forward.calling_ae, batch)
+                await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send, batch)
             except SendError as exc:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
                 await self._failed(ready, str(exc))

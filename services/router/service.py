@@ -24,8 +24,8 @@ from . import metrics
 from .forwarder import Forwarder
 from .routing import Router
 from .rules import RulesError, RuleSet, load_rules
-from .senders import probe_address
 from .state import open_state
+from .targets import check_targets, target_for
 
 log = logging.getLogger("dicomflow.router")
 
@@ -124,7 +124,7 @@ class RouterService:
     async def probe(self) -> None:
         """Mark each target up or down by whether its port accepts a connection."""
         for name, tcfg in list(self.config.router.targets.items()):
-            host, port = probe_address(tcfg)
+            host, port = target_for(tcfg, self.config.router.forward.calling_ae).probe_address()
             up = await _tcp_up(host, port)
             await self.router.health.set(name, up)
             metrics.target_up.labels(name).set(1 if up else 0)
@@ -162,8 +162,13 @@ class RouterService:
 async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.Event | None = None,
                 ownership: Ownership | None = None, reload: Callable[[], Config] | None = None,
                 config_path: str | None = None) -> None:
-    """Run one router member until SIGTERM/SIGINT (or ``stop``). Invalid rules raise RulesError at once."""
+    """Run one router member until SIGTERM/SIGINT (or ``stop``).
+
+    Invalid rules raise RulesError, and targets this process cannot send to (dcmtk missing) TargetsUnusable,
+    at once: a router that starts anyway would only fill its queues with jobs no retry can deliver.
+    """
     rules = rules_of(config)
+    check_targets(config)
     setup_tracing("router", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
     service = RouterService(config, rules, reload, config_path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import blake3
 
-from shared.config import BackendConfig
+from shared.config import FsBackendConfig
 from shared.storage import fs_wal
 from shared.storage.fs_wal import fsync_dir as _fsync_dir
 from shared.storage.objectstore import (
@@ -177,7 +177,7 @@ class FileObjectStore:
 
     capabilities: frozenset[Capability] = frozenset()
 
-    def __init__(self, name: str, cfg: BackendConfig, data_dir: Path):
+    def __init__(self, name: str, cfg: FsBackendConfig, data_dir: Path):
         self.name = name
         root = Path(cfg.path)
         self.root = root if root.is_absolute() else Path(data_dir) / root

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from shared.config import BackendConfig
+from shared.config import RadosBackendConfig
 from shared.storage.objectstore import (
     BufferedWriter,
     Capability,
@@ -49,7 +49,7 @@ def import_rados():
     return rados
 
 
-def connect_cluster(cfg: BackendConfig):
+def connect_cluster(cfg: RadosBackendConfig):
     """A connected ``rados.Rados`` for a backend's cluster and user, with op timeouts set."""
     rados = import_rados()
     conf = {"keyring": cfg.keyring} if cfg.keyring else {}
@@ -89,7 +89,7 @@ class RadosObjectStore:
     # The study index lives in the omap of one object per study (services/store/rados_index.py).
     capabilities: frozenset[Capability] = frozenset({Capability.STUDY_INDEX})
 
-    def __init__(self, name: str, cfg: BackendConfig, data_dir: Path | None = None):
+    def __init__(self, name: str, cfg: RadosBackendConfig, data_dir: Path | None = None):
         if not cfg.pool:
             raise ValueError(f"backend {name!r}: kind rados needs a pool")
         self.name = name

@@ -1,0 +1,69 @@
+"""DICOM C-STORE targets, sent with dcmtk ``storescu``.
+
+storescu rather than the pynetdicom SCU: it sends the data set bytes as they are (``-R`` proposes only
+the file's own transfer syntax, so nothing is transcoded), is 3-4x faster, and avoids the pynetdicom
+3.0.4 sender race measured with parallel associations.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from shared.config import DicomTargetConfig
+from shared.contract.uids import validate_uid
+from shared.dicom.part10 import part10
+
+from .base import Batch, SendError, Target
+
+PROGRAM = "storescu"
+
+
+class DicomTarget(Target[DicomTargetConfig]):
+    """A C-STORE SCP: every instance of a batch over one association."""
+
+    kind = "dicom"
+
+    def send(self, batch: Batch) -> None:
+        target = self.config
+        with tempfile.TemporaryDirectory(prefix="dicomflow-fwd-") as tmp:
+            files = []
+            for job, data in batch:
+                path = Path(tmp) / f"{validate_uid(job.sop_uid, 'SOPInstanceUID')}.dcm"
+                path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
+                files.append(str(path))
+            t = str(max(1, int(target.timeout_s)))
+            argv = [PROGRAM, "-R", "-aet", self.calling_ae, "-aec", target.ae_title, "-to", t, "-ta", t, "-td", t]
+            if target.tls:
+                argv += ["+tls", target.tls_key, target.tls_cert] if target.tls_cert else ["+tla"]
+                argv += ["+cf", target.tls_ca] if target.tls_ca else ["-ic"]
+            argv += [target.host, str(target.port), *files]
+            try:
+                res = subprocess.run(argv, capture_output=True, text=True, timeout=target.timeout_s + 30,
+                                     env={**os.environ, "TCP_NODELAY": "1"})  # Nagle costs 40-90 ms per instance
+            except subprocess.TimeoutExpired as exc:
+                raise SendError(f"{PROGRAM} timed out after {target.timeout_s + 30:.0f}s") from exc
+            except OSError as exc:
+                # Not a crash of the forwarder: the batch is retried, dead-lettered in the end, the target marked down.
+                raise SendError(f"cannot run {PROGRAM} (dcmtk): {exc.strerror or exc}") from exc
+            errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith(("E:", "F:"))]
+            if res.returncode != 0 or errors:
+                raise SendError(f"{PROGRAM} exit {res.returncode}: {' | '.join(errors)[:400]}")
+
+    def probe_address(self) -> tuple[str, int]:
+        return self.config.host, self.config.port
+
+    def check(self) -> str | None:
+        program = shutil.which(PROGRAM)
+        if program is None:
+            return f"needs dcmtk's {PROGRAM}, which is not on PATH ({os.environ.get('PATH', '')})"
+        try:
+            res = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot run {program}: {exc}"
+        if res.returncode != 0:
+            return f"{program} --version exited {res.returncode}: {(res.stderr or res.stdout).strip()[:200]}"
+        return None

@@ -1,0 +1,93 @@
+"""Target kinds: one class per kind of TargetConfig, and a router that cannot send refuses to start.
+
+Against the real things: dcmtk's storescu found (or not) on PATH, a real ``dicomflow router`` process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from services.router.targets import KINDS, SendError, Target, TargetsUnusable, check_targets, target_for
+from services.router.targets.dicom import DicomTarget
+from shared.config import BackendConfig, DicomTargetConfig, TargetConfig, kind_models, load_config
+from shared.contract.events import ForwardJob
+from shared.storage import objectstore
+from tests.helpers import REPO
+
+
+def test_every_configurable_kind_has_its_class():
+    assert sorted(KINDS) == sorted(m.model_fields["kind"].default for m in kind_models(TargetConfig))
+    assert sorted(objectstore._KINDS) == sorted(m.model_fields["kind"].default for m in kind_models(BackendConfig))
+    for kind, cls in KINDS.items():
+        assert cls.kind == kind
+
+
+def test_a_kind_that_leaves_out_a_method_cannot_be_made():
+    class Half(Target):
+        kind = "half"
+
+        def send(self, batch):
+            pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(DicomTargetConfig(), "AE")
+    with pytest.raises(TypeError, match="kind"):
+        type("Nameless", (Target,), {})
+
+
+def test_probe_addresses_by_kind():
+    config = load_config(overrides={"router": {"targets": {
+        "pacs": {"host": "pacs.example", "port": 11112},
+        "web": {"kind": "dicomweb", "url": "https://web.example/dicomweb"},
+        "web8": {"kind": "dicomweb", "url": "http://web.example:8080/"}}}}, environ={})
+    got = {name: target_for(t, "AE").probe_address() for name, t in config.router.targets.items()}
+    assert got == {"pacs": ("pacs.example", 11112), "web": ("web.example", 443), "web8": ("web.example", 8080)}
+
+
+def _job(sop_uid: str) -> ForwardJob:
+    return ForwardJob(target="pacs", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid=sop_uid,
+                      sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                      backend="local", digest="0" * 64, size=10, rule="r")
+
+
+def test_storescu_vanishing_before_the_send_is_a_send_error(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "storescu").symlink_to(shutil.which("storescu"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    target = DicomTarget(DicomTargetConfig(port=1, timeout_s=5), "DICOMFLOW")
+    assert target.check() is None
+    (bin_dir / "storescu").unlink()  # e.g. a package upgrade removing it under a running router
+    with pytest.raises(SendError, match="cannot run storescu"):
+        target.send([(_job("1.2.3.4.5"), b"\x08\x00\x60\x00CS\x02\x00CT")])  # (0008,0060) CT
+
+
+def test_check_names_each_target_that_needs_a_missing_program(tmp_path, monkeypatch):
+    config = load_config(overrides={"router": {"targets": {
+        "pacs": {"kind": "dicom"}, "web": {"kind": "dicomweb", "url": "http://127.0.0.1:1"}}}}, environ={})
+    check_targets(config)  # storescu is on the test machine's PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TargetsUnusable) as exc:
+        check_targets(config)
+    assert "target 'pacs' (dicom) needs dcmtk's storescu" in str(exc.value)
+    assert "'web'" not in str(exc.value)  # STOW-RS needs no program
+
+
+def test_router_without_storescu_refuses_to_start(tmp_path):
+    config = tmp_path / "dicomflow.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "var"), "nats": {"url": "nats://127.0.0.1:1"},
+        "router": {"targets": {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 11112}}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
+    env["PATH"] = str(tmp_path)  # no storescu there
+    res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(config), "router"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "cannot send to configured targets" in res.stderr
+    assert "target 'pacs' (dicom) needs dcmtk's storescu, which is not on PATH" in res.stderr

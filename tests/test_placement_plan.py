@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.store.placement_plan import BackendPlan, Check, Copy, plan_placements
-from shared.config import BackendConfig
+from shared.config import FsBackendConfig
 from shared.storage.fs_store import FileObjectStore
 from shared.storage.objectstore import Capability, ObjectMissing, ObjectStore, content_digest
 
@@ -42,7 +42,7 @@ def test_an_empty_batch_plans_nothing():
 
 
 def test_a_filesystem_backend_implements_the_whole_interface(tmp_path):
-    store = FileObjectStore("local", BackendConfig(path=str(tmp_path / "objects")), tmp_path)
+    store = FileObjectStore("local", FsBackendConfig(path=str(tmp_path / "objects")), tmp_path)
     try:
         assert isinstance(store, ObjectStore)
         assert Capability.STUDY_INDEX not in store.capabilities

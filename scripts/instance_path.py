@@ -2,7 +2,11 @@
 
 Run it from the root of the tree to measure, with that tree on PYTHONPATH::
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/instance_path.py [--json]
+    PYTHONPATH=$PWD .venv/bin/python scripts/instance_path.py [--functions | --json]
+    cd ../other-tree && PYTHONPATH=$PWD /path/to/.venv/bin/python /path/to/scripts/instance_path.py
+
+The default configuration's lean SCP engine is measured; ``DICOMFLOW__INGEST__ENGINE=pynetdicom`` in the
+environment measures the other (the services inherit the environment).
 
 Method:
 
@@ -21,13 +25,18 @@ Method:
 4. A function call inside the window is on the instance's path when it runs a line of project code that had not
    run before the window (code only an instance reaches: the association, the write, the index row, a pull that
    brings a message), or is a caller of such a call (up its stack, through coroutine await chains), or is called
-   by one. Idle work in the same window (a heartbeat, another partition's empty pull) runs only code that ran
+   by one. A stack ends where a thread starts or where the event loop runs a task step or callback. Idle work
+   in the same window (a heartbeat, another partition's empty pull) runs only code that ran
    before and is left out; it is listed apart as "also ran during the window" so nothing is hidden.
 5. A module is on the path when one of its functions is; modules are ordered by the first such call (both
    processes read the same monotonic clock). The count is of distinct modules over both processes.
 
-Function granularity would miss a module whose functions all run idle too (the puller that hands over the
-message also receives the idle pulls' timeouts); line granularity sees the lines only a message reaches.
+Lines rather than functions (``sys.setprofile``): a module whose functions all run idle too would be missed (the
+puller that hands over the message also receives the idle pulls' timeouts); lines only a message reaches are not.
+The instance is the first after start, so once-only work it triggers counts too: the store opens the staging
+backend on first use (importing fs_store and fs_wal, recovering the write-ahead log). Modules whose functions
+are never called (constants read, pydantic models validated in Rust) are not counted. Every module's file is
+checked to lie in the measured tree (an installed copy of dicomflow would otherwise fill in a missing module).
 """
 
 from __future__ import annotations

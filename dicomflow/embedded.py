@@ -68,10 +68,8 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
             supervisor.start(ChildSpec("nats-server", server.argv(), log_file=data / "run" / "nats-server.log",
                                        stop_timeout_s=10, new_session=True))
             if not _wait_accepting(supervisor, server.host, server.port, 15, stop):
-                if not stop.is_set():
-                    log.error("nats-server did not open %s in 15 s (see %s)", server.url,
-                              data / "run" / "nats-server.log")
-                return 1 if not stop.is_set() else 0
+                return _stopped_or_failed(stop, f"nats-server did not open {server.url} in 15 s "
+                                                f"(see {data / 'run' / 'nats-server.log'})")
             log.info("nats-server with JetStream on %s (data %s)", server.url, data / "nats")
         for spec in _service_specs(config, config_path, nats_url):
             supervisor.start(spec)
@@ -79,10 +77,7 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         _write_targets(data, config, config.telemetry.metrics_port)
         host = config.ingest.host if config.ingest.host != "0.0.0.0" else "127.0.0.1"
         if not _wait_accepting(supervisor, host, config.ingest.port, 60, stop):
-            if stop.is_set():
-                return 0
-            log.error("the DICOM port %d did not open", config.ingest.port)
-            return 1
+            return _stopped_or_failed(stop, f"the DICOM port {config.ingest.port} did not open in 60 s")
         log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
                  config.ingest.host, config.ingest.port)
         (data / "run" / "ready").write_text(json.dumps({"nats": nats_url, "dicom_port": config.ingest.port,
@@ -105,6 +100,14 @@ def _wait_accepting(supervisor: Supervisor, host: str, port: int, timeout: float
         if time.monotonic() > deadline or stop.wait(min(0.2, supervisor.poll())):
             return False
     return True
+
+
+def _stopped_or_failed(stop: threading.Event, failure: str) -> int:
+    """The exit code of a wait that ended early: 0 when asked to stop, else 1 (and why, in the log)."""
+    if stop.is_set():
+        return 0
+    log.error("%s", failure)
+    return 1
 
 
 def _taken_ports(config: Config) -> list[str]:

@@ -51,8 +51,11 @@ class RestartPolicy:
     """How a child that exited on its own is started again."""
 
     initial_s: float = 0.5  # backoff of the second exit in a row (the first restarts at once)
-    max_s: float = 30.0
-    healthy_after_s: float = 30.0  # a child that ran this long has its count of exits forgotten
+    max_s: float = 10.0
+    # A child that ran this long has its count of exits forgotten. Short: a service that crashes on its own
+    # does so while starting (config, NATS unreachable: within the 5 s connect timeout), while one killed
+    # from outside (OOM, kill -9) after it was up must come back at once however often that happens.
+    healthy_after_s: float = 5.0
 
 
 @dataclass(frozen=True)

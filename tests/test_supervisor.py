@@ -68,6 +68,24 @@ def test_one_childs_backoff_does_not_hold_the_restart_of_another():
         sup.stop(timeout=5)
 
 
+def test_a_child_killed_again_and_again_after_healthy_runs_comes_back_at_once_each_time():
+    sup = Supervisor(RestartPolicy(initial_s=5.0, max_s=5.0, healthy_after_s=1.0))
+    try:
+        sup.start(ChildSpec("worker", _sleeper()))
+        for _ in range(3):
+            time.sleep(1.2)  # healthy by the policy
+            victim = sup.process("worker")
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(10)
+            t0 = time.monotonic()
+            wait_for(lambda v=victim: sup.poll() is not None and sup.process("worker") is not v, 5, interval=0.05,
+                     what="the worker restarted")
+            assert time.monotonic() - t0 < 1.0  # not the 5 s backoff
+        assert sup.restarts == 3
+    finally:
+        sup.stop(timeout=5)
+
+
 def test_stop_sends_sigterm_waits_then_kills_the_late(tmp_path):
     graceful = textwrap.dedent("""
         import signal, sys, time

@@ -56,6 +56,8 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         for line in taken:
             log.error("%s", line)
         return 1
+    # Left by a run that was killed: nobody must take it for this one's.
+    (data / "run" / "ready").unlink(missing_ok=True)
     nats_url = config.nats_servers()[0]
     # Children are started from this (the calling) thread: they end with it (PR_SET_PDEATHSIG).
     supervisor = Supervisor(logger=log)

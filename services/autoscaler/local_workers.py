@@ -1,11 +1,12 @@
 """The local actuator: worker processes of a consumer group on this machine, kept at a replica count.
 
 Like a ReplicaSet: ``scale_to(group, n)`` sets the spec and starts or stops ``dicomflow <group>``
-processes; :meth:`LocalWorkers.reconcile` restarts one that died (with a backoff per worker). Scale-down stops the newest workers
-with SIGTERM and waits for their graceful drain (stop pulling, finish and ack in-flight events,
-unpin, leave the group): only then is the next decision taken, so the group is never asked to
-rebalance while workers are still leaving. A worker that outlives ``drain_timeout_s`` is killed;
-JetStream redelivers what it held (handlers are idempotent).
+processes; :meth:`LocalWorkers.reconcile` restarts one that died (with a backoff per worker, see
+shared.supervisor). Scale-down stops the newest workers with SIGTERM and waits for their graceful
+drain (stop pulling, finish and ack in-flight events, unpin, leave the group): only then is the
+next decision taken, so the group is never asked to rebalance while workers are still leaving. A
+worker that outlives ``drain_timeout_s`` is killed; JetStream redelivers what it held (handlers
+are idempotent).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class LocalWorkers:
         self.log_dir = log_dir
         self._drain = drain_timeout_s if callable(drain_timeout_s) else (lambda _g, t=drain_timeout_s: t)
         self._supervisor = Supervisor(policy, log)
-        self._slots: dict[str, dict[int, float]] = {}  # group -> slot -> when it was added (newest leave first)
+        # group -> slot -> when it was added (the newest leave first). Slots are reused, so metrics ports and
+        # log files stay stable.
+        self._slots: dict[str, dict[int, float]] = {}
         self._spec: dict[str, int] = {}
         self._lock = threading.RLock()
         self._stopping = False

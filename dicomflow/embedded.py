@@ -1,8 +1,9 @@
 """``dicomflow run``: the embedded default - nats-server from the venv plus every service, on one machine.
 
-A supervisor, not a framework: it starts the NATS server, then each service as its own process
-(the same commands a container runs), restarts a process that dies, and on Ctrl-C stops the
-services first (they drain and ack) and NATS last. Data lives under data_dir, so a restart keeps it.
+A supervisor, not a framework (shared.supervisor): it starts the NATS server, then each service as its
+own process (the same commands a container runs), restarts any of them that dies (nats-server too, on
+the same ports and data), and on Ctrl-C stops the services first (they drain and ack) and NATS last.
+Its children end with it, even when it is killed. Data lives under data_dir, so a restart keeps it.
 """
 
 from __future__ import annotations
@@ -11,41 +12,22 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomflow.natsserver import NatsServer, wait_port
+from dicomflow.natsserver import NatsServer, accepts, port_taken
 from shared.config import Config
+from shared.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("dicomflow.run")
 
-# Scheduling niceness of every service but the ingest (see run()).
+# Scheduling niceness of every service but the ingest (see _service_specs()).
 BACKGROUND_NICE = 10
 
 # Offsets from telemetry.metrics_port for each service's /metrics, so they never collide.
 METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60}
-
-
-@dataclass
-class Child:
-    """One supervised service process."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-    restarts: int = 0
-    started: float = field(default=0.0)
-    nice: int = 0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env,
-                                     preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
-        self.started = time.monotonic()
 
 
 def _env(config: Config, nats_url: str) -> dict[str, str]:
@@ -62,77 +44,113 @@ def _env(config: Config, nats_url: str) -> dict[str, str]:
 
 def run(config: Config, config_path: str | None, stop: threading.Event | None = None) -> int:
     """Start everything, supervise until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # Before anything starts: a Ctrl-C at any moment (the wait for the ports too) is a graceful stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     data = Path(config.data_dir).resolve()
     (data / "run").mkdir(parents=True, exist_ok=True)
+    taken = _taken_ports(config)
+    if taken:
+        for line in taken:
+            log.error("%s", line)
+        return 1
+    # Left by a run that was killed: nobody must take it for this one's.
+    (data / "run" / "ready").unlink(missing_ok=True)
     nats_url = config.nats_servers()[0]
-    server = None
+    # Children are started from this (the calling) thread: they end with it (PR_SET_PDEATHSIG).
+    supervisor = Supervisor(logger=log)
+    services: list[str] = []
+    try:
+        if not config.nats.url:
+            server = NatsServer(data / "nats", config.nats.port, config.nats.monitor_port)
+            # Its own session: a Ctrl-C in the terminal must not stop it before the services have drained.
+            # Restarted with the same config file: the same ports and JetStream directory.
+            supervisor.start(ChildSpec("nats-server", server.argv(), log_file=data / "run" / "nats-server.log",
+                                       stop_timeout_s=10, new_session=True))
+            if not _wait_accepting(supervisor, server.host, server.port, 15, stop):
+                return _stopped_or_failed(stop, f"nats-server did not open {server.url} in 15 s "
+                                                f"(see {data / 'run' / 'nats-server.log'})")
+            log.info("nats-server with JetStream on %s (data %s)", server.url, data / "nats")
+        for spec in _service_specs(config, config_path, nats_url):
+            supervisor.start(spec)
+            services.append(spec.name)
+        _write_targets(data, config, config.telemetry.metrics_port)
+        host = config.ingest.host if config.ingest.host != "0.0.0.0" else "127.0.0.1"
+        if not _wait_accepting(supervisor, host, config.ingest.port, 60, stop):
+            return _stopped_or_failed(stop, f"the DICOM port {config.ingest.port} did not open in 60 s")
+        log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
+                 config.ingest.host, config.ingest.port)
+        (data / "run" / "ready").write_text(json.dumps({"nats": nats_url, "dicom_port": config.ingest.port,
+                                                        "pid": os.getpid()}))
+        while not stop.wait(supervisor.poll()):
+            pass
+        return 0
+    finally:
+        log.info("stopping services")
+        (data / "run" / "ready").unlink(missing_ok=True)
+        supervisor.stop(services)  # they drain and ack while NATS is still there
+        supervisor.stop()
+        log.info("stopped")
+
+
+def _wait_accepting(supervisor: Supervisor, host: str, port: int, timeout: float, stop: threading.Event) -> bool:
+    """Supervise until host:port accepts connections; False after ``timeout`` or once ``stop`` is set."""
+    deadline = time.monotonic() + timeout
+    while not accepts(host, port):
+        if time.monotonic() > deadline or stop.wait(min(0.2, supervisor.poll())):
+            return False
+    return True
+
+
+def _stopped_or_failed(stop: threading.Event, failure: str) -> int:
+    """The exit code of a wait that ended early: 0 when asked to stop, else 1 (and why, in the log)."""
+    if stop.is_set():
+        return 0
+    log.error("%s", failure)
+    return 1
+
+
+def _taken_ports(config: Config) -> list[str]:
+    """Why this run cannot start: each port it would listen on that something else holds (another run?)."""
+    ports = [("ingest.port", config.ingest.host, config.ingest.port, "--dicom-port or DICOMFLOW__INGEST__PORT")]
     if not config.nats.url:
-        server = NatsServer(data / "nats", config.nats.port, config.nats.monitor_port,
-                            log_file=data / "run" / "nats-server.log").start()
-        log.info("nats-server with JetStream on %s (data %s)", server.url, data / "nats")
+        ports.append(("nats.port", "127.0.0.1", config.nats.port, "DICOMFLOW__NATS__PORT"))
+        if config.nats.monitor_port:
+            ports.append(("nats.monitor_port", "127.0.0.1", config.nats.monitor_port,
+                          "DICOMFLOW__NATS__MONITOR_PORT, 0 turns it off"))
+    return [f"port {port} ({setting}) is in use on {host}, by another dicomflow run with another data directory? "
+            f"Set {setting} to a free port ({how})"
+            for setting, host, port, how in ports if port_taken(host, port)]
+
+
+def _service_specs(config: Config, config_path: str | None, nats_url: str) -> list[ChildSpec]:
+    """The service processes of this run: the same commands a container runs."""
     base = [sys.executable, "-m", "dicomflow"]
     if config_path:
         base += ["--config", str(config_path)]
     env = _env(config, nats_url)
     mport = config.telemetry.metrics_port
-    children = [Child("ingest", [*base, "ingest", *(["--metrics-port", str(mport)] if mport else [])], env)]
+    # The modality waits for the ingest's answer; the rest works from the stream's backlog. On a
+    # saturated machine the consumers yield the CPU to the receivers (children inherit it).
+    background = {"env": env, "nice": BACKGROUND_NICE, "stop_timeout_s": 60}
+    specs = [ChildSpec("ingest", [*base, "ingest", *(["--metrics-port", str(mport)] if mport else [])], env,
+                       stop_timeout_s=60)]
     if _autoscaled(config):
         # The autoscaler owns the store workers: it starts min_replicas of them and scales them from the lag.
-        children.append(Child("autoscaler", [*base, "autoscaler",
-                                             "--metrics-port", str(mport + METRICS_OFFSETS["autoscaler"] if mport else 0),
-                                             "--worker-metrics-base", str(mport + METRICS_OFFSETS["store"] if mport else 0)],
-                              {**env, "DICOMFLOW__AUTOSCALER__ACTUATOR": "local"}))
+        specs.append(ChildSpec("autoscaler", [
+            *base, "autoscaler", "--metrics-port", str(mport + METRICS_OFFSETS["autoscaler"] if mport else 0),
+            "--worker-metrics-base", str(mport + METRICS_OFFSETS["store"] if mport else 0)],
+            **{**background, "env": {**env, "DICOMFLOW__AUTOSCALER__ACTUATOR": "local"}}))
     else:
         for i in range(config.store.workers):
             port = mport + METRICS_OFFSETS["store"] + i if mport else 0
-            children.append(Child(f"store-{i}", [*base, "store", "--metrics-port", str(port)], env))
+            specs.append(ChildSpec(f"store-{i}", [*base, "store", "--metrics-port", str(port)], **background))
     if config.router.rules_file:  # without rules there is nothing to route
         port = mport + METRICS_OFFSETS["router"] if mport else 0
-        children.append(Child("router", [*base, "router", "--metrics-port", str(port)], env))
-    _write_targets(data, config, mport)
-    for c in children:
-        if c.name != "ingest":
-            # The modality waits for the ingest's answer; the rest works from the stream's backlog. On a
-            # saturated machine the consumers yield the CPU to the receivers (children inherit it).
-            c.nice = BACKGROUND_NICE
-        c.start()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    try:
-        wait_port(config.ingest.host if config.ingest.host != "0.0.0.0" else "127.0.0.1", config.ingest.port, 60)
-        log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
-                 config.ingest.host, config.ingest.port)
-        (data / "run" / "ready").write_text(json.dumps({"nats": nats_url, "dicom_port": config.ingest.port,
-                                                        "pid": os.getpid()}))
-    except TimeoutError:
-        log.error("the DICOM port %d did not open", config.ingest.port)
-        stop.set()
-    while not stop.wait(0.5):
-        for c in children:
-            if c.proc and c.proc.poll() is not None:
-                c.restarts += 1
-                log.error("%s exited with %s; restarting (restart %d)", c.name, c.proc.returncode, c.restarts)
-                time.sleep(min(5, 0.5 * c.restarts))
-                c.start()
-    log.info("stopping services")
-    (data / "run" / "ready").unlink(missing_ok=True)
-    for c in children:
-        if c.proc and c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    for c in children:
-        if c.proc:
-            try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing", c.name)
-                c.proc.kill()
-    if server:
-        server.stop()
-    log.info("stopped")
-    return 0
+        specs.append(ChildSpec("router", [*base, "router", "--metrics-port", str(port)], **background))
+    return specs
 
 
 def _autoscaled(config: Config) -> bool:

@@ -26,17 +26,34 @@ def server_binary() -> str:
     return found
 
 
+def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts a TCP connection on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
-    while True:
+    while not accepts(host, port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on host:port already (a bind there fails), so a server of ours could not."""
+    with socket.socket() as s:
+        # As the servers bind: a port in TIME_WAIT is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
+            s.bind((host, port))
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
+            return True
+        return False
 
 
 def free_port() -> int:
@@ -81,12 +98,14 @@ class NatsServer:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    def argv(self) -> list[str]:
+        """The command line of this server (its config file written), for a supervisor to start."""
+        return [server_binary(), "-c", str(self.write_config())]
+
     def start(self, wait: float = 15.0) -> NatsServer:
-        """Start the process and wait until it accepts clients."""
-        conf = self.write_config()
+        """Start the process and wait until it accepts clients (tests; ``dicomflow run`` supervises :meth:`argv`)."""
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen([server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_port(self.host, self.port, wait)
         except TimeoutError:

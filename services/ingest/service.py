@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -23,6 +21,7 @@ from shared.config import Config
 from shared.contract.events import InstanceReceived
 from shared.lifecycle import settle_after_startup
 from shared.storage.objectstore import Backends
+from shared.supervisor import ChildSpec, Supervisor
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
 log = logging.getLogger("dicomflow.ingest")
@@ -98,7 +97,7 @@ def _publisher(config: Config, loop: LoopThread, nc: NATS) -> tuple[
 
 
 def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:
-    """Run ``ingest.workers`` receiver processes sharing the port; restart any that dies.
+    """Run ``ingest.workers`` receiver processes sharing the port; restart any that dies (with backoff).
 
     With the lean engine the supervisor owns the listening socket and the receivers inherit it, so
     new associations go to idle receivers first and wait in the backlog while one restarts; the
@@ -108,37 +107,22 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
     if n == 1:
         serve(config, metrics_port)
         return 0
-    procs: dict[int, subprocess.Popen] = {}
     stopping = threading.Event()
-    listen = listening_socket(config.ingest.host, config.ingest.port) if config.ingest.engine == "lean" else None
-
-    def spawn(i: int) -> subprocess.Popen:
-        port = (metrics_port if metrics_port is not None else config.telemetry.metrics_port)
-        args = [*argv_base, "--single"]
-        if port:
-            args += ["--metrics-port", str(port + i)]
-        if listen is None:
-            return subprocess.Popen(args)
-        return subprocess.Popen([*args, "--listen-fd", str(listen.fileno())], pass_fds=(listen.fileno(),))
-
-    for i in range(n):
-        procs[i] = spawn(i)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    while not stopping.wait(0.5):
-        for i, p in list(procs.items()):
-            if p.poll() is not None:
-                log.error("receiver %d exited with %s; restarting", i, p.returncode)
-                time.sleep(0.5)
-                procs[i] = spawn(i)
-    for p in procs.values():
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for p in procs.values():
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+    listen = listening_socket(config.ingest.host, config.ingest.port) if config.ingest.engine == "lean" else None
+    port = metrics_port if metrics_port is not None else config.telemetry.metrics_port
+    supervisor = Supervisor(logger=log)
+    for i in range(n):
+        args = [*argv_base, "--single", *(["--metrics-port", str(port + i)] if port else [])]
+        fds: tuple[int, ...] = ()
+        if listen is not None:
+            args += ["--listen-fd", str(listen.fileno())]
+            fds = (listen.fileno(),)
+        supervisor.start(ChildSpec(f"receiver-{i}", args, pass_fds=fds))
+    while not stopping.wait(supervisor.poll()):
+        pass
+    supervisor.stop()
     if listen is not None:
         listen.close()
     return 0

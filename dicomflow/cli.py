@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
     run.add_argument("--ae-title", help="AE title (default DICOMFLOW)")
     run.add_argument("--host", help="address the SCP binds to (default 127.0.0.1)")
+    run.add_argument("--web-port", type=int, help="DICOMweb HTTP port (default 8043; 0: no DICOMweb service)")
 
     ing = sub.add_parser("ingest", parents=[common], help="the DICOM receiver (ingest.workers processes)")
     ing.add_argument("--dicom-port", type=int)
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
     st.add_argument("--metrics-port", type=int)
+    web = sub.add_parser("web", parents=[common], help="the DICOMweb HTTP service (QIDO-RS, metadata): stateless")
+    web.add_argument("--web-port", type=int, help="port (default web.port)")
+    web.add_argument("--metrics-port", type=int)
     add_router_parsers(sub, common)
     asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
     asc.add_argument("--metrics-port", type=int)
@@ -92,6 +96,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         ingest["workers"] = 1
     if ingest:
         over["ingest"] = ingest
+    if getattr(args, "web_port", None) is not None:
+        over["web"] = {"port": args.web_port}
     return over
 
 
@@ -134,6 +140,13 @@ def cmd_store(config: Config, args: argparse.Namespace) -> int:
 
     tune_allocator()
     asyncio.run(serve(config, args.metrics_port))
+    return 0
+
+
+def cmd_web(config: Config, args: argparse.Namespace) -> int:
+    from services.store.dicomweb.service import serve
+
+    asyncio.run(serve(config, metrics_port=args.metrics_port))
     return 0
 
 
@@ -297,5 +310,5 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
-            "autoscaler": cmd_autoscaler, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
+            "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
             "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq}

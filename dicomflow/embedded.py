@@ -27,7 +27,7 @@ log = logging.getLogger("dicomflow.run")
 BACKGROUND_NICE = 10
 
 # Offsets from telemetry.metrics_port for each service's /metrics, so they never collide.
-METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60}
+METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60, "web": 80}
 
 
 def _env(config: Config, nats_url: str) -> dict[str, str]:
@@ -39,6 +39,7 @@ def _env(config: Config, nats_url: str) -> dict[str, str]:
     env["DICOMFLOW__INGEST__PORT"] = str(config.ingest.port)
     env["DICOMFLOW__INGEST__AE_TITLE"] = config.ingest.ae_title
     env["DICOMFLOW__INGEST__HOST"] = config.ingest.host
+    env["DICOMFLOW__WEB__PORT"] = str(config.web.port)
     return env
 
 
@@ -80,6 +81,12 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         host = config.ingest.host if config.ingest.host != "0.0.0.0" else "127.0.0.1"
         if not _wait_accepting(supervisor, host, config.ingest.port, 60, stop):
             return _stopped_or_failed(stop, f"the DICOM port {config.ingest.port} did not open in 60 s")
+        if config.web.port:
+            web_host = config.web.host if config.web.host != "0.0.0.0" else "127.0.0.1"
+            if not _wait_accepting(supervisor, web_host, config.web.port, 60, stop):
+                return _stopped_or_failed(stop, f"the DICOMweb port {config.web.port} did not open in 60 s")
+            log.info("DICOMweb (QIDO-RS, metadata) on http://%s:%d%s", web_host, config.web.port,
+                     config.web.path_prefix)
         log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
                  config.ingest.host, config.ingest.port)
         (data / "run" / "ready").write_text(json.dumps({"nats": nats_url, "dicom_port": config.ingest.port,
@@ -115,6 +122,8 @@ def _stopped_or_failed(stop: threading.Event, failure: str) -> int:
 def _taken_ports(config: Config) -> list[str]:
     """Why this run cannot start: each port it would listen on that something else holds (another run?)."""
     ports = [("ingest.port", config.ingest.host, config.ingest.port, "--dicom-port or DICOMFLOW__INGEST__PORT")]
+    if config.web.port:
+        ports.append(("web.port", config.web.host, config.web.port, "--web-port or DICOMFLOW__WEB__PORT, 0 turns it off"))
     if not config.nats.url:
         ports.append(("nats.port", "127.0.0.1", config.nats.port, "DICOMFLOW__NATS__PORT"))
         if config.nats.monitor_port:
@@ -150,6 +159,9 @@ def _service_specs(config: Config, config_path: str | None, nats_url: str) -> li
     if config.router.rules_file:  # without rules there is nothing to route
         port = mport + METRICS_OFFSETS["router"] if mport else 0
         specs.append(ChildSpec("router", [*base, "router", "--metrics-port", str(port)], **background))
+    if config.web.port:
+        port = mport + METRICS_OFFSETS["web"] if mport else 0
+        specs.append(ChildSpec("web", [*base, "web", "--metrics-port", str(port)], **background))
     return specs
 
 
@@ -171,4 +183,6 @@ def _write_targets(data: Path, config: Config, mport: int) -> None:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['autoscaler']}"], "labels": {"service": "autoscaler"}})
     if config.router.rules_file:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['router']}"], "labels": {"service": "router"}})
+    if config.web.port:
+        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['web']}"], "labels": {"service": "web"}})
     (data / "run" / "prometheus-targets.json").write_text(json.dumps(targets, indent=2))

@@ -18,11 +18,11 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from shared.bus.connection import publish_event
+from shared.bus.publish import AsyncPublisher
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, ObjectMissing
-from shared.telemetry import extract_context, inject_headers
+from shared.telemetry import extract_context
 
 from . import metrics, rados_index
 from .index import GroupCommit, Index, Recorded
@@ -51,6 +51,7 @@ class Storer:
     def __init__(self, config: Config, js: JetStreamContext, backends: Backends, index: Index):
         self.config = config
         self.js = js
+        self.publisher = AsyncPublisher(js, config.nats.publish_timeout_s)
         self.backends = backends
         self.index = index
         self._commits = GroupCommit(index)
@@ -255,9 +256,7 @@ class Storer:
             stored = InstanceStored(tags=t, transfer_syntax_uid=e.transfer_syntax_uid, digest=e.digest, size=e.size,
                                     policy=it.policy, placements=it.placements, calling_ae=e.calling_ae,
                                     stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest)
-            headers = inject_headers({"Nats-Msg-Id": stored.msg_id(), "Content-Type": "application/json"},
-                                     it.span)
-            coros.append(publish_event(self.js, stored, self.config.nats.publish_timeout_s, headers))
+            coros.append(self.publisher.publish(stored, span=it.span))
         # gather starts them in order: the stored events of a partition are published in its order.
         results = await asyncio.gather(*coros, return_exceptions=True)
         for it, res in zip(ready, results, strict=True):
@@ -269,4 +268,4 @@ class Storer:
         log.error("instance %s of study %s not stored: %s", event.tags.sop_uid, event.tags.study_uid, reason)
         metrics.instances.labels("rejected").inc()
         rej = InstanceRejected(tags=event.tags, digest=event.digest, reason=reason, rejected_at=utcnow())
-        await publish_event(self.js, rej, self.config.nats.publish_timeout_s)
+        await self.publisher.publish(rej)

@@ -140,12 +140,15 @@ class ElasticOwnership:
         self.partitions = partitions
         self.cfg = cfg
         self.replicas = replicas
-        #: Called for the heartbeat value; :class:`~shared.bus.consumer_group.PartitionedConsumer` sets it.
-        self.report: Callable[[], dict] | None = None
+        self._report: Callable[[], dict] | None = None
         self._members: list[str] = []
         self._last_ok = 0.0
         self._started = time.time()
         self._task: asyncio.Task | None = None
+
+    def set_reporter(self, report: Callable[[], dict]) -> None:
+        """What each heartbeat carries besides host and pid (the consumer's owned partitions and pins)."""
+        self._report = report
 
     def members(self) -> list[str]:
         """The live members as last read."""
@@ -188,8 +191,8 @@ class ElasticOwnership:
     async def _tick(self) -> None:
         value = {"member": self.member, "host": socket.gethostname(), "pid": os.getpid(), "since": self._started,
                  "ts": time.time()}
-        if self.report:
-            value.update(self.report())
+        if self._report:
+            value.update(self._report())
         await heartbeat(self.nc, self.group, self.member, value)
         members = await live_members(self.nc, self.group)
         if members != self._members:

@@ -57,7 +57,8 @@ handled = Counter("dicomflow_group_messages_total", "Messages handled, by group 
 redeliveries = Counter("dicomflow_group_redeliveries_total", "Messages delivered more than once", ["group"])
 owned_partitions = Gauge("dicomflow_group_owned_partitions", "Partitions this member owns", ["group", "member"])
 rebalances = Counter("dicomflow_group_rebalances_total", "Changes of this member's partition set", ["group"])
-handle_seconds = Histogram("dicomflow_group_handle_seconds", "Handler time per message (a pull's time shared out)", ["group"], buckets=LATENCY_BUCKETS)
+handle_seconds = Histogram("dicomflow_group_handle_seconds", "Handler time per message (a pull's time shared out)",
+                           ["group"], buckets=LATENCY_BUCKETS)
 handover_seconds = Histogram(
     "dicomflow_group_handover_seconds",
     "Partition handover as this member sees it: release = stop pulling until unpinned (graceful); "

@@ -27,7 +27,6 @@ from .index import GroupCommit, Index, Recorded
 from .placement import choose_policy, placements_of
 
 log = logging.getLogger("dicomflow.store")
-tracer = trace.get_tracer("dicomflow.store")
 
 
 @dataclass(eq=False)

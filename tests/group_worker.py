@@ -1,6 +1,6 @@
 """A consumer-group member as a real OS process, for the group tests and bench/groups.py.
 
-Its handler logs every call to an append-only file (one ``os.write`` per line, so a kill -9 loses
+Its handler logs every message it handles to an append-only file (one ``os.write`` per line, so a kill -9 loses
 nothing written) and records each instance idempotently in a shared SQLite file, like the store's
 index: ``S`` when a call starts, ``E`` with the outcome (``new``/``dup``) when it ends. SIGTERM is
 a graceful leave.
@@ -24,6 +24,7 @@ import nats
 from shared.bus.consumer_group import AllPartitions, PartitionedConsumer
 from shared.bus.membership import ElasticOwnership
 from shared.config import GroupConfig
+from shared.contract.events import Event
 from shared.contract.subjects import partition_from_subject
 
 
@@ -66,10 +67,14 @@ class Recorder:
     def line(self, text: str) -> None:
         os.write(self.fd, (text + "\n").encode())
 
-    async def handle(self, msg) -> None:
-        _, _, part, study, sop = msg.subject.split(".")
-        p = partition_from_subject(msg.subject)
-        delivered = msg.metadata.num_delivered
+    async def handle(self, deliveries) -> list[None]:
+        for d in deliveries:
+            await self._one(d.subject, d.delivered)
+        return [None] * len(deliveries)
+
+    async def _one(self, subject: str, delivered: int) -> None:
+        _, _, part, study, sop = subject.split(".")
+        p = partition_from_subject(subject)
         start = time.monotonic()
         self.line(f"S {p} {self.member} {start:.6f} {study} {sop} {delivered}")
         if self.delay:
@@ -89,14 +94,8 @@ class Gated:
         self.gate = gate
         self.open = False
 
-    @property
-    def report(self):
-        return getattr(self.inner, "report", None)
-
-    @report.setter
-    def report(self, fn) -> None:
-        if hasattr(self.inner, "report"):
-            self.inner.report = fn
+    def set_reporter(self, report) -> None:
+        self.inner.set_reporter(report)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -117,12 +116,13 @@ class Counter:
         self.first = 0.0
         self.last = 0.0
 
-    async def handle(self, msg) -> None:
+    async def handle(self, deliveries) -> list[None]:
         now = time.monotonic()
         if not self.count:
             self.first = now
-        self.count += 1
+        self.count += len(deliveries)
         self.last = now
+        return [None] * len(deliveries)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.gate:
         ownership = Gated(ownership, args.gate)
     consumer = PartitionedConsumer(nc, args.stream, args.group, args.partitions, worker.handle, cfg, ownership,
-                                   args.member)
+                                   args.member, model=Event)  # the test payloads are no InstanceReceived
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -1,7 +1,7 @@
 """Study-affine consumer groups against real nats-server processes, members as real OS processes.
 
 Members join and leave while studies stream in (2 -> 3 -> 1, one kill -9, one SIGTERM); every
-handler call is logged (partition, member, start, end). Asserted: every acknowledged instance is
+handled message is logged (partition, member, start, end). Asserted: every acknowledged instance is
 handled at least once and recorded exactly once, no two calls on one partition overlap, and no
 study is processed by two members at the same time. On a 3-node cluster (R3) the same, plus a
 kill -9 of the stream leader losing nothing acknowledged.
@@ -22,6 +22,7 @@ import pytest
 from dicomflow.status import collect, format_text
 from shared.bus.membership import ElasticOwnership, live_members, member_reports
 from shared.config import load_config
+from shared.contract.events import Event
 from tests.group_harness import (
     REPO,
     Publisher,
@@ -246,19 +247,21 @@ def test_long_handler_keeps_its_message_and_a_failure_is_retried(tmp_path, nats_
     cfg = GroupConfig(ack_wait_s=1.2, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5)
     calls: list[tuple[str, int]] = []
 
-    async def handler(msg):
-        sop = msg.subject.split(".")[-1]
-        calls.append((sop, msg.metadata.num_delivered))
-        if sop == "slow":
-            await asyncio.sleep(3.0)  # 2.5 x ack_wait
-        elif sop == "flaky" and msg.metadata.num_delivered == 1:
-            raise RuntimeError("transient")
+    async def handler(deliveries):
+        outcomes = []
+        for d in deliveries:
+            sop = d.subject.split(".")[-1]
+            calls.append((sop, d.delivered))
+            if sop == "slow":
+                await asyncio.sleep(3.0)  # 2.5 x ack_wait
+            outcomes.append(RuntimeError("transient") if sop == "flaky" and d.delivered == 1 else None)
+        return outcomes
 
     async def go():
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
         consumer = PartitionedConsumer(nc, "DICOM", "slowgrp", 2, handler, cfg,
-                                       ElasticOwnership(nc, "slowgrp", "m", 2, cfg), "m")
+                                       ElasticOwnership(nc, "slowgrp", "m", 2, cfg), "m", model=Event)
         await consumer.start()
         await js.publish("dicom.in.st1.slow", b"{}", headers={"Nats-Msg-Id": "slow"})
         await js.publish("dicom.in.st2.flaky", b"{}", headers={"Nats-Msg-Id": "flaky"})
@@ -284,17 +287,19 @@ def test_slow_batch_keeps_the_pin_so_no_second_member_gets_the_partition(tmp_pat
     cfg = GroupConfig(ack_wait_s=30, pinned_timeout_s=1.5, member_ttl_s=2, heartbeat_s=0.5, batch=8)
     handled: list[tuple[float, float]] = []
 
-    async def handler(msg):
-        t0 = time.monotonic()
-        await asyncio.sleep(0.6)  # 8 x 0.6 s = 4.8 s per batch, > 3 x PinnedTTL
-        handled.append((t0, time.monotonic()))
+    async def handler(deliveries):
+        for _ in deliveries:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.6)  # 8 x 0.6 s = 4.8 s per batch, > 3 x PinnedTTL
+            handled.append((t0, time.monotonic()))
+        return [None] * len(deliveries)
 
     async def go():
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
         for i in range(10):
             await js.publish(f"dicom.in.st.s{i}", b"{}", headers={"Nats-Msg-Id": f"s{i}"})
-        consumer = PartitionedConsumer(nc, "DICOM", "pin", 1, handler, cfg, AllPartitions(1), "a")
+        consumer = PartitionedConsumer(nc, "DICOM", "pin", 1, handler, cfg, AllPartitions(1), "a", model=Event)
         await consumer.start()
         while not handled:
             await asyncio.sleep(0.05)
@@ -335,11 +340,8 @@ def test_batch_handler_acks_each_success_and_retries_each_failure(tmp_path, nats
     cfg = GroupConfig(ack_wait_s=5, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5, batch=64)
     batches: list[list[tuple[str, int]]] = []
 
-    async def one_by_one(msg):  # pragma: no cover - the batch handler takes every pull
-        raise AssertionError("per-message handler called")
-
-    async def batch_handler(msgs):
-        seen = [(m.subject.split(".")[-1], m.metadata.num_delivered) for m in msgs]
+    async def batch_handler(deliveries):
+        seen = [(d.subject.split(".")[-1], d.delivered) for d in deliveries]
         batches.append(seen)
         return [RuntimeError("transient") if sop == "s07" and n == 1 else None for sop, n in seen]
 
@@ -348,8 +350,8 @@ def test_batch_handler_acks_each_success_and_retries_each_failure(tmp_path, nats
         js = nc.jetstream()
         for i in range(40):  # published before the member starts: the first pull brings a batch
             await js.publish(f"dicom.in.st1.s{i:02d}", b"{}", headers={"Nats-Msg-Id": f"s{i:02d}"})
-        consumer = PartitionedConsumer(nc, "DICOM", "batchgrp", 1, one_by_one, cfg,
-                                       ElasticOwnership(nc, "batchgrp", "m", 1, cfg), "m", batch_handler=batch_handler)
+        consumer = PartitionedConsumer(nc, "DICOM", "batchgrp", 1, batch_handler, cfg,
+                                       ElasticOwnership(nc, "batchgrp", "m", 1, cfg), "m", model=Event)
         await consumer.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and ("s07", 2) not in [x for b in batches for x in b]:
@@ -377,18 +379,15 @@ def test_linger_gathers_a_trickle_into_batches_without_waiting_for_a_full_one(tm
     batches: list[tuple[float, list[str]]] = []
     published: dict[str, float] = {}
 
-    async def one_by_one(msg):  # pragma: no cover - the batch handler takes every pull
-        raise AssertionError("per-message handler called")
-
-    async def batch_handler(msgs):
-        batches.append((time.monotonic(), [m.subject.split(".")[-1] for m in msgs]))
-        return [None] * len(msgs)
+    async def batch_handler(deliveries):
+        batches.append((time.monotonic(), [d.subject.split(".")[-1] for d in deliveries]))
+        return [None] * len(deliveries)
 
     async def go():
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
-        consumer = PartitionedConsumer(nc, "DICOM", "linger", 1, one_by_one, cfg, AllPartitions(1), "m",
-                                       batch_handler=batch_handler)
+        consumer = PartitionedConsumer(nc, "DICOM", "linger", 1, batch_handler, cfg, AllPartitions(1), "m",
+                                       model=Event)
         await consumer.start()
         await asyncio.sleep(0.3)
         for i in range(20):  # a slow sender: one event every 10 ms, 200 ms in all
@@ -406,3 +405,72 @@ def test_linger_gathers_a_trickle_into_batches_without_waiting_for_a_full_one(tm
     assert len(batches) <= 3, f"a trickle of 20 came in {len(batches)} batches: {batches}"
     for handled_at, subjects_ in batches:  # nobody waited for a full batch of 64
         assert handled_at - published[subjects_[0]] < 0.4 + 1.0
+
+
+def test_typed_consumer_parks_a_poison_message_and_continues_the_producers_trace(tmp_path, nats_server, caplog):
+    """Garbage on a partition is terminated once (never redelivered), logged and counted; the event after
+    it is handled, decoded, in a consumer span whose parent is the publisher's span."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import REGISTRY
+
+    from shared.bus.consumer_group import AllPartitions, PartitionedConsumer, durable_name
+    from shared.bus.publish import AsyncPublisher
+    from shared.config import GroupConfig
+    from shared.contract.events import InstanceReceived, InstanceTags, utcnow
+    from shared.telemetry import setup_tracing
+
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing("test", load_config(environ={}).telemetry, exporter=exporter)
+    create_stream(nats_server.url, 1)
+    # ack_wait 1 s: a poison message that were only left unacknowledged would be back within the test.
+    cfg = GroupConfig(ack_wait_s=1, pinned_timeout_s=10, member_ttl_s=2, heartbeat_s=0.5, batch=8)
+    handled = []
+
+    async def handler(deliveries):
+        handled.extend(deliveries)
+        return [None] * len(deliveries)
+
+    tags = InstanceTags(study_uid="1.2.3", series_uid="1.2.3.1", sop_uid="1.2.3.1.1")
+    event = InstanceReceived(tags=tags, transfer_syntax_uid="1.2.840.10008.1.2.1", digest="ab" * 32, size=10,
+                             backend="local", calling_ae="MOD", called_ae="DICOMFLOW", received_at=utcnow())
+    before = REGISTRY.get_sample_value("dicomflow_bus_poison_messages_total", {"group": "poisongrp"}) or 0
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        terminated = []
+
+        async def on_terminated(m):
+            terminated.append(json.loads(m.data))
+
+        await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.DICOM.{durable_name('poisongrp', 0)}",
+                           cb=on_terminated)
+        bad = await js.publish("dicom.in.st1.garbage", b"\x00 not an event", headers={"Nats-Msg-Id": "garbage"})
+        with trace.get_tracer("test").start_as_current_span("producer") as producer:
+            good = await AsyncPublisher(js, 5).publish(event)
+        consumer = PartitionedConsumer(nc, "DICOM", "poisongrp", 1, handler, cfg, AllPartitions(1), "m")
+        await consumer.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not handled:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # 2.5 x ack_wait: a redelivery of either message would have come
+        await consumer.stop()
+        await nc.flush()
+        await nc.close()
+        return bad, good, producer, terminated
+
+    bad, good, producer, terminated = asyncio.run(go())
+    assert [(d.event, d.stream_seq, d.delivered) for d in handled] == [(event, good.seq, 1)]
+    assert [t["stream_seq"] for t in terminated] == [bad.seq], "terminated once, never redelivered"
+    after = REGISTRY.get_sample_value("dicomflow_bus_poison_messages_total", {"group": "poisongrp"})
+    assert after - before == 1
+    parked = [r.getMessage() for r in caplog.records if "poison message" in r.getMessage()]
+    assert len(parked) == 1 and "dicom.part.0.st1.garbage" in parked[0] and f"stream seq {bad.seq}" in parked[0]
+    provider.force_flush()
+    spans = [s for s in exporter.get_finished_spans() if s.name == "poisongrp.instance"]
+    assert len(spans) == 1, "one consumer span, for the decodable event only"
+    span, parent = spans[0], producer.get_span_context()
+    assert span.kind == trace.SpanKind.CONSUMER
+    assert span.context.trace_id == parent.trace_id and span.parent.span_id == parent.span_id
+    assert handled[0].span.get_span_context().span_id == span.context.span_id

@@ -23,7 +23,8 @@ from services.ingest import pdu
 from services.ingest.intake import Intake
 from services.ingest.loopthread import LoopThread
 from services.ingest.scp import SUPPORTED, start_scp
-from shared.bus.connection import connect, ensure_streams, publish_event
+from shared.bus.connection import connect, ensure_streams
+from shared.bus.publish_blocking import LoopPublisher
 from shared.config import load_config
 from shared.storage.objectstore import Backends
 
@@ -115,11 +116,11 @@ def scp(tmp_path, nats_server):
         "ingest": {"allowed_calling_aes": ["MODALITY"]}})
     loop = LoopThread("test-nats")
     nc = loop.call(connect(cfg, "test-ingest"), timeout=10)
-    js = nc.jetstream()
     loop.call(ensure_streams(nc, cfg), timeout=30)
     backends = Backends(cfg)
-    intake = Intake(backends.get("local"), lambda s, e, h: loop.call(
-        publish_event(js, e, 5, h), timeout=6), cfg.ingest.max_instance_bytes)
+    publisher = LoopPublisher(nc, loop.loop, 5)
+    loop.call(publisher.start(), timeout=10)
+    intake = Intake(backends.get("local"), publisher, cfg.ingest.max_instance_bytes)
     port = free_port()
     server = start_scp(intake, "127.0.0.1", port, "DICOMFLOW", 4096, 2, 30, ["MODALITY"])
     yield port, tmp_path / "data" / "objects"

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from nats.js.api import PubAck
 from pydicom import dcmread
 from pynetdicom import _config
 from pynetdicom.sop_class import CTImageStorage
@@ -26,7 +27,8 @@ from services.ingest import pdu
 from services.ingest.intake import Intake, Received
 from services.ingest.loopthread import LoopThread
 from services.ingest.scp import start_scp
-from shared.bus.connection import connect, ensure_streams, publish_event
+from shared.bus.connection import connect, ensure_streams
+from shared.bus.publish_blocking import LoopPublisher
 from shared.config import FsBackendConfig, load_config
 from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, SUCCESS, TOO_LARGE
@@ -101,6 +103,24 @@ def test_a_discarded_writer_leaves_nothing_and_a_known_object_is_kept_once(tmp_p
     assert _temporaries(store.root) == []
 
 
+class _Recorder:
+    """A blocking publisher that keeps the events it acknowledged: after ``real`` (a JetStream one) stored them,
+    or at once without one (the intake's own tests need no NATS)."""
+
+    def __init__(self, published: list, real=None):
+        self.published = published
+        self.real = real
+
+    def publish(self, event, msg_id=None) -> PubAck:
+        ack = self.real.publish(event, msg_id) if self.real else PubAck(stream="test", seq=len(self.published) + 1)
+        self.published.append(event)
+        return ack
+
+    def close(self) -> None:
+        if self.real:
+            self.real.close()
+
+
 def _instance(tmp_path, rows: int = 512, **changes) -> tuple[bytes, str]:
     """A CT data set (about rows*rows*2 bytes) and its SOPInstanceUID, with attributes changed or removed."""
     _, files = write_study(tmp_path / f"src-{uuid.uuid4().hex}", 1, rows=rows, cols=rows)
@@ -122,7 +142,7 @@ def _received(data, sop_uid: str) -> Received:
 def test_the_intake_commits_a_streamed_instance_only_when_it_is_valid(tmp_path):
     store = _store(tmp_path)
     published = []
-    intake = Intake(store, lambda s, e, h: published.append(e), 2 * 1024 * 1024, stream_above_bytes=64 * 1024)
+    intake = Intake(store, _Recorder(published), 2 * 1024 * 1024, stream_above_bytes=64 * 1024)
     body, sop = _instance(tmp_path)
 
     def streamed(data: bytes):
@@ -163,17 +183,13 @@ def streaming_scp(tmp_path, nats_server):
         "data_dir": str(tmp_path / "data"), "nats": {"url": nats_server.url}, "stream": {"partitions": 4}})
     loop = LoopThread("test-nats")
     nc = loop.call(connect(cfg, "test-ingest"), timeout=10)
-    js = nc.jetstream()
     loop.call(ensure_streams(nc, cfg), timeout=30)
     published = []
-
-    def publish(s, e, h):
-        loop.call(publish_event(js, e, 5, h), timeout=6)
-        published.append(e)
-
+    publisher = LoopPublisher(nc, loop.loop, 5)
+    loop.call(publisher.start(), timeout=10)
     backends = Backends(cfg)
     staging = backends.get("local")
-    intake = Intake(staging, publish, 1024 * 1024, stream_above_bytes=64 * 1024)
+    intake = Intake(staging, _Recorder(published, publisher), 1024 * 1024, stream_above_bytes=64 * 1024)
     port = free_port()
     server = start_scp(intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, [])
     yield port, staging, published

@@ -12,14 +12,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
 
 from services.ingest import metrics
-from shared.bus.connection import event_headers
-from shared.contract import subjects
+from shared.bus.publish import Publisher
 from shared.contract.events import InstanceReceived, utcnow
 from shared.dicom.statuses import (
     NAMES,
@@ -36,10 +34,6 @@ from shared.storage.objectstore import ObjectStore, ObjectWriter, content_digest
 
 log = logging.getLogger("dicomflow.ingest")
 tracer = trace.get_tracer("dicomflow.ingest")
-
-# publish(subject, event, headers) blocks until the PubAck and raises when there is none.
-Publish = Callable[[str, InstanceReceived, dict[str, str]], None]
-
 
 @dataclass(frozen=True)
 class Received:
@@ -60,10 +54,10 @@ class Received:
 class Intake:
     """Turns received instances into durable bytes plus an acknowledged event."""
 
-    def __init__(self, staging: ObjectStore, publish: Publish, max_instance_bytes: int,
+    def __init__(self, staging: ObjectStore, publisher: Publisher, max_instance_bytes: int,
                  stream_above_bytes: int = 256 * 1024):
         self.staging = staging
-        self.publish = publish
+        self.publisher = publisher
         self.max_instance_bytes = max_instance_bytes
         self.stream_above_bytes = stream_above_bytes
         self.receiver = f"{socket.gethostname()}/{os.getpid()}"
@@ -127,7 +121,7 @@ class Intake:
                                  called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver)
         t0 = time.perf_counter()
         try:
-            self.publish(subjects.instance_in(tags.study_uid, tags.sop_uid), event, event_headers(event.msg_id()))
+            self.publisher.publish(event)  # in this thread, under the c_store span: the store continues its trace
         except Exception as exc:
             metrics.failures.labels(stage="publish").inc()
             log.warning("event of %s not acknowledged: %s: %s", tags.sop_uid, type(exc).__name__, exc)

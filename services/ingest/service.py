@@ -7,18 +7,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
-
-from nats.aio.client import Client as NATS
 
 from services.ingest.intake import Intake
 from services.ingest.loopthread import LoopThread
-from services.ingest.publisher import ThreadPublisher
 from services.ingest.scp import listening_socket, start_scp
-from services.ingest.sync_publisher import SyncPublisher, Unsupported
 from shared.bus.connection import connect, ensure_streams
+from shared.bus.publish_blocking import blocking_publisher
 from shared.config import Config
-from shared.contract.events import InstanceReceived
 from shared.lifecycle import settle_after_startup
 from shared.storage.objectstore import Backends
 from shared.supervisor import ChildSpec, Supervisor
@@ -38,17 +33,11 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     loop = LoopThread("ingest-nats")
     nc = loop.call(connect(config, f"dicomflow-ingest-{os.getpid()}"), timeout=config.nats.connect_timeout_s + 5)
     loop.call(ensure_streams(nc, config), timeout=30)
-    timeout = config.nats.publish_timeout_s
-
-    send, close_publisher = _publisher(config, loop, nc)
-
-    def publish(subject: str, event: InstanceReceived, headers: dict[str, str]) -> None:
-        send(subject, event.model_dump_json().encode(), headers, timeout)
-
+    publisher = blocking_publisher(config, f"dicomflow-ingest-{os.getpid()}", nc, loop.loop)
     backends = Backends(config)
     staging = backends.get(config.storage.staging)
     staging.prepare_writer()  # before the first association: killed writers' leftovers gone, log segments made
-    intake = Intake(staging, publish, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes)
+    intake = Intake(staging, publisher, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes)
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
             ing.allowed_calling_aes)
@@ -73,27 +62,9 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
         loop.call(nc.drain(), timeout=10)
     except Exception as exc:  # a dead NATS must not keep the process from exiting
         log.warning("nats drain: %s", exc)
-    close_publisher()
+    publisher.close()
     backends.close()
     loop.stop()
-
-
-def _publisher(config: Config, loop: LoopThread, nc: NATS) -> tuple[
-        Callable[[str, bytes, dict[str, str], float], dict], Callable[[], None]]:
-    """The association threads' publish function (and how to close it): blocking sockets where NATS
-    allows them, else the process's nats-py connection (TLS)."""
-    try:
-        sync = SyncPublisher(config.nats_servers(), f"dicomflow-ingest-{os.getpid()}", config.nats.connect_timeout_s)
-        try:
-            sync.check()
-        except OSError as exc:  # NATS went away since connect(): the pool connects on the next publish
-            log.warning("NATS publisher connection: %s (will retry per instance)", exc)
-        return sync.publish, sync.close
-    except Unsupported as exc:
-        log.info("NATS needs %s: publishing through the event loop", exc)
-    publisher = ThreadPublisher(nc, loop.loop)
-    loop.call(publisher.start(), timeout=10)
-    return publisher.publish, lambda: None
 
 
 def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:

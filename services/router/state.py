@@ -13,11 +13,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.aio.client import Client as NATS
 
+from shared.bus.kv import Bucket, Conflict, open_bucket
 from shared.contract import subjects
 from shared.contract.uids import uid_token
 from shared.lifecycle import cancel_and_wait
@@ -27,30 +25,10 @@ from .completion import StudyState
 log = logging.getLogger("dicomflow.router.state")
 
 
-async def bucket(js: JetStreamContext, name: str, ttl_s: float = 0, replicas: int = 1) -> KeyValue:
-    """Open a KV bucket, creating it when missing (idempotent across members)."""
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ttl_s or None,
-                                                        replicas=replicas))
-    except Exception:
-        return await js.key_value(name)  # created concurrently by another member
-
-
-async def _get(kv: KeyValue, key: str):
-    try:
-        return await kv.get(key)
-    except (KeyNotFoundError, KeyDeletedError):
-        return None
-
-
 class StudyBook:
     """Study states keyed by StudyInstanceUID, with a local mirror kept current by a KV watch."""
 
-    def __init__(self, kv: KeyValue):
+    def __init__(self, kv: Bucket):
         self.kv = kv
         self.mirror: dict[str, StudyState] = {}
         self._watch_task: asyncio.Task | None = None
@@ -62,7 +40,7 @@ class StudyBook:
 
     async def get(self, study_uid: str) -> tuple[StudyState | None, int]:
         """The stored state and its revision (0 when none)."""
-        entry = await _get(self.kv, self.key(study_uid))
+        entry = await self.kv.get(self.key(study_uid))
         if entry is None or not entry.value:
             return None, 0
         return StudyState.model_validate_json(entry.value), entry.revision
@@ -82,10 +60,10 @@ class StudyBook:
             data = after.model_dump_json().encode()
             try:
                 if rev:
-                    await self.kv.update(key, data, last=rev)
+                    await self.kv.update(key, data, rev)
                 else:
                     await self.kv.create(key, data)
-            except KeyWrongLastSequenceError:
+            except Conflict:
                 continue  # another member changed it: re-read and re-decide
             self.mirror[study_uid] = after
             return before, after
@@ -98,7 +76,7 @@ class StudyBook:
     async def _watch(self) -> None:
         while True:
             try:
-                watcher = await self.kv.watchall()
+                watcher = await self.kv.watch()
                 while True:
                     entry = await watcher.updates(timeout=60 * 60 * 24)
                     if entry is None:
@@ -125,7 +103,7 @@ class StudyBook:
 class Assignments:
     """Sticky study -> target choices per group: the first choice wins cluster-wide (KV create)."""
 
-    def __init__(self, kv: KeyValue):
+    def __init__(self, kv: Bucket):
         self.kv = kv
 
     @staticmethod
@@ -133,7 +111,7 @@ class Assignments:
         return f"{group}.{uid_token(study_uid)}"
 
     async def get(self, group: str, study_uid: str) -> tuple[str | None, int]:
-        entry = await _get(self.kv, self.key(group, study_uid))
+        entry = await self.kv.get(self.key(group, study_uid))
         if entry is None or not entry.value:
             return None, 0
         return entry.value.decode(), entry.revision
@@ -143,7 +121,7 @@ class Assignments:
         try:
             await self.kv.create(self.key(group, study_uid), target.encode())
             return target, True
-        except KeyWrongLastSequenceError:
+        except Conflict:
             current, _ = await self.get(group, study_uid)
             if current is None:
                 raise
@@ -155,9 +133,9 @@ class Assignments:
         if current != old or not rev:
             return current or new, False
         try:
-            await self.kv.update(self.key(group, study_uid), new.encode(), last=rev)
+            await self.kv.update(self.key(group, study_uid), new.encode(), rev)
             return new, True
-        except KeyWrongLastSequenceError:
+        except Conflict:
             current, _ = await self.get(group, study_uid)
             return current or new, False
 
@@ -165,7 +143,7 @@ class Assignments:
 class Health:
     """Which targets accept connections, shared by the members (each member probes, last word wins)."""
 
-    def __init__(self, kv: KeyValue):
+    def __init__(self, kv: Bucket):
         self.kv = kv
         self.local: dict[str, bool] = {}
 
@@ -176,15 +154,15 @@ class Health:
         await self.kv.put(target, json.dumps({"up": up, "at": time.time()}).encode())
 
     async def is_up(self, target: str) -> bool:
-        entry = await _get(self.kv, target)
+        entry = await self.kv.get(target)
         if entry is None or not entry.value:
             return self.local.get(target, True)
         return bool(json.loads(entry.value).get("up", True))
 
 
-async def open_state(js: JetStreamContext, study_ttl_days: float, replicas: int) -> tuple[StudyBook, Assignments, Health]:
+async def open_state(nc: NATS, study_ttl_days: float, replicas: int) -> tuple[StudyBook, Assignments, Health]:
     """Open (creating when missing) the three buckets."""
-    studies = await bucket(js, subjects.STUDIES_BUCKET, study_ttl_days * 86400, replicas)
-    assign = await bucket(js, subjects.ASSIGN_BUCKET, study_ttl_days * 86400, replicas)
-    health = await bucket(js, subjects.HEALTH_BUCKET, 0, replicas)
+    studies = await open_bucket(nc, subjects.STUDIES_BUCKET, study_ttl_days * 86400, replicas)
+    assign = await open_bucket(nc, subjects.ASSIGN_BUCKET, study_ttl_days * 86400, replicas)
+    health = await open_bucket(nc, subjects.HEALTH_BUCKET, 0, replicas)
     return StudyBook(studies), Assignments(assign), Health(health)

@@ -44,8 +44,8 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     if ownership is None:
         ownership = (ElasticOwnership(nc, GROUP, member, config.stream.partitions, gcfg, config.stream.replicas)
                      if gcfg.elastic else AllPartitions(config.stream.partitions))
-    consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle,
-                                   gcfg, ownership, member, batch_handler=storer.handle_batch)
+    consumer = PartitionedConsumer(nc, config.stream.name, GROUP, config.stream.partitions, storer.handle_batch,
+                                   gcfg, ownership, member)
     await consumer.start()
     if stop is None:  # this process is the service (not embedded in a test or benchmark)
         settle_after_startup()

@@ -13,16 +13,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
-from pydantic import ValidationError
 
-from shared.bus.connection import publish_event
+from shared.bus.delivery import Delivery
+from shared.bus.publish import AsyncPublisher
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, Capability, ObjectMissing
-from shared.telemetry import extract_context, inject_headers
 
 from . import metrics, rados_index
 from .index import GroupCommit, Index, Recorded
@@ -30,12 +28,11 @@ from .placement import choose_policy, placements_of
 from .placement_plan import BackendPlan, Check, plan_placements
 
 log = logging.getLogger("dicomflow.store")
-tracer = trace.get_tracer("dicomflow.store")
 
 
 @dataclass(eq=False)
 class _Item:
-    """One decodable message of a batch on its way through the steps."""
+    """One instance of a batch with a placement policy, on its way through the steps."""
 
     index: int
     event: InstanceReceived
@@ -52,6 +49,7 @@ class Storer:
     def __init__(self, config: Config, js: JetStreamContext, backends: Backends, index: Index):
         self.config = config
         self.js = js
+        self.publisher = AsyncPublisher(js, config.nats.publish_timeout_s)
         self.backends = backends
         self.index = index
         self._commits = GroupCommit(index)
@@ -61,56 +59,36 @@ class Storer:
         backends = self.config.storage.backends
         return all(name == event.backend and backends[name].kind == "fs" for name in placements)
 
-    async def handle(self, msg: Msg) -> None:
-        """Handle one ``dicom.part.*`` message (a batch of one); raises when it must be retried."""
-        outcome = (await self.handle_batch([msg]))[0]
-        if outcome is not None:
-            raise outcome
-
     # ---------------------------------------------------------------- batches
-    async def handle_batch(self, msgs: list[Msg]) -> list[BaseException | None]:
-        """Handle one pull's messages together; one outcome per message (None: acknowledge).
+    async def handle_batch(self, deliveries: list[Delivery[InstanceReceived]]) -> list[BaseException | None]:
+        """Handle one pull's instance events together; one outcome per delivery (None: acknowledge).
 
         Per instance, in this order of durability: the object in every placement, then its entry in the
         RADOS study index objects, then the SQLite row, then the stored event. The work is shared by the
         batch: objects written concurrently, one index write per study and backend, one SQLite
         transaction, stored events published back to back and their PubAcks awaited together. Under a
         backlog a pull brings many messages, so the store gets cheaper per instance as it falls behind.
+        The consumer decoded the events (parking poison ones) and started and ends their spans.
         """
-        outcomes: list[BaseException | None] = [None] * len(msgs)
+        outcomes: list[BaseException | None] = [None] * len(deliveries)
         work: list[_Item] = []
-        for i, msg in enumerate(msgs):
-            span = tracer.start_span("store.instance", context=extract_context(msg.headers),
-                                     kind=trace.SpanKind.CONSUMER)
-            try:
-                event = InstanceReceived.model_validate_json(msg.data)
-            except ValidationError as exc:
-                # Poison: retrying cannot fix it. Logged and acknowledged; nothing to store.
-                log.error("undecodable event on %s dropped: %s", msg.subject, exc)
-                metrics.instances.labels("undecodable").inc()
-                span.end()
-                continue
+        for i, d in enumerate(deliveries):
+            event, span = d.event, d.span
             span.set_attribute("dicom.study_uid", event.tags.study_uid)
             span.set_attribute("dicom.sop_uid", event.tags.sop_uid)
             policy = choose_policy(self.config.storage, event.calling_ae, event.tags.institution_name)
             if policy is None:
                 try:
                     await self._reject(event, f"no placement policy for calling AE {event.calling_ae!r} / "
-                                              f"institution {event.tags.institution_name!r} and no default policy")
+                                              f"institution {event.tags.institution_name!r} and no default policy",
+                                       span)
                 except Exception as exc:
                     outcomes[i] = exc
-                span.end()
                 continue
             work.append(_Item(i, event, policy, placements_of(self.config.storage, policy), span))
-        try:
-            await self._place_batch(work, outcomes)
-            await self._index_batch(work, outcomes)
-            await self._publish_batch(work, outcomes)
-        finally:
-            for item in work:
-                if outcomes[item.index] is not None:
-                    item.span.set_status(trace.Status(trace.StatusCode.ERROR, str(outcomes[item.index])))
-                item.span.end()
+        await self._place_batch(work, outcomes)
+        await self._index_batch(work, outcomes)
+        await self._publish_batch(work, outcomes)
         return outcomes
 
     async def _place_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
@@ -253,9 +231,7 @@ class Storer:
             stored = InstanceStored(tags=t, transfer_syntax_uid=e.transfer_syntax_uid, digest=e.digest, size=e.size,
                                     policy=it.policy, placements=it.placements, calling_ae=e.calling_ae,
                                     stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest)
-            headers = inject_headers({"Nats-Msg-Id": stored.msg_id(), "Content-Type": "application/json"},
-                                     it.span)
-            coros.append(publish_event(self.js, stored, self.config.nats.publish_timeout_s, headers))
+            coros.append(self.publisher.publish(stored, span=it.span))
         # gather starts them in order: the stored events of a partition are published in its order.
         results = await asyncio.gather(*coros, return_exceptions=True)
         for it, res in zip(ready, results, strict=True):
@@ -263,8 +239,8 @@ class Storer:
                 outcomes[it.index] = res
                 metrics.failures.labels("publish").inc()
 
-    async def _reject(self, event: InstanceReceived, reason: str) -> None:
+    async def _reject(self, event: InstanceReceived, reason: str, span: trace.Span) -> None:
         log.error("instance %s of study %s not stored: %s", event.tags.sop_uid, event.tags.study_uid, reason)
         metrics.instances.labels("rejected").inc()
         rej = InstanceRejected(tags=event.tags, digest=event.digest, reason=reason, rejected_at=utcnow())
-        await publish_event(self.js, rej, self.config.nats.publish_timeout_s)
+        await self.publisher.publish(rej, span=span)

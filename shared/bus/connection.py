@@ -1,4 +1,4 @@
-"""Connecting to NATS, declaring the streams, and publishing events with de-duplication and trace context."""
+"""Connecting to NATS, declaring the streams, and a one-call event publish for coroutines."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from shared.bus.jetstream import ensure_stream
+from shared.bus.publish import AsyncPublisher
 from shared.config import Config
 from shared.contract import subjects
 from shared.contract.events import Event
-from shared.telemetry import inject_headers
 
 log = logging.getLogger("dicomflow.bus")
 
@@ -75,18 +75,10 @@ async def ensure_streams(nc: NATS, config: Config) -> None:
     await ensure_stream(nc, subjects.events_stream_config(config.stream))
 
 
-def event_headers(msg_id: str) -> dict[str, str]:
-    """Headers of an event: de-duplication id plus the trace context current in the calling thread."""
-    return inject_headers({"Nats-Msg-Id": msg_id, "Content-Type": "application/json"})
+async def publish_event(js: JetStreamContext, event: Event, timeout: float, msg_id: str | None = None) -> PubAck:
+    """Publish one event with :class:`~shared.bus.publish.AsyncPublisher` (its ``Nats-Msg-Id`` and the
+    current trace context); returns the PubAck, raises on timeout or no responders.
 
-
-async def publish_event(js: JetStreamContext, event: Event, timeout: float, headers: dict[str, str] | None = None,
-                        msg_id: str | None = None) -> PubAck:
-    """Publish one event on its subject with its ``Nats-Msg-Id`` and trace context; returns the PubAck.
-
-    ``headers`` come from :func:`event_headers` when the span lives in another thread than the loop;
     ``msg_id`` replaces the event's own id where one event is deliberately published again (a replay).
-    Raises on timeout or no responders: the caller must not report success then.
     """
-    headers = headers or event_headers(msg_id or event.msg_id())
-    return await js.publish(event.subject(), event.model_dump_json().encode(), timeout=timeout, headers=headers)
+    return await AsyncPublisher(js, timeout).publish(event, msg_id=msg_id)

@@ -12,11 +12,15 @@ The public API, for every service that consumes the partitioned stream::
     await consumer.start()   # declares the durables <group>-pNN, joins, pulls owned partitions
     await consumer.stop()    # graceful leave: stop pulling, finish + ack in-flight, flush, unpin, leave
 
-``handler(msg)`` is awaited once per message, in order within a partition, partitions concurrently.
-It must be idempotent (redeliveries come after a crash or a lost ack, out of order). Returning acks
-the message; raising naks it with a growing delay. A handler running longer than a third of
-``ack_wait_s`` gets in-progress acks automatically, and while a batch is being handled the member
-keeps pulling (batch 1) at a third of ``pinned_timeout_s`` so its pin cannot lapse under a slow batch.
+The consumer decodes each message once into ``model`` (:mod:`shared.bus.delivery`: poison messages
+are terminated, logged and counted in ``dicomflow_bus_poison_messages_total``), starts its span
+continuing the producer's trace, and awaits ``handler(deliveries)`` once per pull, in order within a
+partition, partitions concurrently. The handler returns one outcome per delivery: None acks it, an
+exception naks it with a growing delay. It must be idempotent (redeliveries come after a crash or a
+lost ack, out of order); the work shared by a pull (one index transaction, concurrent object writes,
+pipelined publishes) is why it takes them together. A pull handled longer than a third of
+``ack_wait_s`` gets in-progress acks automatically, and while it is being handled the member keeps
+pulling (batch 1) at a third of ``pinned_timeout_s`` so its pin cannot lapse under a slow batch.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel
 
 from shared.backoff import backoff_delay
+from shared.bus.delivery import DeliveryHandler, decode, finish
 from shared.bus.jetstream import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
 from shared.config import GroupConfig
 from shared.contract import subjects
+from shared.contract.events import InstanceReceived
 from shared.lifecycle import cancel_and_wait
 from shared.telemetry import LATENCY_BUCKETS
 
@@ -45,17 +53,12 @@ log = logging.getLogger("dicomflow.group")
 # A failed handler is retried after 2, 4, 8 ... 60 s (by delivery count).
 RETRY_INITIAL_S, RETRY_MAX_S = 2.0, 60.0
 
-Handler = Callable[[Msg], Awaitable[None]]
-# Handles the messages of one pull, in partition order, and returns one outcome per message:
-# None (acknowledge) or the exception that makes it retried. Work shared by the batch (one index
-# transaction, concurrent object writes, pipelined publishes) is why it exists.
-BatchHandler = Callable[[list[Msg]], Awaitable[list[BaseException | None]]]
-
 handled = Counter("dicomflow_group_messages_total", "Messages handled, by group and outcome", ["group", "outcome"])
 redeliveries = Counter("dicomflow_group_redeliveries_total", "Messages delivered more than once", ["group"])
 owned_partitions = Gauge("dicomflow_group_owned_partitions", "Partitions this member owns", ["group", "member"])
 rebalances = Counter("dicomflow_group_rebalances_total", "Changes of this member's partition set", ["group"])
-handle_seconds = Histogram("dicomflow_group_handle_seconds", "Handler time per message", ["group"], buckets=LATENCY_BUCKETS)
+handle_seconds = Histogram("dicomflow_group_handle_seconds", "Handler time per message (a pull's time shared out)",
+                           ["group"], buckets=LATENCY_BUCKETS)
 handover_seconds = Histogram(
     "dicomflow_group_handover_seconds",
     "Partition handover as this member sees it: release = stop pulling until unpinned (graceful); "
@@ -77,6 +80,9 @@ class Ownership(Protocol):
 
     async def stop(self) -> None: ...
 
+    def set_reporter(self, report: Callable[[], dict]) -> None:
+        """Where the member's own report (owned partitions, pins) comes from, for a membership that publishes it."""
+
 
 class AllPartitions:
     """A lone worker owns every partition."""
@@ -87,6 +93,9 @@ class AllPartitions:
     async def start(self) -> None:
         pass
 
+    def set_reporter(self, report: Callable[[], dict]) -> None:
+        pass  # nobody else to tell
+
     def owned(self) -> set[int]:
         return set(self._all)
 
@@ -95,12 +104,20 @@ class AllPartitions:
 
 
 class PartitionedConsumer:
-    """One member of a consumer group over the partitioned instance stream."""
+    """One member of a consumer group over the partitioned instance stream.
 
-    def __init__(self, nc: NATS, stream: str, group: str, partitions: int, handler: Handler, cfg: GroupConfig,
-                 ownership: Ownership, member: str, batch_handler: BatchHandler | None = None):
+    ``model``: what the messages decode as (the partitioned stream carries :class:`InstanceReceived`);
+    ``span_name``: the consumer span of each delivery (default ``<group>.instance``). ``handler`` may
+    be None for a consumer used only to declare the durables (:meth:`ensure_consumers`).
+    """
+
+    def __init__(self, nc: NATS, stream: str, group: str, partitions: int, handler: DeliveryHandler | None,
+                 cfg: GroupConfig, ownership: Ownership, member: str, model: type[BaseModel] = InstanceReceived,
+                 span_name: str | None = None):
         self.nc = nc
-        self.batch_handler = batch_handler
+        self.model = model
+        self.span_name = span_name or f"{group}.instance"
+        self._tracer = trace.get_tracer(f"dicomflow.{group}")
         self.stream = stream
         self.group = group
         self.partitions = partitions
@@ -113,8 +130,7 @@ class PartitionedConsumer:
         self._pullers: dict[int, PinnedPuller] = {}
         self._reconciler: asyncio.Task | None = None
         self._stopping = False
-        if hasattr(ownership, "report"):
-            ownership.report = self.report  # type: ignore[attr-defined]
+        ownership.set_reporter(self.report)
 
     async def ensure_consumers(self) -> None:
         """Create (or update) the durable consumer of every partition (idempotent)."""
@@ -220,15 +236,10 @@ class PartitionedConsumer:
                     gained_at = None
                 keeper = asyncio.create_task(self._keep_pin(puller)) if result.messages else None
                 try:
-                    if self.batch_handler is not None and result.messages and not stop.is_set():
+                    if stop.is_set():  # not ours any more: hand them back at once rather than after ack_wait
+                        await _nak_all(result.messages)
+                    elif result.messages:
                         await self._handle_batch(result.messages)
-                        continue
-                    for i, msg in enumerate(result.messages):
-                        if stop.is_set():
-                            # Not ours any more: hand the rest back at once rather than after ack_wait.
-                            await _nak_all(result.messages[i:])
-                            break
-                        await self._handle(msg)
                 finally:
                     if keeper:
                         keeper.cancel()
@@ -244,30 +255,6 @@ class PartitionedConsumer:
             await asyncio.sleep(period)
             with contextlib.suppress(Exception):
                 await puller.keep_pin(expires_s=period)
-
-    async def _handle(self, msg: Msg) -> None:
-        t0 = time.perf_counter()
-        delivered = self._delivered(msg)
-        keepalive = _InProgress(msg, self.cfg.ack_wait_s / 3)
-        try:
-            await self.handler(msg)
-        except Exception as exc:
-            keepalive.cancel()
-            await self._retry(msg, delivered, exc)
-            return
-        keepalive.cancel()
-        await self._ack(msg)
-        handle_seconds.labels(self.group).observe(time.perf_counter() - t0)
-
-    def _delivered(self, msg: Msg) -> int:
-        """How often the server has delivered ``msg`` (counted as a redelivery when more than once)."""
-        try:
-            delivered = msg.metadata.num_delivered
-        except Exception:
-            delivered = 1
-        if delivered > 1:
-            redeliveries.labels(self.group).inc()
-        return delivered
 
     async def _ack(self, msg: Msg) -> None:
         with contextlib.suppress(Exception):  # a lost ack means a redelivery, which the handler absorbs
@@ -291,35 +278,40 @@ class PartitionedConsumer:
         await asyncio.gather(*(self._release(p) for p in list(self._tasks)))
         owned_partitions.labels(self.group, self.member).set(0)
 
-
     async def _handle_batch(self, msgs: list[Msg]) -> None:
-        """One pull's messages through the batch handler; ack each success, retry each failure."""
+        """One pull's messages decoded, through the handler; ack each success, retry each failure."""
         t0 = time.perf_counter()
-        delivered = [self._delivered(msg) for msg in msgs]
-        keepalive = _InProgress(msgs, self.cfg.ack_wait_s / 3)
+        deliveries = await decode(msgs, self.model, self.group, self._tracer, self.span_name)
+        if not deliveries:
+            return
+        for d in deliveries:
+            if d.delivered > 1:
+                redeliveries.labels(self.group).inc()
+        keepalive = _InProgress([d.msg for d in deliveries], self.cfg.ack_wait_s / 3)
         try:
-            outcomes = await self.batch_handler(msgs)
-            if len(outcomes) != len(msgs):
-                raise RuntimeError(f"batch handler returned {len(outcomes)} outcomes for {len(msgs)} messages")
+            outcomes = await self.handler(deliveries)
+            if len(outcomes) != len(deliveries):
+                raise RuntimeError(f"handler returned {len(outcomes)} outcomes for {len(deliveries)} deliveries")
         except Exception as exc:
-            outcomes = [exc] * len(msgs)
+            outcomes = [exc] * len(deliveries)
         finally:
             keepalive.cancel()
-        for msg, n, outcome in zip(msgs, delivered, outcomes, strict=True):
+        finish(deliveries, outcomes)
+        for d, outcome in zip(deliveries, outcomes, strict=True):
             if outcome is None:
-                await self._ack(msg)
+                await self._ack(d.msg)
             else:
-                await self._retry(msg, n, outcome)
-        per_message = (time.perf_counter() - t0) / len(msgs)
-        for _ in msgs:
+                await self._retry(d.msg, d.delivered, outcome)
+        per_message = (time.perf_counter() - t0) / len(deliveries)
+        for _ in deliveries:
             handle_seconds.labels(self.group).observe(per_message)
 
 
 class _InProgress:
     """Sends in-progress acks every ``interval`` seconds while a handler runs (timer, not a task: cheap)."""
 
-    def __init__(self, msg: Msg | list[Msg], interval: float):
-        self.msgs = msg if isinstance(msg, list) else [msg]
+    def __init__(self, msgs: list[Msg], interval: float):
+        self.msgs = msgs
         self.interval = interval
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(interval, self._fire)

@@ -19,7 +19,6 @@ Usage (what the store does)::
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -30,12 +29,14 @@ from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 
-from shared.bus.jetstream import NS, JetStreamAPIError, api, ensure_stream
+from shared.bus.kv import Bucket, existing_bucket, live_keys, open_bucket
 from shared.bus.rendezvous import owned_by
 from shared.config import GroupConfig
 from shared.lifecycle import cancel_and_wait
 
 log = logging.getLogger("dicomflow.membership")
+
+HEARTBEAT_TIMEOUT_S = 2.0
 
 _KEY_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
 
@@ -55,74 +56,35 @@ def default_member_name(prefix: str) -> str:
     return member_key(f"{prefix}-{socket.gethostname()}-{os.getpid()}")
 
 
-def bucket_config(group: str, ttl_s: float, replicas: int) -> dict:
-    """Raw stream config of the KV bucket (the layout nats-py and the nats CLI use for KV)."""
-    bucket = bucket_name(group)
-    ttl = int(ttl_s * NS)
-    return {
-        "name": f"KV_{bucket}",
-        "subjects": [f"$KV.{bucket}.>"],
-        "retention": "limits",
-        "storage": "file",
-        "num_replicas": replicas,
-        "max_msgs_per_subject": 1,
-        "max_age": ttl,
-        "duplicate_window": min(ttl, 120 * NS),
-        "discard": "new",
-        "allow_rollup_hdrs": True,
-        "deny_delete": True,
-        "allow_direct": True,
-    }
+async def ensure_bucket(nc: NATS, group: str, ttl_s: float, replicas: int = 1) -> Bucket:
+    """Open the group's membership bucket, creating it or updating its TTL; idempotent.
 
-
-async def ensure_bucket(nc: NATS, group: str, ttl_s: float, replicas: int = 1) -> None:
-    """Create (or update the TTL of) the group's membership bucket; idempotent."""
-    await ensure_stream(nc, bucket_config(group, ttl_s, replicas))
+    Writes there are heartbeats, bounded in time so a member cut off from NATS notices within a beat.
+    """
+    return await open_bucket(nc, bucket_name(group), ttl_s, replicas, timeout=HEARTBEAT_TIMEOUT_S)
 
 
 async def live_members(nc: NATS, group: str) -> list[str]:
     """The members whose heartbeat has not expired, sorted (empty if the bucket does not exist)."""
-    bucket = bucket_name(group)
-    try:
-        info = await api(nc, f"STREAM.INFO.KV_{bucket}", {"subjects_filter": f"$KV.{bucket}.>"})
-    except JetStreamAPIError as exc:
-        if exc.err_code == 10059:  # no bucket: nobody ever joined
-            return []
-        raise
-    prefix = f"$KV.{bucket}."
-    return sorted(s[len(prefix):] for s, n in (info["state"].get("subjects") or {}).items() if n)
+    return await live_keys(nc, bucket_name(group))
 
 
 async def member_reports(nc: NATS, group: str) -> dict[str, dict]:
     """Each live member's last heartbeat value (its report), by member name."""
-    bucket = bucket_name(group)
+    bucket = await existing_bucket(nc, bucket_name(group))
+    if bucket is None:
+        return {}
+    members = await bucket.keys()
+    entries = await asyncio.gather(*(bucket.get(m) for m in members))
     out: dict[str, dict] = {}
-    for m in await live_members(nc, group):
-        try:
-            res = await api(nc, f"STREAM.MSG.GET.KV_{bucket}", {"last_by_subj": f"$KV.{bucket}.{m}"})
-        except JetStreamAPIError:
+    for m, entry in zip(members, entries, strict=True):
+        if entry is None:
             continue  # expired between the listing and the read
         try:
-            out[m] = json.loads(base64.b64decode(res["message"].get("data") or b""))
+            out[m] = json.loads(entry.value or b"")
         except ValueError:
             out[m] = {}
     return out
-
-
-async def heartbeat(nc: NATS, group: str, member: str, report: dict, timeout: float = 2.0) -> None:
-    """Write (refresh) one member's key; raises if JetStream did not acknowledge it."""
-    bucket = bucket_name(group)
-    resp = await nc.request(f"$KV.{bucket}.{member_key(member)}", json.dumps(report).encode(), timeout=timeout)
-    data = json.loads(resp.data or b"{}")
-    if "error" in data:
-        err = data["error"]
-        raise JetStreamAPIError(err.get("code", 0), err.get("err_code", 0), err.get("description", ""))
-
-
-async def leave(nc: NATS, group: str, member: str) -> None:
-    """Remove a member's key at once (graceful leave: nobody waits for its TTL)."""
-    bucket = bucket_name(group)
-    await api(nc, f"STREAM.PURGE.KV_{bucket}", {"filter": f"$KV.{bucket}.{member_key(member)}"})
 
 
 class ElasticOwnership:
@@ -140,12 +102,16 @@ class ElasticOwnership:
         self.partitions = partitions
         self.cfg = cfg
         self.replicas = replicas
-        #: Called for the heartbeat value; :class:`~shared.bus.consumer_group.PartitionedConsumer` sets it.
-        self.report: Callable[[], dict] | None = None
+        self._report: Callable[[], dict] | None = None
+        self._bucket: Bucket | None = None
         self._members: list[str] = []
         self._last_ok = 0.0
         self._started = time.time()
         self._task: asyncio.Task | None = None
+
+    def set_reporter(self, report: Callable[[], dict]) -> None:
+        """What each heartbeat carries besides host and pid (the consumer's owned partitions and pins)."""
+        self._report = report
 
     def members(self) -> list[str]:
         """The live members as last read."""
@@ -164,7 +130,7 @@ class ElasticOwnership:
             # A bucket just created on a cluster answers once its replicas elected a leader; NATS
             # itself may be restarting: keep trying (the caller is not a member before this returns).
             try:
-                await ensure_bucket(self.nc, self.group, self.cfg.member_ttl_s, self.replicas)
+                self._bucket = await ensure_bucket(self.nc, self.group, self.cfg.member_ttl_s, self.replicas)
                 await self._tick()
                 break
             except Exception as exc:
@@ -179,8 +145,11 @@ class ElasticOwnership:
             await cancel_and_wait(self._task)
             self._task = None
         self._members = []
+        if self._bucket is None:
+            return  # never joined
         try:
-            await leave(self.nc, self.group, self.member)
+            # Removed, not deleted: a delete marker would keep us in the listing until it aged out.
+            await self._bucket.remove(self.member)
         except Exception as exc:  # the key then simply expires after member_ttl_s
             log.warning("%s/%s: leave failed (%s); the membership forgets us after its TTL", self.group,
                         self.member, exc)
@@ -188,10 +157,11 @@ class ElasticOwnership:
     async def _tick(self) -> None:
         value = {"member": self.member, "host": socket.gethostname(), "pid": os.getpid(), "since": self._started,
                  "ts": time.time()}
-        if self.report:
-            value.update(self.report())
-        await heartbeat(self.nc, self.group, self.member, value)
-        members = await live_members(self.nc, self.group)
+        if self._report:
+            value.update(self._report())
+        assert self._bucket is not None
+        await self._bucket.put(self.member, json.dumps(value).encode())
+        members = await self._bucket.keys()
         if members != self._members:
             log.info("%s: members now %s", self.group, members)
         self._members = members

@@ -1,4 +1,7 @@
-"""JetStream publishes over blocking sockets, one NATS connection per busy association thread.
+"""The blocking publishers (:class:`shared.bus.publish.Publisher`): sockets, or nats-py's loop for TLS.
+
+:class:`SocketPublisher`: JetStream publishes over blocking sockets, one NATS connection per busy
+calling thread.
 
 The association threads of a receiver are blocking threads; nats-py is asyncio. Handing each
 publish to an event loop and back costs thread switches, GIL handoffs and loop machinery on the
@@ -6,22 +9,39 @@ one path every instance waits for. Publishing to JetStream needs very little of 
 (CONNECT, SUB to a reply inbox, HPUB, read the reply, answer PING), so each thread that publishes
 borrows a connection of its own from a pool and talks to the server directly. Measured against a
 local nats-server: 72 us wall and 21 us of CPU per publish, against 150 us and 100 us through the
-event loop (:mod:`.publisher`, which stays the fallback for what this does not speak: TLS).
+event loop (:class:`LoopPublisher`, which stays the fallback for what this does not speak: TLS).
+
+:class:`LoopPublisher`: nats-py's ``js.publish`` runs as a task on the event loop: a request future, a
+``wait_for`` timer and a PubAck object per call, plus a cross-thread future for the thread that waits.
+Here a calling thread only hands the HPUB to the loop and sleeps on a lock; the PubAck comes back on one
+wildcard reply subscription of the process, which wakes that thread. Measured against a local nats-server:
+100 instead of 150 us of CPU and 55 us less latency per publish than ``js.publish``.
+
+Both add the headers in the calling thread, so the trace context is that thread's current span.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 import queue
 import socket
 import threading
 import time
 from urllib.parse import unquote, urlsplit
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from nats.nuid import NUID
 
-from services.ingest.publisher import PublishError, parse_pub_ack
+from shared.bus.publish import Publisher, PublishError, event_headers, parse_pub_ack
+from shared.config import Config
+from shared.contract.events import Event
+
+log = logging.getLogger("dicomflow.bus")
 
 _IDLE_REUSE_S = 60.0  # the server PINGs idle clients (every 2 min) and drops those that do not answer
 
@@ -81,7 +101,7 @@ class _Connection:
         except OSError:
             pass
 
-    def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> dict:
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> PubAck:
         reply = f"{self.inbox}.{next(self.tokens)}"
         hdr = "NATS/1.0\r\n" + "".join(f"{k}: {_clean(v)}\r\n" for k, v in headers.items()) + "\r\n"
         head = hdr.encode()
@@ -123,10 +143,11 @@ def _clean(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ").strip()
 
 
-class SyncPublisher:
+class SocketPublisher:
     """A pool of blocking NATS connections; :meth:`publish` is safe from any number of threads."""
 
-    def __init__(self, servers: list[str], name: str, connect_timeout: float):
+    def __init__(self, servers: list[str], name: str, connect_timeout: float, timeout: float):
+        self.timeout = timeout
         self.servers = [_Server(u) for u in servers]
         if not self.servers:
             raise ValueError("no NATS server to publish to")
@@ -170,8 +191,13 @@ class SyncPublisher:
                 return conn, True
             conn.close()
 
-    def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> dict:
-        """Publish and wait for the PubAck; raises TimeoutError, PublishError or ConnectionError.
+    def publish(self, event: Event, msg_id: str | None = None) -> PubAck:
+        """Publish ``event`` with the calling thread's trace context and wait for the PubAck (see :meth:`send`)."""
+        return self.send(event.subject(), event.model_dump_json().encode(), event_headers(msg_id or event.msg_id()),
+                         self.timeout)
+
+    def send(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> PubAck:
+        """Publish bytes and wait for the PubAck; raises TimeoutError, PublishError or ConnectionError.
 
         A pooled connection the server dropped meanwhile is replaced and the publish sent once more
         (harmless: ``Nats-Msg-Id`` makes a second copy a duplicate). A stored duplicate is a success.
@@ -203,3 +229,97 @@ class SyncPublisher:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 return
+
+
+class _Waiter:
+    __slots__ = ("lock", "reply", "error")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.reply: Msg | None = None
+        self.error: BaseException | None = None
+
+
+class LoopPublisher:
+    """Publishes to JetStream on ``loop`` (another thread's) for callers that block until the PubAck."""
+
+    def __init__(self, nc: NATS, loop: asyncio.AbstractEventLoop, timeout: float):
+        self.nc = nc
+        self.timeout = timeout
+        self.loop = loop
+        self._prefix = f"_INBOX.{NUID().next().decode()}"
+        self._waiting: dict[str, _Waiter] = {}
+        self._tokens = itertools.count()
+        self._sub = None
+
+    async def start(self) -> None:
+        """Subscribe to this publisher's replies (nats-py renews the subscription after a reconnect)."""
+        self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiter = self._waiting.pop(msg.subject, None)
+        if waiter is not None:
+            waiter.reply = msg
+            waiter.lock.release()
+
+    def publish(self, event: Event, msg_id: str | None = None) -> PubAck:
+        """Publish ``event`` with the calling thread's trace context and wait for the PubAck (see :meth:`send`)."""
+        return self.send(event.subject(), event.model_dump_json().encode(), event_headers(msg_id or event.msg_id()),
+                         self.timeout)
+
+    def close(self) -> None:
+        """Nothing to release: the process's NATS connection (and the reply subscription) close with it."""
+
+    def send(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> PubAck:
+        """Publish bytes and wait for the PubAck; raises TimeoutError, ConnectionError or PublishError.
+
+        A stored duplicate (same ``Nats-Msg-Id`` within the stream's window) is a success. Never call
+        it from the loop's own thread: it would wait for itself.
+        """
+        reply = f"{self._prefix}.{next(self._tokens)}"
+        waiter = _Waiter()
+        self._waiting[reply] = waiter
+        self.loop.call_soon_threadsafe(self._queue, subject, reply, payload, headers, waiter)
+        if not waiter.lock.acquire(timeout=timeout):
+            self._waiting.pop(reply, None)
+            raise TimeoutError(f"no PubAck for {subject} within {timeout}s")
+        if waiter.error is not None:
+            raise waiter.error
+        msg = waiter.reply
+        assert msg is not None
+        return parse_pub_ack(subject, (msg.headers or {}).get("Status", ""), msg.data)
+
+    def _queue(self, subject: str, reply: str, payload: bytes, headers: dict[str, str], waiter: _Waiter) -> None:
+        """On the loop: queue the HPUB; a failure to queue wakes the caller with the error."""
+        task = self.loop.create_task(self.nc.publish(subject, payload, reply=reply, headers=headers))
+        task.add_done_callback(lambda t: self._sent(t, reply, waiter))
+
+    def _sent(self, task: asyncio.Task, reply: str, waiter: _Waiter) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            exc = ConnectionError("publish cancelled")
+        if exc is not None and self._waiting.pop(reply, None) is waiter:
+            waiter.error = exc
+            waiter.lock.release()
+
+
+def blocking_publisher(config: Config, name: str, nc: NATS, loop: asyncio.AbstractEventLoop) -> Publisher:
+    """The publisher for blocking callers: sockets where NATS allows them, else ``nc`` on ``loop`` (TLS).
+
+    ``loop`` runs in another thread than the callers (and than this call); each publish is bounded by
+    ``nats.publish_timeout_s``.
+    """
+    timeout = config.nats.publish_timeout_s
+    try:
+        sockets = SocketPublisher(config.nats_servers(), name, config.nats.connect_timeout_s, timeout)
+        try:
+            sockets.check()
+        except OSError as exc:  # NATS went away since the process connected: the pool connects on the next publish
+            log.warning("NATS publisher connection: %s (will retry per publish)", exc)
+        return sockets
+    except Unsupported as exc:
+        log.info("NATS needs %s: publishing through the event loop", exc)
+    publisher = LoopPublisher(nc, loop, timeout)
+    asyncio.run_coroutine_threadsafe(publisher.start(), loop).result(10)
+    return publisher

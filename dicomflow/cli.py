@@ -58,11 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     asc.add_argument("--worker-metrics-base", type=int, default=0,
                      help="local actuator: worker N serves /metrics on this port + N (0: none)")
 
-    studies = sub.add_parser("studies", parents=[common], help="list stored studies")
+    studies = sub.add_parser("studies", parents=[common], help="list stored studies, newest first, optionally filtered")
+    studies.add_argument("--tenant", help="only this tenant's studies (default: every tenant)")
+    studies.add_argument("--patient", help="PatientName (wildcards * ?, case-insensitive) or PatientID")
+    studies.add_argument("--date", help="StudyDate: YYYYMMDD or a range YYYYMMDD-YYYYMMDD (either end open)")
+    studies.add_argument("--modality", help="a modality in the study (CT, MR, ...; several as CT\\MR)")
+    studies.add_argument("--accession", help="AccessionNumber (wildcards allowed)")
+    studies.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     studies.add_argument("--json", action="store_true")
+    one = sub.add_parser("study", parents=[common], help="one study: series, instance counts, placements, routing")
+    one.add_argument("uid", help="StudyInstanceUID")
+    one.add_argument("--tenant", help="the study of this tenant (default: every tenant's study with that UID)")
+    one.add_argument("--json", action="store_true")
     exp = sub.add_parser("export", parents=[common], help="write a stored study's instances as Part-10 files")
     exp.add_argument("--study", required=True, help="StudyInstanceUID")
     exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--tenant", help="the study of this tenant (two tenants may use one StudyInstanceUID)")
     exp.add_argument("--json", action="store_true")
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
@@ -71,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policies", parents=[common], help="placement policies")
     pol.add_argument("action", choices=["check"], help="check: probe every backend the policies use (write/read/remove)")
     pol.add_argument("--json", action="store_true")
-    rei = sub.add_parser("reindex", parents=[common], help="rebuild the index from the study index objects in Ceph (store stopped)")
-    rei.add_argument("--out", help="write the rebuilt index here instead of replacing store.index_path")
+    rei = sub.add_parser("reindex", parents=[common], help="rebuild the catalogue from the study index objects in Ceph (store stopped)")
+    rei.add_argument("--out", help="write the rebuilt catalogue to this SQLite file instead of the configured catalogue")
     rei.add_argument("--backend", action="append", help="only this rados backend (repeatable; default: all)")
     rei.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
@@ -179,28 +190,111 @@ def cmd_autoscaler(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _index(config: Config):
-    from services.store.index import Index
+def _catalogue(config: Config):
+    from shared.catalogue.open import open_catalogue
 
-    path = config.data_path(config.store.index_path)
-    if not path.exists():
-        return None
-    return Index(path)
+    return open_catalogue(config.catalogue.url, config.data_path())
+
+
+def _study_filters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The QIDO matching keys the ``studies`` flags stand for (the same matching as QIDO-RS and C-FIND)."""
+    params = []
+    if args.patient:  # a name (wildcards allowed) or, with digits and no '^', an ID
+        key = "PatientID" if any(c.isdigit() for c in args.patient) and "^" not in args.patient else "PatientName"
+        params.append((key, args.patient))
+    for key, value in (("StudyDate", args.date), ("ModalitiesInStudy", args.modality),
+                       ("AccessionNumber", args.accession)):
+        if value:
+            params.append((key, value))
+    return params
 
 
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
-    index = _index(config)
-    studies = index.studies() if index else []
+    from shared.catalogue.query import STUDY, QueryError, parse_qido
+
+    try:
+        query = parse_qido(STUDY, _study_filters(args))
+    except QueryError as exc:
+        print(f"dicomflow studies: {exc}", file=sys.stderr)
+        return 2
+    catalogue = _catalogue(config)
+    try:
+        studies = catalogue.summaries(query, args.tenant, args.limit)
+    finally:
+        catalogue.close()
     if args.json:
-        print(json.dumps(studies, indent=2))
+        print(json.dumps(studies, indent=2, ensure_ascii=False))
         return 0
     if not studies:
-        print("no stored studies")
+        print("no stored studies" + (" match" if query.matches else ""))
         return 0
-    print(f"{'StudyInstanceUID':64}  {'series':>6}  {'inst':>6}  {'MiB':>8}  patient")
+    print(f"{'StudyInstanceUID':64}  {'tenant':10}  {'date':8}  {'mod':7}  {'series':>6}  {'inst':>6}  {'MiB':>8}  patient")
     for s in studies:
-        print(f"{s['study_uid']:64}  {s['series']:6d}  {s['instances']:6d}  {s['bytes'] / 2**20:8.1f}  {s['patient_id'] or ''}")
+        patient = s["patient_name"] or s["patient_id"] or ""
+        print(f"{s['study_uid']:64}  {s['tenant'][:10]:10}  {s['study_date'] or '':8}  {'/'.join(s['modalities'])[:7]:7}"
+              f"  {s['series']:6d}  {s['instances']:6d}  {s['bytes'] / 2**20:8.1f}  {patient}")
     return 0
+
+
+def cmd_study(config: Config, args: argparse.Namespace) -> int:
+    from shared.catalogue.query import STUDY, parse_qido
+    from shared.contract.uids import InvalidUID, validate_uid
+
+    try:
+        uid = validate_uid(args.uid, "StudyInstanceUID")
+    except InvalidUID as exc:
+        print(f"dicomflow study: {exc}", file=sys.stderr)
+        return 2
+    catalogue = _catalogue(config)
+    try:
+        [*found] = catalogue.summaries(parse_qido(STUDY, [("StudyInstanceUID", uid)]), args.tenant, 10)
+        series = catalogue.series_of(args.tenant, uid)
+        instances = catalogue.instances(args.tenant, uid)
+    finally:
+        catalogue.close()
+    if not found:
+        print(f"dicomflow study: {uid} is not stored" + (f" for tenant {args.tenant}" if args.tenant else ""),
+              file=sys.stderr)
+        return 1
+    placements = sorted({p for i in instances for p in i["placements"]})
+    routing = _routing_state(config, uid)
+    report = {"studies": found, "series": series, "placements": placements,
+              "policies": sorted({i["policy"] for i in instances}), "routing": routing}
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    for s in found:
+        print(f"study {s['study_uid']}  tenant {s['tenant'] or '-'}  patient {s['patient_name'] or '-'} "
+              f"({s['patient_id'] or '-'})  date {s['study_date'] or '-'}  accession {s['accession_number'] or '-'}")
+        print(f"  {s['series']} series, {s['instances']} instances, {s['bytes'] / 2**20:.1f} MiB, "
+              f"modalities {'/'.join(s['modalities']) or '-'}")
+    for se in series:
+        print(f"  series {se['series_number'] if se['series_number'] is not None else '-':>4}  {se['modality'] or '-':4}"
+              f"  {se['n_instances']:6d} inst  {se['series_uid']}  {se['series_description'] or ''}")
+    print(f"  placements: {', '.join(placements)} (policy {', '.join(report['policies'])})")
+    print(f"  routing: {routing if isinstance(routing, str) else json.dumps(routing)}")
+    return 0
+
+
+def _routing_state(config: Config, study_uid: str) -> dict | str:
+    """The router's state of a study (its KV entry), or why there is none to show."""
+    if not config.router.rules_file:
+        return "no routing rules configured"
+    from services.router.state import open_state
+    from shared.bus.connection import Unreachable, connect_once
+
+    async def go():
+        nc = await connect_once(config, "dicomflow-study")
+        try:
+            book, _, _ = await open_state(nc, config.router.study_ttl_days, config.stream.replicas)
+            state, _ = await book.get(study_uid)
+            return state.model_dump(mode="json") if state is not None else "not routed (no state)"
+        finally:
+            await nc.close()
+    try:
+        return asyncio.run(go())
+    except Unreachable as exc:
+        return f"unknown: {exc}"
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
@@ -214,8 +308,11 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     except InvalidUID as exc:
         print(f"dicomflow export: {exc}", file=sys.stderr)
         return 2
-    index = _index(config)
-    rows = index.instances(study) if index else []
+    catalogue = _catalogue(config)
+    try:
+        rows = catalogue.instances(args.tenant, study)
+    finally:
+        catalogue.close()
     if not rows:
         print(f"dicomflow export: study {study} is not stored", file=sys.stderr)
         return 1
@@ -305,10 +402,11 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 
     counts = rebuild(config, Path(args.out) if args.out else None, args.backend)
     print(json.dumps(counts) if args.json else
-          f"{counts['instances']} instances of {counts['studies']} studies indexed into {counts['index']}")
+          f"{counts['instances']} instances of {counts['studies']} studies catalogued into {counts['catalogue']}")
     return 0
 
 
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
-            "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "export": cmd_export, "status": cmd_status,
-            "config": cmd_config, "policies": cmd_policies, "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq}
+            "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
+            "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
+            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq}

@@ -189,7 +189,6 @@ class GroupConfig(_Section):
 
 class StoreConfig(_Section):
     workers: int = Field(1, ge=1, description="Store worker processes in `dicomflow run`.")
-    index_path: str = Field("index.sqlite", description="SQLite index of stored instances, relative to data_dir.")
     group: GroupConfig = Field(default_factory=GroupConfig)
 
 

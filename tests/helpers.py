@@ -54,6 +54,7 @@ def make_config(tmp: Path, nats_url: str = "", **sections) -> dict:
         "ingest": {"port": free_port(), "workers": 1},
         "store": {"workers": 1, "group": {"ack_wait_s": 10, "pinned_timeout_s": 4, "member_ttl_s": 2}},
         "telemetry": {"metrics_port": 0},
+        "web": {"port": 0},  # a test that reads over DICOMweb gives it a free port
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value

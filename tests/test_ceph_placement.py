@@ -72,7 +72,9 @@ def _index_rows(path: Path) -> list[dict]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM instances ORDER BY sop_uid")]
+        return [dict(r) for r in conn.execute(
+            "SELECT tenant, sop_uid, study_uid, series_uid, digest, size, policy, placements, calling_ae, stored_at,"
+            " metadata FROM instances ORDER BY sop_uid")]
     finally:
         conn.close()
 
@@ -118,7 +120,7 @@ def test_institution_placement_outage_and_reindex(tmp_path, nats_server, stack_f
         assert stack.instances_of(study_x) == 0
 
         # `dicomflow reindex` rebuilds the same index from Ceph alone.
-        original = stack.data_dir / "index.sqlite"
+        original = stack.data_dir / "catalogue.sqlite"
         rebuilt = tmp_path / "rebuilt.sqlite"
         stack.cli("reindex", "--out", str(rebuilt))
         assert _index_rows(rebuilt) == _index_rows(original)

@@ -18,8 +18,9 @@ def test_instance_path_follows_the_instance_and_leaves_idle_work_out():
     modules = [m["module"] for m in summary["modules"]]
     assert summary["count"] == len(modules) == len(set(modules))
     # From the SCP's handling, through the staging write and the publish, to the store's write and index row.
-    on_path = ["services.ingest.scp", "services.ingest.intake", "shared.storage.fs_store", "shared.bus.connection",
-               "shared.bus.jetstream", "shared.bus.consumer_group", "services.store.storing", "services.store.index"]
+    on_path = ["services.ingest.scp", "services.ingest.intake", "shared.storage.fs_store", "shared.bus.publish_blocking",
+               "shared.bus.jetstream", "shared.bus.consumer_group", "services.store.storing", "services.store.cataloguing",
+               "shared.catalogue.sql", "services.store.index"]
     assert set(on_path) <= set(modules), modules
     assert modules[0] == "services.ingest.scp"
     assert modules.index("services.store.storing") < modules.index("services.store.index")

@@ -14,7 +14,7 @@ from pydicom.filereader import _read_file_meta_info
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from shared.dicom.json_model import JsonModelError, json_model
+from shared.dicom.json_model import JsonModelError, NeedMoreBytes, json_model
 
 _DATA = os.path.join(os.path.dirname(pydicom.__file__), "data")
 _FILES = sorted(glob.glob(os.path.join(_DATA, "*_files", "**", "*.dcm"), recursive=True))
@@ -142,3 +142,23 @@ def test_truncated_data_set_is_an_error():
     raw = _encode(ds)
     with pytest.raises(JsonModelError):
         json_model(raw[:-5], "1.2.840.10008.1.2.1")
+
+
+def test_a_head_of_the_data_set_is_enough_up_to_the_pixels():
+    ds = Dataset()
+    ds.PatientName = "Head^Only"
+    ds.add_new(0x00280010, "US", 512)
+    item = Dataset()
+    item.add_new(0x00081150, "UI", "1.2.3")
+    ds.add_new(0x00081140, "SQ", Sequence([item] * 50))
+    ds.add_new(0x7FE00010, "OW", b"\x01\x00" * 100_000)
+    raw = _encode(ds)
+    whole = json_model(raw, "1.2.840.10008.1.2.1")
+    pixels_at = raw.index(b"\xe0\x7f\x10\x00")
+    head = json_model(raw[: pixels_at + 64], "1.2.840.10008.1.2.1", total=len(raw))
+    assert head == whole
+    with pytest.raises(NeedMoreBytes) as more:  # the head ends inside the sequence: read more
+        json_model(raw[:200], "1.2.840.10008.1.2.1", total=len(raw))
+    assert 200 < more.value.needed <= len(raw)
+    with pytest.raises(JsonModelError):  # without total, a short data set is an error, not a head
+        json_model(raw[: pixels_at + 64], "1.2.840.10008.1.2.1")

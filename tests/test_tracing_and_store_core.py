@@ -1,4 +1,4 @@
-"""Traces linked across the bus; the store's pure policy choice and its idempotent index."""
+"""Traces linked across the bus; the store's pure policy choice, its catalogue entries and group commit."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
 from services.ingest.loopthread import LoopThread
-from services.store.index import Index
-from services.store.placement import choose_policy
-from shared.config import StorageConfig, load_config
+from services.store.index import GroupCommit
+from services.store.placement import choose_policy, tenant_of_event
+from shared.catalogue.sqlite import open_sqlite
+from shared.config import Config, load_config
 from shared.contract.events import InstanceReceived, InstanceTags, utcnow
 from shared.telemetry import setup_tracing
 from tests.helpers import scu_send, wait_for
@@ -61,18 +62,27 @@ def test_ingest_span_and_store_span_are_one_trace(tmp_path, nats_server):
         loop.stop()
 
 
-def test_policy_by_calling_ae_then_institution_then_default():
-    storage = StorageConfig.model_validate({
+def test_policy_by_tenant_then_calling_ae_then_institution_then_default():
+    config = Config.model_validate({"storage": {
         "backends": {"local": {"kind": "fs"}, "regional": {"kind": "fs", "path": "regional"}},
         "policies": {"default": {"placements": ["local"]}, "regional": {"placements": ["regional"]},
                      "both": {"placements": ["local", "regional"]}},
-        "institutions": {"CT_NORTH": "regional", "South Clinic": "both"},
-    })
-    assert choose_policy(storage, "CT_NORTH", "South Clinic") == "regional"
-    assert choose_policy(storage, "OTHER", "South Clinic") == "both"
-    assert choose_policy(storage, "OTHER", "") == "default"
-    strict = storage.model_copy(update={"default_policy": None})
-    assert choose_policy(strict, "OTHER", "Unknown") is None
+        "institutions": {"CT_NORTH": "regional", "South Clinic": "both"}},
+        "access": {"tenants": {"north": {"aes": ["CT_N2"], "policy": "both"}, "plain": {"aes": ["CT_P"]}}}})
+    assert choose_policy(config, "north", "CT_NORTH", "") == "both"  # the tenant's own policy first
+    assert choose_policy(config, "plain", "CT_NORTH", "South Clinic") == "regional"  # no policy of its own
+    assert choose_policy(config, "default", "OTHER", "South Clinic") == "both"
+    assert choose_policy(config, "default", "OTHER", "") == "default"
+    strict = config.model_copy(update={"storage": config.storage.model_copy(update={"default_policy": None})})
+    assert choose_policy(strict, "default", "OTHER", "Unknown") is None
+
+
+def test_tenant_of_an_event_from_before_tenants_is_derived_from_its_calling_ae():
+    config = Config.model_validate({"access": {"tenants": {"north": {"aes": ["CT_N"]}}, "default_tenant": None}})
+    assert tenant_of_event(config.access, _event("1.2.3.1.1", "a" * 64).model_copy(update={"calling_ae": "CT_N"})) \
+        == "north"
+    assert tenant_of_event(config.access, _event("1.2.3.1.1", "a" * 64)) == ""  # nobody's: administrators only
+    assert tenant_of_event(config.access, _event("1.2.3.1.1", "a" * 64).model_copy(update={"tenant": "x"})) == "x"
 
 
 def _event(sop: str, digest: str) -> InstanceReceived:
@@ -81,48 +91,33 @@ def _event(sop: str, digest: str) -> InstanceReceived:
                             backend="local", calling_ae="CT1", called_ae="DICOMFLOW", received_at=utcnow())
 
 
-def test_index_is_idempotent_on_sop_and_digest(tmp_path):
-    index = Index(tmp_path / "i.sqlite")
-    now = utcnow().isoformat()
-    assert index.record(_event("1.2.3.1.1", "a" * 64), "default", ["local"], now).outcome == "new"
-    assert index.record(_event("1.2.3.1.1", "a" * 64), "default", ["local"], now).outcome == "same"
-    replaced = index.record(_event("1.2.3.1.1", "b" * 64), "default", ["local"], now)
-    assert (replaced.outcome, replaced.replaced_digest) == ("replaced", "a" * 64)
-    index.record(_event("1.2.3.1.2", "c" * 64), "default", ["local"], now)
-    assert index.count() == 2
-    [study] = index.studies()
-    assert (study["study_uid"], study["instances"], study["series"]) == ("1.2.3", 2, 1)
-    assert [r["digest"] for r in index.instances("1.2.3")] == ["b" * 64, "c" * 64]
-
-
 def test_group_commit_batches_concurrent_records_and_keeps_outcomes(tmp_path):
-    from services.store.index import GroupCommit
+    from tests.test_catalogue import entry, study
 
-    index = Index(tmp_path / "i.sqlite")
-    commits = GroupCommit(index)
+    catalogue = open_sqlite(tmp_path / "c.sqlite")
+    commits = GroupCommit(catalogue)
     calls = []
-    original = index.record_batch
+    original = catalogue.record_batch
 
-    def counting(items):
-        calls.append(len(items))
-        return original(items)
+    def counting(entries):
+        calls.append(len(entries))
+        return original(entries)
 
-    index.record_batch = counting
-    now = utcnow().isoformat()
+    catalogue.record_batch = counting
+    instances = study(50, series=5)
 
     async def go():
-        first = await asyncio.gather(*(commits.record_many([(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)])
-                                       for i in range(50)))
-        again = await asyncio.gather(*(commits.record_many([(_event(f"1.2.3.1.{i}", "a" * 64), "default", ["local"], now)])
-                                       for i in range(50)))
+        first = await asyncio.gather(*(commits.record_many([entry(ds)]) for ds in instances))
+        again = await asyncio.gather(*(commits.record_many([entry(ds)]) for ds in instances))
         return first, again
 
     first, again = asyncio.run(go())
     first, again = [r for rs in first for r in rs], [r for rs in again for r in rs]
     assert [r.outcome for r in first] == ["new"] * 50
     assert [r.outcome for r in again] == ["same"] * 50
-    assert index.count() == 50
+    assert catalogue.count() == 50
     assert sum(calls) == 100 and len(calls) < 100  # rows shared transactions
+    catalogue.close()
 
 
 def test_place_many_reads_each_claim_check_once_for_every_placement(tmp_path):
@@ -152,7 +147,7 @@ def test_place_many_reads_each_claim_check_once_for_every_placement(tmp_path):
     reads = []
     original_get = stage.get
     stage.get = lambda digest: reads.append(digest) or original_get(digest)
-    storer = Storer(config, None, backends, Index(tmp_path / "i.sqlite"))
+    storer = Storer(config, None, backends, open_sqlite(tmp_path / "c.sqlite"))
     try:
         errors = storer.place_many([(e, ["copy1", "copy2"]) for e in [*events, missing]])
         assert errors[:-1] == [None] * len(events)

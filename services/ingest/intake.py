@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -55,9 +56,11 @@ class Intake:
     """Turns received instances into durable bytes plus an acknowledged event."""
 
     def __init__(self, staging: ObjectStore, publisher: Publisher, max_instance_bytes: int,
-                 stream_above_bytes: int = 256 * 1024):
+                 stream_above_bytes: int = 256 * 1024,
+                 tenant_of: Callable[[str, str], str | None] = lambda calling_ae, institution: ""):
         self.staging = staging
         self.publisher = publisher
+        self.tenant_of = tenant_of  # (calling AE, InstitutionName) -> tenant: shared.tenancy.tenant_of_instance
         self.max_instance_bytes = max_instance_bytes
         self.stream_above_bytes = stream_above_bytes
         self.receiver = f"{socket.gethostname()}/{os.getpid()}"
@@ -118,7 +121,8 @@ class Intake:
         metrics.staging_latency.observe(time.perf_counter() - t0)
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
                                  size=size, backend=self.staging.name, calling_ae=rcv.calling_ae,
-                                 called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver)
+                                 called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver,
+                                 tenant=self.tenant_of(rcv.calling_ae, tags.institution_name) or "")
         t0 = time.perf_counter()
         try:
             self.publisher.publish(event)  # in this thread, under the c_store span: the store continues its trace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from shared.lifecycle import settle_after_startup
 from shared.storage.objectstore import Backends
 from shared.supervisor import ChildSpec, Supervisor
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
+from shared.tenancy import tenant_of_instance
 
 log = logging.getLogger("dicomflow.ingest")
 
@@ -37,10 +39,11 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     backends = Backends(config)
     staging = backends.get(config.storage.staging)
     staging.prepare_writer()  # before the first association: killed writers' leftovers gone, log segments made
-    intake = Intake(staging, publisher, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes)
+    intake = Intake(staging, publisher, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes,
+                    tenant_of=functools.partial(tenant_of_instance, config.access))
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
-            ing.allowed_calling_aes)
+            allowed_calling_aes(config))
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
@@ -65,6 +68,15 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     publisher.close()
     backends.close()
     loop.stop()
+
+
+def allowed_calling_aes(config: Config) -> list[str]:
+    """The calling AEs that may associate (empty: any): ingest.allowed_calling_aes, and where no default
+    tenant takes unknown AEs, only those a tenant or a gateway names."""
+    if config.ingest.allowed_calling_aes or config.access.default_tenant is not None:
+        return config.ingest.allowed_calling_aes
+    known = {ae for tenant in config.access.tenants.values() for ae in tenant.aes} | set(config.access.gateways)
+    return sorted(known) or ["<no AE is configured for any tenant>"]
 
 
 def supervise(config: Config, argv_base: list[str], metrics_port: int | None) -> int:

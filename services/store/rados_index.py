@@ -1,10 +1,11 @@
 """The per-study index objects in RADOS: omap SOPInstanceUID -> entry, one object per study and pool.
 
-Each entry holds what the SQLite index needs (series, digest, size, the routing tags, policy, placements),
-so a study can be listed from Ceph alone and ``dicomflow reindex`` can rebuild the SQLite index from it.
+Each entry holds what the catalogue needs besides the metadata (series, digest, size, the routing tags, tenant,
+policy, placements), so a study can be listed from Ceph alone and ``dicomflow reindex`` can rebuild the
+catalogue from it (the metadata read from each object's head).
 Only backends that declare ``Capability.STUDY_INDEX`` keep these objects (RADOS: the omap).
 Writing an entry is idempotent (same key, same value); it happens after the object is placed and before
-the SQLite row, so an indexed instance always has its entry in every RADOS placement.
+the catalogue rows, so a catalogued instance always has its entry in every RADOS placement.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def encode_entry(event: InstanceReceived, policy: str, placements: list[str], st
         "tags": event.tags.model_dump(), "transfer_syntax_uid": event.transfer_syntax_uid,
         "calling_ae": event.calling_ae, "called_ae": event.called_ae, "received_at": event.received_at.isoformat(),
         "staging": event.backend, "policy": policy, "placements": placements, "stored_at": stored_at,
+        "tenant": event.tenant,
     }, separators=(",", ":")).encode()
 
 
@@ -32,7 +34,7 @@ def decode_entry(raw: bytes) -> tuple[InstanceReceived, str, list[str], str]:
     event = InstanceReceived(tags=InstanceTags(**e["tags"]), transfer_syntax_uid=e["transfer_syntax_uid"],
                              digest=e["digest"], size=e["size"], backend=e.get("staging", ""),
                              calling_ae=e["calling_ae"], called_ae=e.get("called_ae", ""),
-                             received_at=e["received_at"])
+                             received_at=e["received_at"], tenant=e.get("tenant", ""))
     return event, e["policy"], list(e["placements"]), e["stored_at"]
 
 

@@ -1,15 +1,20 @@
-"""``dicomflow reindex``: rebuild the SQLite index of stored instances from the study index objects in RADOS."""
+"""``dicomflow reindex``: rebuild the catalogue from the study index objects in RADOS and the objects' heads."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from shared.catalogue.open import open_catalogue
+from shared.catalogue.sqlite import open_sqlite
 from shared.config import Config
 from shared.storage.objectstore import Backends
 
 from . import rados_index
-from .index import Index
+from .cataloguing import catalogue_entry
+from .placement import tenant_of_event
+
+BATCH = 256
 
 
 def rados_backends(config: Config) -> list[str]:
@@ -18,17 +23,22 @@ def rados_backends(config: Config) -> list[str]:
 
 
 def rebuild(config: Config, out: Path | None = None, only: list[str] | None = None) -> dict:
-    """Read every study index object of the RADOS backends into a fresh SQLite index.
+    """Read every study index object of the RADOS backends, and each object's metadata, into a catalogue.
 
-    Written beside the target and renamed over it at the end, so a failure leaves the old index in place.
-    Run it with the store stopped (its rows would otherwise race the rename). Returns counts.
+    ``out``: a fresh SQLite file there. Else the configured catalogue: an SQLite one is rebuilt beside
+    the target and renamed over it at the end (a failure leaves the old one in place; run it with the
+    store stopped, whose rows would race the rename); a PostgreSQL one is written in place, idempotently
+    (what is already there stays). Returns counts.
     """
     names = only or rados_backends(config)
-    target = Path(out) if out else config.data_path(config.store.index_path)
-    tmp = target.with_name(target.name + ".reindex")
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-    index = Index(tmp)
+    sqlite_target = Path(out) if out else (None if config.catalogue.url else config.data_path("catalogue.sqlite"))
+    if sqlite_target is not None:
+        tmp = sqlite_target.with_name(sqlite_target.name + ".reindex")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        catalogue = open_sqlite(tmp)
+    else:
+        catalogue = open_catalogue(config.catalogue.url, config.data_path())
     backends = Backends(config)
     counts = {"backends": {}, "studies": 0, "instances": 0}
     studies: set[str] = set()
@@ -38,19 +48,28 @@ def rebuild(config: Config, out: Path | None = None, only: list[str] | None = No
             seen = 0
             for study in rados_index.studies_in(store):
                 studies.add(study)
+                batch = []
                 for raw in rados_index.study_entries(store, study).values():
                     event, policy, placements, stored_at = rados_index.decode_entry(raw)
-                    index.record(event, policy, placements, stored_at)
-                    seen += 1
+                    batch.append(catalogue_entry(store, event, tenant_of_event(config.access, event), policy,
+                                                 placements, stored_at))
+                    if len(batch) >= BATCH:
+                        catalogue.record_batch(batch)
+                        seen, batch = seen + len(batch), []
+                catalogue.record_batch(batch)
+                seen += len(batch)
             counts["backends"][name] = seen
         counts["studies"] = len(studies)
-        counts["instances"] = index.count()
+        counts["instances"] = catalogue.count()
     finally:
-        index.close()
+        catalogue.close()
         backends.close()
-    for suffix in ("-wal", "-shm"):
-        Path(f"{target}{suffix}").unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-    counts["index"] = str(target)
+    if sqlite_target is not None:
+        for suffix in ("-wal", "-shm"):
+            Path(f"{sqlite_target}{suffix}").unlink(missing_ok=True)
+        sqlite_target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, sqlite_target)
+        counts["catalogue"] = str(sqlite_target)
+    else:
+        counts["catalogue"] = "the configured PostgreSQL catalogue"
     return counts

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.bus.membership import ElasticOwnership, default_member_name
+from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import settle_after_startup, stop_on_signals
 from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
 
-from .index import Index
 from .storing import Storer
 
 log = logging.getLogger("dicomflow.store")
@@ -38,8 +38,8 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     nc = await connect(config, f"dicomflow-store-{member}")
     await ensure_streams(nc, config)
     backends = Backends(config)
-    index = Index(config.data_path(config.store.index_path))
-    storer = Storer(config, nc.jetstream(), backends, index)
+    catalogue = open_catalogue(config.catalogue.url, config.data_path())
+    storer = Storer(config, nc.jetstream(), backends, catalogue)
     gcfg = config.store.group
     if ownership is None:
         ownership = (ElasticOwnership(nc, GROUP, member, config.stream.partitions, gcfg, config.stream.replicas)
@@ -59,5 +59,5 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     log.info("store member %s leaving: finishing in-flight work", member)
     await consumer.stop()
     await nc.drain()
-    index.close()
+    catalogue.close()
     backends.close()

@@ -1,6 +1,6 @@
-"""The store's handling of one instance event: policy -> placements -> index -> stored event.
+"""The store's handling of one instance event: policy -> placements -> catalogue -> stored event.
 
-Idempotent: a redelivered event finds its objects present (content-addressed) and its index row
+Idempotent: a redelivered event finds its objects present (content-addressed) and its catalogue row
 unchanged, and re-publishes the stored event under the same Nats-Msg-Id (de-duplicated). Any
 failure raises, so the event is redelivered rather than acknowledged.
 """
@@ -18,13 +18,15 @@ from opentelemetry import trace
 
 from shared.bus.delivery import Delivery
 from shared.bus.publish import AsyncPublisher
+from shared.catalogue.sql import SqlCatalogue
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, Capability, ObjectMissing
 
 from . import metrics, rados_index
-from .index import GroupCommit, Index, Recorded
-from .placement import choose_policy, placements_of
+from .cataloguing import catalogue_entry
+from .index import GroupCommit, Recorded
+from .placement import choose_policy, placements_of, tenant_of_event
 from .placement_plan import BackendPlan, Check, plan_placements
 
 log = logging.getLogger("dicomflow.store")
@@ -36,6 +38,7 @@ class _Item:
 
     index: int
     event: InstanceReceived
+    tenant: str
     policy: str
     placements: list[str]
     span: trace.Span
@@ -46,13 +49,13 @@ class _Item:
 class Storer:
     """Stores instance events; the handler of the store's consumer group."""
 
-    def __init__(self, config: Config, js: JetStreamContext, backends: Backends, index: Index):
+    def __init__(self, config: Config, js: JetStreamContext, backends: Backends, catalogue: SqlCatalogue):
         self.config = config
         self.js = js
         self.publisher = AsyncPublisher(js, config.nats.publish_timeout_s)
         self.backends = backends
-        self.index = index
-        self._commits = GroupCommit(index)
+        self.catalogue = catalogue
+        self._commits = GroupCommit(catalogue)
 
     def _only_local_check(self, event: InstanceReceived, placements: list[str]) -> bool:
         """Whether placing is only confirming the claim-check on a local filesystem (the embedded default)."""
@@ -64,8 +67,8 @@ class Storer:
         """Handle one pull's instance events together; one outcome per delivery (None: acknowledge).
 
         Per instance, in this order of durability: the object in every placement, then its entry in the
-        RADOS study index objects, then the SQLite row, then the stored event. The work is shared by the
-        batch: objects written concurrently, one index write per study and backend, one SQLite
+        RADOS study index objects, then the catalogue rows, then the stored event. The work is shared by
+        the batch: objects written concurrently, one index write per study and backend, one catalogue
         transaction, stored events published back to back and their PubAcks awaited together. Under a
         backlog a pull brings many messages, so the store gets cheaper per instance as it falls behind.
         The consumer decoded the events (parking poison ones) and started and ends their spans.
@@ -76,16 +79,20 @@ class Storer:
             event, span = d.event, d.span
             span.set_attribute("dicom.study_uid", event.tags.study_uid)
             span.set_attribute("dicom.sop_uid", event.tags.sop_uid)
-            policy = choose_policy(self.config.storage, event.calling_ae, event.tags.institution_name)
+            tenant = tenant_of_event(self.config.access, event)
+            if tenant != event.tenant:  # an event of a version before tenants: the tenant travels with it from here
+                event = event.model_copy(update={"tenant": tenant})
+            span.set_attribute("dicom.tenant", tenant)
+            policy = choose_policy(self.config, tenant, event.calling_ae, event.tags.institution_name)
             if policy is None:
                 try:
-                    await self._reject(event, f"no placement policy for calling AE {event.calling_ae!r} / "
-                                              f"institution {event.tags.institution_name!r} and no default policy",
-                                       span)
+                    await self._reject(event, f"no placement policy for tenant {tenant!r} (calling AE "
+                                              f"{event.calling_ae!r}, institution {event.tags.institution_name!r}) "
+                                              f"and no default policy", span)
                 except Exception as exc:
                     outcomes[i] = exc
                 continue
-            work.append(_Item(i, event, policy, placements_of(self.config.storage, policy), span))
+            work.append(_Item(i, event, tenant, policy, placements_of(self.config.storage, policy), span))
         await self._place_batch(work, outcomes)
         await self._index_batch(work, outcomes)
         await self._publish_batch(work, outcomes)
@@ -185,8 +192,8 @@ class Storer:
         if not ready:
             return
         try:
-            recorded = await self._commits.record_many(
-                [(it.event, it.policy, it.placements, stored_at.isoformat()) for it in ready])
+            entries = await asyncio.to_thread(self._entries, ready)
+            recorded = await self._commits.record_many(entries)
         except Exception as exc:
             for it in ready:
                 outcomes[it.index] = exc
@@ -197,6 +204,11 @@ class Storer:
         per = (time.perf_counter() - t0) / len(ready)
         for _ in ready:
             metrics.index_seconds.observe(per)
+
+    def _entries(self, items: list[_Item]):
+        """The catalogue entries of placed instances, each from its object's head in staging (blocking)."""
+        return [catalogue_entry(self.backends.get(it.event.backend), it.event, it.tenant, it.policy, it.placements,
+                                it.stored_at.isoformat()) for it in items]
 
     def _keeps_study_index(self, name: str) -> bool:
         return Capability.STUDY_INDEX in self.backends.get(name).capabilities
@@ -230,7 +242,8 @@ class Storer:
             t, e = it.event.tags, it.event
             stored = InstanceStored(tags=t, transfer_syntax_uid=e.transfer_syntax_uid, digest=e.digest, size=e.size,
                                     policy=it.policy, placements=it.placements, calling_ae=e.calling_ae,
-                                    stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest)
+                                    stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest,
+                                    tenant=it.tenant)
             coros.append(self.publisher.publish(stored, span=it.span))
         # gather starts them in order: the stored events of a partition are published in its order.
         results = await asyncio.gather(*coros, return_exceptions=True)

@@ -322,6 +322,33 @@ class SqlCatalogue:
             out.append(item)
         return out
 
+    def summaries(self, query: Query, tenant: str | None, limit: int) -> list[dict]:
+        """Plain rows of the studies a study-level ``query`` matches (for people and tools: the CLI),
+        with the tenant, counts and size; newest study date first."""
+        where, params = _where(query, tenant)
+        cols = ("tenant", "study_uid", "patient_name", "patient_id", "study_date", "accession_number",
+                "study_description", "modalities", "n_series", "n_instances", "size", "updated_at")
+        rows = self._read(f"SELECT {', '.join('s.' + c for c in cols)} FROM studies s WHERE {where}"
+                          " ORDER BY COALESCE(s.study_date, '') DESC, COALESCE(s.study_time, '') DESC, s.study_uid"
+                          " LIMIT ? OFFSET ?", [*params, limit, query.offset])
+        out = []
+        for row in rows:
+            item = dict(zip(cols, row, strict=True))
+            item["modalities"] = _split(item["modalities"])
+            item["series"], item["instances"], item["bytes"] = item.pop("n_series"), item.pop("n_instances"), \
+                item.pop("size")
+            out.append(item)
+        return out
+
+    def series_of(self, tenant: str | None, study_uid: str) -> list[dict]:
+        """The series of a study with their instance counts (for ``dicomflow study``)."""
+        where, params = ("tenant = ? AND study_uid = ?", [tenant, study_uid]) if tenant is not None else \
+            ("study_uid = ?", [study_uid])
+        cols = ("tenant", "series_uid", "series_number", "modality", "series_description", "n_instances")
+        rows = self._read(f"SELECT {', '.join(cols)} FROM series WHERE {where}"
+                          " ORDER BY tenant, COALESCE(series_number, 2147483647), series_uid", params)
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
     def ping(self) -> bool:
         """Whether the database answers (a health check)."""
         try:

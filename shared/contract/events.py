@@ -74,6 +74,12 @@ class InstanceTags(BaseModel):
     instance_number: int | None = None
 
 
+def _tenant_part(tenant: str) -> str:
+    """The tenant's part of a message id: two tenants' instances with the same UID and bytes are two
+    messages (JetStream would otherwise drop the second as a duplicate). None before tenants existed."""
+    return f"{tenant}:" if tenant else ""
+
+
 class InstanceReceived(Event):
     """``dicom.in.<study>.<sop>``: an instance was received, its bytes are durable in the staging backend."""
 
@@ -92,13 +98,16 @@ class InstanceReceived(Event):
     called_ae: str
     received_at: datetime
     receiver: str = Field("", description="host/pid of the receiving process")
+    tenant: str = Field("", description="the institution the instance belongs to, from who sent it (the calling AE; "
+                                        "InstitutionName only through a trusted gateway). Empty in events of "
+                                        "versions before tenants: the store derives it the same way")
 
     def subject(self) -> str:
         return s.instance_in(self.tags.study_uid, self.tags.sop_uid)
 
     def msg_id(self) -> str:
-        """De-duplication id: the same bytes of the same SOP instance are one event."""
-        return f"in:{self.tags.sop_uid}:{self.digest[:32]}"
+        """De-duplication id: the same bytes of the same SOP instance of one tenant are one event."""
+        return f"in:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}"
 
 
 class InstanceStored(Event):
@@ -115,12 +124,13 @@ class InstanceStored(Event):
     calling_ae: str
     stored_at: datetime
     replaced_digest: str | None = Field(None, description="digest of an earlier, different version of this SOP instance")
+    tenant: str = Field("", description="the institution the instance belongs to (see InstanceReceived.tenant)")
 
     def subject(self) -> str:
         return s.instance_stored(self.tags.study_uid, self.tags.sop_uid)
 
     def msg_id(self) -> str:
-        return f"stored:{self.tags.sop_uid}:{self.digest[:32]}"
+        return f"stored:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}"
 
 
 class InstanceRejected(Event):

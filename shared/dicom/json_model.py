@@ -52,6 +52,15 @@ class JsonModelError(ValueError):
     """The bytes are not a data set this encoder can walk (the ingest would have refused them)."""
 
 
+class NeedMoreBytes(JsonModelError):
+    """A head of the data set (``total`` given) ended inside an element that is not bulk data: read at
+    least ``needed`` bytes and try again."""
+
+    def __init__(self, needed: int):
+        super().__init__(f"the head of the data set ends inside an element: {needed} bytes needed")
+        self.needed = needed
+
+
 def _dictionary_vr(tag: int) -> str:
     """The VR of a tag as implicit VR reads it: the dictionary's (ambiguous ones unresolved), else UN."""
     group, elem = tag >> 16, tag & 0xFFFF
@@ -102,15 +111,21 @@ def _person_names(text: str) -> list[dict | None]:
 
 
 class _Reader:
-    def __init__(self, raw: bytes, implicit: bool, little: bool, bulk_prefix: str):
+    def __init__(self, raw: bytes, implicit: bool, little: bool, bulk_prefix: str, total: int):
         self.raw, self.implicit = raw, implicit
         self.o = "<" if little else ">"
         self.end = len(raw)
+        self.total = total  # the whole data set's length; more than ``end`` when only its head was read
         self.bulk_prefix = bulk_prefix
+
+    def _truncated(self, needed: int, what: str) -> JsonModelError:
+        if self.total > self.end and needed <= self.total:
+            return NeedMoreBytes(needed)
+        return JsonModelError(what)
 
     def header(self, pos: int, implicit: bool) -> tuple[int, str, int, int]:
         if self.end - pos < 8:
-            raise JsonModelError(f"truncated element header at offset {pos}")
+            raise self._truncated(pos + 12, f"truncated element header at offset {pos}")
         group, elem = struct.unpack_from(self.o + "HH", self.raw, pos)
         tag = group << 16 | elem
         if implicit or group == 0xFFFE:
@@ -122,7 +137,7 @@ class _Reader:
             raise JsonModelError(f"invalid VR {vr!r} at offset {pos}")
         if vr in _LONG_VRS:
             if self.end - pos < 12:
-                raise JsonModelError(f"truncated element header at offset {pos}")
+                raise self._truncated(pos + 12, f"truncated element header at offset {pos}")
             (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 8)
             return tag, vr, length, pos + 12
         (length,) = struct.unpack_from(self.o + "H", self.raw, pos + 6)
@@ -149,11 +164,21 @@ class _Reader:
                 out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
                 continue
             if length == _UNDEFINED:  # encapsulated pixel data (or another undefined-length bulk value)
-                pos = self.skip_items(value)
                 out[key] = {"vr": vr or "OB", "BulkDataURI": f"{self.bulk_prefix}/{path}{key}"}
+                if in_item is False and self.total > self.end and tag == 0x7FE00010:
+                    return out, self.end  # only a head was read: nothing after the pixels is metadata we keep
+                pos = self.skip_items(value)
                 continue
             if value + length > self.end:
-                raise JsonModelError(f"element ({key[:4]},{key[4:]}) claims {length} bytes, {self.end - value} remain")
+                if in_item is False and vr in BULK_VRS and self.total > self.end and value + length <= self.total:
+                    # a head of the data set ends in bulk data: the URI is all the model holds of it, and
+                    # what follows pixel data (padding, signatures) is not kept either
+                    out[key] = {"vr": vr, "BulkDataURI": f"{self.bulk_prefix}/{path}{key}"}
+                    if tag == 0x7FE00010:
+                        return out, self.end
+                    raise NeedMoreBytes(value + length + 4096)
+                raise self._truncated(value + length, f"element ({key[:4]},{key[4:]}) claims {length} bytes, "
+                                                      f"{self.end - value} remain")
             pos = value + length
             if tag & 0xFFFF == 0 or tag == _PADDING:
                 continue
@@ -164,14 +189,14 @@ class _Reader:
                 encodings = convert_encodings(terms) if any(terms) else _DEFAULT_ENCODINGS
             out[key] = self.element(tag, vr, self.raw[value: pos], encodings, path + key)
         if in_item is True:
-            raise JsonModelError("data set ends inside a sequence item")
+            raise self._truncated(2 * self.end, "data set ends inside a sequence item")
         return out, pos
 
     def sequence(self, pos: int, length: int, implicit: bool, encodings: list[str], path: str) -> tuple[list, int]:
         items: list[dict] = []
         end = self.end if length == _UNDEFINED else pos + length
         if end > self.end:
-            raise JsonModelError(f"sequence at offset {pos} claims {length} bytes, {self.end - pos} remain")
+            raise self._truncated(end, f"sequence at offset {pos} claims {length} bytes, {self.end - pos} remain")
         while pos < end:
             tag, _, item_length, value = self.header(pos, True)
             if tag == _SEQ_END:
@@ -183,12 +208,12 @@ class _Reader:
                 item, pos = self.dataset(value, True, implicit, encodings, index)
             else:
                 if value + item_length > self.end:
-                    raise JsonModelError(f"item at offset {pos} claims {item_length} bytes")
+                    raise self._truncated(value + item_length, f"item at offset {pos} claims {item_length} bytes")
                 item, pos = self.dataset(value, value + item_length, implicit, encodings, index)
                 pos = value + item_length
             items.append(item)
         if length == _UNDEFINED:
-            raise JsonModelError("data set ends inside a sequence")
+            raise self._truncated(2 * self.end, "data set ends inside a sequence")
         return items, end
 
     def skip_items(self, pos: int) -> int:
@@ -198,8 +223,10 @@ class _Reader:
                 return value
             if tag != _ITEM:
                 raise JsonModelError(f"expected a fragment at offset {pos}, found {tag:08X}")
-            if length == _UNDEFINED or value + length > self.end:
-                raise JsonModelError(f"fragment at offset {pos} claims {length} bytes")
+            if length == _UNDEFINED:
+                raise JsonModelError(f"fragment at offset {pos} has an undefined length")
+            if value + length > self.end:
+                raise self._truncated(value + length + 8, f"fragment at offset {pos} claims {length} bytes")
             pos = value + length
 
     def element(self, tag: int, vr: str, raw: bytes, encodings: list[str], path: str) -> dict:
@@ -270,21 +297,30 @@ _decoders: dict[str, Callable] = {
 }
 
 
-def json_model(data: bytes | bytearray | memoryview, transfer_syntax: str, bulk_prefix: str = "bulkdata") -> dict:
+def json_model(data: bytes | bytearray | memoryview, transfer_syntax: str, bulk_prefix: str = "bulkdata",
+               total: int | None = None) -> dict:
     """The DICOM JSON object of a data set (no file meta) encoded in ``transfer_syntax``.
 
     Encapsulated syntaxes share explicit VR little endian for everything but pixel data, which
     becomes a BulkDataURI like every other bulk value. Raises :class:`JsonModelError` for bytes
     that are not a well-formed data set.
+
+    ``data`` may be only the head of a data set of ``total`` bytes (a large instance: the metadata
+    comes before the pixels): the model then ends at pixel data, and :class:`NeedMoreBytes` says how
+    much to read when the head ends before that. A deflated data set must be given whole.
     """
     raw = bytes(data)
+    total = len(raw) if total is None else total
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        if total > len(raw):
+            raise NeedMoreBytes(total)
         try:
             raw = zlib.decompress(raw, -zlib.MAX_WBITS)
         except zlib.error as exc:
             raise JsonModelError(f"deflated data set cannot be inflated: {exc}") from exc
+        total = len(raw)
     reader = _Reader(raw, transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian,
-                     bulk_prefix)
+                     bulk_prefix, total)
     try:
         out, _ = reader.dataset(0, False, reader.implicit, _DEFAULT_ENCODINGS, "")
     except (struct.error, LookupError) as exc:

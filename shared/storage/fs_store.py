@@ -342,6 +342,18 @@ class FileObjectStore:
             raise CorruptObject(f"{self.name}: object {digest} does not match its digest")
         return data
 
+    def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
+        path = self.path(digest)
+        if not path.exists():
+            path = self._legacy_path(digest)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(offset)
+                return f.read(length), size
+        except FileNotFoundError:
+            raise ObjectMissing(digest) from None
+
     def exists(self, digest: str) -> bool:
         _, final = self._final(check_digest(digest))
         return os.path.exists(final) or self._legacy_path(digest).exists()

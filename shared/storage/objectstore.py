@@ -81,6 +81,10 @@ class ObjectStore(Protocol):
     def get(self, digest: str) -> bytes:
         """The object's bytes, verified against the digest (raises CorruptObject / ObjectMissing)."""
 
+    def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
+        """(up to ``length`` bytes from ``offset``, the object's whole size), not verified against the digest:
+        for the head of a large object (its metadata) and ranged reads; a whole read is :meth:`get`."""
+
     def exists(self, digest: str) -> bool:
         """Whether an object is stored under ``digest``."""
 

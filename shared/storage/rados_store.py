@@ -383,6 +383,32 @@ class RadosObjectStore:
             out[c.offset:c.offset + c.size] = p.data
         return bytes(out)
 
+    def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
+        check_digest(digest)
+        size = self._stat(digest)
+        try:
+            layout = self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode()
+        except self.rados.Error:
+            layout = LAYOUT_WHOLE
+        if layout != LAYOUT_CHUNKED:
+            try:
+                return self.io.read(digest, length=length, offset=offset), size
+            except self.rados.Error as exc:
+                raise self._error(exc, "read", digest) from None
+        try:
+            total, chunks = decode_manifest(self._read_whole(digest, size), digest)
+        except ValueError as exc:
+            raise CorruptObject(f"rados backend {self.name!r}: {exc}") from None
+        end = min(offset + length, total)
+        wanted = [c for c in chunks if c.offset < end and c.offset + c.size > offset]
+        pending = [(c, self._aio_read(c.name, c.size)) for c in wanted]
+        self._wait([p for _, p in pending], "read chunk")
+        out = bytearray()
+        for c, p in pending:
+            lo, hi = max(offset, c.offset) - c.offset, min(end, c.offset + c.size) - c.offset
+            out += p.data[lo:hi]
+        return bytes(out), total
+
     def exists(self, digest: str) -> bool:
         """Whether the (complete) object is stored."""
         check_digest(digest)

@@ -16,5 +16,8 @@ def open_postgres(dsn: str) -> SqlCatalogue:
         return psycopg.connect(dsn, autocommit=False, connect_timeout=10)
 
     # Writers lock their studies in one order, so a deadlock means another client's order: retry it.
+    # CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL (two store replicas starting
+    # together: a unique violation on pg_type): one transaction-scoped advisory lock serialises them.
     return SqlCatalogue(Dialect("postgresql", connect, "%s",
-                                retryable=(errors.DeadlockDetected, errors.SerializationFailure)))
+                                retryable=(errors.DeadlockDetected, errors.SerializationFailure),
+                                schema_lock="SELECT pg_advisory_xact_lock(7364201)"))

@@ -84,6 +84,7 @@ class Dialect:
     connect: Callable[[], Any]  # a new DB-API connection, rows as tuples
     placeholder: str  # "?" or "%s"
     begin_write: str | None = None  # what starts a writing transaction, where the driver does not
+    schema_lock: str | None = None  # taken before creating the schema: processes starting together would race
     retryable: tuple[type[BaseException], ...] = ()  # errors after which the whole transaction is retried
 
 
@@ -145,6 +146,8 @@ class SqlCatalogue:
 
     def _ensure_schema(self) -> None:
         def create(cur):
+            if self.dialect.schema_lock:
+                cur.execute(self.dialect.schema_lock)
             for statement in SCHEMA:
                 cur.execute(statement)
             cur.execute("SELECT version FROM catalogue_schema")

@@ -170,6 +170,22 @@ def test_metadata_from_the_catalogue_with_etag(service):
     assert xml.status_code == 406
 
 
+def test_requests_are_counted_by_route_and_status(service):
+    from prometheus_client import REGISTRY
+
+    web, _ = service
+    route = "/dicom-web/studies"
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("dicomflow_web_requests_total",
+                                         {"route": route, "method": "GET", "status": status}) or 0.0
+    ok, bad = count("200"), count("400")
+    requests.get(f"{web.url}/studies", headers={"X-API-Key": KEY_A}, timeout=10)
+    requests.get(f"{web.url}/studies?limit=x", headers={"X-API-Key": KEY_A}, timeout=10)
+    assert count("200") == ok + 1 and count("400") == bad + 1
+    assert REGISTRY.get_sample_value("dicomflow_web_request_seconds_count", {"route": route}) >= 2
+
+
 def test_cors_preflight_and_headers(service):
     web, _ = service
     pre = requests.options(f"{web.url}/studies", headers={

@@ -19,9 +19,9 @@ from typing import Protocol
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from pydantic import ValidationError
 
 from shared.bus.connection import publish_event
+from shared.bus.delivery import Delivery, decode, finish
 from shared.bus.jetstream import ensure_consumer
 from shared.config import Config
 from shared.contract import subjects
@@ -114,55 +114,70 @@ class Forwarder:
                 pass
 
     async def send(self, msgs: list[Msg]) -> None:
-        """Send one fetched batch and settle every message (ack, nak with delay, or dead-letter)."""
-        jobs: list[tuple[Msg, ForwardJob]] = []
+        """Send one fetched batch and settle every message (ack, nak with delay, or dead-letter).
+
+        Each job is decoded once (a poison one is terminated and counted, ``group`` = this forwarder)
+        with a ``router.forward_job`` span continuing the router's trace; the batch's ``router.forward``
+        span is a child of the first job's and links the others, so ingest -> router -> forward is one trace.
+        """
+        deliveries = await decode(msgs, ForwardJob, f"forward-{self.target}", tracer, "router.forward_job")
+        outcomes: dict[int, BaseException | None] = {id(d): None for d in deliveries}
+        try:
+            await self._send(deliveries, outcomes)
+        finally:
+            finish(deliveries, [outcomes[id(d)] for d in deliveries])
+
+    async def _send(self, deliveries: list[Delivery[ForwardJob]], outcomes: dict[int, BaseException | None]) -> None:
+        jobs: list[Delivery[ForwardJob]] = []
         moved: dict[tuple[str, str], str] = {}
-        for msg in msgs:
-            try:
-                job = ForwardJob.model_validate_json(msg.data)
-            except ValidationError as exc:
-                log.error("%s: undecodable job dropped: %s", self.target, exc)
-                await msg.ack()
-                continue
+        for d in deliveries:
+            job = d.event
             if job.group:
                 key = (job.group, job.study_uid)
                 if key not in moved:
                     moved[key] = await self.routing.member_of(job.group, job.study_uid) or self.target
                 if moved[key] != self.target:
-                    await self._hand_on(msg, job, moved[key])
+                    with trace.use_span(d.span, end_on_exit=False):
+                        await self._hand_on(d.msg, job, moved[key])
                     continue
-            jobs.append((msg, job))
+            jobs.append(d)
         if not jobs:
             return
         batch, ready = [], []
-        for msg, job in jobs:
+        for d in jobs:
+            job = d.event
             try:
                 data = await asyncio.to_thread(self.backends.get(job.backend).get, job.digest)
             except (ObjectMissing, KeyError) as exc:  # permanent: retrying cannot bring the bytes back
-                await self._dead_letter(msg, job, f"instance bytes unavailable: {exc}", 1)
+                outcomes[id(d)] = exc
+                await self._dead_letter(d.msg, job, f"instance bytes unavailable: {exc}", 1)
                 continue
             batch.append((job, data))
-            ready.append((msg, job))
+            ready.append(d)
         if not batch:
             return
         tcfg = self.cfg.targets[self.target]
         t0 = time.perf_counter()
-        with tracer.start_as_current_span("router.forward") as span:
+        links = [trace.Link(d.span.get_span_context()) for d in ready[1:]]
+        with tracer.start_as_current_span("router.forward", context=trace.set_span_in_context(ready[0].span),
+                                          links=links) as span:
             span.set_attribute("router.target", self.target)
             span.set_attribute("router.instances", len(batch))
             try:
                 await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send, batch)
             except SendError as exc:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                await self._failed(ready, str(exc))
+                for d in ready:
+                    outcomes[id(d)] = exc
+                await self._failed([(d.msg, d.event) for d in ready], str(exc))
                 return
         metrics.send_seconds.labels(self.target).observe(time.perf_counter() - t0)
         await self.routing.set_health(self.target, True)
         metrics.target_up.labels(self.target).set(1)
-        for msg, job in ready:
-            await msg.ack()
+        for d in ready:
+            await d.msg.ack()
             metrics.forwarded.labels(self.target).inc()
-            metrics.forwarded_bytes.labels(self.target).inc(job.size)
+            metrics.forwarded_bytes.labels(self.target).inc(d.event.size)
 
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
         """The study lives on another member now: queue the job there, and drop it here."""

@@ -17,11 +17,10 @@ import time
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from opentelemetry import trace
-from pydantic import ValidationError
 
 from shared.bus.connection import publish_event
+from shared.bus.delivery import Delivery
 from shared.config import Config
 from shared.contract import subjects
 from shared.contract.events import (
@@ -33,7 +32,6 @@ from shared.contract.events import (
     StudyRouted,
     utcnow,
 )
-from shared.telemetry import extract_context
 
 from . import metrics
 from .completion import Decision, StudyState, Summary, due, mark_completed, summarize
@@ -91,40 +89,45 @@ class Router:
 
     # --- instances --------------------------------------------------------------------------------------------
 
-    async def handle(self, msg: Msg) -> None:
-        """Handle one ``dicom.part.*`` message of the router's consumer group."""
-        with tracer.start_as_current_span("router.instance", context=extract_context(msg.headers),
-                                          kind=trace.SpanKind.CONSUMER) as span:
-            try:
-                event = InstanceReceived.model_validate_json(msg.data)
-            except ValidationError as exc:
-                log.error("undecodable event on %s dropped: %s", msg.subject, exc)
-                metrics.instances.labels("undecodable").inc()
-                return
-            try:
-                seq = msg.metadata.sequence.stream
-            except Exception:
-                seq = 0
-            t = event.tags
-            span.set_attribute("dicom.study_uid", t.study_uid)
-            span.set_attribute("dicom.sop_uid", t.sop_uid)
-            matched = self.rules.evaluate(facts_of(t, event.calling_ae, event.called_ae))
-            span.set_attribute("router.rules", ",".join(r.name for r in matched))
-            for rule in matched:
-                metrics.actions.labels(rule.name, rule.action).inc()
-            plan = plan_instance(matched, event, seq, self.config.router.completion)
-            routed = []
-            for fwd in plan.forwards:
-                target, group = await self.enqueue(fwd.dest, fwd.rule, event)
-                routed.append(Routed(target, group, fwd.rule))
-            for rule_name in plan.quarantines:
-                await self.quarantine(rule_name, event)
-            now = time.time()
-            before, after = await self.book.update(t.study_uid,
-                                                   lambda st: record_instance(st, plan, now, routed)[0])
-            metrics.instances.labels("new" if after is not None else "duplicate").inc()
-            for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
-                await self.announce_routed(t.study_uid, target, group, rule_name)
+    async def handle_batch(self, deliveries: list[Delivery[InstanceReceived]]) -> list[BaseException | None]:
+        """Handle one pull's instance events, in partition order, one at a time (the study's state is
+        read and changed per instance); one outcome per delivery (None: acknowledge).
+
+        The consumer decoded them (parking poison ones) and started their ``router.instance`` spans,
+        which continue the ingest's trace; each is current while its instance is handled, so the
+        forward jobs it publishes carry it on.
+        """
+        outcomes: list[BaseException | None] = []
+        for d in deliveries:
+            with trace.use_span(d.span, end_on_exit=False):
+                try:
+                    await self.handle(d.event, d.stream_seq, d.span)
+                    outcomes.append(None)
+                except Exception as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    async def handle(self, event: InstanceReceived, seq: int, span: trace.Span) -> None:
+        """Route one instance: rules, forwards, quarantines, then the study's state (compare-and-set)."""
+        t = event.tags
+        span.set_attribute("dicom.study_uid", t.study_uid)
+        span.set_attribute("dicom.sop_uid", t.sop_uid)
+        matched = self.rules.evaluate(facts_of(t, event.calling_ae, event.called_ae))
+        span.set_attribute("router.rules", ",".join(r.name for r in matched))
+        for rule in matched:
+            metrics.actions.labels(rule.name, rule.action).inc()
+        plan = plan_instance(matched, event, seq, self.config.router.completion)
+        routed = []
+        for fwd in plan.forwards:
+            target, group = await self.enqueue(fwd.dest, fwd.rule, event)
+            routed.append(Routed(target, group, fwd.rule))
+        for rule_name in plan.quarantines:
+            await self.quarantine(rule_name, event)
+        now = time.time()
+        before, after = await self.book.update(t.study_uid, lambda st: record_instance(st, plan, now, routed)[0])
+        metrics.instances.labels("new" if after is not None else "duplicate").inc()
+        for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
+            await self.announce_routed(t.study_uid, target, group, rule_name)
 
     async def enqueue(self, dest: str, rule: str, event: InstanceReceived) -> tuple[str, str]:
         """Put the instance on the queue of ``dest`` (a group resolves to the study's member); returns (target, group)."""

@@ -8,13 +8,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-
-from nats.aio.msg import Msg
+from collections.abc import Callable
 
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
-from shared.bus.delivery import Delivery, DeliveryHandler
 from shared.bus.jetstream import ensure_stream
 from shared.bus.membership import ElasticOwnership, default_member_name
 from shared.config import Config, ConfigError
@@ -62,21 +59,6 @@ async def _tcp_up(host: str, port: int, timeout: float = 2.0) -> bool:
     return True
 
 
-def _one_by_one(handle: Callable[[Msg], Awaitable[None]]) -> DeliveryHandler:
-    """The router's per-message handler as the consumer's handler, until the router takes typed deliveries
-    (it still decodes and starts its own span: the consumer's ``router.delivery`` span is its sibling)."""
-    async def each(deliveries: list[Delivery]) -> list[BaseException | None]:
-        outcomes: list[BaseException | None] = []
-        for d in deliveries:
-            try:
-                await handle(d.msg)
-                outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
-    return each
-
-
 class RouterService:
     """Everything one router member runs, started and stopped together."""
 
@@ -107,8 +89,8 @@ class RouterService:
                                           config.stream.replicas)
                          if gcfg.elastic else AllPartitions(config.stream.partitions))
         self.consumer = PartitionedConsumer(self.nc, config.stream.name, GROUP, config.stream.partitions,
-                                            _one_by_one(self.router.handle), gcfg, ownership, self.member,
-                                            span_name="router.delivery")
+                                            self.router.handle_batch, gcfg, ownership, self.member,
+                                            span_name="router.instance")
         await self.consumer.start()
         self._tasks = [asyncio.create_task(self._every(lambda: self.config.router.scan_interval_s, self.router.scan),
                                            name="router-scan"),

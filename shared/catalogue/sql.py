@@ -311,10 +311,16 @@ class SqlCatalogue:
                           " ORDER BY i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid", params)
         return rows or None
 
-    def instances(self, tenant: str | None, study_uid: str) -> list[dict]:
-        """Every instance of a study with what the store recorded (placements, digest, ...), for the CLI."""
-        where, params = ("tenant = ? AND study_uid = ?", (tenant, study_uid)) if tenant is not None else \
-            ("study_uid = ?", (study_uid,))
+    def instances(self, tenant: str | None, study_uid: str, series_uid: str | None = None,
+                  sop_uid: str | None = None) -> list[dict]:
+        """Every instance of a study (or of one series, or one instance) with what the store recorded
+        (placements, digest, transfer syntax, ...), in series and instance order: for retrieval and the CLI."""
+        conditions, params = ["study_uid = ?"], [study_uid]
+        for column, value in (("tenant", tenant), ("series_uid", series_uid), ("sop_uid", sop_uid)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        where = " AND ".join(conditions)
         cols = ("tenant", "sop_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
         rows = self._read(f"SELECT {', '.join(cols)} FROM instances WHERE {where}"
                           " ORDER BY series_uid, COALESCE(instance_number, 2147483647), sop_uid", params)

@@ -1,4 +1,4 @@
-"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata, answered from the catalogue alone.
+"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve.
 
 Every handler confines itself to the caller's tenant: another tenant's study is absent (an empty
 search, a 404), never forbidden, so its existence does not leak.
@@ -20,31 +20,20 @@ from opentelemetry import trace
 from shared.catalogue.query import INSTANCE, SERIES, STUDY, QueryError, parse_qido
 from shared.catalogue.sql import SqlCatalogue
 from shared.config import Config
-from shared.contract.uids import InvalidUID, validate_uid
+from shared.storage.objectstore import Backends
 from shared.telemetry import extract_context
 
 from . import metrics
+from .answers import BACKENDS, CATALOGUE, CONFIG, EXECUTOR, PRINCIPAL, error, path_uid, warning
 from .auth import Authenticator, Unauthorized
+from .retrieve import retrieve_handler
 
 log = logging.getLogger("dicomflow.web")
 tracer = trace.get_tracer("dicomflow.web")
 
 DICOM_JSON = "application/dicom+json"
 _JSON_ACCEPTED = ("application/dicom+json", "application/json", "application/*", "*/*")
-_PRINCIPAL = web.RequestKey("principal", object)
-_CATALOGUE = web.AppKey("catalogue", SqlCatalogue)
-_CONFIG = web.AppKey("config", Config)
-_EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 _AUTH = web.AppKey("auth", Authenticator)
-
-
-def _warning(text: str) -> str:
-    return f'299 dicomflow: "{text}"'
-
-
-def _error(status: int, reason: str, **headers: str) -> web.Response:
-    """An error answer: the reason as text and in a Warning header (PS3.18 8.6.2)."""
-    return web.Response(status=status, text=reason + "\n", headers={"Warning": _warning(reason), **headers})
 
 
 def accepts_json(accept: str) -> bool:
@@ -60,15 +49,8 @@ def accepts_json(accept: str) -> bool:
     return False
 
 
-def _uid(request: web.Request, name: str) -> str:
-    try:
-        return validate_uid(request.match_info[name], name)
-    except InvalidUID as exc:
-        raise web.HTTPBadRequest(text=f"{exc}\n", headers={"Warning": _warning(str(exc))}) from exc
-
-
 def _base_url(request: web.Request) -> str:
-    cfg = request.app[_CONFIG].web
+    cfg = request.app[CONFIG].web
     if cfg.public_url:
         return cfg.public_url.rstrip("/")
     host = request.host
@@ -82,31 +64,31 @@ def _base_url(request: web.Request) -> str:
 
 
 async def _in_thread(request: web.Request, fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(request.app[_EXECUTOR], fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(request.app[EXECUTOR], fn, *args)
 
 
 def _search_handler(level: str):
     async def handle(request: web.Request) -> web.StreamResponse:
         if not accepts_json(request.headers.get("Accept", "")):
-            return _error(406, f"QIDO-RS answers {DICOM_JSON} only")
-        cfg = request.app[_CONFIG].web
-        study_uid = _uid(request, "study") if "study" in request.match_info else None
-        series_uid = _uid(request, "series") if "series" in request.match_info else None
+            return error(406, f"QIDO-RS answers {DICOM_JSON} only")
+        cfg = request.app[CONFIG].web
+        study_uid = path_uid(request, "study") if "study" in request.match_info else None
+        series_uid = path_uid(request, "series") if "series" in request.match_info else None
         try:
             query = parse_qido(level, list(request.query.items()), study_uid, series_uid, cfg.max_offset)
         except QueryError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         page = min(query.limit if query.limit is not None else cfg.max_results, cfg.max_results)
         # one more than the page tells whether the maximum cut the answer short
         probe = dataclasses.replace(query, limit=page + 1)
-        principal = request[_PRINCIPAL]
-        found = await _in_thread(request, request.app[_CATALOGUE].search, probe, principal.scope, page + 1,
+        principal = request[PRINCIPAL]
+        found = await _in_thread(request, request.app[CATALOGUE].search, probe, principal.scope, page + 1,
                                  _base_url(request))
         headers = {}
         if len(found) > page:
             found = found[:page]
             if query.limit is None or query.limit > cfg.max_results:
-                headers["Warning"] = _warning(f"The number of results exceeded the maximum supported by the server"
+                headers["Warning"] = warning(f"The number of results exceeded the maximum supported by the server"
                                               f" ({cfg.max_results}). Additional results can be requested.")
         metrics.results.labels(level=level).inc(len(found))
         return web.json_response(found, content_type=DICOM_JSON, headers=headers,
@@ -121,15 +103,15 @@ def _dumps(obj) -> str:
 def _metadata_handler(scope: str):
     async def handle(request: web.Request) -> web.StreamResponse:
         if not accepts_json(request.headers.get("Accept", "")):
-            return _error(406, f"metadata is served as {DICOM_JSON} only")
-        study_uid = _uid(request, "study")
-        series_uid = _uid(request, "series") if scope in (SERIES, INSTANCE) else None
-        sop_uid = _uid(request, "instance") if scope == INSTANCE else None
-        principal = request[_PRINCIPAL]
-        rows = await _in_thread(request, request.app[_CATALOGUE].metadata, principal.scope, study_uid, series_uid,
+            return error(406, f"metadata is served as {DICOM_JSON} only")
+        study_uid = path_uid(request, "study")
+        series_uid = path_uid(request, "series") if scope in (SERIES, INSTANCE) else None
+        sop_uid = path_uid(request, "instance") if scope == INSTANCE else None
+        principal = request[PRINCIPAL]
+        rows = await _in_thread(request, request.app[CATALOGUE].metadata, principal.scope, study_uid, series_uid,
                                 sop_uid)
         if rows is None:
-            return _error(404, "no such " + {STUDY: "study", SERIES: "series", INSTANCE: "instance"}[scope])
+            return error(404, "no such " + {STUDY: "study", SERIES: "series", INSTANCE: "instance"}[scope])
         etag = '"' + hashlib.sha256("\n".join(f"{r[1]}:{r[3]}" for r in rows).encode()).hexdigest()[:32] + '"'
         if etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
             return web.Response(status=304, headers={"ETag": etag})
@@ -191,9 +173,9 @@ async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
     if request.method == "OPTIONS":
         return await handler(request)
     try:
-        request[_PRINCIPAL] = await request.app[_AUTH].principal(request.headers)
+        request[PRINCIPAL] = await request.app[_AUTH].principal(request.headers)
     except Unauthorized as exc:
-        return _error(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="dicomflow"'})
+        return error(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="dicomflow"'})
     return await handler(request)
 
 
@@ -201,9 +183,10 @@ def make_app(config: Config, catalogue: SqlCatalogue) -> web.Application:
     """The aiohttp application serving ``config.web.path_prefix`` over ``catalogue``."""
     app = web.Application(middlewares=[_observe, _cors_middleware(config.web.cors_origins), _authenticate])
     executor = ThreadPoolExecutor(max_workers=config.web.threads, thread_name_prefix="catalogue")
-    app[_CONFIG] = config
-    app[_CATALOGUE] = catalogue
-    app[_EXECUTOR] = executor
+    app[CONFIG] = config
+    app[CATALOGUE] = catalogue
+    app[EXECUTOR] = executor
+    app[BACKENDS] = Backends(config)
     app[_AUTH] = Authenticator(config.access, executor)
     p = config.web.path_prefix.rstrip("/")
     uid = r"{%s:[^/]+}"
@@ -218,6 +201,9 @@ def make_app(config: Config, catalogue: SqlCatalogue) -> web.Application:
         (f"{p}/studies/{study}/metadata", _metadata_handler(STUDY)),
         (f"{p}/studies/{study}/series/{series}/metadata", _metadata_handler(SERIES)),
         (f"{p}/studies/{study}/series/{series}/instances/{instance}/metadata", _metadata_handler(INSTANCE)),
+        (f"{p}/studies/{study}", retrieve_handler("study")),
+        (f"{p}/studies/{study}/series/{series}", retrieve_handler("series")),
+        (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
     ]
     for path, handler in routes:
         resource = app.router.add_resource(path)
@@ -226,6 +212,7 @@ def make_app(config: Config, catalogue: SqlCatalogue) -> web.Application:
 
     async def close_executor(_app: web.Application) -> None:
         executor.shutdown(wait=False, cancel_futures=True)
+        _app[BACKENDS].close()
     app.on_cleanup.append(close_executor)
     return app
 

@@ -1,0 +1,150 @@
+"""WADO-RS retrieve of studies, series and instances (PS3.18 10.4), streamed from the object stores.
+
+Each instance goes out as a Part-10 file: the file meta written here, then the data set read from the
+first placement that holds it in chunks of ``CHUNK`` bytes, hashed with blake3 as it goes. Memory per
+request stays at about one chunk whatever the study's or the instance's size. An object whose bytes do
+not match its digest ends the response without its closing boundary (the client sees an incomplete
+answer, never wrong bytes presented as whole), with the reason in the log and
+``dicomflow_web_corrupt_objects_total``. Transcoding between the uncompressed syntaxes needs the data
+set whole (pydicom): only up to ``TRANSCODE_MAX_BYTES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import uuid
+
+import blake3
+import pydicom
+from aiohttp import web
+
+from shared.dicom.part10 import part10
+from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
+
+from . import metrics
+from .answers import BACKENDS, CATALOGUE, EXECUTOR, PRINCIPAL, error, path_uid
+from .negotiation import AS_STORED, Choice, choose
+
+log = logging.getLogger("dicomflow.web.retrieve")
+
+CHUNK = 1024 * 1024
+TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
+
+
+class Unavailable(Exception):
+    """No placement holds an instance's object (or it is corrupt): the response cannot be completed."""
+
+
+def _locate(backends: Backends, row: dict) -> tuple[object, int]:
+    """(store, size) of the first placement that holds the instance's object (blocking)."""
+    last: Exception | None = None
+    for name in row["placements"]:
+        try:
+            store = backends.get(name)
+            _, size = store.read_range(row["digest"], 0, 0)
+            return store, size
+        except (ObjectMissing, OSError, KeyError) as exc:
+            last = exc
+    raise Unavailable(f"{row['sop_uid']}: in none of {row['placements']}: {last}")
+
+
+def transcode(data: bytes, row: dict, target: str) -> bytes:
+    """The instance as a Part-10 file in another uncompressed transfer syntax (blocking, whole in memory)."""
+    ds = pydicom.dcmread(io.BytesIO(part10(data, row["sop_class_uid"], row["sop_uid"], row["transfer_syntax_uid"])))
+    ds.file_meta.TransferSyntaxUID = target
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+class Streamer:
+    """Writes instances into a response, verified as they are read."""
+
+    def __init__(self, backends: Backends, executor, response: web.StreamResponse):
+        self.backends, self.executor, self.response = backends, executor, response
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def write_instance(self, row: dict, transfer_syntax: str) -> None:
+        """One instance as a Part-10 file, in ``transfer_syntax`` ("*": as stored)."""
+        stored = row["transfer_syntax_uid"]
+        if transfer_syntax not in (AS_STORED, stored):
+            store, size = await self._run(_locate, self.backends, row)
+            if size > TRANSCODE_MAX_BYTES:
+                raise Unavailable(f"{row['sop_uid']}: {size} bytes is too large to transcode")
+            try:
+                data = await self._run(store.get, row["digest"])  # verified whole
+            except CorruptObject as exc:
+                metrics.corrupt.inc()
+                raise Unavailable(str(exc)) from exc
+            await self.response.write(await self._run(transcode, data, row, transfer_syntax))
+            return
+        store, size = await self._run(_locate, self.backends, row)
+        await self.response.write(part10(b"", row["sop_class_uid"], row["sop_uid"], stored))
+        hasher = blake3.blake3()
+        offset = 0
+        while offset < size:
+            chunk, _ = await self._run(store.read_range, row["digest"], offset, CHUNK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            offset += len(chunk)
+            await self.response.write(chunk)
+        metrics.retrieved_bytes.inc(offset)
+        if offset != size or hasher.hexdigest() != row["digest"]:
+            metrics.corrupt.inc()
+            raise Unavailable(f"{row['sop_uid']}: object {row['digest']} in {store.name!r} does not match its digest "
+                              f"({offset} of {size} bytes read)")
+
+
+def retrieve_handler(level: str):
+    """The GET handler of a study, series or instance (``level``) resource."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        study = path_uid(request, "study")
+        series = path_uid(request, "series") if level in ("series", "instance") else None
+        sop = path_uid(request, "instance") if level == "instance" else None
+        executor = request.app[EXECUTOR]
+        rows = await asyncio.get_running_loop().run_in_executor(
+            executor, request.app[CATALOGUE].instances, request[PRINCIPAL].scope, study, series, sop)
+        if not rows:
+            return error(404, f"no such {level}")
+        choice = choose(request.headers.get("Accept", ""), [r["transfer_syntax_uid"] for r in rows], level == "instance")
+        if choice is None:
+            stored = sorted({r["transfer_syntax_uid"] for r in rows})
+            return error(406, f"cannot answer in the transfer syntax asked for: stored as {', '.join(stored)}; "
+                               f"ask for transfer-syntax=* to get it as stored")
+        return await _stream(request, rows, choice, request.app[BACKENDS], executor)
+    return handle
+
+
+async def _stream(request: web.Request, rows: list[dict], choice: Choice, backends: Backends, executor
+                  ) -> web.StreamResponse:
+    boundary = uuid.uuid4().hex
+    if choice.multipart:
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    else:
+        ts = rows[0]["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
+        content_type = f"application/dicom; transfer-syntax={ts}"
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    await response.prepare(request)
+    streamer = Streamer(backends, executor, response)
+    try:
+        for row in rows:
+            ts = row["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
+            if choice.multipart:
+                await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n"
+                                     .encode())
+            await streamer.write_instance(row, ts)
+            if choice.multipart:
+                await response.write(b"\r\n")
+        if choice.multipart:
+            await response.write(f"--{boundary}--\r\n".encode())
+        await response.write_eof()
+    except Unavailable as exc:
+        log.error("retrieve of %s ended early: %s", request.path, exc)
+        if request.transport is not None:
+            request.transport.abort()  # no closing boundary: the client knows the answer is incomplete
+    return response

@@ -55,6 +55,13 @@ def test_storescu_then_qido_cli_and_tenants(stack, tmp_path):
     meta = a.retrieve_study_metadata(study_a)
     assert len(meta) == 4 and all("7FE00010" in m and "BulkDataURI" in m["7FE00010"] for m in meta)
 
+    # and the study back over WADO-RS, byte-identical to what storescu sent
+    from tests.helpers import dataset_bytes
+    from tests.test_dicomweb_wado import data_set_of
+    sent = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files_a}
+    got = a.retrieve_study(study_a)
+    assert {ds.SOPInstanceUID: data_set_of(ds) for ds in got} == sent
+
     b = DICOMwebClient(web, headers={"X-API-Key": KEY_B})
     assert sorted(s["0020000D"]["Value"][0] for s in b.search_for_studies()) == sorted([study_a, study_b])
     assert a.search_for_studies(search_filters={"StudyInstanceUID": study_b}) == []

@@ -66,6 +66,15 @@ def test_storescu_then_qido_cli_and_tenants(stack, tmp_path):
     assert sorted(s["0020000D"]["Value"][0] for s in b.search_for_studies()) == sorted([study_a, study_b])
     assert a.search_for_studies(search_filters={"StudyInstanceUID": study_b}) == []
 
+    # C-FIND on the same AE as storage: each tenant's AE finds its own
+    from tests.test_cfind import findscu
+    found = findscu(stack.port, "-S", "CT_A", ["SpecificCharacterSet=ISO_IR 192", "QueryRetrieveLevel=STUDY",
+                                               "PatientName=Müller*", "StudyInstanceUID",
+                                               "NumberOfStudyRelatedInstances"], tmp_path / "find-a")
+    assert [(ds.StudyInstanceUID, ds.NumberOfStudyRelatedInstances) for ds in found] == [(study_a, 4)]
+    found_b = findscu(stack.port, "-S", "CT_B", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"], tmp_path / "find-b")
+    assert sorted(ds.StudyInstanceUID for ds in found_b) == sorted([study_a, study_b])
+
     # the CLI: filters, tenants, one study
     assert [s["study_uid"] for s in studies(stack, "--tenant", "a")] == [study_a]
     assert {s["tenant"] for s in studies(stack, "--patient", "Müller*")} == {"a", "b"}

@@ -12,3 +12,4 @@ staging_latency = Histogram("dicomflow_ingest_staging_seconds", "Durable write o
 publish_latency = Histogram("dicomflow_ingest_publish_seconds", "JetStream publish until PubAck", buckets=LATENCY_BUCKETS)
 associations = Gauge("dicomflow_ingest_associations", "Open associations")
 rejected_associations = Counter("dicomflow_ingest_rejected_associations_total", "Associations rejected, by reason", ["reason"])
+finds = Counter("dicomflow_ingest_finds_total", "C-FIND requests answered, by final DICOM status", ["status"])

@@ -1,8 +1,8 @@
 """The DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7) that a C-STORE SCP needs, as pure functions.
 
 Bytes in, plain values out (and back): no sockets, no threads. The SCP shell reads whole PDUs and
-calls these; the association decision (:func:`negotiate`) is plain data too. Only what a storage
-SCP answers is implemented: A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE, A-ABORT, C-STORE and C-ECHO.
+calls these; the association decision (:func:`negotiate`) is plain data too. Only what the SCP
+answers is implemented: A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO and C-FIND.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ PC_ACCEPT, PC_ABSTRACT_NOT_SUPPORTED, PC_TS_NOT_SUPPORTED = 0, 3, 4
 
 # DIMSE command fields and elements (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+C_FIND_RQ, C_FIND_RSP, C_CANCEL_RQ = 0x0020, 0x8020, 0x0FFF
+DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
@@ -222,11 +224,13 @@ def _even(text: str, pad: bytes) -> bytes:
 
 
 def response(field_: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
-             comment: str = "") -> bytes:
-    """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, ...) with its group length."""
+             comment: str = "", data_set: bool = False) -> bytes:
+    """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, C-FIND-RSP ...) with its group length;
+    ``data_set``: a data set follows it (a pending C-FIND-RSP's identifier)."""
     us = struct.Struct("<H").pack
     body = [_elem(0x0002, _even(sop_class, b"\0")) if sop_class else b"",
-            _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)), _elem(0x0800, us(NO_DATA_SET)),
+            _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)),
+            _elem(0x0800, us(DATA_SET_PRESENT if data_set else NO_DATA_SET)),
             _elem(0x0900, us(status))]
     if comment:
         # LO: 64 characters, no backslash (the value delimiter) and no control characters.
@@ -238,14 +242,16 @@ def response(field_: int, message_id: int, status: int, sop_class: str, sop_inst
     return _elem(0x0000, struct.pack("<I", len(rest))) + rest
 
 
-def p_data(cid: int, command: bytes, max_pdu: int) -> list[bytes]:
-    """P-DATA-TF PDUs carrying one command set, fragmented to the peer's maximum PDU size."""
+def p_data(cid: int, command: bytes, max_pdu: int, is_command: bool = True) -> list[bytes]:
+    """P-DATA-TF PDUs carrying one command set (or, ``is_command`` False, one data set), fragmented to the
+    peer's maximum PDU size."""
     room = (max_pdu - 6) if max_pdu else len(command) or 1  # PDV header: 4-byte length, id, control
     room = max(room, 1)
     out = []
     for start in range(0, max(len(command), 1), room):
         frag = command[start: start + room]
         last = start + room >= len(command)
-        pdv = struct.pack(">IBB", len(frag) + 2, cid, 0x03 if last else 0x01) + frag
+        control = (0x01 if is_command else 0x00) | (0x02 if last else 0x00)
+        pdv = struct.pack(">IBB", len(frag) + 2, cid, control) + frag
         out.append(_pdu(P_DATA_TF, pdv))
     return out

@@ -11,12 +11,14 @@ a receiver with associations open waits a little before accepting, so idle recei
 associations first (SO_REUSEPORT's hashing put all four of a benchmark's associations on one of two
 receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT. A data set
 larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
-arrives (:class:`_DataSet`), not assembled in memory.
+arrives (:class:`_DataSet`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
+answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
 import struct
@@ -27,7 +29,9 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
+from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
+from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.dicom.statuses import CANNOT_UNDERSTAND
 from shared.storage.objectstore import ObjectWriter
 
@@ -60,8 +64,12 @@ class StorageServer(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
-                 network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None):
+                 network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
+                 finder: Finder | None = None):
         self.intake = intake
+        self.finder = finder
+        self.supported = SUPPORTED if finder is None else {**SUPPORTED, **{c: FIND_TRANSFER_SYNTAXES
+                                                                        for c in FIND_SOP_CLASSES}}
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
         self.max_associations = max_associations
@@ -203,7 +211,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         req = pdu.parse_associate_rq(bytes(body))
         opened = srv._count("_open", 1)
         try:
-            neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, SUPPORTED,
+            neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
                                 busy=opened > srv.max_associations or srv.stopping.is_set())
             if neg.reject:
                 reason = _REJECT_REASONS.get(neg.reject[2], "rejected")
@@ -291,6 +299,10 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                 self._send_command(cid, reply, req.max_pdu)
             finally:
                 srv._count("_inflight", -1)
+        elif field == pdu.C_FIND_RQ and self.server.finder is not None:
+            self._find(req, cid, context, message_id, sop_class, dataset)
+        elif field == pdu.C_CANCEL_RQ:
+            pass  # a cancel after the last response of its C-FIND: nothing left to cancel, nothing to answer
         elif field == pdu.C_ECHO_RQ:
             self._send_command(cid, pdu.response(pdu.C_ECHO_RSP, message_id, 0, sop_class or str(Verification)),
                                req.max_pdu)
@@ -298,6 +310,40 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             log.warning("unsupported DIMSE command 0x%04X from %s", field, req.calling_ae)
             self._send_command(cid, pdu.response(field | 0x8000, message_id, pdu.UNRECOGNIZED_OPERATION, sop_class),
                                req.max_pdu)
+
+    def _find(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], message_id: int,
+              sop_class: str, dataset: bytes | ObjectWriter | None) -> None:
+        """Answer a C-FIND: a pending response per match, then the final status (0xFE00 once the SCU cancels)."""
+        if not isinstance(dataset, bytes):
+            if dataset is not None:
+                dataset.close()
+            self._send_command(cid, pdu.response(pdu.C_FIND_RSP, message_id, UNABLE_TO_PROCESS, sop_class,
+                                                 comment="identifier missing or too large"), req.max_pdu)
+            return
+        for status, identifier, comment in self.server.finder.responses(dataset, context[1], sop_class,
+                                                                        req.calling_ae):
+            if status == PENDING and self._cancelled(message_id):
+                self._send_command(cid, pdu.response(pdu.C_FIND_RSP, message_id, CANCEL, sop_class), req.max_pdu)
+                return
+            self._send_command(cid, pdu.response(pdu.C_FIND_RSP, message_id, status, sop_class, comment=comment,
+                                                 data_set=identifier is not None), req.max_pdu)
+            if identifier is not None:
+                self.sock.sendall(b"".join(pdu.p_data(cid, identifier, req.max_pdu, is_command=False)))
+
+    def _cancelled(self, message_id: int) -> bool:
+        """Whether the SCU has sent a C-CANCEL-RQ for ``message_id`` (looked for without waiting)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        kind, body = self._read_pdu()
+        if kind != pdu.P_DATA_TF:
+            raise pdu.ProtocolError(f"PDU type {kind} while answering a C-FIND")
+        for _, is_command, _, fragment in pdu.pdvs(body):
+            if is_command:
+                cmd = pdu.parse_command(bytes(fragment))
+                if pdu.command_us(cmd, 0x0100) == pdu.C_CANCEL_RQ and pdu.command_us(cmd, 0x0120) == message_id:
+                    return True
+        raise pdu.ProtocolError("a message other than C-CANCEL while answering a C-FIND")
 
     def _send_command(self, cid: int, command: bytes, max_pdu: int) -> None:
         self.sock.sendall(b"".join(pdu.p_data(cid, command, max_pdu)))
@@ -315,11 +361,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
-              network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None) -> StorageServer:
-    """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server."""
+              network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
+              finder: Finder | None = None) -> StorageServer:
+    """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
+
+    With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue.
+    """
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes, listen)
+                           allowed_calling_aes, listen, finder)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

@@ -21,7 +21,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics
+from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
+from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, SUCCESS
 from shared.dicom.statuses import CANNOT_UNDERSTAND, fit_comment
 
 log = logging.getLogger("dicomflow.ingest.scp")
@@ -75,8 +77,21 @@ def _status(status: int, comment: str = "") -> Dataset:
     return ds
 
 
-def make_handlers(intake: Intake) -> list:
+def make_handlers(intake: Intake, finder: Finder | None = None) -> list:
     """The pynetdicom event handlers of the SCP."""
+
+    def on_find(event: evt.Event):
+        identifier = event.request.Identifier.getvalue() if event.request.Identifier is not None else b""
+        for status, model, comment in finder.results(
+                identifier, str(event.context.transfer_syntax), str(event.request.AffectedSOPClassUID or ""),
+                str(event.assoc.requestor.ae_title).strip()):
+            if status == PENDING:
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                yield status, Dataset.from_json(model)
+            elif status != SUCCESS:
+                yield _status(status, comment), None
 
     def on_store(event: evt.Event) -> Dataset:
         req = event.request
@@ -107,13 +122,17 @@ def make_handlers(intake: Intake) -> list:
         metrics.rejected_associations.labels(reason="rejected").inc()
         log.warning("association from %s rejected", event.assoc.requestor.ae_title)
 
-    return [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_conn_open), (evt.EVT_ACCEPTED, on_accepted),
-            (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_released), (evt.EVT_REJECTED, on_rejected)]
+    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_conn_open), (evt.EVT_ACCEPTED, on_accepted),
+                (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_released), (evt.EVT_REJECTED, on_rejected)]
+    if finder is not None:
+        handlers.append((evt.EVT_C_FIND, on_find))
+    return handlers
 
 
 def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout: float,
-            allowed_calling_aes: list[str]) -> AE:
-    """An AE accepting every storage SOP class in every transfer syntax pynetdicom knows, plus Verification."""
+            allowed_calling_aes: list[str], find: bool = False) -> AE:
+    """An AE accepting every storage SOP class in every transfer syntax pynetdicom knows, plus Verification
+    (and, with ``find``, Patient and Study Root C-FIND)."""
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     ae.maximum_associations = max_associations
@@ -124,14 +143,17 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    if find:
+        for sop_class in FIND_SOP_CLASSES:
+            ae.add_supported_context(sop_class, sorted(FIND_TRANSFER_SYNTAXES))
     return ae
 
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
-              network_timeout: float, allowed_calling_aes: list[str]) -> ReusePortServer:
+              network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None) -> ReusePortServer:
     """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it)."""
-    ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes)
-    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None, make_handlers(intake),
+    ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None)
+    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None, make_handlers(intake, finder),
                             ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)

@@ -9,11 +9,13 @@ import signal
 import sys
 import threading
 
+from services.ingest.find import Finder
 from services.ingest.intake import Intake
 from services.ingest.loopthread import LoopThread
 from services.ingest.scp import listening_socket, start_scp
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.publish_blocking import blocking_publisher
+from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import settle_after_startup
 from shared.storage.objectstore import Backends
@@ -44,12 +46,15 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
             allowed_calling_aes(config))
+    # The one AE answers C-FIND too, from the shared catalogue (opened here: each receiver its own connections).
+    catalogue = open_catalogue(config.catalogue.url, config.data_path())
+    finder = Finder(catalogue, config.access, ing.ae_title, config.web.max_results)
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
-        server = start_pynetdicom(*args)
+        server = start_pynetdicom(*args, finder=finder)
     else:
-        server = start_scp(*args, listen_fd=listen_fd)
+        server = start_scp(*args, listen_fd=listen_fd, finder=finder)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: nc.is_connected)
@@ -66,6 +71,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     except Exception as exc:  # a dead NATS must not keep the process from exiting
         log.warning("nats drain: %s", exc)
     publisher.close()
+    catalogue.close()
     backends.close()
     loop.stop()
 

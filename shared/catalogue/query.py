@@ -77,7 +77,8 @@ def queryable_at(attribute: Attribute, level: str) -> bool:
     return LEVEL_RANK[attribute.level] <= LEVEL_RANK[level]
 
 
-def _check_value(attribute: Attribute, value: str, name: str) -> Match:
+def match_for(attribute: Attribute, value: str, name: str) -> Match:
+    """The matching key ``name`` (an attribute given the value ``value``), checked; :class:`QueryError` says why not."""
     vr = attribute.vr
     if vr in ("DA", "TM"):
         pattern = _DATE if vr == "DA" else _TIME
@@ -183,7 +184,7 @@ def parse_qido(level: str, params: list[tuple[str, str]], study_uid: str | None 
         if value.strip() == "" or value.strip() == "*":
             returned.add(tag)
             continue
-        matches.append(_check_value(attribute, value, key))
+        matches.append(match_for(attribute, value, key))
     return Query(level=level, matches=tuple(matches), include=include if include == ALL else frozenset(include),
                  returned=frozenset(returned), fuzzy=fuzzy, limit=limit, offset=offset, study_uid=study_uid,
                  series_uid=series_uid)
@@ -204,5 +205,5 @@ def like_pattern(text: str) -> str:
     return "".join(out)
 
 
-__all__ = ["ALL", "INSTANCE", "Match", "PATIENT", "Query", "QueryError", "SERIES", "STUDY", "like_pattern",
+__all__ = ["ALL", "INSTANCE", "Match", "PATIENT", "Query", "QueryError", "SERIES", "STUDY", "like_pattern", "match_for",
            "parse_qido", "queryable_at"]

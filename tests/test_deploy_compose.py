@@ -64,12 +64,16 @@ def test_layout_three_nats_two_routers_two_stores(compose):
     nats = [n for n, s in services.items() if s.get("entrypoint", [None])[0] == "nats-server"]
     assert sorted(nats) == ["nats-1", "nats-2", "nats-3"]
     cmds = [s["command"][0] for s in dicomflow_services(compose).values()]
-    assert sorted(cmds) == ["autoscaler", "ingest", "router", "router", "store", "store"]
-    assert {"prometheus", "grafana"} <= set(services)
+    assert sorted(cmds) == ["autoscaler", "ingest", "router", "router", "store", "store", "web"]
+    assert {"prometheus", "grafana", "postgres"} <= set(services)
     assert services["ingest"]["ports"][0]["target"] == 11112
-    # The filesystem store and the index are on one volume shared by every dicomflow container.
+    assert services["web"]["ports"][0]["target"] == load_config(COMPOSE / "dicomflow.yaml", environ={}).web.port
+    # The filesystem store on one volume shared by every dicomflow container; the catalogue in PostgreSQL,
+    # which every one of them waits for.
     for name, s in dicomflow_services(compose).items():
         assert mounts(s)["/var/lib/dicomflow"] == "data", name
+        assert s["depends_on"]["postgres"]["condition"] == "service_healthy", name
+    assert mounts(services["postgres"])["/var/lib/postgresql/data"] == "postgres"
 
 
 def test_ceph_is_an_optional_profile():
@@ -100,6 +104,11 @@ def test_config_files_are_valid_and_match_the_deployment(compose, config_file):
     nats = [n for n, s in compose["services"].items() if s.get("entrypoint", [None])[0] == "nats-server"]
     assert sorted(u.split("//")[1].split(":")[0] for u in cfg.nats_servers()) == sorted(nats)
     assert cfg.stream.replicas == 3 and cfg.telemetry.metrics_host == "0.0.0.0" and cfg.ingest.host == "0.0.0.0"
+    # one catalogue for all, on the postgres service with its credentials; no anonymous HTTP access
+    pg = compose["services"]["postgres"]["environment"]
+    assert cfg.catalogue.url == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/"
+                                 f"{pg['POSTGRES_DB']}")
+    assert cfg.access.anonymous_tenant is None and cfg.web.host == "0.0.0.0"
     routes = re.findall(r"nats-route://([\w-]+):6222", (COMPOSE / "nats" / "nats.conf").read_text())
     assert sorted(routes) == sorted(nats)
     # Prometheus scrapes every dicomflow container on the configured metrics port.

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     rei.add_argument("--out", help="write the rebuilt catalogue to this SQLite file instead of the configured catalogue")
     rei.add_argument("--backend", action="append", help="only this rados backend (repeatable; default: all)")
     rei.add_argument("--json", action="store_true")
+    key = sub.add_parser("apikey", parents=[common], help="a new random API key and the SHA-256 the configuration keeps")
+    key.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
     cfg.add_argument("action", choices=["show", "reference"], help="show: effective config; reference: every setting")
     cfg.add_argument("--json", action="store_true")
@@ -397,6 +399,20 @@ def cmd_policies(config: Config, args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_apikey(config: Config, args: argparse.Namespace) -> int:
+    import secrets
+
+    from shared.tenancy import api_key_hash
+
+    key = secrets.token_urlsafe(32)
+    if args.json:
+        print(json.dumps({"key": key, "sha256": api_key_hash(key)}))
+    else:
+        print(f"key:    {key}\nsha256: {api_key_hash(key)}\n(give the key to its user; put the sha256 under "
+              f"access.tenants.<tenant>.api_keys_sha256 or access.admin_api_keys_sha256)")
+    return 0
+
+
 def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
     from services.store.reindex import rebuild
 
@@ -409,4 +425,4 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
-            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq}
+            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey}

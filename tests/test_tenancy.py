@@ -53,3 +53,19 @@ def test_an_ae_in_two_tenants_is_a_configuration_error():
         AccessConfig.model_validate({"tenants": {"a": {"aes": ["X"]}, "b": {"aes": ["X"]}}})
     with pytest.raises(ValidationError, match="SHA-256"):
         AccessConfig.model_validate({"tenants": {"a": {"api_keys_sha256": ["plain-key"]}}})
+
+
+def test_dicomflow_apikey_prints_a_key_and_the_hash_the_configuration_keeps():
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    res = subprocess.run([sys.executable, "-m", "dicomflow", "apikey", "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    made = json.loads(res.stdout)
+    assert len(made["key"]) >= 40 and api_key_hash(made["key"]) == made["sha256"]
+    access = AccessConfig.model_validate({"tenants": {"t": {"api_keys_sha256": [made["sha256"]]}}})
+    assert principal_of_api_key(access, made["key"]).scope == "t"

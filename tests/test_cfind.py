@@ -4,6 +4,7 @@ pynetdicom as two independent SCUs; tenants, non-ASCII names, failures named by 
 from __future__ import annotations
 
 import subprocess
+import time
 from itertools import count
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from services.ingest.find import Finder
 from services.ingest.intake import Intake
 from services.ingest.scp import start_scp
 from services.ingest.scp_pynetdicom import start_scp as start_pynetdicom
+from shared.catalogue.find import PENDING
 from shared.catalogue.open import open_catalogue
 from shared.config import load_config
 from shared.storage.objectstore import Backends
@@ -142,7 +144,8 @@ def test_c_cancel_ends_the_answer_early(scp):
     if engine == "pynetdicom":
         # its acceptor queues all 300 pending responses before its DIMSE thread reads the C-CANCEL
         # (measured: the final status is 0x0000); the handler checks event.is_cancelled all the same
-        pytest.skip("pynetdicom's acceptor answers this small a query before it reads the cancel")
+        pytest.skip("pynetdicom's acceptor answers this small a query before it reads the cancel;"
+                    " test_c_cancel_while_matches_are_still_found covers its cancel")
     many = [ds for _ in range(300) for ds in study(1)]
     for i in range(0, len(many), 100):
         catalogue.record_batch([entry(ds, "a") for ds in many[i:i + 100]])
@@ -161,3 +164,47 @@ def test_c_cancel_ends_the_answer_early(scp):
     finally:
         assoc.release()
     assert statuses[-1] == 0xFE00 and len(statuses) < 301
+
+
+class _PacedFinder(Finder):
+    """The real finder with 20 ms before each match: a C-CANCEL surely comes while responses are still due,
+    so pynetdicom's acceptor (which otherwise queues a small answer whole before reading) sees it."""
+
+    def results(self, identifier, transfer_syntax, sop_class, calling_ae):
+        for item in super().results(identifier, transfer_syntax, sop_class, calling_ae):
+            if item[0] == PENDING:
+                time.sleep(0.02)
+            yield item
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_c_cancel_while_matches_are_still_found(engine, tmp_path):
+    cfg = load_config(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "access": {"default_tenant": None, "tenants": {"a": {"aes": ["FIND_A"]}}}})
+    catalogue = open_catalogue("", tmp_path)
+    catalogue.record_batch([entry(ds, "a") for _ in range(100) for ds in study(1)])
+    backends = Backends(cfg)
+    intake = Intake(backends.get("local"), _NoStores(), cfg.ingest.max_instance_bytes)
+    port = free_port()
+    args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, ["FIND_A"])
+    finder = _PacedFinder(catalogue, cfg.access, "DICOMFLOW", 1000)
+    server = start_pynetdicom(*args, finder=finder) if engine == "pynetdicom" else start_scp(*args, finder=finder)
+    ae = AE(ae_title="FIND_A")
+    ae.add_requested_context(StudyRootFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    try:
+        statuses = []
+        for status, _ in assoc.send_c_find(q, StudyRootFind, msg_id=9):
+            statuses.append(status.Status)
+            if len(statuses) == 1:
+                assoc.send_c_cancel(9, query_model=StudyRootFind)
+        assert statuses[-1] == 0xFE00 and len(statuses) < 50
+        assert assoc.is_established  # a cancel ends the operation, not the association
+    finally:
+        assoc.release()
+        server.stop(5)
+        catalogue.close()
+        backends.close()

@@ -18,7 +18,6 @@ answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL betwe
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import socketserver
 import struct
@@ -332,8 +331,16 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _cancelled(self, message_id: int) -> bool:
         """Whether the SCU has sent a C-CANCEL-RQ for ``message_id`` (looked for without waiting)."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if not readable:
+        # peek, not select: the PDU may already sit in the reader's buffer (read with the request's last PDU),
+        # where select on the socket would not see it and the cancel would only be read after the last response
+        self.sock.setblocking(False)
+        try:
+            waiting = self.reader.peek(1)
+        except (BlockingIOError, InterruptedError):
+            waiting = b""
+        finally:
+            self.sock.settimeout(self.server.network_timeout)
+        if not waiting:
             return False
         kind, body = self._read_pdu()
         if kind != pdu.P_DATA_TF:

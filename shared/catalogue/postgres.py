@@ -20,4 +20,8 @@ def open_postgres(dsn: str) -> SqlCatalogue:
     # together: a unique violation on pg_type): one transaction-scoped advisory lock serialises them.
     return SqlCatalogue(Dialect("postgresql", connect, "%s",
                                 retryable=(errors.DeadlockDetected, errors.SerializationFailure),
-                                schema_lock="SELECT pg_advisory_xact_lock(7364201)"))
+                                schema_lock="SELECT pg_advisory_xact_lock(7364201)",
+                                # a prefix LIKE uses a plain index only under the C collation: these serve any
+                                extra_schema=tuple(
+                                    f"CREATE INDEX IF NOT EXISTS studies_by_{c}_prefix ON studies (tenant, {c} "
+                                    "text_pattern_ops)" for c in ("patient_name", "patient_id", "accession_number"))))

@@ -85,6 +85,7 @@ class Dialect:
     placeholder: str  # "?" or "%s"
     begin_write: str | None = None  # what starts a writing transaction, where the driver does not
     schema_lock: str | None = None  # taken before creating the schema: processes starting together would race
+    extra_schema: tuple[str, ...] = ()  # statements only this backend has (indexes it needs)
     retryable: tuple[type[BaseException], ...] = ()  # errors after which the whole transaction is retried
 
 
@@ -148,7 +149,7 @@ class SqlCatalogue:
         def create(cur):
             if self.dialect.schema_lock:
                 cur.execute(self.dialect.schema_lock)
-            for statement in SCHEMA:
+            for statement in (*SCHEMA, *self.dialect.extra_schema):
                 cur.execute(statement)
             cur.execute("SELECT version FROM catalogue_schema")
             if cur.fetchone() is None:

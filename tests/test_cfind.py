@@ -315,3 +315,20 @@ def test_catalogue_down_answers_c000_and_is_opened_again_later(engine, tmp_path)
         server.stop(5)
         finder.close()
         backends.close()
+
+
+def test_pynetdicom_engine_under_dicomflow_run_answers_c_find(stack_factory, tmp_path):
+    """``dicomflow run`` with ingest.engine pynetdicom: storescu's C-STOREs, then findscu, on the same AE."""
+    from dicomflow.synthetic import write_study
+    from tests.helpers import wait_for
+
+    stack = stack_factory(ingest={"engine": "pynetdicom"},
+                          access={"default_tenant": None, "tenants": {"a": {"aes": ["CT_A"]}, "b": {"aes": ["CT_B"]}}})
+    study_a, _ = write_study(tmp_path / "a", 3, series=2)
+    assert stack.storescu(tmp_path / "a", calling_ae="CT_A").returncode == 0
+    wait_for(lambda: "study_uid" in stack.cli("studies", "--json").stdout, 60, what="the study catalogued")
+    [found] = findscu(stack.port, "-S", "CT_A", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID",
+                                                 "NumberOfStudyRelatedInstances"], tmp_path / "find-a")
+    assert (found.StudyInstanceUID, found.NumberOfStudyRelatedInstances, found.RetrieveAETitle) == \
+        (study_a, 3, stack.ae_title)
+    assert findscu(stack.port, "-S", "CT_B", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"], tmp_path / "b") == []

@@ -47,12 +47,13 @@ def scp(request, tmp_path):
     catalogue = open_catalogue(url, tmp_path)
     backends = Backends(cfg)
     intake = Intake(backends.get("local"), _NoStores(), cfg.ingest.max_instance_bytes)
-    finder = Finder(catalogue, cfg.access, "DICOMFLOW", 1000)
+    finder = Finder(lambda: catalogue, cfg.access, "DICOMFLOW", 1000)
     port = free_port()
     args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, ["FIND_A", "FIND_B"])
     server = start_pynetdicom(*args, finder=finder) if engine == "pynetdicom" else start_scp(*args, finder=finder)
     yield port, catalogue, engine
     server.stop(5)
+    finder.close()
     catalogue.close()
     backends.close()
 
@@ -187,7 +188,7 @@ def test_c_cancel_while_matches_are_still_found(engine, tmp_path):
     intake = Intake(backends.get("local"), _NoStores(), cfg.ingest.max_instance_bytes)
     port = free_port()
     args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, ["FIND_A"])
-    finder = _PacedFinder(catalogue, cfg.access, "DICOMFLOW", 1000)
+    finder = _PacedFinder(lambda: catalogue, cfg.access, "DICOMFLOW", 1000)
     server = start_pynetdicom(*args, finder=finder) if engine == "pynetdicom" else start_scp(*args, finder=finder)
     ae = AE(ae_title="FIND_A")
     ae.add_requested_context(StudyRootFind)
@@ -206,5 +207,128 @@ def test_c_cancel_while_matches_are_still_found(engine, tmp_path):
     finally:
         assoc.release()
         server.stop(5)
+        finder.close()
         catalogue.close()
         backends.close()
+
+
+def _serve(engine: str, tmp_path: Path, finder: Finder, stream_above_bytes: int = 256 * 1024):
+    cfg = load_config(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    backends = Backends(cfg)
+    intake = Intake(backends.get("local"), _NoStores(), cfg.ingest.max_instance_bytes, stream_above_bytes)
+    port = free_port()
+    args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 8, 30, [])
+    server = start_pynetdicom(*args, finder=finder) if engine == "pynetdicom" else start_scp(*args, finder=finder)
+    return port, server, backends
+
+
+def _access():
+    return load_config(None, environ={}, overrides={"access": {
+        "default_tenant": None, "tenants": {"a": {"aes": ["FIND_A"]}}}}).access
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_searches_hold_a_bounded_number_of_database_connections(engine, pg_cluster, tmp_path):
+    """One thread per association: searching on it left a PostgreSQL connection open per association that
+    ever queried. The finder's own two search threads hold at most two, however many associations query."""
+    import psycopg
+
+    dsn = pg_cluster.new_database(f"f{next(_db)}")
+    catalogue = open_catalogue(dsn, tmp_path)  # this thread's connection: the schema, then the records
+    catalogue.record_batch([entry(ds, "a") for ds in study(1)])
+    finder = Finder(lambda: catalogue, _access(), "DICOMFLOW", 100)
+    port, server, backends = _serve(engine, tmp_path, finder)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    try:
+        for _ in range(8):  # eight associations, one C-FIND each
+            assert [s for s, _ in pyfind(port, "FIND_A", q)] == [PENDING, 0]
+        with psycopg.connect(dsn) as probe:
+            [(others,)] = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                        " AND pid <> pg_backend_pid()").fetchall()
+        assert others <= 3, f"{others} connections to the catalogue after 8 associations"  # 1 here + 2 searchers
+    finally:
+        server.stop(5)
+        finder.close()
+        catalogue.close()
+        backends.close()
+
+
+def test_identifier_is_held_in_memory_never_staged(tmp_path):
+    """A data set on a FIND context never goes to the intake, even one past ingest.stream_above_bytes."""
+    catalogue = open_catalogue("", tmp_path)
+    catalogue.record_batch([entry(ds, "a") for ds in study(1, PatientID="PX")])
+    finder = Finder(lambda: catalogue, _access(), "DICOMFLOW", 100)
+    port, server, backends = _serve("lean", tmp_path, finder, stream_above_bytes=1024)
+    staged = tmp_path / "objects"
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file() and staged in p.parents)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = "PX"
+    q.ImageComments = "x" * 8000  # not a catalogue key: returned empty, never a filter
+    try:
+        [(status, found), (final, _)] = pyfind(port, "FIND_A", q)
+        assert (status, final, found.PatientID, found.ImageComments) == (PENDING, 0, "PX", "")
+        assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and staged in p.parents) == before
+        q.ImageComments = "y" * (1024 * 1024 + 2)
+        [(status, _)] = pyfind(port, "FIND_A", q)
+        assert status == 0xC000
+    finally:
+        server.stop(5)
+        finder.close()
+        catalogue.close()
+        backends.close()
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_catalogue_down_answers_c000_and_is_opened_again_later(engine, tmp_path):
+    """The catalogue opens at the first C-FIND; while it cannot, each C-FIND fails 0xC000 naming why (the
+    association stays up), and the first one after it can is answered."""
+    attempts = []
+    good = tmp_path / "catalogue.sqlite"
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # a catalogue under a file cannot be opened
+
+    def open_it():
+        attempts.append(1)
+        return open_catalogue(f"sqlite:///{blocked / 'c.sqlite' if len(attempts) == 1 else good}", tmp_path)
+
+    finder = Finder(open_it, _access(), "DICOMFLOW", 100)
+    port, server, backends = _serve(engine, tmp_path, finder)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    try:
+        assert attempts == []  # nothing opened before the first C-FIND
+        ae = AE(ae_title="FIND_A")
+        ae.add_requested_context(StudyRootFind)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
+        try:
+            [(status, _)] = list(assoc.send_c_find(q, StudyRootFind))
+            assert status.Status == 0xC000 and status.ErrorComment.startswith("catalogue unavailable")
+            assert [s.Status for s, _ in assoc.send_c_find(q, StudyRootFind)] == [0]  # opened now: no matches
+        finally:
+            assoc.release()
+        assert len(attempts) == 2
+    finally:
+        server.stop(5)
+        finder.close()
+        backends.close()
+
+
+def test_pynetdicom_engine_under_dicomflow_run_answers_c_find(stack_factory, tmp_path):
+    """``dicomflow run`` with ingest.engine pynetdicom: storescu's C-STOREs, then findscu, on the same AE."""
+    from dicomflow.synthetic import write_study
+    from tests.helpers import wait_for
+
+    stack = stack_factory(ingest={"engine": "pynetdicom"},
+                          access={"default_tenant": None, "tenants": {"a": {"aes": ["CT_A"]}, "b": {"aes": ["CT_B"]}}})
+    study_a, _ = write_study(tmp_path / "a", 3, series=2)
+    assert stack.storescu(tmp_path / "a", calling_ae="CT_A").returncode == 0
+    wait_for(lambda: "study_uid" in stack.cli("studies", "--json").stdout, 60, what="the study catalogued")
+    [found] = findscu(stack.port, "-S", "CT_A", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID",
+                                                 "NumberOfStudyRelatedInstances"], tmp_path / "find-a")
+    assert (found.StudyInstanceUID, found.NumberOfStudyRelatedInstances, found.RetrieveAETitle) == \
+        (study_a, 3, stack.ae_title)
+    assert findscu(stack.port, "-S", "CT_B", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"], tmp_path / "b") == []

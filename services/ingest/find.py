@@ -3,12 +3,20 @@
 The decisions (what the identifier asks, what each response holds) are :mod:`shared.catalogue.find`'s;
 here the bytes: the identifier read with the lean DICOM JSON encoder, each response identifier written
 with pydicom in the presentation context's transfer syntax (a few per query: not the C-STORE hot path).
+
+Searches run on a small pool of their own: the catalogue keeps one connection per thread that uses it
+(until it is closed), and both engines run one thread per association, so searching there left a
+database connection open for every association that ever queried. The catalogue is opened at the first
+C-FIND, and again after an open that failed: storing must not wait for, or fail with, the catalogue's
+database, and a search that fails answers 0xC000 rather than dropping the association.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -22,9 +30,11 @@ from shared.catalogue.find import (
     parse_identifier,
     response_identifier,
 )
+from shared.catalogue.query import Query
 from shared.catalogue.sql import SqlCatalogue
 from shared.config import AccessConfig
 from shared.dicom.json_model import JsonModelError, json_model
+from shared.dicom.statuses import failure_cause
 from shared.tenancy import tenant_of_ae
 
 from . import metrics
@@ -44,10 +54,18 @@ def encode(model: dict, transfer_syntax: str) -> bytes:
 
 
 class Finder:
-    """Answers C-FIND requests of calling AEs, each confined to its tenant."""
+    """Answers C-FIND requests of calling AEs, each confined to its tenant.
 
-    def __init__(self, catalogue: SqlCatalogue, access: AccessConfig, ae_title: str, max_results: int):
-        self.catalogue = catalogue
+    ``open_catalogue`` opens the catalogue, at the first C-FIND (:meth:`close` closes what it opened);
+    ``searchers``: the search threads, and so the most database connections this finder holds.
+    """
+
+    def __init__(self, open_catalogue: Callable[[], SqlCatalogue], access: AccessConfig, ae_title: str,
+                 max_results: int, searchers: int = 2):
+        self._open_catalogue = open_catalogue
+        self._catalogue: SqlCatalogue | None = None
+        self._opening = threading.Lock()
+        self._pool = ThreadPoolExecutor(searchers, thread_name_prefix="cfind-search")
         self.access = access
         self.ae_title = ae_title
         self.max_results = max_results
@@ -73,9 +91,27 @@ class Finder:
             yield exc.status, None, exc.comment
             return
         tenant = tenant_of_ae(self.access, calling_ae)
-        results = self.catalogue.search(request.query, tenant, self.max_results) if tenant is not None else []
+        try:
+            results = [] if tenant is None else self._pool.submit(self._search, request.query, tenant).result()
+        except Exception as exc:  # noqa: BLE001 - the database is down or refused: the SCU may ask again later
+            log.exception("C-FIND from %s: the catalogue search failed", calling_ae)
+            metrics.finds.labels(status=f"0x{UNABLE_TO_PROCESS:04X}").inc()
+            yield UNABLE_TO_PROCESS, None, f"catalogue unavailable: {failure_cause(exc)}"
+            return
         log.info("C-FIND %s from %s (tenant %s): %d matches", request.level_name, calling_ae, tenant, len(results))
         for result in results:
             yield PENDING, response_identifier(request, result, self.ae_title), ""
         metrics.finds.labels(status=f"0x{SUCCESS:04X}").inc()
         yield SUCCESS, None, ""
+
+    def _search(self, query: Query, tenant: str) -> list[dict]:
+        with self._opening:
+            if self._catalogue is None:
+                self._catalogue = self._open_catalogue()
+        return self._catalogue.search(query, tenant, self.max_results)
+
+    def close(self) -> None:
+        """Stop the search threads (a search under way is finished) and close the catalogue if it was opened."""
+        self._pool.shutdown(wait=True)
+        if self._catalogue is not None:
+            self._catalogue.close()

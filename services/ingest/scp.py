@@ -17,6 +17,7 @@ answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL betwe
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import socketserver
@@ -160,6 +161,34 @@ class _DataSet:
         self.parts = []
 
 
+# No C-FIND identifier comes near this: a larger one is not held (and never staged, as a C-STORE's would be).
+MAX_IDENTIFIER_BYTES = 1024 * 1024
+
+
+class _Identifier:
+    """A data set on a FIND context (a C-FIND's identifier) as its fragments arrive: held in memory, never
+    staged (it is not an instance); one over MAX_IDENTIFIER_BYTES is not kept at all."""
+
+    __slots__ = ("parts", "held")
+
+    def __init__(self):
+        self.parts: list[memoryview] = []
+        self.held = 0
+
+    def add(self, fragment: memoryview) -> None:
+        self.held += len(fragment)
+        if self.held <= MAX_IDENTIFIER_BYTES:
+            self.parts.append(fragment)
+        else:
+            self.parts = []
+
+    def take(self) -> bytes | None:
+        return b"".join(self.parts) if self.held <= MAX_IDENTIFIER_BYTES else None
+
+    def discard(self) -> None:
+        self.parts = []
+
+
 class _AssociationHandler(socketserver.BaseRequestHandler):
     server: StorageServer
 
@@ -230,7 +259,12 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
         command: list[memoryview] = []
-        data: _DataSet | None = None  # the data set of the pending command, as it arrives
+        data: _DataSet | _Identifier | None = None  # the data set of the pending command, as it arrives
+        # How each context collects a data set, chosen once per association (nothing more per C-STORE):
+        # a storage context's may be staged as it arrives, a FIND context's is held in memory.
+        intake = self.server.intake
+        collector = {cid: _Identifier if abstract in FIND_SOP_CLASSES else functools.partial(_DataSet, intake)
+                     for cid, (abstract, _) in contexts.items()}
         pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
         try:
             while True:
@@ -250,7 +284,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                                     if data is not None:  # a command that never got its data set
                                         data.discard()
                                     pending = (cid, cmd)
-                                    data = _DataSet(self.server.intake)
+                                    data = collector[cid]()
                         else:
                             if pending is None or data is None:
                                 raise pdu.ProtocolError("data set fragment without a command")
@@ -298,7 +332,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                 self._send_command(cid, reply, req.max_pdu)
             finally:
                 srv._count("_inflight", -1)
-        elif field == pdu.C_FIND_RQ and self.server.finder is not None:
+        elif field == pdu.C_FIND_RQ and self.server.finder is not None and context[0] in FIND_SOP_CLASSES:
             self._find(req, cid, context, message_id, sop_class, dataset)
         elif field == pdu.C_CANCEL_RQ:
             pass  # a cancel after the last response of its C-FIND: nothing left to cancel, nothing to answer
@@ -317,7 +351,8 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             if dataset is not None:
                 dataset.close()
             self._send_command(cid, pdu.response(pdu.C_FIND_RSP, message_id, UNABLE_TO_PROCESS, sop_class,
-                                                 comment="identifier missing or too large"), req.max_pdu)
+                                                 comment=f"identifier missing or over {MAX_IDENTIFIER_BYTES} bytes"),
+                               req.max_pdu)
             return
         for status, identifier, comment in self.server.finder.responses(dataset, context[1], sop_class,
                                                                         req.calling_ae):

@@ -46,9 +46,10 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
             allowed_calling_aes(config))
-    # The one AE answers C-FIND too, from the shared catalogue (opened here: each receiver its own connections).
-    catalogue = open_catalogue(config.catalogue.url, config.data_path())
-    finder = Finder(catalogue, config.access, ing.ae_title, config.web.max_results)
+    # The one AE answers C-FIND too, from the shared catalogue (each receiver its own connections, opened
+    # at its first C-FIND: a catalogue database that is down keeps no receiver from storing).
+    finder = Finder(functools.partial(open_catalogue, config.catalogue.url, config.data_path()), config.access,
+                    ing.ae_title, config.web.max_results)
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
@@ -71,7 +72,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     except Exception as exc:  # a dead NATS must not keep the process from exiting
         log.warning("nats drain: %s", exc)
     publisher.close()
-    catalogue.close()
+    finder.close()
     backends.close()
     loop.stop()
 

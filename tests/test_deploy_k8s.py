@@ -198,6 +198,10 @@ def test_probes_resources_and_disruption_budgets(rendered, overlay):
             assert "cpu" in req and "memory" in req, f"{name}/{c['name']}: resource requests"
             assert get(c, "securityContext.allowPrivilegeEscalation") is False
         main = container(w)
+        if name == "dicomflow-postgres":  # no HTTP: the server's own readiness check
+            assert get(main, "readinessProbe.exec.command")[0] == get(main, "livenessProbe.exec.command")[0] \
+                == "pg_isready"
+            continue
         ready, live = get(main, "readinessProbe.httpGet"), get(main, "livenessProbe.httpGet")
         assert ready and live, f"{name}: readiness and liveness probes"
         if name == "dicomflow-nats":
@@ -213,6 +217,29 @@ def test_probes_resources_and_disruption_budgets(rendered, overlay):
     nats = one(docs, "StatefulSet", "dicomflow-nats")
     assert nats["spec"]["replicas"] == 3
     assert one(docs, "PodDisruptionBudget", "dicomflow-nats")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_postgresql_catalogue_for_store_ingest_and_web(rendered, overlay, tmp_path):
+    docs = rendered[overlay]
+    pg = one(docs, "StatefulSet", "dicomflow-postgres")
+    assert get(pg, "spec.volumeClaimTemplates")[0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert one(docs, "Service", "dicomflow-postgres")["spec"]["ports"][0]["port"] == 5432
+    for svc in ("store", "ingest", "web"):
+        dep = deployment(docs, svc)
+        env = {e["name"]: e for e in container(dep)["env"]}
+        secret = env["DICOMFLOW__CATALOGUE__URL"]["valueFrom"]["secretKeyRef"]["name"]  # dev: a generated name
+        assert re.fullmatch(r"dicomflow-catalogue(-[a-z0-9]{10})?", secret), svc
+        cfg = service_config(docs, dep, tmp_path)
+        assert cfg.access.anonymous_tenant is None, f"{svc}: HTTP reachable from the network needs credentials"
+    web = deployment(docs, "web")
+    cfg = service_config(docs, web, tmp_path)
+    ports = {p["name"]: p["containerPort"] for p in container(web)["ports"]}
+    assert ports["web"] == cfg.web.port and cfg.web.host == "0.0.0.0"
+    service = one(docs, "Service", "dicomflow-web")
+    assert service["spec"]["ports"][0]["targetPort"] == "web"
+    labels = web["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())  # the Service selects the pods
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -13,7 +13,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 
 
 def test_there_are_benchmarks():
-    assert {"ingest.py", "groups.py", "balance.py", "store.py", "autoscale.py"} <= set(SCRIPTS)
+    assert {"ingest.py", "groups.py", "balance.py", "store.py", "autoscale.py", "query.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -75,6 +75,10 @@ MODALITIES = {"CT": ("1.2.840.10008.5.1.4.1.1.2", ["CHEST", "HEAD", "ABDOMEN"], 
               "CR": ("1.2.840.10008.5.1.4.1.1.1", ["CHEST", "HAND"], "XR {} 2 views"),
               "US": ("1.2.840.10008.5.1.4.1.1.6.1", ["ABDOMEN", "PELVIS"], "US {}")}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
+# Orthanc 1.10's DICOMweb plugin does not percent-decode QIDO values: "PatientName=Mor%2A" or "M%C3%BCl*" match
+# nothing (measured), so "*" and "^" go unescaped and the name searches use the names' ASCII prefixes.
+QUERY_SAFE = "*^"
+ASCII_PREFIXES = sorted({name[:3] for name in FAMILY if name[:3].isascii()})
 DAY0 = np.datetime64("2018-01-01")
 DAYS = 8 * 365
 
@@ -106,10 +110,15 @@ def study_facts(index: int) -> dict:
     rng = random.Random(index)
     modality = rng.choice(list(MODALITIES))
     day = DAY0 + np.timedelta64(rng.randrange(DAYS), "D")
+    pid = f"P{rng.randrange(index // 3 + 1):07d}"  # some patients have several studies
+    # A patient's name, sex and birth date follow from the patient, not the study: Orthanc keeps one name per
+    # PatientID (the first stored), so a PatientID under two names would make the two servers' answers differ.
+    person = random.Random(f"patient-{pid}")
     return {"index": index, "uid": uid(index), "modality": modality, "body": rng.choice(MODALITIES[modality][1]),
-            "name": f"{rng.choice(FAMILY)}^{rng.choice(GIVEN)}", "pid": f"P{rng.randrange(index // 3 + 1):07d}",
+            "name": f"{person.choice(FAMILY)}^{person.choice(GIVEN)}", "pid": pid,
+            "birth": f"19{person.randrange(30, 100):02d}{person.randrange(1, 13):02d}{person.randrange(1, 29):02d}",
             "date": str(day).replace("-", ""), "time": f"{rng.randrange(7, 19):02d}{rng.randrange(60):02d}00",
-            "accession": f"A{index:09d}", "sex": rng.choice("MF"), "sr": rng.random() < 0.2}
+            "accession": f"A{index:09d}", "sex": person.choice("MF"), "sr": rng.random() < 0.2}
 
 
 def instance(facts: dict, series: int, number: int, modality: str | None = None) -> Dataset:
@@ -134,7 +143,7 @@ def instance(facts: dict, series: int, number: int, modality: str | None = None)
     ds.StudyDescription = MODALITIES[facts["modality"]][2].format(facts["body"])
     ds.SeriesDescription = "Report" if modality == "SR" else f"{facts['body']} series {series}"
     ds.PatientName, ds.PatientID, ds.PatientSex = facts["name"], facts["pid"], facts["sex"]
-    ds.PatientBirthDate = f"19{40 + facts['index'] % 60:02d}0101"
+    ds.PatientBirthDate = facts["birth"]
     ds.StudyID = str(facts["index"] % 100000)
     ds.BodyPartExamined = facts["body"]
     ds.SeriesNumber, ds.InstanceNumber = series, number
@@ -259,7 +268,8 @@ def query_paths(studies: int, rng: random.Random) -> dict:
     big = study_facts(0)
 
     def by_name():
-        return "/studies?" + urllib.parse.urlencode({"PatientName": rng.choice(FAMILY)[:3] + "*", "limit": "101"})
+        return "/studies?" + urllib.parse.urlencode({"PatientName": rng.choice(ASCII_PREFIXES) + "*", "limit": "101"},
+                                                    safe=QUERY_SAFE)
 
     def by_date():
         day = DAY0 + np.timedelta64(rng.randrange(DAYS - 31), "D")
@@ -267,7 +277,7 @@ def query_paths(studies: int, rng: random.Random) -> dict:
         high = str(day + np.timedelta64(30, "D")).replace("-", "")
         return "/studies?" + urllib.parse.urlencode({"StudyDate": f"{low}-{high}",
                                                      "ModalitiesInStudy": rng.choice(list(MODALITIES)),
-                                                     "limit": "101"})
+                                                     "limit": "101"}, safe=QUERY_SAFE)
 
     def by_accession():
         return "/studies?AccessionNumber=" + study_facts(rng.randrange(1, studies + 1))["accession"]

@@ -16,6 +16,8 @@ The first ``--subset`` instances (and the big series) are also written as Part-1
 ``storescu`` into a fresh Orthanc (Debian 1.10 + libOrthancDicomWeb, default configuration), and
 loaded into a second catalogue of each backend: the same queries run against both, plus a QIDO
 throughput phase (``--clients`` threads for ``--seconds``), and the ratios are reported.
+A fixed set of requests is first sent to both, and any request on which they return different numbers of
+results is logged and counted (``disagreements_with_orthanc``): a ratio over different answers means nothing.
 
 As root it re-runs itself in a private network namespace (Orthanc cannot bind to loopback only).
 The last line is one JSON object.

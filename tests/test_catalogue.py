@@ -201,3 +201,46 @@ def test_concurrent_writers_of_one_study_lose_no_count(catalogue):
     [found] = catalogue.search(q(STUDY), "a", 100)
     assert value(found, "00201208") == 60 and value(found, "00201206") == 3
     assert sum(value(s, "00201209") for s in catalogue.search(q(SERIES), "a", 100)) == 60
+
+
+def test_prefix_matching_uses_an_index_outside_the_c_collation(pg_cluster, tmp_path):
+    """PostgreSQL created in en_US.UTF-8 (most installations, unlike the tests' C cluster): PatientName=smi*
+    and AccessionNumber=A12* are index range scans (text_pattern_ops), not a scan of every study; a catalogue
+    created with the plain indexes has them replaced when it is opened."""
+    import psycopg
+
+    from shared.catalogue.sql import SCHEMA, plan, prefix_indexes
+
+    name = f"collation{next(_db)}"
+    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
+        try:
+            conn.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE 'en_US.utf8'"
+                         " LC_CTYPE 'en_US.utf8'")
+        except psycopg.errors.InvalidParameterValue as exc:
+            pytest.skip(f"the en_US.utf8 locale is not installed: {exc}")
+    dsn = pg_cluster.dsn.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a catalogue from before the pattern indexes
+        for statement in [*SCHEMA, *prefix_indexes()]:
+            conn.execute(statement)
+    cat = open_catalogue(dsn, tmp_path)
+    try:
+        cat.record_batch([entry(ds) for ds in study(2, PatientName="Smith^Jane", AccessionNumber="A1234")]
+                         + [entry(ds) for ds in study(2, PatientName="Jones^Tom", AccessionNumber="B1")])
+        [found] = cat.search(q(STUDY, PatientName="smi*"), "a", 10)
+        assert value(found, "00100010") == {"Alphabetic": "Smith^Jane"}
+        assert [value(s, "00080050") for s in cat.search(q(STUDY, AccessionNumber="A12*"), "a", 10)] == ["A1234"]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'studies'")}
+            assert {"studies_by_patient_name_pattern", "studies_by_accession_pattern"} <= indexes
+            assert not {"studies_by_patient_name", "studies_by_accession"} & indexes
+            # enough studies of the tenant that only the prefix makes a scan selective
+            conn.execute("INSERT INTO studies (tenant, study_uid, patient_name, accession_number, attrs, updated_at)"
+                         " SELECT 'a', 'filler.' || g, 'filler^' || g, 'F' || g, '{}', '' FROM generate_series(1, 20000) g")
+            conn.execute("ANALYZE studies")
+            for params, bound in (({"PatientName": "smi*"}, "patient_name ~>=~ 'smi'"),
+                                  ({"AccessionNumber": "A12*"}, "accession_number ~>=~ 'A12'")):
+                statement, args = plan(q(STUDY, **params), "a", 10)
+                shown = "\n".join(r[0] for r in conn.execute("EXPLAIN " + statement.replace("?", "%s"), args))
+                assert bound in shown, shown  # the prefix bounds the index scan, not a filter over the tenant
+    finally:
+        cat.close()

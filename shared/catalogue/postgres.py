@@ -15,13 +15,11 @@ def open_postgres(dsn: str) -> SqlCatalogue:
     def connect() -> psycopg.Connection:
         return psycopg.connect(dsn, autocommit=False, connect_timeout=10)
 
+    # LIKE 'prefix%' uses an index outside the C collation only with text_pattern_ops (a database created in
+    # en_US.UTF-8 scanned every study for PatientName=smi*).
     # Writers lock their studies in one order, so a deadlock means another client's order: retry it.
     # CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL (two store replicas starting
     # together: a unique violation on pg_type): one transaction-scoped advisory lock serialises them.
     return SqlCatalogue(Dialect("postgresql", connect, "%s",
                                 retryable=(errors.DeadlockDetected, errors.SerializationFailure),
-                                schema_lock="SELECT pg_advisory_xact_lock(7364201)",
-                                # a prefix LIKE uses a plain index only under the C collation: these serve any
-                                extra_schema=tuple(
-                                    f"CREATE INDEX IF NOT EXISTS studies_by_{c}_prefix ON studies (tenant, {c} "
-                                    "text_pattern_ops)" for c in ("patient_name", "patient_id", "accession_number"))))
+                                schema_lock="SELECT pg_advisory_xact_lock(7364201)", pattern_ops="text_pattern_ops"))

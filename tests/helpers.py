@@ -156,5 +156,16 @@ def dataset_bytes(path: Path) -> bytes:
     return raw[meta_len:]
 
 
+def encode(ds, implicit: bool = False) -> bytes:
+    """A pydicom data set as data set bytes (no file meta), explicit or implicit VR little endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
 def run_async(coro):
     return asyncio.run(coro)

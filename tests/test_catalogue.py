@@ -7,14 +7,13 @@ from itertools import count
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 
 from dicomflow.synthetic import ct_instance, new_uid
 from shared.catalogue.entry import InstanceFacts, entry_from_model
 from shared.catalogue.open import open_catalogue
 from shared.catalogue.query import INSTANCE, PATIENT, SERIES, STUDY, QueryError, parse_qido
 from shared.dicom.json_model import json_model
+from tests.helpers import encode
 
 _db = count()
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -28,13 +27,6 @@ def catalogue(request, tmp_path):
         cat = open_catalogue(request.getfixturevalue("pg_cluster").new_database(f"t{next(_db)}"), tmp_path)
     yield cat
     cat.close()
-
-
-def encode(ds: Dataset) -> bytes:
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    write_dataset(out, ds)
-    return out.getvalue()
 
 
 def entry(ds: Dataset, tenant: str = "a", digest: str | None = None):

@@ -16,7 +16,8 @@ from shared.config import load_config
 from shared.dicom.json_model import json_model
 from shared.storage.objectstore import Backends, content_digest
 from shared.tenancy import api_key_hash
-from tests.test_catalogue import encode, study
+from tests.helpers import encode
+from tests.test_catalogue import study
 from tests.web_harness import WebService
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"

@@ -9,12 +9,11 @@ import warnings
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info
-from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from shared.dicom.json_model import JsonModelError, NeedMoreBytes, json_model
+from tests.helpers import encode
 
 _DATA = os.path.join(os.path.dirname(pydicom.__file__), "data")
 _FILES = sorted(glob.glob(os.path.join(_DATA, "*_files", "**", "*.dcm"), recursive=True))
@@ -82,13 +81,6 @@ def test_same_model_as_pydicom_for_real_files(path):
     assert _comparable(json_model(data, syntax)) == _comparable(reference)
 
 
-def _encode(ds: Dataset, implicit: bool = False) -> bytes:
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, implicit
-    write_dataset(out, ds)
-    return out.getvalue()
-
-
 def test_ps3_18_f2_rules():
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -104,7 +96,7 @@ def test_ps3_18_f2_rules():
     item.add_new(0x00420011, "OB", b"\x01\x02")
     ds.add_new(0x00400275, "SQ", Sequence([item]))
     ds.add_new(0x7FE00010, "OW", b"\x00" * 8)
-    raw = _encode(ds).replace(b"40\\41 ", b"40\\x  ")  # a DS that is not a number
+    raw = encode(ds).replace(b"40\\41 ", b"40\\x  ")  # a DS that is not a number
     model = json_model(raw, "1.2.840.10008.1.2.1")
     assert model["00080008"] == {"vr": "CS", "Value": ["ORIGINAL", None, "AXIAL"]}  # F.2.5: empty value is null
     assert model["00080020"] == {"vr": "DA"}  # empty element: no Value
@@ -124,7 +116,7 @@ def test_implicit_vr_uses_the_dictionary_and_pixel_representation():
     ds.add_new(0x00280103, "US", 1)  # signed pixels
     ds.add_new(0x00280106, "SS", -100)
     ds.add_new(0x00100010, "PN", "Doe^Jane")
-    model = json_model(_encode(ds, implicit=True), "1.2.840.10008.1.2")
+    model = json_model(encode(ds, implicit=True), "1.2.840.10008.1.2")
     assert model["00280106"] == {"vr": "SS", "Value": [-100]}
     assert model["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
 
@@ -132,14 +124,14 @@ def test_implicit_vr_uses_the_dictionary_and_pixel_representation():
 def test_known_element_sent_as_un_is_read_with_its_dictionary_vr():
     ds = Dataset()
     ds.add_new(0x00080020, "UN", b"20260102")
-    model = json_model(_encode(ds), "1.2.840.10008.1.2.1")
+    model = json_model(encode(ds), "1.2.840.10008.1.2.1")
     assert model["00080020"] == {"vr": "DA", "Value": ["20260102"]}
 
 
 def test_truncated_data_set_is_an_error():
     ds = Dataset()
     ds.PatientID = "X" * 20
-    raw = _encode(ds)
+    raw = encode(ds)
     with pytest.raises(JsonModelError):
         json_model(raw[:-5], "1.2.840.10008.1.2.1")
 
@@ -152,7 +144,7 @@ def test_a_head_of_the_data_set_is_enough_up_to_the_pixels():
     item.add_new(0x00081150, "UI", "1.2.3")
     ds.add_new(0x00081140, "SQ", Sequence([item] * 50))
     ds.add_new(0x7FE00010, "OW", b"\x01\x00" * 100_000)
-    raw = _encode(ds)
+    raw = encode(ds)
     whole = json_model(raw, "1.2.840.10008.1.2.1")
     pixels_at = raw.index(b"\xe0\x7f\x10\x00")
     head = json_model(raw[: pixels_at + 64], "1.2.840.10008.1.2.1", total=len(raw))

@@ -56,30 +56,16 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from bench._support import ensure_netns, log, stop_group  # noqa: E402
 from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 from shared.config import set_path  # noqa: E402
 
 DATASETS = {"ct512": (300, 512, 1), "small64": (2000, 64, 10)}  # instances, rows=cols, studies
 ASSOCS = (1, 4)
 RECEIVERS = ("dicomflow", "dicomflow-pynetdicom", "storescp", "orthanc")
-NETNS_FLAG = "DICOMFLOW_BENCH_NETNS"
 SEND_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def ensure_netns() -> None:
-    """Re-run this script in a private network namespace when we are root and not in one yet."""
-    if os.environ.get(NETNS_FLAG):
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        log("not root: running in the host network namespace (storescp/Orthanc bind every interface)")
-        return
-    os.environ[NETNS_FLAG] = "1"
-    os.execvp("unshare", ["unshare", "-n", "--", sys.executable, *sys.argv])
 
 
 def dataset(cache: Path, name: str) -> list[Path]:
@@ -149,13 +135,7 @@ class Receiver:
         self.proc: subprocess.Popen | None = None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until the receiver's processes are idle (start-up work done: streams, consumers, indexes)."""
@@ -304,7 +284,7 @@ def main() -> int:
         if not sep or not key:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
-    ensure_netns()
+    ensure_netns("storescp/Orthanc bind every interface")
     receivers = [r for r in args.only.split(",") if r]
     names = [d for d in args.datasets.split(",") if d]
     assoc_counts = [int(a) for a in args.assocs.split(",") if a]

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,13 +53,13 @@ from pydicom.filebase import DicomBytesIO  # noqa: E402
 from pydicom.filewriter import write_dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
+from bench._support import ensure_netns, log, stop_group  # noqa: E402
 from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 from shared.catalogue.entry import InstanceFacts, entry_from_model  # noqa: E402
 from shared.catalogue.open import open_catalogue  # noqa: E402
 from shared.catalogue.query import STUDY, parse_qido  # noqa: E402
 from shared.dicom.json_model import json_model  # noqa: E402
 
-NETNS_FLAG = "DICOMFLOW_BENCH_NETNS"
 TENANT = "default"  # the anonymous tenant on loopback: the client sends no credentials
 BATCH = 256
 PER_SERIES, SERIES_PER_STUDY = 10, 5
@@ -85,20 +84,6 @@ DAY0 = np.datetime64("2018-01-01")
 DAYS = 8 * 365
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def ensure_netns() -> None:
-    """Re-run this script in a private network namespace when we are root and not in one yet."""
-    if os.environ.get(NETNS_FLAG):
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        log("not root: running in the host network namespace (Orthanc binds every interface)")
-        return
-    os.environ[NETNS_FLAG] = "1"
-    os.execvp("unshare", ["unshare", "-n", "--", sys.executable, *sys.argv])
 
 
 # -- the synthetic data set ----------------------------------------------------------------------
@@ -206,13 +191,7 @@ class Process:
                                      start_new_session=True, **kw)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 def start_web(url: str, work: Path) -> tuple[Process, int]:
@@ -383,7 +362,7 @@ def main() -> int:
     if subset and not Path(ORTHANC_PLUGIN).exists():
         ap.error(f"{ORTHANC_PLUGIN} is missing: run scripts/debs.sh orthanc orthanc-dicomweb as root, "
                  "or pass --skip-orthanc")
-    ensure_netns()
+    ensure_netns("Orthanc binds every interface")
     work = Path(tempfile.mkdtemp(prefix="dicomflow-bench-query-"))
     if os.geteuid() == 0:
         os.chmod(work, 0o755)

@@ -1,0 +1,41 @@
+"""What the benchmark scripts share (not a benchmark itself: tests/test_bench_scripts.py skips _-names)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+NETNS_FLAG = "DICOMFLOW_BENCH_NETNS"
+
+
+def log(msg: str) -> None:
+    """Progress on stderr: stdout ends with the one JSON line."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_netns(why_needed: str) -> None:
+    """Re-run this script in a private network namespace when we are root and not in one yet
+    (``why_needed``: which peer binds every interface, said when it cannot be done)."""
+    if os.environ.get(NETNS_FLAG):
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        log(f"not root: running in the host network namespace ({why_needed})")
+        return
+    os.environ[NETNS_FLAG] = "1"
+    os.execvp("unshare", ["unshare", "-n", "--", sys.executable, *sys.argv])
+
+
+def stop_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM a process started in a session of its own, and its children; SIGKILL after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from shared.catalogue.find import (
     PENDING,
@@ -41,14 +42,13 @@ from . import metrics
 
 log = logging.getLogger("dicomflow.ingest.find")
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-FIND_TRANSFER_SYNTAXES = frozenset({IMPLICIT_LE, "1.2.840.10008.1.2.1"})
+FIND_TRANSFER_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 
 
 def encode(model: dict, transfer_syntax: str) -> bytes:
     """A DICOM JSON model as data set bytes in an uncompressed little endian transfer syntax."""
     out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, transfer_syntax == IMPLICIT_LE
+    out.is_little_endian, out.is_implicit_VR = True, transfer_syntax == ImplicitVRLittleEndian
     write_dataset(out, Dataset.from_json(model))
     return out.getvalue()
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_LE
+from pydicom.uid import ExplicitVRLittleEndian as EXPLICIT_LE
+from pydicom.uid import ImplicitVRLittleEndian as IMPLICIT_LE
+
 TRANSCODABLE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
 AS_STORED = "*"
 

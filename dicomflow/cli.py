@@ -157,7 +157,7 @@ def cmd_store(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_web(config: Config, args: argparse.Namespace) -> int:
-    from services.store.dicomweb.service import serve
+    from dicomflow.web import serve
 
     asyncio.run(serve(config, metrics_port=args.metrics_port))
     return 0

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from dicomflow.natsserver import free_port
-from services.store.dicomweb.service import serve
+from dicomflow.web import serve
 from shared.config import Config
 
 

@@ -22,9 +22,10 @@ from aiohttp import web
 
 from shared.dicom.part10 import part10
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
+from shared.web.answers import EXECUTOR, PRINCIPAL, error, path_uid
 
 from . import metrics
-from .answers import BACKENDS, CATALOGUE, EXECUTOR, PRINCIPAL, error, path_uid
+from .keys import BACKENDS, CATALOGUE
 from .negotiation import AS_STORED, Choice, choose
 
 log = logging.getLogger("dicomflow.web.retrieve")

@@ -12,6 +12,7 @@ import logging
 from concurrent.futures import Executor
 
 import jwt
+from aiohttp import web
 
 from shared.config import AccessConfig
 from shared.tenancy import Principal, anonymous, principal_of_api_key, principal_of_claims
@@ -83,3 +84,6 @@ class Authenticator:
     def _refuse(reason: str, message: str):
         metrics.auth_failures.labels(reason=reason).inc()
         raise Unauthorized(message)
+
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)

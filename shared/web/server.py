@@ -1,4 +1,4 @@
-"""The DICOMweb HTTP service process (``dicomflow web``): stateless; run as many as the load needs."""
+"""The DICOMweb HTTP server loop: the application with its mounts on ``web.host``:``web.port`` until stopped."""
 
 from __future__ import annotations
 
@@ -7,29 +7,26 @@ import logging
 
 from aiohttp import web
 
-from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import stop_on_signals
-from shared.telemetry import add_health_check, setup_tracing, start_metrics
+from shared.telemetry import setup_tracing, start_metrics
 
-from .app import make_app
+from .app import Mount, make_app
 
 log = logging.getLogger("dicomflow.web")
 
 
-async def serve(config: Config, port: int | None = None, metrics_port: int | None = None,
+async def serve(config: Config, mounts: list[Mount], port: int | None = None, metrics_port: int | None = None,
                 stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
-    """Serve DICOMweb on ``config.web.host``:``port`` (default ``config.web.port``) until SIGTERM/SIGINT or ``stop``."""
+    """Serve ``mounts`` on ``config.web.host``:``port`` (default ``config.web.port``) until SIGTERM/SIGINT or ``stop``."""
     setup_tracing("web", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
-    catalogue = open_catalogue(config.catalogue.url, config.data_path())
-    app = make_app(config, catalogue)
+    app = make_app(config, mounts)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.web.host, config.web.port if port is None else port, backlog=1024,
                        reuse_address=True)
     await site.start()
-    add_health_check("catalogue", catalogue.ping)
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
     if config.access.anonymous_tenant is not None and config.web.host not in ("127.0.0.1", "localhost", "::1"):
@@ -42,4 +39,3 @@ async def serve(config: Config, port: int | None = None, metrics_port: int | Non
         ready.set()
     await stop.wait()
     await runner.cleanup()
-    catalogue.close()

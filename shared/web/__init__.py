@@ -1,0 +1,1 @@
+"""The DICOMweb HTTP shell every web-facing service mounts its resources on: auth, CORS, metrics, errors."""

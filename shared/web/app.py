@@ -1,0 +1,111 @@
+"""The aiohttp application of DICOMweb: the middlewares every resource shares, and the resources mounted on it.
+
+A *mount* is a function ``(app, prefix) -> None`` that adds its resources (and their cleanup) to the
+application: the read side (QIDO-RS, WADO-RS) is the store's, STOW-RS the ingest's, so one port and
+one base URL serve them all while neither service imports the other. Each resource answers OPTIONS
+with the methods it has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from opentelemetry import trace
+
+from shared.config import Config
+from shared.telemetry import extract_context
+
+from . import metrics
+from .answers import CONFIG, EXECUTOR, PRINCIPAL, error
+from .auth import AUTHENTICATOR, Authenticator, Unauthorized
+
+tracer = trace.get_tracer("dicomflow.web")
+
+Mount = Callable[[web.Application, str], None]
+
+
+@web.middleware
+async def _observe(request: web.Request, handler) -> web.StreamResponse:
+    """Metrics and a server span per request (continuing a caller's trace from its traceparent)."""
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    with tracer.start_as_current_span(f"{request.method} {route}", context=extract_context(request.headers),
+                                      kind=trace.SpanKind.SERVER) as span:
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            span.set_attribute("http.status_code", status)
+            metrics.requests.labels(route=route, method=request.method, status=str(status)).inc()
+            metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+def _cors_middleware(origins: list[str]):
+    allowed = set(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        permitted = origin is not None and ("*" in allowed or origin in allowed)
+        if request.method == "OPTIONS" and permitted and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Accept, Content-Type, If-None-Match, Range, "
+                                                "X-API-Key",
+                "Access-Control-Max-Age": "600"})
+        else:
+            response = await handler(request)
+        if permitted:
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+            response.headers["Access-Control-Expose-Headers"] = ("Warning, ETag, Content-Type, Content-Length, "
+                                                                 "Content-Range, Accept-Ranges")
+            response.headers["Vary"] = "Origin"
+        return response
+    return cors
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        return await handler(request)
+    try:
+        request[PRINCIPAL] = await request.app[AUTHENTICATOR].principal(request.headers)
+    except Unauthorized as exc:
+        return error(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="dicomflow"'})
+    return await handler(request)
+
+
+def make_app(config: Config, mounts: Iterable[Mount]) -> web.Application:
+    """The application serving ``config.web.path_prefix``, with every mount's resources on it."""
+    app = web.Application(middlewares=[_observe, _cors_middleware(config.web.cors_origins), _authenticate],
+                          client_max_size=1024 ** 2)
+    executor = ThreadPoolExecutor(max_workers=config.web.threads, thread_name_prefix="web")
+    app[CONFIG] = config
+    app[EXECUTOR] = executor
+    app[AUTHENTICATOR] = Authenticator(config.access, executor)
+    prefix = config.web.path_prefix.rstrip("/")
+    for mount in mounts:
+        mount(app, prefix)
+    for resource in app.router.resources():
+        methods = sorted({route.method for route in resource} | {"OPTIONS"})
+        if "OPTIONS" not in {route.method for route in resource}:
+            resource.add_route("OPTIONS", _options(", ".join(methods)))
+
+    async def close_executor(_app: web.Application) -> None:
+        executor.shutdown(wait=False, cancel_futures=True)
+    app.on_cleanup.append(close_executor)
+    return app
+
+
+def _options(allow: str):
+    async def options(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"Allow": allow})
+    return options

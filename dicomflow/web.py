@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.ingest.stow import stow
 from services.store.dicomweb.resources import read_side
 from shared.config import Config
 from shared.web.server import serve as serve_mounts
@@ -13,4 +14,5 @@ from shared.web.server import serve as serve_mounts
 async def serve(config: Config, port: int | None = None, metrics_port: int | None = None,
                 stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
     """Serve DICOMweb until SIGTERM/SIGINT or ``stop`` (``ready`` is set once the port listens)."""
-    await serve_mounts(config, [read_side(config)], port, metrics_port, stop, ready)
+    mounts = [read_side(config), *([stow(config)] if config.web.stow else [])]
+    await serve_mounts(config, mounts, port, metrics_port, stop, ready)

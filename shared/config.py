@@ -407,6 +407,7 @@ class WebConfig(_Section):
     max_offset: int = Field(1_000_000, ge=0, description="Largest offset a query may ask for (400 above).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the service from a browser (a viewer such as OHIF served elsewhere); '*' for any.")
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
+    stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
 
 
 class Config(_Section):

@@ -19,12 +19,13 @@ from opentelemetry import trace
 
 from services.ingest import metrics
 from shared.bus.publish import Publisher
-from shared.contract.events import InstanceReceived, utcnow
+from shared.contract.events import InstanceReceived, InstanceTags, utcnow
 from shared.dicom.statuses import (
     NAMES,
     OUT_OF_RESOURCES,
     SOP_CLASS_MISMATCH,
     SOP_INSTANCE_MISMATCH,
+    STUDY_MISMATCH,
     SUCCESS,
     TOO_LARGE,
     Rejection,
@@ -38,10 +39,12 @@ tracer = trace.get_tracer("dicomflow.ingest")
 
 @dataclass(frozen=True)
 class Received:
-    """One C-STORE request as the SCP shell saw it.
+    """One instance as a shell received it (a C-STORE request, a STOW-RS part).
 
     ``data`` is the data set's bytes, or for a large one the staging backend's writer that took
     them as they arrived (:meth:`Intake.open_writer`); the intake commits or discards it.
+    ``tenant``: the tenant the sender's credentials name (STOW-RS); None: decided from the calling
+    AE (and a gateway's InstitutionName). ``study_uid``: the only study the sender may add to.
     """
 
     data: bytes | ObjectWriter
@@ -50,6 +53,59 @@ class Received:
     sop_instance_uid: str
     calling_ae: str
     called_ae: str
+    tenant: str | None = None
+    study_uid: str | None = None  # the study the request is confined to (STOW-RS /studies/{s}); None: any
+
+
+class Incoming:
+    """One received data set as its fragments arrive (a C-STORE's PDVs, a STOW-RS part's chunks): held in
+    memory while small, then streamed.
+
+    Once it outgrows the intake's ``stream_above_bytes`` it goes to a staging writer piece by piece
+    (written, hashed, writeback started), so the receiver never holds a large instance whole and
+    the disk works while the rest is still on the wire.
+    """
+
+    __slots__ = ("intake", "parts", "held", "writer")
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self.parts: list[memoryview] = []
+        self.held = 0
+        self.writer: ObjectWriter | None = None
+
+    def add(self, fragment: bytes | memoryview) -> None:
+        """Take the next piece of the data set."""
+        if self.writer is not None:
+            self.writer.write(fragment)
+            return
+        self.parts.append(fragment)
+        self.held += len(fragment)
+        if self.held > self.intake.stream_above_bytes:
+            self.writer = self.intake.open_writer()
+            for part in self.parts:
+                self.writer.write(part)
+            self.parts = []
+
+    def take(self) -> bytes | ObjectWriter:
+        """The whole data set: its bytes, or the writer that holds them (the intake commits or discards it)."""
+        return self.writer if self.writer is not None else b"".join(self.parts)
+
+    def discard(self) -> None:
+        """Drop what was received (a staging writer discards its uncommitted object)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.parts = []
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the intake answered for one instance (the UIDs are empty where the data set could not be read)."""
+
+    status: int
+    comment: str
+    study_uid: str = ""
+    series_uid: str = ""
 
 
 class Intake:
@@ -71,12 +127,18 @@ class Intake:
 
     def accept(self, rcv: Received) -> tuple[int, str]:
         """Handle one instance; returns (DICOM status, error comment)."""
+        admitted = self.admit(rcv)
+        return admitted.status, admitted.comment
+
+    def admit(self, rcv: Received) -> Admission:
+        """Handle one instance; returns its status, error comment and, where they could be read, its UIDs."""
         start = time.perf_counter()
+        seen: dict[str, InstanceTags] = {}
         with tracer.start_as_current_span("ingest.c_store", kind=trace.SpanKind.SERVER) as span:
             span.set_attribute("dicom.calling_ae", rcv.calling_ae)
             span.set_attribute("dicom.size", _size(rcv.data))
             try:
-                status, comment = self._accept(rcv, span)
+                status, comment = self._accept(rcv, span, seen)
             except Rejection as rej:
                 status, comment = rej.status, rej.reason
             finally:
@@ -89,9 +151,10 @@ class Intake:
                             rcv.sop_instance_uid[:64], status, NAMES.get(status, "?"), comment)
         metrics.instances.labels(status=f"0x{status:04X}").inc()
         metrics.latency.observe(time.perf_counter() - start)
-        return status, comment
+        tags = seen.get("tags")
+        return Admission(status, comment, tags.study_uid if tags else "", tags.series_uid if tags else "")
 
-    def _accept(self, rcv: Received, span: trace.Span) -> tuple[int, str]:
+    def _accept(self, rcv: Received, span: trace.Span, seen: dict[str, InstanceTags]) -> tuple[int, str]:
         data = rcv.data
         size = _size(data)
         if size > self.max_instance_bytes:
@@ -100,6 +163,7 @@ class Intake:
         if writer is not None and writer.failure is not None:
             return _not_durable(writer.failure)
         tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax)
+        seen["tags"] = tags
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)
         if tags.sop_uid != rcv.sop_instance_uid.strip():
@@ -108,6 +172,8 @@ class Intake:
         if tags.sop_class_uid and rcv.sop_class_uid and tags.sop_class_uid != rcv.sop_class_uid.strip():
             raise Rejection(SOP_CLASS_MISMATCH,
                             f"data set SOPClassUID {tags.sop_class_uid} differs from the request's {rcv.sop_class_uid}")
+        if rcv.study_uid is not None and tags.study_uid != rcv.study_uid:
+            raise Rejection(STUDY_MISMATCH, f"instance of study {tags.study_uid}, posted to study {rcv.study_uid}")
         meta = {"sop_uid": tags.sop_uid, "study_uid": tags.study_uid}
         t0 = time.perf_counter()
         try:
@@ -122,7 +188,8 @@ class Intake:
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
                                  size=size, backend=self.staging.name, calling_ae=rcv.calling_ae,
                                  called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver,
-                                 tenant=self.tenant_of(rcv.calling_ae, tags.institution_name) or "")
+                                 tenant=rcv.tenant if rcv.tenant is not None
+                                 else self.tenant_of(rcv.calling_ae, tags.institution_name) or "")
         t0 = time.perf_counter()
         try:
             self.publisher.publish(event)  # in this thread, under the c_store span: the store continues its trace

@@ -11,7 +11,7 @@ a receiver with associations open waits a little before accepting, so idle recei
 associations first (SO_REUSEPORT's hashing put all four of a benchmark's associations on one of two
 receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT. A data set
 larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
-arrives (:class:`_DataSet`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
+arrives (:class:`~services.ingest.intake.Incoming`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
 answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses.
 """
 
@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
-from services.ingest.intake import Intake, Received
+from services.ingest.intake import Incoming, Intake, Received
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.dicom.statuses import CANNOT_UNDERSTAND
 from shared.storage.objectstore import ObjectWriter
@@ -121,44 +121,6 @@ class StorageServer(socketserver.ThreadingTCPServer):
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-class _DataSet:
-    """One C-STORE's data set as its fragments arrive: held in memory while small, then streamed.
-
-    Once it outgrows the intake's ``stream_above_bytes`` it goes to a staging writer piece by piece
-    (written, hashed, writeback started), so the receiver never holds a large instance whole and
-    the disk works while the rest is still on the wire.
-    """
-
-    __slots__ = ("intake", "parts", "held", "writer")
-
-    def __init__(self, intake: Intake):
-        self.intake = intake
-        self.parts: list[memoryview] = []
-        self.held = 0
-        self.writer: ObjectWriter | None = None
-
-    def add(self, fragment: memoryview) -> None:
-        if self.writer is not None:
-            self.writer.write(fragment)
-            return
-        self.parts.append(fragment)
-        self.held += len(fragment)
-        if self.held > self.intake.stream_above_bytes:
-            self.writer = self.intake.open_writer()
-            for part in self.parts:
-                self.writer.write(part)
-            self.parts = []
-
-    def take(self) -> bytes | ObjectWriter:
-        """The whole data set: its bytes, or the writer that holds them (the intake commits or discards it)."""
-        return self.writer if self.writer is not None else b"".join(self.parts)
-
-    def discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.parts = []
 
 
 # No C-FIND identifier comes near this: a larger one is not held (and never staged, as a C-STORE's would be).
@@ -259,11 +221,11 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
         command: list[memoryview] = []
-        data: _DataSet | _Identifier | None = None  # the data set of the pending command, as it arrives
+        data: Incoming | _Identifier | None = None  # the data set of the pending command, as it arrives
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
         # a storage context's may be staged as it arrives, a FIND context's is held in memory.
         intake = self.server.intake
-        collector = {cid: _Identifier if abstract in FIND_SOP_CLASSES else functools.partial(_DataSet, intake)
+        collector = {cid: _Identifier if abstract in FIND_SOP_CLASSES else functools.partial(Incoming, intake)
                      for cid, (abstract, _) in contexts.items()}
         pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
         try:

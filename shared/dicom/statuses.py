@@ -17,6 +17,9 @@ INVALID_UID = 0xC001
 SOP_INSTANCE_MISMATCH = 0xC002
 # Permanent: the instance is larger than ingest.max_instance_bytes.
 TOO_LARGE = 0xC003
+# Permanent: a STOW-RS part posted to /studies/{s} whose data set belongs to another study (dcm4chee's
+# status for this; within the 0xC000-0xCFFF "cannot understand" range).
+STUDY_MISMATCH = 0xC409
 
 NAMES = {
     SUCCESS: "Success",
@@ -26,6 +29,7 @@ NAMES = {
     INVALID_UID: "Error: Cannot understand (missing or invalid UID)",
     SOP_INSTANCE_MISMATCH: "Error: Cannot understand (SOP Instance UID differs from the request)",
     TOO_LARGE: "Error: Cannot understand (instance larger than the configured limit)",
+    STUDY_MISMATCH: "Error: Cannot understand (instance of another study than the request's)",
 }
 
 

@@ -14,6 +14,22 @@ CONFIG = web.AppKey("config", Config)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 PRINCIPAL = web.RequestKey("principal", object)
 
+DICOM_JSON = "application/dicom+json"
+_JSON_ACCEPTED = ("application/dicom+json", "application/json", "application/*", "*/*")
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header admits DICOM JSON (absent: yes). Pure."""
+    if not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+            continue
+        if media.lower() in _JSON_ACCEPTED:
+            return True
+    return False
+
 
 def warning(text: str) -> str:
     """A Warning header value (PS3.18 8.6.2)."""

@@ -94,10 +94,15 @@ def make_app(config: Config, mounts: Iterable[Mount]) -> web.Application:
     prefix = config.web.path_prefix.rstrip("/")
     for mount in mounts:
         mount(app, prefix)
+    # Two mounts may serve one path (GET and POST /studies): OPTIONS, on the first, names both's methods.
+    methods: dict[str, set[str]] = {}
+    first: dict[str, web.AbstractResource] = {}
     for resource in app.router.resources():
-        methods = sorted({route.method for route in resource} | {"OPTIONS"})
-        if "OPTIONS" not in {route.method for route in resource}:
-            resource.add_route("OPTIONS", _options(", ".join(methods)))
+        methods.setdefault(resource.canonical, set()).update(route.method for route in resource)
+        first.setdefault(resource.canonical, resource)
+    for path, resource in first.items():
+        if "OPTIONS" not in methods[path]:
+            resource.add_route("OPTIONS", _options(", ".join(sorted(methods[path] | {"OPTIONS"}))))
 
     async def close_executor(_app: web.Application) -> None:
         executor.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,17 @@ from shared.catalogue.query import INSTANCE, SERIES, STUDY, QueryError, parse_qi
 from shared.config import Config
 from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check
-from shared.web.answers import CONFIG, PRINCIPAL, base_url, error, in_thread, path_uid, warning
+from shared.web.answers import (
+    CONFIG,
+    DICOM_JSON,
+    PRINCIPAL,
+    accepts_json,
+    base_url,
+    error,
+    in_thread,
+    path_uid,
+    warning,
+)
 from shared.web.app import Mount
 
 from . import metrics
@@ -26,23 +36,6 @@ from .keys import BACKENDS, CATALOGUE
 from .retrieve import retrieve_handler
 
 log = logging.getLogger("dicomflow.web")
-
-DICOM_JSON = "application/dicom+json"
-_JSON_ACCEPTED = ("application/dicom+json", "application/json", "application/*", "*/*")
-
-
-def accepts_json(accept: str) -> bool:
-    """Whether an Accept header admits DICOM JSON (absent: yes). Pure."""
-    if not accept.strip():
-        return True
-    for item in accept.split(","):
-        media, *params = (p.strip() for p in item.split(";"))
-        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
-            continue
-        if media.lower() in _JSON_ACCEPTED:
-            return True
-    return False
-
 
 def _search_handler(level: str):
     async def handle(request: web.Request) -> web.StreamResponse:

@@ -6,6 +6,7 @@ pixel data, slices of the raw pixel bytes (``pack_bits`` of ``pixel_array`` for 
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -485,3 +486,80 @@ def test_a_frame_past_the_end_of_the_pixel_data_is_a_500(service):  # noqa: F811
     uids = stored(catalogue, objects, encode(ds), EXPLICIT)
     res = requests.get(instance_url(web, uids) + "/frames/1,4", headers={"X-API-Key": KEY_A}, timeout=10)
     assert res.status_code == 500 and "past the end of the pixel data" in res.text
+
+
+def test_a_2_gib_instance_is_served_by_range_never_read_whole(service):  # noqa: F811
+    """8192 frames of 512 x 512 bytes in a sparse object file: frames and a bulk range come back in well
+    under a second each, which reading 2 GiB could not do, and only the frames asked for are sent."""
+    import time
+
+    web, catalogue, objects = service
+    ds = image(512, 512, 8192, pixels=b"")
+    del ds.PixelData
+    frame = 512 * 512
+    total_pixels = 8192 * frame  # 2 GiB
+    head = encode(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, total_pixels)
+    digest = content_digest(head)  # the object's name only: frames and bulkdata do not hash it (see frames.py)
+    objects.put(digest, head)
+    path = objects.path(digest)
+    with open(path, "r+b") as f:
+        f.truncate(len(head) + total_pixels)
+        f.seek(len(head) + 8191 * frame)
+        f.write(b"last" * 64)
+    facts = InstanceFacts("a", EXPLICIT, digest, len(head) + total_pixels, "default", ("local",), "MOD", "2026",
+                          "2026")
+    catalogue.record_batch([entry_from_model(json_model(head, EXPLICIT, total=len(head) + total_pixels), facts)])
+    uids = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "sop": ds.SOPInstanceUID}
+    started = time.monotonic()
+    got = client(web).retrieve_instance_frames(uids["study"], uids["series"], uids["sop"], [8192, 1])
+    took = time.monotonic() - started
+    assert [len(f) for f in got] == [frame, frame]
+    assert got[0][:256] == b"last" * 64 and got[0][256:] == bytes(frame - 256) and got[1] == bytes(frame)
+    res = requests.get(instance_url(web, uids) + "/bulkdata/7FE00010",
+                       headers={"X-API-Key": KEY_A, "Accept": "application/octet-stream",
+                                "Range": f"bytes={8191 * frame}-{8191 * frame + 7}"}, timeout=10)
+    assert res.status_code == 206 and res.content == b"lastlast"
+    assert res.headers["Content-Range"] == f"bytes {8191 * frame}-{8191 * frame + 7}/{total_pixels}"
+    assert took < 5, took
+
+
+def test_a_fault_found_mid_answer_aborts_it_and_is_logged(service, caplog):  # noqa: F811
+    """A Basic Offset Table pointing into a fragment is found only when that frame is reached: the answer has
+    begun, so the connection is cut before the closing boundary, which a client sees as an error."""
+    web, catalogue, objects = service
+    raw = bytearray(encode(encapsulated([b"\xff\xd8" + bytes([i]) * 400 + b"\xff\xd9" for i in range(3)], bot=True)))
+    layout = P.walk_bytes(P.locate_pixels(JPEG_BASELINE, len(raw)), bytes(raw))
+    struct.pack_into("<L", raw, layout.offset + 8 + 8, layout.offsets[2] - 6)  # frame 3 "starts" inside frame 2
+    uids = stored(catalogue, objects, bytes(raw), JPEG_BASELINE)
+    url = instance_url(web, uids)
+    first = multipart(requests.get(url + "/frames/1", headers={"X-API-Key": KEY_A}, timeout=10))
+    assert first[0][1].startswith(b"\xff\xd8\x00")
+    got = bytearray()
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        res = requests.get(url + "/frames/1,2", headers={"X-API-Key": KEY_A}, timeout=10, stream=True)
+        assert res.status_code == 200
+        for chunk in res.iter_content(65536):
+            got += chunk
+    assert first[0][1] in got  # frame 1 went out whole, then the answer was cut
+    assert any("ended early" in r.message and "a fragment crosses" in r.message for r in caplog.records)
+
+
+def test_source_reads_are_checked_for_their_length(service):  # noqa: F811
+    from services.store.dicomweb.frames import Source
+    from services.store.dicomweb.retrieve import Unavailable
+    from shared.config import load_config
+    from shared.storage.objectstore import Backends
+
+    web, catalogue, objects = service
+    raw = encode(image(32, 32, 2))
+    uids = stored(catalogue, objects, raw, EXPLICIT)
+    [row] = catalogue.instances("a", uids["study"], uids["series"], uids["sop"])
+    backends = Backends(load_config(None, environ={}, overrides={"data_dir": str(web.config.data_dir)}))
+    try:
+        source = Source(backends, row)
+        assert source.read_exact(len(raw) - 10, 10) == raw[-10:]
+        objects.path(uids["digest"]).write_bytes(raw[:-100])  # the object shrinks under an open request
+        with pytest.raises(Unavailable, match="short read"):
+            source.read_exact(len(raw) - 200, 200)
+    finally:
+        backends.close()

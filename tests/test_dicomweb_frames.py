@@ -563,3 +563,15 @@ def test_source_reads_are_checked_for_their_length(service):  # noqa: F811
             source.read_exact(len(raw) - 200, 200)
     finally:
         backends.close()
+
+
+def test_frames_of_a_deflated_data_set(service):  # noqa: F811
+    import zlib
+
+    web, catalogue, objects = service
+    ds = image(6, 6, 3)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = deflater.compress(encode(ds)) + deflater.flush()
+    uids = stored(catalogue, objects, raw, "1.2.840.10008.1.2.1.99")
+    got = client(web).retrieve_instance_frames(uids["study"], uids["series"], uids["sop"], [2, 3])
+    assert got == native_frames(ds)[1:]

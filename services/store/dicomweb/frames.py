@@ -9,7 +9,8 @@
 - ``.../instances/{sop}/bulkdata/{path}``: the value a BulkDataURI of the metadata names, as one
   ``application/octet-stream`` part of a ``multipart/related`` answer, or bare when the Accept asks
   for ``application/octet-stream``; a bare answer honours one ``Range`` (206, or 416 with
-  ``Content-Range: bytes */size``). The top level's encapsulated Pixel Data is answered frame by
+  ``Content-Range: bytes */size``); a multipart one, and several ranges, answer whole (RFC 9110 14.2 lets a
+  server ignore Range). The top level's encapsulated Pixel Data is answered frame by
   frame, as the frames resource answers it.
 
 Integrity: these answers read parts of an object, so its whole-object blake3 digest cannot be

@@ -32,6 +32,7 @@ from shared.web.answers import (
 from shared.web.app import Mount
 
 from . import metrics
+from .frames import bulkdata_handler, frames_handler
 from .keys import BACKENDS, CATALOGUE
 from .retrieve import retrieve_handler
 
@@ -117,6 +118,8 @@ def read_side(config: Config) -> Mount:
             (f"{p}/studies/{study}", retrieve_handler("study")),
             (f"{p}/studies/{study}/series/{series}", retrieve_handler("series")),
             (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frames}}", frames_handler),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/bulkdata/{{path:.+}}", bulkdata_handler),
         ]
         for path, handler in routes:
             app.router.add_resource(path).add_route("GET", handler)

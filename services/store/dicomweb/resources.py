@@ -33,6 +33,7 @@ from shared.web.app import Mount
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
+from .rendered import instance_handler, multipart_handler, thumbnail_handler, wado_uri
 from .retrieve import retrieve_handler
 
 log = logging.getLogger("dicomflow.web")
@@ -117,6 +118,16 @@ def read_side(config: Config) -> Mount:
             (f"{p}/studies/{study}", retrieve_handler("study")),
             (f"{p}/studies/{study}/series/{series}", retrieve_handler("series")),
             (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
+            # rendered (PS3.18 10.4.1.1.4): /frames/{frame}/rendered is its own resource beside /frames/{frames}
+            (f"{p}/studies/{study}/rendered", multipart_handler("study")),
+            (f"{p}/studies/{study}/thumbnail", thumbnail_handler("study")),
+            (f"{p}/studies/{study}/series/{series}/rendered", multipart_handler("series")),
+            (f"{p}/studies/{study}/series/{series}/thumbnail", thumbnail_handler("series")),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/rendered", instance_handler(False)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/thumbnail", instance_handler(True)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frame:[^/]+}}/rendered",
+             instance_handler(False, frames=True)),
+            (f"{p}/wado", wado_uri),  # WADO-URI (PS3.18 chapter 9), under the same prefix
         ]
         for path, handler in routes:
             app.router.add_resource(path).add_route("GET", handler)

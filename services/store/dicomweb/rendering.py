@@ -42,7 +42,7 @@ RENDERABLE = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, Deflated
                         ExplicitVRBigEndian, JPEGBaseline8Bit})
 LINEAR, LINEAR_EXACT, SIGMOID = "LINEAR", "LINEAR_EXACT", "SIGMOID"
 _FUNCTIONS = {"linear": LINEAR, "linear-exact": LINEAR_EXACT, "linear_exact": LINEAR_EXACT, "sigmoid": SIGMOID}
-MAX_VIEWPORT = 16384  # pixels a side: a larger output is refused rather than allocated
+MAX_VIEWPORT = 8192  # pixels a side (at most 192 MiB of RGB): a larger output is refused rather than allocated
 DEFAULT_QUALITY = 90
 THUMBNAIL = (128, 128)
 
@@ -338,7 +338,8 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
     x = values.astype(np.float64)
     c, w = window.center, window.width
     if window.function == SIGMOID:
-        return 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        # the exponent clipped: far from the centre exp overflows, and the answer is 0 or 255 anyway
+        return 255.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -700.0, 700.0)))
     if window.function == LINEAR_EXACT:
         y = ((x - c) / w + 0.5) * 255.0
         return np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 255.0, y))

@@ -140,7 +140,7 @@ def thumbnail_handler(level: str):
 
 def multipart_handler(level: str):
     """GET /studies/{s}/rendered and /studies/{s}/series/{se}/rendered: multipart/related of every image's
-    first frame, one instance read and rendered at a time."""
+    first frame (series by SeriesNumber, instances by InstanceNumber), one instance read and rendered at a time."""
     async def handle(request: web.Request) -> web.StreamResponse:
         study = path_uid(request, "study")
         series = path_uid(request, "series") if level == "series" else None
@@ -151,6 +151,11 @@ def multipart_handler(level: str):
         rows = await _rows(request, study, series)
         if not rows:
             return error(404, f"no such {level}")
+        if level == "study":
+            # the catalogue lists a study's instances by series UID; a viewer shows series by SeriesNumber
+            listed = await in_thread(request, request.app[CATALOGUE].series_of, request[PRINCIPAL].scope, study)
+            rank = {s["series_uid"]: i for i, s in enumerate(listed)}
+            rows.sort(key=lambda r: rank.get(r["series_uid"], len(rank)))  # stable: InstanceNumber order within
         images = [r for r in rows if is_image(r)]
         if not images:
             return error(406, f"the {level} has no image to render")

@@ -431,7 +431,7 @@ def encode(img: np.ndarray, params: RenderParams) -> bytes:
     """An 8-bit grey or RGB array as JPEG, PNG or GIF, scaled to the viewport."""
     if params.viewport is not None:
         img = _crop(img, params.viewport)
-    image = Image.fromarray(img, "L" if img.ndim == 2 else "RGB")
+    image = Image.fromarray(img)  # uint8 (rows, cols): L; (rows, cols, 3): RGB
     if params.viewport is not None:
         size = fit(image.width, image.height, params.viewport)
         if size != image.size:

@@ -1,4 +1,5 @@
-"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve.
+"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve,
+rendered images and thumbnails, WADO-URI.
 
 Every handler confines itself to the caller's tenant: another tenant's study is absent (an empty
 search, a 404), never forbidden, so its existence does not leak.

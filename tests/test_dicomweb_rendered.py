@@ -4,6 +4,7 @@ renderer's parameters, window functions and pixels without I/O."""
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
 from dicomflow.synthetic import new_uid
 from services.store.dicomweb import rendering
@@ -281,7 +288,11 @@ def test_thumbnails_and_series_and_study_rendered(service):
     series_one = [image(np.full((32, 64), 10 * n, np.uint8), study_uid, first, n, SeriesNumber=1,
                         WindowCenter="128", WindowWidth="256") for n in (3, 1, 2)]
     series_two = [image(np.full((32, 32), 200, np.uint8), study_uid, second, 1, SeriesNumber=2)]
-    for ds in series_one + series_two:
+    report = Dataset()  # a series without images, first by SeriesNumber: thumbnails and rendered pass it by
+    report.SOPClassUID, report.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", new_uid()
+    report.StudyInstanceUID, report.SeriesInstanceUID, report.SeriesNumber = study_uid, new_uid(), 0
+    report.Modality, report.PatientID = "SR", "P1"
+    for ds in [report] + series_one + series_two:
         put(catalogue, objects, ds)
     ds = series_one[0]
     thumb = get(url(web, ds, "/thumbnail"), "image/png")
@@ -306,6 +317,10 @@ def test_thumbnails_and_series_and_study_rendered(service):
     assert study.headers["Content-Type"].startswith('multipart/related; type="image/jpeg"')
     assert [Image.open(io.BytesIO(b)).size for _, b in multipart_parts(study)] == [(64, 32)] * 3 + [(32, 32)]
     assert get(f"{series_url}/rendered", "application/dicom").status_code == 406
+    report_series = f"{web.url}/studies/{study_uid}/series/{report.SeriesInstanceUID}"
+    for tail in ("/thumbnail", "/rendered"):
+        res = get(report_series + tail)
+        assert res.status_code == 406 and "no image" in res.text
     assert get(f"{series_url}/rendered", key=KEY_B).status_code == 404
     assert get(f"{web.url}/studies/{study_uid}/thumbnail", key=KEY_B).status_code == 404
     assert get(f"{web.url}/studies/{new_uid()}/rendered").status_code == 404
@@ -437,6 +452,10 @@ def test_render_without_io():
     assert np.array_equal(decoded(body), expected_window(stored.astype(np.float64) * 2 - 1024, 40, 400))
     implicit, _ = render(encode(ds, implicit=True), "1.2.840.10008.1.2", 1, RenderParams("image/png"))
     assert implicit == body
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated, _ = render(squeeze.compress(raw) + squeeze.flush(), DeflatedExplicitVRLittleEndian, 1,
+                         RenderParams("image/png"))
+    assert deflated == body
     with pytest.raises(RenderError) as exc:
         render(raw, RLELossless, 1, RenderParams())
     assert exc.value.status == 406 and str(exc.value).startswith(f"cannot render {RLELossless}")

@@ -70,8 +70,9 @@ def is_image(row: dict) -> bool:
 
 async def _answer_one(request: web.Request, row: dict, frame: int, params: RenderParams) -> web.StreamResponse:
     """One instance's frame as one image, or the error that stopped it."""
-    if frame > (row.get("number_of_frames") or 1) and is_image(row):
-        return error(404, f"no frame {frame}: the instance has {row.get('number_of_frames') or 1}")
+    frames = int(row.get("number_of_frames") or 1)
+    if frame > frames and is_image(row):
+        return error(404, f"no frame {frame}: the instance has {frames}")
     limit = request.app[CONFIG].web.render_max_bytes
     try:
         body, media = await in_thread(request, _read_and_render, request.app[BACKENDS], row, limit, frame, params)
@@ -113,8 +114,8 @@ def instance_handler(thumbnail: bool, frames: bool = False):
 
 
 def thumbnail_handler(level: str):
-    """GET /studies/{s}/thumbnail and /studies/{s}/series/{se}/thumbnail: the middle instance of the (first)
-    series, as one image."""
+    """GET /studies/{s}/thumbnail and /studies/{s}/series/{se}/thumbnail: the middle image of the series (of the
+    study: of its first series by SeriesNumber that has images), as one image."""
     async def handle(request: web.Request) -> web.StreamResponse:
         study = path_uid(request, "study")
         series = path_uid(request, "series") if level == "series" else None
@@ -123,19 +124,28 @@ def thumbnail_handler(level: str):
                                     default_viewport=THUMBNAIL)
         except RenderError as exc:
             return error(exc.status, str(exc))
-        if series is None:
-            listed = await in_thread(request, request.app[CATALOGUE].series_of, request[PRINCIPAL].scope, study)
-            if not listed:
-                return error(404, "no such study")
-            series = listed[0]["series_uid"]
         rows = await _rows(request, study, series)
         if not rows:
             return error(404, f"no such {level}")
-        row = _middle(rows)
+        if level == "study":
+            rows = await _in_series_order(request, study, rows)
+        row = None
+        for series_uid in dict.fromkeys(r["series_uid"] for r in rows):  # a series of reports has no thumbnail
+            row = _middle([r for r in rows if r["series_uid"] == series_uid])
+            if row is not None:
+                break
         if row is None:
             return error(406, f"the {level} has no image to render")
         return await _answer_one(request, row, 1, params)
     return handle
+
+
+async def _in_series_order(request: web.Request, study: str, rows: list[dict]) -> list[dict]:
+    """A study's instances with its series in SeriesNumber order (the catalogue lists them by series UID),
+    InstanceNumber order kept within each."""
+    listed = await in_thread(request, request.app[CATALOGUE].series_of, request[PRINCIPAL].scope, study)
+    rank = {s["series_uid"]: i for i, s in enumerate(listed)}
+    return sorted(rows, key=lambda r: rank.get(r["series_uid"], len(rank)))
 
 
 def multipart_handler(level: str):
@@ -152,10 +162,7 @@ def multipart_handler(level: str):
         if not rows:
             return error(404, f"no such {level}")
         if level == "study":
-            # the catalogue lists a study's instances by series UID; a viewer shows series by SeriesNumber
-            listed = await in_thread(request, request.app[CATALOGUE].series_of, request[PRINCIPAL].scope, study)
-            rank = {s["series_uid"]: i for i, s in enumerate(listed)}
-            rows.sort(key=lambda r: rank.get(r["series_uid"], len(rank)))  # stable: InstanceNumber order within
+            rows = await _in_series_order(request, study, rows)
         images = [r for r in rows if is_image(r)]
         if not images:
             return error(406, f"the {level} has no image to render")

@@ -471,3 +471,19 @@ def test_render_without_io():
     png, _ = render(encode(flat), ExplicitVRLittleEndian, 1, RenderParams("image/png"))
     assert decoded(png).tolist() == [[0, 255]]
     assert rendering.THUMBNAIL == (128, 128)
+
+
+def test_a_corrupt_object_is_not_rendered(service):
+    from prometheus_client import REGISTRY
+
+    web, catalogue, objects = service
+    ds, _ = ct()
+    raw = put(catalogue, objects, ds)
+    path = objects.path(content_digest(raw))
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the pixels: never rendered as if whole
+    path.write_bytes(bytes(data))
+    before = REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") or 0
+    res = get(url(web, ds, "/rendered"))
+    assert res.status_code == 503 and "cannot be read" in res.text
+    assert REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") == before + 1

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from shared.contract.uids import InvalidUID, validate_uid
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
-from shared.web.answers import CONFIG, EXECUTOR, PRINCIPAL, error, in_thread, path_uid
+from shared.web.answers import CONFIG, EXECUTOR, PRINCIPAL, error, in_thread, path_uid, warning
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
@@ -238,9 +238,9 @@ def _wado_uri_query(request: web.Request) -> dict[str, str]:
 
 
 def _bad(reason: str, status: int = 400) -> web.HTTPException:
-    answer = error(status, reason)
+    """An error to raise from the query's checks, answered as ``error`` answers."""
     cls = web.HTTPNotAcceptable if status == 406 else web.HTTPBadRequest
-    return cls(text=answer.text, headers={"Warning": answer.headers["Warning"]})
+    return cls(text=reason + "\n", headers={"Warning": warning(reason)})
 
 
 async def wado_uri(request: web.Request) -> web.StreamResponse:

@@ -408,6 +408,7 @@ class WebConfig(_Section):
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the service from a browser (a viewer such as OHIF served elsewhere); '*' for any.")
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
     stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
+    render_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest object (data set bytes) the rendered, thumbnail and WADO-URI image resources decode; a larger one is refused with 413 (it would be read whole into memory).")
 
 
 class Config(_Section):

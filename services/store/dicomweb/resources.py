@@ -1,4 +1,5 @@
-"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve.
+"""The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve,
+rendered images and thumbnails, WADO-URI.
 
 Every handler confines itself to the caller's tenant: another tenant's study is absent (an empty
 search, a 404), never forbidden, so its existence does not leak.
@@ -34,6 +35,7 @@ from shared.web.app import Mount
 from . import metrics
 from .frames import bulkdata_handler, frames_handler
 from .keys import BACKENDS, CATALOGUE
+from .rendered import instance_handler, multipart_handler, thumbnail_handler, wado_uri
 from .retrieve import retrieve_handler
 
 log = logging.getLogger("dicomflow.web")
@@ -120,6 +122,16 @@ def read_side(config: Config) -> Mount:
             (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
             (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frames}}", frames_handler),
             (f"{p}/studies/{study}/series/{series}/instances/{instance}/bulkdata/{{path:.+}}", bulkdata_handler),
+            # rendered (PS3.18 10.4.1.1.4): /frames/{frame}/rendered is its own resource beside /frames/{frames}
+            (f"{p}/studies/{study}/rendered", multipart_handler("study")),
+            (f"{p}/studies/{study}/thumbnail", thumbnail_handler("study")),
+            (f"{p}/studies/{study}/series/{series}/rendered", multipart_handler("series")),
+            (f"{p}/studies/{study}/series/{series}/thumbnail", thumbnail_handler("series")),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/rendered", instance_handler(False)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/thumbnail", instance_handler(True)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frame:[^/]+}}/rendered",
+             instance_handler(False, frames=True)),
+            (f"{p}/wado", wado_uri),  # WADO-URI (PS3.18 chapter 9), under the same prefix
         ]
         for path, handler in routes:
             app.router.add_resource(path).add_route("GET", handler)

@@ -99,6 +99,12 @@ class StreamConfig(_Section):
     events_max_age_days: float = Field(30, gt=0, description="How long integration events are kept.")
 
 
+class MoveDestinationConfig(_Section):
+    host: str = Field(..., description="Host of the C-MOVE destination's storage SCP.")
+    port: int = Field(..., ge=1, le=65535, description="Its port.")
+    tenants: list[str] = Field(default_factory=list, description="Tenants whose studies may be moved there (empty: any caller's own studies).")
+
+
 class IngestConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the DICOM SCP binds to. 0.0.0.0 for every interface.")
     port: int = Field(11112, description="DICOM port.")
@@ -111,6 +117,7 @@ class IngestConfig(_Section):
     max_associations: int = Field(32, ge=1, description="Concurrent associations per receiver process.")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
+    move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
 
 
 class FsBackendConfig(_Section):

@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -41,6 +42,8 @@ from shared.tenancy import tenant_of_ae
 from . import metrics
 
 log = logging.getLogger("dicomflow.ingest.find")
+
+T = TypeVar("T")
 
 FIND_TRANSFER_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 
@@ -105,10 +108,18 @@ class Finder:
         yield SUCCESS, None, ""
 
     def _search(self, query: Query, tenant: str) -> list[dict]:
+        return self._with_catalogue(lambda catalogue: catalogue.search(query, tenant, self.max_results))
+
+    def _with_catalogue(self, fn: Callable[[SqlCatalogue], T]) -> T:
         with self._opening:
             if self._catalogue is None:
                 self._catalogue = self._open_catalogue()
-        return self._catalogue.search(query, tenant, self.max_results)
+        return fn(self._catalogue)
+
+    def lookup(self, fn: Callable[[SqlCatalogue], T]) -> T:
+        """``fn(catalogue)`` on the search threads (C-GET and C-MOVE find their instances this way); raises
+        what the open or ``fn`` raised."""
+        return self._pool.submit(self._with_catalogue, fn).result()
 
     def close(self) -> None:
         """Stop the search threads (a search under way is finished) and close the catalogue if it was opened."""

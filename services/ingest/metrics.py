@@ -13,3 +13,10 @@ publish_latency = Histogram("dicomflow_ingest_publish_seconds", "JetStream publi
 associations = Gauge("dicomflow_ingest_associations", "Open associations")
 rejected_associations = Counter("dicomflow_ingest_rejected_associations_total", "Associations rejected, by reason", ["reason"])
 finds = Counter("dicomflow_ingest_finds_total", "C-FIND requests answered, by final DICOM status", ["status"])
+retrieves = Counter("dicomflow_ingest_retrieves_total", "C-GET and C-MOVE requests answered, by kind and final DICOM "
+                    "status", ["kind", "status"])
+suboperations = Counter("dicomflow_ingest_retrieve_suboperations_total", "C-STORE sub-operations of C-GET and "
+                        "C-MOVE, by outcome (completed, warning, failed)", ["outcome"])
+retrieved_bytes = Counter("dicomflow_ingest_retrieved_bytes_total", "Data set bytes sent by C-GET and C-MOVE")
+corrupt_objects = Counter("dicomflow_ingest_corrupt_objects_total", "Objects that did not match their digest while a "
+                          "C-GET or C-MOVE sent them (the association carrying them was aborted)")

@@ -1,8 +1,10 @@
-"""The DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7) that a C-STORE SCP needs, as pure functions.
+"""The DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7) that dicomflow's AE needs, as pure functions.
 
 Bytes in, plain values out (and back): no sockets, no threads. The SCP shell reads whole PDUs and
-calls these; the association decision (:func:`negotiate`) is plain data too. Only what the SCP
-answers is implemented: A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO and C-FIND.
+calls these; the association decision (:func:`negotiate`) is plain data too. Only what the AE
+does is implemented: A-ASSOCIATE-RQ/AC/RJ (with SCP/SCU role selection, which C-GET needs),
+P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO, C-FIND, C-GET and C-MOVE as an SCP, and the C-STORE
+requestor side of C-GET and C-MOVE sub-operations (an outbound association for C-MOVE).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PC_ACCEPT, PC_ABSTRACT_NOT_SUPPORTED, PC_TS_NOT_SUPPORTED = 0, 3, 4
 # DIMSE command fields and elements (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 C_FIND_RQ, C_FIND_RSP, C_CANCEL_RQ = 0x0020, 0x8020, 0x0FFF
+C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP = 0x0010, 0x8010, 0x0021, 0x8021
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
@@ -49,6 +52,7 @@ class AssociateRequest:
     calling_ae: str
     contexts: list[tuple[int, str, list[str]]]  # (id, abstract syntax, transfer syntaxes)
     max_pdu: int = 0  # the largest P-DATA-TF the requestor accepts; 0: unlimited
+    roles: dict[str, tuple[int, int]] = field(default_factory=dict)  # abstract syntax -> proposed (SCU, SCP) role
 
 
 @dataclass
@@ -103,6 +107,10 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
             for sub, sval in _items(value, 0, len(value)):
                 if sub == 0x51 and len(sval) == 4:
                     (req.max_pdu,) = struct.unpack(">I", sval)
+                elif sub == 0x54 and len(sval) >= 4:  # SCP/SCU role selection (PS3.7 D.3.3.4)
+                    (n,) = struct.unpack_from(">H", sval)
+                    if len(sval) >= 2 + n + 2:
+                        req.roles[_uid(sval[2:2 + n])] = (sval[2 + n], sval[3 + n])
     return req
 
 
@@ -153,9 +161,54 @@ def associate_ac(req: AssociateRequest, neg: Negotiated, max_pdu: int) -> bytes:
         items.append(_item(0x21, bytes([cid, 0, res, 0]) + _item(0x40, ts.encode())))
     user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
             + _item(0x55, IMPLEMENTATION_VERSION.encode()))
+    # Roles proposed for an accepted storage context are taken as proposed: a C-GET's SCU acts as the
+    # storage SCP of its sub-operations, which this AE sends.
+    accepted = {ab for _, res, _, ab in neg.results if res == PC_ACCEPT}
+    user += _role_items({abstract: role for abstract, role in req.roles.items() if abstract in accepted})
     items.append(_item(0x50, user))
     head = struct.pack(">HH", 1, 0) + _ae_field(req.called_ae) + _ae_field(req.calling_ae) + bytes(32)
     return _pdu(ASSOCIATE_AC, head + b"".join(items))
+
+
+def _role_items(roles: dict[str, tuple[int, int]]) -> bytes:
+    return b"".join(_item(0x54, struct.pack(">H", len(uid := abstract.encode())) + uid + bytes([scu, scp]))
+                    for abstract, (scu, scp) in roles.items())
+
+
+def associate_rq(calling_ae: str, called_ae: str, contexts: list[tuple[int, str, list[str]]], max_pdu: int,
+                 roles: dict[str, tuple[int, int]] | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing ``contexts`` (id, abstract syntax, transfer syntaxes) and ``roles``
+    (abstract syntax -> (SCU role, SCP role))."""
+    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for cid, abstract, syntaxes in contexts:
+        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
+        items.append(_item(0x20, bytes([cid, 0, 0, 0]) + sub))
+    user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
+            + _item(0x55, IMPLEMENTATION_VERSION.encode()) + _role_items(roles or {}))
+    items.append(_item(0x50, user))
+    head = struct.pack(">HH", 1, 0) + _ae_field(called_ae) + _ae_field(calling_ae) + bytes(32)
+    return _pdu(ASSOCIATE_RQ, head + b"".join(items))
+
+
+def parse_associate_ac(body: bytes) -> tuple[int, dict[int, tuple[int, str]]]:
+    """(the acceptor's maximum PDU size, context id -> (result, transfer syntax)) of an A-ASSOCIATE-AC body."""
+    if len(body) < 68:
+        raise ProtocolError("A-ASSOCIATE-AC shorter than its fixed fields")
+    max_pdu, results = 0, {}
+    for kind, value in _items(body, 68, len(body)):
+        if kind == 0x21 and len(value) >= 4:
+            ts = next((_uid(v) for sub, v in _items(value, 4, len(value)) if sub == 0x40), "")
+            results[value[0]] = (value[2], ts)
+        elif kind == 0x50:
+            for sub, sval in _items(value, 0, len(value)):
+                if sub == 0x51 and len(sval) == 4:
+                    (max_pdu,) = struct.unpack(">I", sval)
+    return max_pdu, results
+
+
+def release_rq() -> bytes:
+    """The A-RELEASE-RQ PDU."""
+    return _pdu(RELEASE_RQ, bytes(4))
 
 
 def associate_rj(result: int, source: int, reason: int) -> bytes:
@@ -224,9 +277,11 @@ def _even(text: str, pad: bytes) -> bytes:
 
 
 def response(field_: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
-             comment: str = "", data_set: bool = False) -> bytes:
+             comment: str = "", data_set: bool = False,
+             counts: tuple[int | None, int, int, int] | None = None) -> bytes:
     """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, C-FIND-RSP ...) with its group length;
-    ``data_set``: a data set follows it (a pending C-FIND-RSP's identifier)."""
+    ``data_set``: a data set follows it (a pending C-FIND-RSP's identifier); ``counts``: a C-GET/C-MOVE
+    response's (remaining, completed, failed, warning) sub-operations (remaining None: left out)."""
     us = struct.Struct("<H").pack
     body = [_elem(0x0002, _even(sop_class, b"\0")) if sop_class else b"",
             _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)),
@@ -238,20 +293,38 @@ def response(field_: int, message_id: int, status: int, sop_class: str, sop_inst
         body.append(_elem(0x0902, _even(text, b" ")))
     if sop_instance:
         body.append(_elem(0x1000, _even(sop_instance, b"\0")))
+    if counts is not None:
+        for elem, n in zip((0x1020, 0x1021, 0x1022, 0x1023), counts, strict=True):
+            if n is not None:
+                body.append(_elem(elem, us(min(n, 0xFFFF))))
     rest = b"".join(body)
     return _elem(0x0000, struct.pack("<I", len(rest))) + rest
 
 
-def p_data(cid: int, command: bytes, max_pdu: int, is_command: bool = True) -> list[bytes]:
+def store_rq(message_id: int, sop_class: str, sop_instance: str, move_originator_ae: str = "",
+             move_originator_id: int | None = None) -> bytes:
+    """A C-STORE-RQ command set (priority medium); a C-MOVE's sub-operation names its originator."""
+    us = struct.Struct("<H").pack
+    body = [_elem(0x0002, _even(sop_class, b"\0")), _elem(0x0100, us(C_STORE_RQ)), _elem(0x0110, us(message_id)),
+            _elem(0x0700, us(0)), _elem(0x0800, us(DATA_SET_PRESENT)), _elem(0x1000, _even(sop_instance, b"\0"))]
+    if move_originator_ae:
+        body.append(_elem(0x1030, _even(move_originator_ae, b" ")))
+    if move_originator_id is not None:
+        body.append(_elem(0x1031, us(move_originator_id)))
+    rest = b"".join(body)
+    return _elem(0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def p_data(cid: int, command: bytes, max_pdu: int, is_command: bool = True, last: bool = True) -> list[bytes]:
     """P-DATA-TF PDUs carrying one command set (or, ``is_command`` False, one data set), fragmented to the
-    peer's maximum PDU size."""
+    peer's maximum PDU size; ``last`` False: a piece of a data set that goes on (no fragment marked last)."""
     room = (max_pdu - 6) if max_pdu else len(command) or 1  # PDV header: 4-byte length, id, control
     room = max(room, 1)
     out = []
     for start in range(0, max(len(command), 1), room):
         frag = command[start: start + room]
-        last = start + room >= len(command)
-        control = (0x01 if is_command else 0x00) | (0x02 if last else 0x00)
+        final = last and start + room >= len(command)
+        control = (0x01 if is_command else 0x00) | (0x02 if final else 0x00)
         pdv = struct.pack(">IBB", len(frag) + 2, cid, control) + frag
         out.append(_pdu(P_DATA_TF, pdv))
     return out

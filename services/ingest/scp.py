@@ -29,11 +29,14 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
-from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
+from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder, encode
 from services.ingest.intake import Incoming, Intake, Received
+from services.ingest.retrieve import Retriever
+from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
+from shared.catalogue.retrieve import GET_SOP_CLASSES, RETRIEVE_SOP_CLASSES, failed_list, final_status
 from shared.dicom.statuses import CANNOT_UNDERSTAND
-from shared.storage.objectstore import ObjectWriter
+from shared.storage.objectstore import Backends, CorruptObject, ObjectWriter
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -65,11 +68,16 @@ class StorageServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
                  network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
-                 finder: Finder | None = None):
+                 finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None):
         self.intake = intake
         self.finder = finder
-        self.supported = SUPPORTED if finder is None else {**SUPPORTED, **{c: FIND_TRANSFER_SYNTAXES
-                                                                        for c in FIND_SOP_CLASSES}}
+        self.retriever = retriever
+        self.backends = backends
+        self.supported = dict(SUPPORTED)
+        if finder is not None:
+            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
+        if retriever is not None:
+            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
         self.max_associations = max_associations
@@ -123,6 +131,8 @@ class StorageServer(socketserver.ThreadingTCPServer):
             time.sleep(0.02)
 
 
+_QUERY_RETRIEVE = frozenset(FIND_SOP_CLASSES) | frozenset(RETRIEVE_SOP_CLASSES)
+
 # No C-FIND identifier comes near this: a larger one is not held (and never staged, as a C-STORE's would be).
 MAX_IDENTIFIER_BYTES = 1024 * 1024
 
@@ -153,6 +163,8 @@ class _Identifier:
 
 class _AssociationHandler(socketserver.BaseRequestHandler):
     server: StorageServer
+    _contexts: dict[int, tuple[str, str]] = {}
+    _cancels: set[int]
 
     def handle(self) -> None:
         sock: socket.socket = self.request
@@ -220,12 +232,13 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             srv._count("_open", -1)
 
     def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
+        self._contexts, self._cancels = contexts, set()
         command: list[memoryview] = []
         data: Incoming | _Identifier | None = None  # the data set of the pending command, as it arrives
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
         # a storage context's may be staged as it arrives, a FIND context's is held in memory.
         intake = self.server.intake
-        collector = {cid: _Identifier if abstract in FIND_SOP_CLASSES else functools.partial(Incoming, intake)
+        collector = {cid: _Identifier if abstract in _QUERY_RETRIEVE else functools.partial(Incoming, intake)
                      for cid, (abstract, _) in contexts.items()}
         pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
         try:
@@ -296,6 +309,9 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                 srv._count("_inflight", -1)
         elif field == pdu.C_FIND_RQ and self.server.finder is not None and context[0] in FIND_SOP_CLASSES:
             self._find(req, cid, context, message_id, sop_class, dataset)
+        elif (field in (pdu.C_GET_RQ, pdu.C_MOVE_RQ) and self.server.retriever is not None
+              and context[0] in RETRIEVE_SOP_CLASSES):
+            self._retrieve(req, cid, context, cmd, message_id, sop_class, dataset)
         elif field == pdu.C_CANCEL_RQ:
             pass  # a cancel after the last response of its C-FIND: nothing left to cancel, nothing to answer
         elif field == pdu.C_ECHO_RQ:
@@ -326,6 +342,94 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             if identifier is not None:
                 self.sock.sendall(b"".join(pdu.p_data(cid, identifier, req.max_pdu, is_command=False)))
 
+    def _retrieve(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], cmd: dict[int, bytes],
+                  message_id: int, sop_class: str, dataset: bytes | ObjectWriter | None) -> None:
+        """Answer a C-GET (sub-operations on this association) or a C-MOVE (on one opened to the destination):
+        a pending response after each sub-operation, then the final status with the counts."""
+        is_get = context[0] in GET_SOP_CLASSES
+        kind, rsp_field = ("C-GET", pdu.C_GET_RSP) if is_get else ("C-MOVE", pdu.C_MOVE_RSP)
+
+        def answer(status: int, counts: Counts | None = None, comment: str = "", final: bool = True) -> None:
+            identifier = None
+            if final and counts is not None and counts.failed_uids and status != CANCEL:
+                identifier = encode(failed_list(counts.failed_uids), context[1])
+            self._send_command(cid, pdu.response(rsp_field, message_id, status, sop_class, comment=comment,
+                                                 data_set=identifier is not None,
+                                                 counts=None if counts is None
+                                                 else counts.as_tuple(final and status != CANCEL)),
+                               req.max_pdu)
+            if identifier is not None:
+                self.sock.sendall(b"".join(pdu.p_data(cid, identifier, req.max_pdu, is_command=False)))
+            if final:
+                metrics.retrieves.labels(kind=kind, status=f"0x{status:04X}").inc()
+
+        if not isinstance(dataset, bytes):
+            if dataset is not None:
+                dataset.close()
+            answer(UNABLE_TO_PROCESS, comment=f"identifier missing or over {MAX_IDENTIFIER_BYTES} bytes")
+            return
+        destination_ae = None if is_get else pdu.command_uid(cmd, 0x0600)
+        plan = self.server.retriever.plan(dataset, context[1], sop_class, req.calling_ae, destination_ae)
+        if plan.status is not None:
+            answer(plan.status, comment=plan.comment)
+            return
+        counts = Counts(total=len(plan.rows))
+        if not plan.rows:
+            answer(final_status(0, 0, 0, 0), counts)
+            return
+        if is_get:
+            channel: Channel = _ThisAssociation(self, req, self._contexts)
+        else:
+            dest = plan.destination
+            try:
+                channel = Outbound.open(dest.host, dest.port, self.server.ae_title, destination_ae,
+                                        [(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows],
+                                        self.server.max_pdu, self.server.network_timeout)
+            except (OSError, Closed, pdu.ProtocolError) as exc:
+                log.warning("C-MOVE from %s: destination %s (%s:%d) unreachable: %s", req.calling_ae, destination_ae,
+                            dest.host, dest.port, exc)
+                counts.failed, counts.failed_uids = len(plan.rows), [r["sop_uid"] for r in plan.rows]
+                answer(final_status(counts.total, 0, counts.failed, 0), counts,
+                       comment=f"destination {destination_ae} unreachable")
+                return
+        self._cancels.discard(message_id)
+        cancelled = False
+
+        def is_cancelled() -> bool:
+            nonlocal cancelled
+            cancelled = cancelled or message_id in self._cancels or self._cancelled(message_id)
+            return cancelled
+
+        def progress(so_far: Counts) -> None:
+            if so_far.remaining:
+                answer(PENDING, so_far, final=False)
+
+        try:
+            counts = send_instances(plan.rows, channel, self.server.backends, is_cancelled, progress,
+                                    None if is_get else (req.calling_ae, message_id))
+        except CorruptObject as exc:
+            log.error("%s from %s aborted: %s", kind, req.calling_ae, exc)
+            if is_get:
+                raise pdu.ProtocolError(f"stored object corrupt: {exc}") from exc  # aborts this association
+            channel.abort()
+            counts = Counts(total=len(plan.rows), failed=len(plan.rows), failed_uids=[r["sop_uid"] for r in plan.rows])
+            answer(0xA702, counts, comment="a stored object is corrupt")
+            return
+        except Closed as exc:
+            if is_get:
+                raise
+            log.warning("C-MOVE from %s: destination %s ended the association: %s", req.calling_ae, destination_ae, exc)
+            counts = Counts(total=len(plan.rows), failed=len(plan.rows), failed_uids=[r["sop_uid"] for r in plan.rows])
+            answer(0xA702, counts, comment=f"destination {destination_ae} ended the association")
+            return
+        if not is_get:
+            channel.release()
+        status = final_status(counts.total, counts.completed, counts.failed, counts.warning,
+                              cancelled and counts.remaining > 0)
+        log.info("%s from %s: %d completed, %d failed, %d warning%s", kind, req.calling_ae, counts.completed,
+                 counts.failed, counts.warning, " (cancelled)" if status == CANCEL else "")
+        answer(status, counts)
+
     def _cancelled(self, message_id: int) -> bool:
         """Whether the SCU has sent a C-CANCEL-RQ for ``message_id`` (looked for without waiting)."""
         # peek, not select: the PDU may already sit in the reader's buffer (read with the request's last PDU),
@@ -353,6 +457,32 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         self.sock.sendall(b"".join(pdu.p_data(cid, command, max_pdu)))
 
 
+class _ThisAssociation(Channel):
+    """A C-GET's own association as the channel of its sub-operations: the storage contexts for which the
+    SCU proposed the SCP role (role selection), the C-STOREs going out as the SCP association's PDUs."""
+
+    def __init__(self, handler: _AssociationHandler, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]):
+        self.handler = handler
+        self.max_pdu = req.max_pdu
+        self.contexts = {(abstract, ts): cid for cid, (abstract, ts) in contexts.items()
+                         if req.roles.get(abstract, (0, 0))[1] == 1}
+
+    def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
+        return self.contexts.get((sop_class, transfer_syntax))
+
+    def send(self, data: bytes) -> None:
+        self.handler.sock.sendall(data)
+
+    def read_pdu(self) -> tuple[int, memoryview]:
+        try:
+            return self.handler._read_pdu()
+        except _Closed as exc:
+            raise Closed("the SCU closed the association") from exc
+
+    def on_cancel(self, message_id: int) -> None:
+        self.handler._cancels.add(message_id)
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """The port's listening socket, made once by the supervisor and inherited by every receiver."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -366,14 +496,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
-              finder: Finder | None = None) -> StorageServer:
+              finder: Finder | None = None, retriever: Retriever | None = None,
+              backends: Backends | None = None) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
-    With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue.
+    With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
+    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE.
     """
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes, listen, finder)
+                           allowed_calling_aes, listen, finder, retriever, backends)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

@@ -12,19 +12,26 @@ several receiver processes share the port.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import threading
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, transport
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt, transport
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
+from services.ingest.retrieve import Retriever
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, SUCCESS
+from shared.catalogue.retrieve import RETRIEVE_SOP_CLASSES, UNKNOWN_DESTINATION
+from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, fit_comment
+from shared.storage.objectstore import Backends, CorruptObject
+from shared.storage.reading import Unavailable, locate
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -77,7 +84,55 @@ def _status(status: int, comment: str = "") -> Dataset:
     return ds
 
 
-def make_handlers(intake: Intake, finder: Finder | None = None) -> list:
+def _instance_datasets(rows: list[dict], backends: Backends):
+    """(row, Dataset) of each row's instance, read whole and verified (pynetdicom's C-GET and C-MOVE handlers
+    take Datasets, so this engine holds one instance at a time in memory; the lean one streams); None for one
+    that cannot be read (logged)."""
+    for row in rows:
+        try:
+            store, _ = locate(backends, row["digest"], row["placements"])
+            data = store.get(row["digest"])
+        except (Unavailable, CorruptObject, OSError) as exc:
+            if isinstance(exc, CorruptObject):
+                metrics.corrupt_objects.inc()
+            log.error("sub-operation %s not sent: %s", row["sop_uid"], exc)
+            yield row, None
+            continue
+        metrics.retrieved_bytes.inc(len(data))
+        yield row, dcmread(io.BytesIO(part10(data, row["sop_class_uid"], row["sop_uid"], row["transfer_syntax_uid"])))
+
+
+def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
+    def on_retrieve(event: evt.Event):
+        req = event.request
+        identifier = req.Identifier.getvalue() if req.Identifier is not None else b""
+        destination = str(req.MoveDestination or "").strip() if move else None
+        plan = retriever.plan(identifier, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID or ""),
+                              str(event.assoc.requestor.ae_title).strip(), destination)
+        if move:
+            if plan.status == UNKNOWN_DESTINATION:
+                yield None, None  # pynetdicom answers 0xA801
+                return
+            dest = plan.destination
+            contexts = [build_context(c, t) for c, t in dict.fromkeys(
+                (r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows)][:128]
+            yield (dest.host, dest.port, {"contexts": contexts}) if dest else (None, None)
+        if plan.status is not None:
+            yield 1
+            yield _status(plan.status, plan.comment), None
+            return
+        yield len(plan.rows)
+        for _row, ds in _instance_datasets(plan.rows, backends):
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            if ds is not None:
+                yield PENDING, ds
+    return on_retrieve
+
+
+def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retriever | None = None,
+                  backends: Backends | None = None) -> list:
     """The pynetdicom event handlers of the SCP."""
 
     def on_find(event: evt.Event):
@@ -126,13 +181,17 @@ def make_handlers(intake: Intake, finder: Finder | None = None) -> list:
                 (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_released), (evt.EVT_REJECTED, on_rejected)]
     if finder is not None:
         handlers.append((evt.EVT_C_FIND, on_find))
+    if retriever is not None:
+        handlers += [(evt.EVT_C_GET, _retrieve_handler(retriever, backends, move=False)),
+                     (evt.EVT_C_MOVE, _retrieve_handler(retriever, backends, move=True))]
     return handlers
 
 
 def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout: float,
-            allowed_calling_aes: list[str], find: bool = False) -> AE:
+            allowed_calling_aes: list[str], find: bool = False, retrieve: bool = False) -> AE:
     """An AE accepting every storage SOP class in every transfer syntax pynetdicom knows, plus Verification
-    (and, with ``find``, Patient and Study Root C-FIND)."""
+    (and, with ``find``, Patient and Study Root C-FIND; with ``retrieve``, C-GET and C-MOVE, and the storage
+    SCP role a C-GET's requestor proposes)."""
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     ae.maximum_associations = max_associations
@@ -142,19 +201,27 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
         ae.require_calling_aet = list(allowed_calling_aes)
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if retrieve:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        else:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     if find:
         for sop_class in FIND_SOP_CLASSES:
+            ae.add_supported_context(sop_class, sorted(FIND_TRANSFER_SYNTAXES))
+    if retrieve:
+        for sop_class in RETRIEVE_SOP_CLASSES:
             ae.add_supported_context(sop_class, sorted(FIND_TRANSFER_SYNTAXES))
     return ae
 
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
-              network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None) -> ReusePortServer:
+              network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None,
+              retriever: Retriever | None = None, backends: Backends | None = None) -> ReusePortServer:
     """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it)."""
-    ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None)
-    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None, make_handlers(intake, finder),
-                            ReusePortServer)
+    ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
+                 retrieve=retriever is not None)
+    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None,
+                            make_handlers(intake, finder, retriever, backends), ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)

@@ -12,6 +12,7 @@ import threading
 from services.ingest.find import Finder
 from services.ingest.intake import Intake
 from services.ingest.loopthread import LoopThread
+from services.ingest.retrieve import Retriever
 from services.ingest.scp import listening_socket, start_scp
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.publish_blocking import blocking_publisher
@@ -50,12 +51,14 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     # at its first C-FIND: a catalogue database that is down keeps no receiver from storing).
     finder = Finder(functools.partial(open_catalogue, config.catalogue.url, config.data_path()), config.access,
                     ing.ae_title, config.web.max_results)
+    # ... and C-GET and C-MOVE, reading the objects from their placements
+    retriever = Retriever(finder, config.access, ing.move_destinations)
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
-        server = start_pynetdicom(*args, finder=finder)
+        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends)
     else:
-        server = start_scp(*args, listen_fd=listen_fd, finder=finder)
+        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: nc.is_connected)

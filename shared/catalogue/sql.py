@@ -347,6 +347,35 @@ class SqlCatalogue:
             out.append(item)
         return out
 
+    def retrievable(self, tenant: str | None, patient_id: str | None = None, study_uids: tuple[str, ...] = (),
+                    series_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = ()) -> list[dict]:
+        """The instances a C-GET or C-MOVE names (as :meth:`instances` gives them), in study, series and
+        instance order: those of a patient (by PatientID), of studies, of series, or SOP instances."""
+        conditions, params = [], []
+        if tenant is not None:
+            conditions.append("i.tenant = ?")
+            params.append(tenant)
+        for column, values in (("study_uid", study_uids), ("series_uid", series_uids), ("sop_uid", sop_uids)):
+            if values:
+                conditions.append(f"i.{column} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        if patient_id is not None:
+            conditions.append("EXISTS (SELECT 1 FROM studies s WHERE s.tenant = i.tenant AND s.study_uid = i.study_uid"
+                              " AND s.patient_id = ?)")
+            params.append(patient_id)
+        if not conditions or (tenant is not None and len(conditions) == 1):
+            return []  # a retrieve always names something; never "everything"
+        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
+        rows = self._read(f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i WHERE {' AND '.join(conditions)}"
+                          " ORDER BY i.study_uid, i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid",
+                          params)
+        out = []
+        for row in rows:
+            item = dict(zip(cols, row, strict=True))
+            item["placements"] = json.loads(item["placements"])
+            out.append(item)
+        return out
+
     def summaries(self, query: Query, tenant: str | None, limit: int) -> list[dict]:
         """Plain rows of the studies a study-level ``query`` matches (for people and tools: the CLI),
         with the tenant, counts and size; newest study date first."""

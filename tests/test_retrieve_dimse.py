@@ -184,3 +184,37 @@ def test_get_and_move_send_the_study_back_byte_identical(stack, tmp_path):
     # a malformed identifier: a failure status with the reason, and the association still serves
     bad = getscu(stack, "CT_A", ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}"], tmp_path / "bad")
     assert re.search(r"DoesNotMatchSOPClass", bad.stdout + bad.stderr, re.I), bad.stdout + bad.stderr
+
+
+def test_c_cancel_ends_a_c_get_between_sub_operations(stack, tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    study_uid, _ = write_study(tmp_path / "sent", 12)
+    assert stack.storescu(tmp_path / "sent", calling_ae="CT_A").returncode == 0
+    wait_for(lambda: stack.instances_of(study_uid) == 12, 60, what="12 instances catalogued")
+    ae = AE(ae_title="CT_A")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    stored: list[str] = []
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        if len(stored) == 2:  # before this C-STORE is answered: the SCP reads the cancel while it waits
+            [cx] = [c for c in event.assoc.accepted_contexts
+                    if c.abstract_syntax == StudyRootQueryRetrieveInformationModelGet]
+            event.assoc.send_c_cancel(1, cx.context_id)
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", stack.port, ae_title=stack.ae_title,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study_uid
+    statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet,
+                                                                msg_id=1) if status]
+    assoc.release()
+    assert statuses[-1] == CANCEL, [hex(s) for s in statuses]
+    assert 2 <= len(stored) < 12

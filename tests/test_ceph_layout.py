@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.store.policy_check import BackendCheck, verdict
-from services.store.rados_index import decode_entry, encode_entry
+from services.store.study_index import decode_entry, encode_entry
 from shared.config import StorageConfig
 from shared.contract.events import InstanceReceived, InstanceTags, utcnow
 from shared.storage.rados_layout import decode_manifest, encode_manifest, plan_chunks, study_index_name, xattrs_for

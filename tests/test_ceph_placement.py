@@ -12,7 +12,7 @@ import nats
 import pytest
 
 from dicomflow.synthetic import write_study
-from services.store import rados_index
+from services.store import study_index
 from shared.bus.jetstream import api
 from shared.config import RadosBackendConfig
 from shared.storage.rados_store import RadosObjectStore
@@ -104,10 +104,10 @@ def test_institution_placement_outage_and_reindex(tmp_path, nats_server, stack_f
         for digest in list(_digests(files_b))[:3]:
             assert set(cluster.osd_map("dicom-regional-b", digest)["acting"]) == DC_B
         # The per-study index objects list each study from Ceph alone.
-        entries = rados_index.study_entries(everywhere, study_a)
+        entries = study_index.study_entries(everywhere, study_a)
         assert len(entries) == 6
-        assert {rados_index.decode_entry(v)[0].digest for v in entries.values()} == _digests(files_a)
-        assert rados_index.studies_in(regional_b) == [study_b]
+        assert {study_index.decode_entry(v)[0].digest for v in entries.values()} == _digests(files_a)
+        assert study_index.studies_in(regional_b) == [study_b]
 
         # Byte-identical through the product's own read path.
         stack.cli("export", "--study", study_b, "--out", str(tmp_path / "out-b"))

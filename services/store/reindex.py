@@ -1,4 +1,5 @@
-"""``dicomflow reindex``: rebuild the catalogue from the study index objects in RADOS and the objects' heads."""
+"""``dicomflow reindex``: rebuild the catalogue from the study index objects (RADOS omaps, the filesystem store's
+index files) and the objects' heads."""
 
 from __future__ import annotations
 
@@ -8,29 +9,29 @@ from pathlib import Path
 from shared.catalogue.open import open_catalogue
 from shared.catalogue.sqlite import open_sqlite
 from shared.config import Config
-from shared.storage.objectstore import Backends
+from shared.storage.objectstore import Backends, Capability
 
-from . import rados_index
+from . import study_index
 from .cataloguing import catalogue_entry
 from .placement import tenant_of_event
 
 BATCH = 256
 
 
-def rados_backends(config: Config) -> list[str]:
-    """Names of the configured backends of kind rados."""
-    return [name for name, b in config.storage.backends.items() if b.kind == "rados"]
+def indexed_backends(config: Config, backends: Backends) -> list[str]:
+    """Names of the configured backends that keep study index objects (every kind does today)."""
+    return [name for name in config.storage.backends if Capability.STUDY_INDEX in backends.get(name).capabilities]
 
 
 def rebuild(config: Config, out: Path | None = None, only: list[str] | None = None) -> dict:
-    """Read every study index object of the RADOS backends, and each object's metadata, into a catalogue.
+    """Read every study index object of the backends (``only``, or all that keep one), and each object's
+    metadata, into a catalogue.
 
     ``out``: a fresh SQLite file there. Else the configured catalogue: an SQLite one is rebuilt beside
     the target and renamed over it at the end (a failure leaves the old one in place; run it with the
     store stopped, whose rows would race the rename); a PostgreSQL one is written in place, idempotently
     (what is already there stays). Returns counts.
     """
-    names = only or rados_backends(config)
     sqlite_target = Path(out) if out else (None if config.catalogue.url else config.data_path("catalogue.sqlite"))
     if sqlite_target is not None:
         tmp = sqlite_target.with_name(sqlite_target.name + ".reindex")
@@ -40,17 +41,18 @@ def rebuild(config: Config, out: Path | None = None, only: list[str] | None = No
     else:
         catalogue = open_catalogue(config.catalogue.url, config.data_path())
     backends = Backends(config)
+    names = only or indexed_backends(config, backends)
     counts = {"backends": {}, "studies": 0, "instances": 0}
     studies: set[str] = set()
     try:
         for name in names:
             store = backends.get(name)
             seen = 0
-            for study in rados_index.studies_in(store):
+            for study in study_index.studies_in(store):
                 studies.add(study)
                 batch = []
-                for raw in rados_index.study_entries(store, study).values():
-                    event, policy, placements, stored_at = rados_index.decode_entry(raw)
+                for raw in study_index.study_entries(store, study).values():
+                    event, policy, placements, stored_at = study_index.decode_entry(raw)
                     batch.append(catalogue_entry(store, event, tenant_of_event(config.access, event), policy,
                                                  placements, stored_at))
                     if len(batch) >= BATCH:

@@ -23,7 +23,7 @@ from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, Capability, ObjectMissing
 
-from . import metrics, rados_index
+from . import metrics, study_index
 from .cataloguing import catalogue_entry
 from .index import GroupCommit, Recorded
 from .placement import choose_policy, placements_of, tenant_of_event
@@ -181,13 +181,13 @@ class Storer:
         stored_at = utcnow()
         for it in placed:
             it.stored_at = stored_at
-        rados_items = [it for it in placed if any(self._keeps_study_index(n) for n in it.placements)]
-        if rados_items:
-            errors = await asyncio.to_thread(self.index_in_rados_many, rados_items)
-            for it, err in zip(rados_items, errors, strict=True):
+        indexed_items = [it for it in placed if any(self._keeps_study_index(n) for n in it.placements)]
+        if indexed_items:
+            errors = await asyncio.to_thread(self.index_in_study_indexes, indexed_items)
+            for it, err in zip(indexed_items, errors, strict=True):
                 if err is not None:
                     outcomes[it.index] = err
-                    metrics.failures.labels("rados_index").inc()
+                    metrics.failures.labels("study_index").inc()
         ready = [it for it in placed if outcomes[it.index] is None]
         if not ready:
             return
@@ -213,8 +213,9 @@ class Storer:
     def _keeps_study_index(self, name: str) -> bool:
         return Capability.STUDY_INDEX in self.backends.get(name).capabilities
 
-    def index_in_rados_many(self, items: list[_Item]) -> list[Exception | None]:
-        """One omap write per study and RADOS placement for the whole batch, in flight together (blocking)."""
+    def index_in_study_indexes(self, items: list[_Item]) -> list[Exception | None]:
+        """One index write per study and placement that keeps a study index (RADOS omaps, the filesystem
+        store's index files) for the whole batch, in flight together (blocking)."""
         errors: list[Exception | None] = [None] * len(items)
         by_backend: dict[str, dict[str, list[int]]] = {}  # backend -> study -> positions in items
         for k, it in enumerate(items):
@@ -226,7 +227,7 @@ class Storer:
             entries = [[(items[k].event, items[k].policy, items[k].placements, items[k].stored_at.isoformat())
                         for k in members] for members in studies]
             try:
-                outcomes = rados_index.record_studies(self.backends.get(name), entries)
+                outcomes = study_index.record_studies(self.backends.get(name), entries)
             except Exception as exc:
                 outcomes = [exc] * len(studies)
             for members, err in zip(studies, outcomes, strict=True):

@@ -16,13 +16,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import blake3
 
 from shared.config import FsBackendConfig
 from shared.storage import fs_wal
+from shared.storage.fs_study_index import FileStudyIndex
 from shared.storage.fs_wal import fsync_dir as _fsync_dir
 from shared.storage.objectstore import (
     Capability,
@@ -175,7 +176,7 @@ class FileObjectStore:
     directories, so 256 folders hold tens of millions of objects.
     """
 
-    capabilities: frozenset[Capability] = frozenset()
+    capabilities: frozenset[Capability] = frozenset({Capability.STUDY_INDEX})
 
     def __init__(self, name: str, cfg: FsBackendConfig, data_dir: Path):
         self.name = name
@@ -194,6 +195,19 @@ class FileObjectStore:
         self._wal_lock = threading.Lock()
         # Before anything reads or writes: objects a crashed process acknowledged are only in its log.
         fs_wal.recover(self._wal_dir, self._root, self._restore)
+        self._index = FileStudyIndex(self.root / "index")
+
+    def omap_set_many(self, writes: list[tuple[str, dict[str, bytes]]]) -> list[Exception | None]:
+        """Set keys of several study index objects (``index/<name>`` files, appended and synced)."""
+        return self._index.omap_set_many(writes)
+
+    def omap_get(self, oid: str) -> dict[str, bytes]:
+        """Every key/value of one study index object."""
+        return self._index.omap_get(oid)
+
+    def object_names(self, prefix: str = "") -> Iterator[str]:
+        """Names of the study index objects that start with ``prefix``."""
+        return self._index.object_names(prefix)
 
     def _final(self, digest: str) -> tuple[str, str]:
         folder = f"{self._root}/{digest[:2]}"

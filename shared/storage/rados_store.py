@@ -86,7 +86,7 @@ class _Pending:
 class RadosObjectStore:
     """Content-addressed objects in one RADOS pool/namespace."""
 
-    # The study index lives in the omap of one object per study (services/store/rados_index.py).
+    # The study index lives in the omap of one object per study (services/store/study_index.py).
     capabilities: frozenset[Capability] = frozenset({Capability.STUDY_INDEX})
 
     def __init__(self, name: str, cfg: RadosBackendConfig, data_dir: Path | None = None):

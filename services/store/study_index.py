@@ -1,11 +1,14 @@
-"""The per-study index objects in RADOS: omap SOPInstanceUID -> entry, one object per study and pool.
+"""The per-study index objects: SOPInstanceUID (tenant-qualified) -> entry, one object per study and backend.
 
 Each entry holds what the catalogue needs besides the metadata (series, digest, size, the routing tags, tenant,
 policy, placements), so a study can be listed from Ceph alone and ``dicomflow reindex`` can rebuild the
 catalogue from it (the metadata read from each object's head).
-Only backends that declare ``Capability.STUDY_INDEX`` keep these objects (RADOS: the omap).
+Only backends that declare ``Capability.STUDY_INDEX`` keep these objects (RADOS: the omap of one object per
+study; the filesystem store: an append-only file per study, :mod:`shared.storage.fs_study_index`). A key is
+``<tenant>/<SOPInstanceUID>`` (the bare UID for the empty tenant, as versions before tenants wrote it), so two
+tenants that send the same UIDs keep two entries.
 Writing an entry is idempotent (same key, same value); it happens after the object is placed and before
-the catalogue rows, so a catalogued instance always has its entry in every RADOS placement.
+the catalogue rows, so a catalogued instance always has its entry in every placement that keeps an index.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def decode_entry(raw: bytes) -> tuple[InstanceReceived, str, list[str], str]:
     return event, e["policy"], list(e["placements"]), e["stored_at"]
 
 
+def entry_key(event: InstanceReceived) -> str:
+    """The index key of an instance: its SOP Instance UID, qualified by its tenant."""
+    return f"{event.tenant}/{event.tags.sop_uid}" if event.tenant else event.tags.sop_uid
+
+
 def record_studies(store: StudyIndex, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
     """Add the entries (event, policy, placements, stored_at) of each study in one omap write per study, all in
     flight together; one outcome per study."""
@@ -46,13 +54,13 @@ def record_studies(store: StudyIndex, studies: list[list[tuple[InstanceReceived,
         study = entries[0][0].tags.study_uid
         if any(e.tags.study_uid != study for e, _, _, _ in entries):
             raise ValueError("each list of entries must hold the entries of one study")
-        writes.append((study_index_name(study), {e.tags.sop_uid: encode_entry(e, policy, placements, stored_at)
+        writes.append((study_index_name(study), {entry_key(e): encode_entry(e, policy, placements, stored_at)
                                                  for e, policy, placements, stored_at in entries}))
     return store.omap_set_many(writes)
 
 
 def study_entries(store: StudyIndex, study_uid: str) -> dict[str, bytes]:
-    """SOPInstanceUID -> raw entry for one study."""
+    """Index key (see :func:`entry_key`) -> raw entry for one study."""
     return store.omap_get(study_index_name(study_uid))
 
 

@@ -223,8 +223,8 @@ def test_prefix_matching_uses_an_index_outside_the_c_collation(pg_cluster, tmp_p
         assert [value(s, "00080050") for s in cat.search(q(STUDY, AccessionNumber="A12*"), "a", 10)] == ["A1234"]
         with psycopg.connect(dsn, autocommit=True) as conn:
             indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'studies'")}
-            assert {"studies_by_patient_name_pattern", "studies_by_accession_pattern"} <= indexes
-            assert not {"studies_by_patient_name", "studies_by_accession"} & indexes
+            assert {"studies_by_patient_name_sorted_pattern", "studies_by_accession_sorted_pattern"} <= indexes
+            assert not {"studies_by_patient_name_sorted", "studies_by_accession_sorted"} & indexes
             # enough studies of the tenant that only the prefix makes a scan selective
             conn.execute("INSERT INTO studies (tenant, study_uid, patient_name, accession_number, attrs, updated_at)"
                          " SELECT 'a', 'filler.' || g, 'filler^' || g, 'F' || g, '{}', '' FROM generate_series(1, 20000) g")
@@ -236,3 +236,25 @@ def test_prefix_matching_uses_an_index_outside_the_c_collation(pg_cluster, tmp_p
                 assert bound in shown, shown  # the prefix bounds the index scan, not a filter over the tenant
     finally:
         cat.close()
+
+
+def test_a_study_page_is_chosen_from_a_covering_index_on_sqlite(tmp_path):
+    """SQLite picks the page of a name, ID, accession or date search from the index alone (the index holds the
+    sort key), so only the page's rows, with their attributes, are read: the plan says COVERING INDEX."""
+    import sqlite3
+
+    from shared.catalogue.sql import plan
+
+    cat = open_catalogue("", tmp_path)
+    cat.record_batch([entry(ds) for ds in study(2, PatientName="Smith^Jane")])
+    cat.close()
+    conn = sqlite3.connect(tmp_path / "catalogue.sqlite")
+    conn.execute("PRAGMA case_sensitive_like=ON")
+    for params, index in (({"PatientName": "smi*"}, "studies_by_patient_name_sorted"),
+                          ({"PatientID": "P1*"}, "studies_by_patient_id_sorted"),
+                          ({"AccessionNumber": "A1*"}, "studies_by_accession_sorted"),
+                          ({"StudyDate": "20200101-20201231"}, "studies_by_date_sorted")):
+        statement, args = plan(q(STUDY, **params), "a", 101)
+        shown = " | ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + statement, args))
+        assert f"COVERING INDEX {index}" in shown, shown
+    conn.close()

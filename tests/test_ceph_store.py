@@ -103,6 +103,16 @@ def test_200_mib_multiframe_chunked_round_trip_and_flipped_byte(cluster):
         back = store.get(digest)
         assert back == data
         del back
+        # ranged reads (a retrieve streams 1 MiB at a time): across a chunk boundary, at the end, and a sweep
+        edge = 64 * 2**20
+        assert store.read_range(digest, edge - 10, 20) == (data[edge - 10:edge + 10], len(data))
+        assert store.read_range(digest, len(data) - 5, 100) == (data[-5:], len(data))
+        swept = bytearray()
+        while len(swept) < len(data):
+            chunk, _ = store.read_range(digest, len(swept), 2**20)
+            swept += chunk
+        assert swept == data
+        del swept
         # Flip one byte inside the third chunk: the read reports it (naming the chunk) instead of returning it.
         name = chunk_name(digest, 2)
         orig = store.io.read(name, length=1, offset=12345)

@@ -14,7 +14,7 @@ The ``rados`` module is Debian's python3-rados (not on PyPI); ``make rados-link`
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -94,6 +94,8 @@ class RadosObjectStore:
             raise ValueError(f"backend {name!r}: kind rados needs a pool")
         self.name = name
         self.cfg = cfg
+        self._layouts: OrderedDict[str, tuple[int, list | None]] = OrderedDict()  # digest -> (size, chunks)
+        self._layouts_lock = threading.Lock()
         self.rados = import_rados()
         self.cluster = connect_cluster(cfg)
         try:
@@ -383,31 +385,53 @@ class RadosObjectStore:
             out[c.offset:c.offset + c.size] = p.data
         return bytes(out)
 
-    def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
-        check_digest(digest)
+    def _layout(self, digest: str) -> tuple[int, list | None]:
+        """(size, chunks or None for a whole object) of an object, remembered: an object's bytes never change
+        under its digest, and a ranged read (a retrieve streams 1 MiB at a time) would otherwise repeat a stat,
+        an xattr read and, for a chunked object, its manifest's read on every call."""
+        with self._layouts_lock:
+            known = self._layouts.get(digest)
+            if known is not None:
+                self._layouts.move_to_end(digest)
+                return known
         size = self._stat(digest)
         try:
             layout = self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode()
         except self.rados.Error:
             layout = LAYOUT_WHOLE
-        if layout != LAYOUT_CHUNKED:
+        if layout == LAYOUT_CHUNKED:
             try:
-                return self.io.read(digest, length=length, offset=offset), size
-            except self.rados.Error as exc:
-                raise self._error(exc, "read", digest) from None
+                known = decode_manifest(self._read_whole(digest, size), digest)
+            except ValueError as exc:
+                raise CorruptObject(f"rados backend {self.name!r}: {exc}") from None
+        else:
+            known = (size, None)
+        with self._layouts_lock:
+            self._layouts[digest] = known
+            while len(self._layouts) > 1024:
+                self._layouts.popitem(last=False)
+        return known
+
+    def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
+        check_digest(digest)
+        total, chunks = self._layout(digest)
         try:
-            total, chunks = decode_manifest(self._read_whole(digest, size), digest)
-        except ValueError as exc:
-            raise CorruptObject(f"rados backend {self.name!r}: {exc}") from None
-        end = min(offset + length, total)
-        wanted = [c for c in chunks if c.offset < end and c.offset + c.size > offset]
-        pending = [(c, self._aio_read(c.name, c.size)) for c in wanted]
-        self._wait([p for _, p in pending], "read chunk")
-        out = bytearray()
-        for c, p in pending:
-            lo, hi = max(offset, c.offset) - c.offset, min(end, c.offset + c.size) - c.offset
-            out += p.data[lo:hi]
-        return bytes(out), total
+            if chunks is None:
+                try:
+                    return (self.io.read(digest, length=length, offset=offset) if length else b""), total
+                except self.rados.Error as exc:
+                    raise self._error(exc, "read", digest) from None
+            end = min(offset + length, total)
+            # only the overlapping slice of each chunk: a 1 MiB range of a 2 GiB object reads 1 MiB, not a chunk
+            wanted = [(c, max(offset, c.offset) - c.offset, min(end, c.offset + c.size) - c.offset)
+                      for c in chunks if c.offset < end and c.offset + c.size > offset]
+            pending = [self._aio_read(c.name, hi - lo, lo) for c, lo, hi in wanted]
+            self._wait(pending, "read chunk")
+        except Exception:  # removed meanwhile, or unreadable: ask the cluster again next time
+            with self._layouts_lock:
+                self._layouts.pop(digest, None)
+            raise
+        return b"".join(p.data for p in pending), total
 
     def exists(self, digest: str) -> bool:
         """Whether the (complete) object is stored."""
@@ -494,6 +518,8 @@ class RadosObjectStore:
     def remove(self, digest: str) -> None:
         """Remove an object and its chunks (tests and tools; the store never deletes)."""
         check_digest(digest)
+        with self._layouts_lock:
+            self._layouts.pop(digest, None)
         try:
             layout = self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode()
             if layout == LAYOUT_CHUNKED:

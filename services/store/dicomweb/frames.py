@@ -34,6 +34,7 @@ from aiohttp import web
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
+from shared.storage.reading import CHUNK, Unavailable
 from shared.web.answers import PRINCIPAL, base_url, error, in_thread, path_uid
 
 from . import metrics
@@ -54,7 +55,7 @@ from .pixels import (
     locate_pixels,
     parse_frame_list,
 )
-from .retrieve import CHUNK, TRANSCODE_MAX_BYTES, Unavailable, _locate
+from .retrieve import TRANSCODE_MAX_BYTES, _locate
 
 log = logging.getLogger("dicomflow.web.frames")
 

@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from shared.contract.uids import InvalidUID, validate_uid
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
+from shared.storage.reading import Unavailable
 from shared.web.answers import CONFIG, EXECUTOR, PRINCIPAL, error, in_thread, path_uid, warning
 
 from . import metrics
@@ -32,7 +33,7 @@ from .rendering import (
     render,
     wado_uri_content_type,
 )
-from .retrieve import Streamer, Unavailable, _locate
+from .retrieve import Streamer, _locate
 
 log = logging.getLogger("dicomflow.web.rendered")
 

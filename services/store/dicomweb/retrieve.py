@@ -1,10 +1,11 @@
 """WADO-RS retrieve of studies, series and instances (PS3.18 10.4), streamed from the object stores.
 
 Each instance goes out as a Part-10 file: the file meta written here, then the data set read from the
-first placement that holds it in chunks of ``CHUNK`` bytes, hashed with blake3 as it goes. Memory per
-request stays at about one chunk whatever the study's or the instance's size. An object whose bytes do
-not match its digest ends the response without its closing boundary (the client sees an incomplete
-answer, never wrong bytes presented as whole), with the reason in the log and
+first placement that holds it in chunks of ``CHUNK`` bytes, hashed with blake3 as it goes
+(:mod:`shared.storage.reading`: the last chunk only once the whole matched). Memory per request stays
+at about one chunk whatever the study's or the instance's size. An object whose bytes do not match
+its digest ends the response without its last chunk and closing boundary (the client sees an
+incomplete answer, never wrong bytes presented as whole), with the reason in the log and
 ``dicomflow_web_corrupt_objects_total``. Transcoding between the uncompressed syntaxes needs the data
 set whole (pydicom): only up to ``TRANSCODE_MAX_BYTES``.
 """
@@ -16,12 +17,12 @@ import io
 import logging
 import uuid
 
-import blake3
 import pydicom
 from aiohttp import web
 
 from shared.dicom.part10 import part10
-from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
+from shared.storage.objectstore import Backends, CorruptObject, ObjectStore
+from shared.storage.reading import Unavailable, locate, verified_chunks
 from shared.web.answers import EXECUTOR, PRINCIPAL, error, path_uid
 
 from . import metrics
@@ -30,25 +31,15 @@ from .negotiation import AS_STORED, Choice, choose
 
 log = logging.getLogger("dicomflow.web.retrieve")
 
-CHUNK = 1024 * 1024
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
 
 
-class Unavailable(Exception):
-    """No placement holds an instance's object (or it is corrupt): the response cannot be completed."""
-
-
-def _locate(backends: Backends, row: dict) -> tuple[object, int]:
+def _locate(backends: Backends, row: dict) -> tuple[ObjectStore, int]:
     """(store, size) of the first placement that holds the instance's object (blocking)."""
-    last: Exception | None = None
-    for name in row["placements"]:
-        try:
-            store = backends.get(name)
-            _, size = store.read_range(row["digest"], 0, 0)
-            return store, size
-        except (ObjectMissing, OSError, KeyError) as exc:
-            last = exc
-    raise Unavailable(f"{row['sop_uid']}: in none of {row['placements']}: {last}")
+    try:
+        return locate(backends, row["digest"], row["placements"])
+    except Unavailable as exc:
+        raise Unavailable(f"{row['sop_uid']}: {exc}") from None
 
 
 def transcode(data: bytes, row: dict, target: str) -> bytes:
@@ -85,20 +76,16 @@ class Streamer:
             return
         store, size = await self._run(_locate, self.backends, row)
         await self.response.write(part10(b"", row["sop_class_uid"], row["sop_uid"], stored))
-        hasher = blake3.blake3()
-        offset = 0
-        while offset < size:
-            chunk, _ = await self._run(store.read_range, row["digest"], offset, CHUNK)
-            if not chunk:
-                break
-            hasher.update(chunk)
-            offset += len(chunk)
+        chunks = verified_chunks(store, row["digest"], size)  # the last chunk only once the digest matched
+        last = False
+        while not last:
+            try:
+                chunk, last = await self._run(next, chunks)
+            except CorruptObject as exc:
+                metrics.corrupt.inc()
+                raise Unavailable(f"{row['sop_uid']}: {exc}") from None
             await self.response.write(chunk)
-        metrics.retrieved_bytes.inc(offset)
-        if offset != size or hasher.hexdigest() != row["digest"]:
-            metrics.corrupt.inc()
-            raise Unavailable(f"{row['sop_uid']}: object {row['digest']} in {store.name!r} does not match its digest "
-                              f"({offset} of {size} bytes read)")
+        metrics.retrieved_bytes.inc(size)
 
 
 def retrieve_handler(level: str):

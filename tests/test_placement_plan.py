@@ -45,7 +45,10 @@ def test_a_filesystem_backend_implements_the_whole_interface(tmp_path):
     store = FileObjectStore("local", FsBackendConfig(path=str(tmp_path / "objects")), tmp_path)
     try:
         assert isinstance(store, ObjectStore)
-        assert Capability.STUDY_INDEX not in store.capabilities
+        assert Capability.STUDY_INDEX in store.capabilities  # its index files (shared/storage/fs_study_index.py)
+        assert store.omap_set_many([("dicomflow.study.1.2", {"k": b"v"})]) == [None]
+        assert store.omap_get("dicomflow.study.1.2") == {"k": b"v"}
+        assert list(store.object_names("dicomflow.study.")) == ["dicomflow.study.1.2"]
         bodies = [f"object {i}".encode() * 100 for i in range(3)]
 
         def writes():

@@ -345,10 +345,13 @@ class SqlCatalogue:
             if value is not None:
                 conditions.append(f"{column} = ?")
                 params.append(value)
-        where = " AND ".join(conditions)
-        cols = ("tenant", "sop_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
-        rows = self._read(f"SELECT {', '.join(cols)} FROM instances WHERE {where}"
-                          " ORDER BY series_uid, COALESCE(instance_number, 2147483647), sop_uid", params)
+        return self._instance_rows(conditions, params)
+
+    def _instance_rows(self, conditions: list[str], params: list) -> list[dict]:
+        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
+        rows = self._read(f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i WHERE {' AND '.join(conditions)}"
+                          " ORDER BY i.study_uid, i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid",
+                          params)
         out = []
         for row in rows:
             item = dict(zip(cols, row, strict=True))
@@ -366,7 +369,7 @@ class SqlCatalogue:
             params.append(tenant)
         for column, values in (("study_uid", study_uids), ("series_uid", series_uids), ("sop_uid", sop_uids)):
             if values:
-                conditions.append(f"i.{column} IN ({', '.join('?' * len(values))})")
+                conditions.append(f"i.{column} IN ({', '.join(['?'] * len(values))})")
                 params.extend(values)
         if patient_id is not None:
             conditions.append("EXISTS (SELECT 1 FROM studies s WHERE s.tenant = i.tenant AND s.study_uid = i.study_uid"
@@ -374,16 +377,7 @@ class SqlCatalogue:
             params.append(patient_id)
         if not conditions or (tenant is not None and len(conditions) == 1):
             return []  # a retrieve always names something; never "everything"
-        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
-        rows = self._read(f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i WHERE {' AND '.join(conditions)}"
-                          " ORDER BY i.study_uid, i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid",
-                          params)
-        out = []
-        for row in rows:
-            item = dict(zip(cols, row, strict=True))
-            item["placements"] = json.loads(item["placements"])
-            out.append(item)
-        return out
+        return self._instance_rows(conditions, params)
 
     def summaries(self, query: Query, tenant: str | None, limit: int) -> list[dict]:
         """Plain rows of the studies a study-level ``query`` matches (for people and tools: the CLI),

@@ -369,15 +369,16 @@ def main() -> int:
             web.stop()
             web = None
 
+        # A fresh process, the study retrieve first: its peak RSS is the retrieve's, not the metadata's.
         web = WebReplicas(cfg, 1, work / "web-memory.log")
-        s, se, _ = big_uids[0]
-        meta = {"dicomflow": series_metadata(web.port, "/dicom-web", s, se, args.metadata_requests, len(big)),
-                "orthanc": series_metadata(o_http, "/dicom-web", s, se, args.metadata_requests, len(big))}
-        log(f"series metadata of {len(big)} instances: {json.dumps(meta)}")
         retrieve = study_retrieve(web.port, "/dicom-web", ct_uids[0][0], web.procs[0].pid)
         orthanc_retrieve = study_retrieve(o_http, "/dicom-web", ct_uids[0][0], orthanc.pid)
         log(f"whole-study retrieve ({retrieve['bytes'] / 2**20:.0f} MiB): dicomflow {json.dumps(retrieve)}; "
             f"Orthanc {json.dumps(orthanc_retrieve)}")
+        s, se, _ = big_uids[0]
+        meta = {"dicomflow": series_metadata(web.port, "/dicom-web", s, se, args.metadata_requests, len(big)),
+                "orthanc": series_metadata(o_http, "/dicom-web", s, se, args.metadata_requests, len(big))}
+        log(f"series metadata of {len(big)} instances: {json.dumps(meta)}")
 
         d, o = runs["dicomflow"], runs["orthanc"]
         base_rps = by_replicas.get(1, d)["rps"]

@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 # Debian packages: dcmtk (storescu/storescp, real DICOM peers), Ceph (mon, osd, python3-rados) for the
 # Ceph backend and its tests, docker-compose (validates compose/), postgresql (the shared catalogue; the
-# suite starts its own server), orthanc (benchmark baseline).
+# suite starts its own server), orthanc and its DICOMweb plugin (benchmark baselines).
 RUN_DEBS  := dcmtk
 TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose postgresql
-BENCH_DEBS := dcmtk orthanc
+BENCH_DEBS := dcmtk orthanc orthanc-dicomweb
 
-.PHONY: run test lint bench-ingest venv venv-test rados-link debs-run debs-test debs-bench clean
+.PHONY: run test lint bench-ingest bench-retrieve venv venv-test venv-bench rados-link debs-run debs-test debs-bench clean
 
 run: debs-run venv
 	$(BIN)/dicomflow run $(ARGS)
@@ -27,8 +27,12 @@ lint: venv-test
 bench-ingest: debs-bench venv
 	$(BIN)/python bench/ingest.py
 
+bench-retrieve: debs-bench venv-bench
+	$(BIN)/python bench/retrieve.py $(ARGS)
+
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
+venv-bench: $(VENV)/.installed-bench
 
 # `make run` installs only what the services need; `make test` adds the test tools.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +42,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
 	touch $@
 
 debs-run:

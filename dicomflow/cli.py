@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ae-title", help="AE title (default DICOMFLOW)")
     run.add_argument("--host", help="address the SCP binds to (default 127.0.0.1)")
     run.add_argument("--web-port", type=int, help="DICOMweb HTTP port (default 8043; 0: no DICOMweb service)")
+    run.add_argument("--web-replicas", type=int, help="DICOMweb processes sharing the port (default web.replicas, 1)")
 
     ing = sub.add_parser("ingest", parents=[common], help="the DICOM receiver (ingest.workers processes)")
     ing.add_argument("--dicom-port", type=int)
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", parents=[common], help="the DICOMweb HTTP service (QIDO-RS, metadata): stateless")
     web.add_argument("--web-port", type=int, help="port (default web.port)")
     web.add_argument("--metrics-port", type=int)
+    web.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # from `dicomflow run`
     add_router_parsers(sub, common)
     asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
     asc.add_argument("--metrics-port", type=int)
@@ -109,8 +111,13 @@ def _overrides(args: argparse.Namespace) -> dict:
         ingest["workers"] = 1
     if ingest:
         over["ingest"] = ingest
+    web = {}
     if getattr(args, "web_port", None) is not None:
-        over["web"] = {"port": args.web_port}
+        web["port"] = args.web_port
+    if getattr(args, "web_replicas", None) is not None:
+        web["replicas"] = args.web_replicas
+    if web:
+        over["web"] = web
     return over
 
 
@@ -159,7 +166,7 @@ def cmd_store(config: Config, args: argparse.Namespace) -> int:
 def cmd_web(config: Config, args: argparse.Namespace) -> int:
     from dicomflow.web import serve
 
-    asyncio.run(serve(config, metrics_port=args.metrics_port))
+    asyncio.run(serve(config, metrics_port=args.metrics_port, listen_fd=args.listen_fd))
     return 0
 
 

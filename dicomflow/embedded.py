@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from dicomflow.natsserver import NatsServer, accepts, port_taken
 from shared.config import Config
-from shared.supervisor import ChildSpec, Supervisor
+from shared.supervisor import ChildSpec, Supervisor, listening_socket
 
 log = logging.getLogger("dicomflow.run")
 
@@ -63,6 +64,9 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
     # Children are started from this (the calling) thread: they end with it (PR_SET_PDEATHSIG).
     supervisor = Supervisor(logger=log)
     services: list[str] = []
+    # The DICOMweb port is this process's: every web replica inherits it (shared.web.server), so one that
+    # dies or restarts refuses no connection.
+    web_socket = listening_socket(config.web.host, config.web.port) if config.web.port else None
     try:
         if not config.nats.url:
             server = NatsServer(data / "nats", config.nats.port, config.nats.monitor_port)
@@ -74,7 +78,8 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
                 return _stopped_or_failed(stop, f"nats-server did not open {server.url} in 15 s "
                                                 f"(see {data / 'run' / 'nats-server.log'})")
             log.info("nats-server with JetStream on %s (data %s)", server.url, data / "nats")
-        for spec in _service_specs(config, config_path, nats_url):
+        for spec in _service_specs(config, config_path, nats_url,
+                                   web_socket.fileno() if web_socket is not None else None):
             supervisor.start(spec)
             services.append(spec.name)
         _write_targets(data, config, config.telemetry.metrics_port)
@@ -83,10 +88,11 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
             return _stopped_or_failed(stop, f"the DICOM port {config.ingest.port} did not open in 60 s")
         if config.web.port:
             web_host = config.web.host if config.web.host != "0.0.0.0" else "127.0.0.1"
-            if not _wait_accepting(supervisor, web_host, config.web.port, 60, stop):
-                return _stopped_or_failed(stop, f"the DICOMweb port {config.web.port} did not open in 60 s")
-            log.info("DICOMweb (QIDO-RS, metadata) on http://%s:%d%s", web_host, config.web.port,
-                     config.web.path_prefix)
+            # The socket accepts from the start (into its backlog): wait for a replica's first answer.
+            if not _wait_answering(supervisor, web_host, config.web.port, 60, stop):
+                return _stopped_or_failed(stop, f"the DICOMweb port {config.web.port} did not answer in 60 s")
+            log.info("DICOMweb (QIDO-RS, metadata, WADO-RS) on http://%s:%d%s, %d process(es)", web_host,
+                     config.web.port, config.web.path_prefix, config.web.replicas)
         log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
                  config.ingest.host, config.ingest.port)
         (data / "run" / "ready").write_text(json.dumps({"nats": nats_url, "dicom_port": config.ingest.port,
@@ -99,6 +105,8 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         (data / "run" / "ready").unlink(missing_ok=True)
         supervisor.stop(services)  # they drain and ack while NATS is still there
         supervisor.stop()
+        if web_socket is not None:
+            web_socket.close()
         log.info("stopped")
 
 
@@ -106,6 +114,25 @@ def _wait_accepting(supervisor: Supervisor, host: str, port: int, timeout: float
     """Supervise until host:port accepts connections; False after ``timeout`` or once ``stop`` is set."""
     deadline = time.monotonic() + timeout
     while not accepts(host, port):
+        if time.monotonic() > deadline or stop.wait(min(0.2, supervisor.poll())):
+            return False
+    return True
+
+
+def _answers_http(host: str, port: int) -> bool:
+    """Whether an HTTP request to host:port gets a status line (any status: 401 too) within 2 s."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
+            return conn.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def _wait_answering(supervisor: Supervisor, host: str, port: int, timeout: float, stop: threading.Event) -> bool:
+    """Supervise until an HTTP server answers on host:port; False after ``timeout`` or once ``stop`` is set."""
+    deadline = time.monotonic() + timeout
+    while not _answers_http(host, port):
         if time.monotonic() > deadline or stop.wait(min(0.2, supervisor.poll())):
             return False
     return True
@@ -134,8 +161,12 @@ def _taken_ports(config: Config) -> list[str]:
             for setting, host, port, how in ports if port_taken(host, port)]
 
 
-def _service_specs(config: Config, config_path: str | None, nats_url: str) -> list[ChildSpec]:
-    """The service processes of this run: the same commands a container runs."""
+def _service_specs(config: Config, config_path: str | None, nats_url: str,
+                   web_fd: int | None = None) -> list[ChildSpec]:
+    """The service processes of this run: the same commands a container runs.
+
+    ``web_fd``: the DICOMweb listening socket the ``web.replicas`` web processes inherit (else each binds).
+    """
     base = [sys.executable, "-m", "dicomflow"]
     if config_path:
         base += ["--config", str(config_path)]
@@ -160,8 +191,14 @@ def _service_specs(config: Config, config_path: str | None, nats_url: str) -> li
         port = mport + METRICS_OFFSETS["router"] if mport else 0
         specs.append(ChildSpec("router", [*base, "router", "--metrics-port", str(port)], **background))
     if config.web.port:
-        port = mport + METRICS_OFFSETS["web"] if mport else 0
-        specs.append(ChildSpec("web", [*base, "web", "--metrics-port", str(port)], **background))
+        # SIGTERM: they drain for web.drain_s before they exit; the supervisor waits a little longer.
+        web_stop = {**background, "stop_timeout_s": config.web.drain_s + 10}
+        inherit = ["--listen-fd", str(web_fd)] if web_fd is not None else []
+        for i in range(config.web.replicas):
+            port = mport + METRICS_OFFSETS["web"] + i if mport else 0
+            name = "web" if config.web.replicas == 1 else f"web-{i}"
+            specs.append(ChildSpec(name, [*base, "web", "--metrics-port", str(port), *inherit],
+                                   pass_fds=(web_fd,) if web_fd is not None else (), **web_stop))
     return specs
 
 
@@ -184,5 +221,6 @@ def _write_targets(data: Path, config: Config, mport: int) -> None:
     if config.router.rules_file:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['router']}"], "labels": {"service": "router"}})
     if config.web.port:
-        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['web']}"], "labels": {"service": "web"}})
+        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['web'] + i}" for i in range(config.web.replicas)],
+                        "labels": {"service": "web"}})
     (data / "run" / "prometheus-targets.json").write_text(json.dumps(targets, indent=2))

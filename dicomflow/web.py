@@ -12,7 +12,11 @@ from shared.web.server import serve as serve_mounts
 
 
 async def serve(config: Config, port: int | None = None, metrics_port: int | None = None,
-                stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
-    """Serve DICOMweb until SIGTERM/SIGINT or ``stop`` (``ready`` is set once the port listens)."""
+                stop: asyncio.Event | None = None, ready: asyncio.Event | None = None,
+                listen_fd: int | None = None) -> None:
+    """Serve DICOMweb until SIGTERM/SIGINT or ``stop`` (``ready`` is set once the port listens).
+
+    ``listen_fd``: a listening socket inherited from ``dicomflow run`` (several replicas on one port).
+    """
     mounts = [read_side(config), *([stow(config)] if config.web.stow else [])]
-    await serve_mounts(config, mounts, port, metrics_port, stop, ready)
+    await serve_mounts(config, mounts, port, metrics_port, stop, ready, listen_fd)

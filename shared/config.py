@@ -416,6 +416,8 @@ class WebConfig(_Section):
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
     stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
     render_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest object (data set bytes) the rendered, thumbnail and WADO-URI image resources decode; a larger one is refused with 413 (it would be read whole into memory).")
+    replicas: int = Field(1, ge=1, le=64, description="`dicomflow run`: DICOMweb processes sharing the one port (stateless; each has its own /metrics at telemetry.metrics_port + 80 + N). Elsewhere scale the `dicomflow web` deployment instead.")
+    drain_s: float = Field(20.0, ge=0, le=3600, description="On SIGTERM a DICOMweb process stops accepting and waits this long for the requests in flight (a long WADO-RS stream) to finish before it cancels them and exits. Keep a deployment's grace period above preStop + this.")
 
 
 class Config(_Section):

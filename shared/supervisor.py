@@ -1,6 +1,7 @@
 """The one process supervisor: child processes started from specs, restarted with backoff, stopped gracefully.
 
-Used by ``dicomflow run`` (nats-server and every service), by the ingest (its receiver processes sharing
+Used by ``dicomflow run`` (nats-server and every service, the DICOMweb replicas sharing one listening socket
+made by :func:`listening_socket`), by the ingest (its receiver processes sharing
 one listening socket) and by the autoscaler's local actuator (worker processes per consumer group).
 
 Two halves, as everywhere in dicomflow:
@@ -26,6 +27,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +85,21 @@ def after_exit(state: RestartState, policy: RestartPolicy, now: float) -> Restar
 def is_due(state: RestartState, now: float) -> bool:
     """Whether a child that exited is to be started again at ``now``."""
     return state.restart_at is not None and now >= state.restart_at
+
+
+def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening socket made once by a supervisor, for its children to inherit (``ChildSpec.pass_fds``).
+
+    Every child accepts from it: a new connection goes to one that is waiting in accept, and while a child
+    restarts (or drains) connections wait in the backlog or go to the others instead of being refused.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
 
 
 # --- the shell: processes ------------------------------------------------------------------------------------

@@ -187,6 +187,25 @@ def test_grace_period_exceeds_ack_wait_plus_drain(rendered, overlay, tmp_path):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_web_scales_on_cpu_and_drains_within_its_grace_period(rendered, overlay, tmp_path):
+    docs = rendered[overlay]
+    web = deployment(docs, "web")
+    cfg = service_config(docs, web, tmp_path)
+    grace = web["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    needed = prestop_sleep(container(web)) + cfg.web.drain_s
+    assert grace > needed, f"{overlay}/web: grace {grace}s <= preStop + web.drain_s = {needed}s"
+    assert web["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    hpa = one(docs, "HorizontalPodAutoscaler", "dicomflow-web")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "dicomflow-web"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    assert "cpu" in container(web)["resources"]["requests"]  # what utilisation is measured against
+    assert one(docs, "PodDisruptionBudget", "dicomflow-web")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_resources_and_disruption_budgets(rendered, overlay):
     docs = rendered[overlay]
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]

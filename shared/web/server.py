@@ -1,9 +1,21 @@
-"""The DICOMweb HTTP server loop: the application with its mounts on ``web.host``:``web.port`` until stopped."""
+"""The DICOMweb HTTP server loop: the application with its mounts on ``web.host``:``web.port`` until stopped.
+
+Stopping drains: on SIGTERM (or ``stop``) the process stops accepting at once, lets the requests in flight
+finish (a WADO-RS study stream can take a while) for up to ``web.drain_s``, then cancels what is left and
+exits. aiohttp's ``AppRunner.cleanup()`` does exactly that in this order (close the listening sockets, close
+idle keep-alive connections, wait ``shutdown_timeout`` for the handlers, cancel them); connections still
+being answered get ``Connection: close``.
+
+Several processes may serve one port: ``listen_fd`` is a listening socket made by a supervisor
+(``dicomflow run`` with ``web.replicas`` > 1) and inherited by each; the kernel hands each new connection to
+one of the processes waiting in accept, so one that dies or drains loses none of the later ones.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from aiohttp import web
 
@@ -17,15 +29,24 @@ log = logging.getLogger("dicomflow.web")
 
 
 async def serve(config: Config, mounts: list[Mount], port: int | None = None, metrics_port: int | None = None,
-                stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
-    """Serve ``mounts`` on ``config.web.host``:``port`` (default ``config.web.port``) until SIGTERM/SIGINT or ``stop``."""
+                stop: asyncio.Event | None = None, ready: asyncio.Event | None = None,
+                listen_fd: int | None = None) -> None:
+    """Serve ``mounts`` on ``config.web.host``:``port`` (default ``config.web.port``) until SIGTERM/SIGINT or ``stop``.
+
+    ``listen_fd``: an inherited listening socket to serve instead of binding one (the port is then its).
+    """
     setup_tracing("web", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
     app = make_app(config, mounts)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.web.drain_s)
     await runner.setup()
-    site = web.TCPSite(runner, config.web.host, config.web.port if port is None else port, backlog=1024,
-                       reuse_address=True)
+    if listen_fd is not None:
+        sock = socket.socket(fileno=listen_fd)
+        sock.setblocking(False)
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, config.web.host, config.web.port if port is None else port, backlog=1024,
+                           reuse_address=True)
     await site.start()
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
@@ -33,9 +54,32 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
         log.warning("DICOMweb on %s answers requests without credentials as tenant %r: set "
                     "access.anonymous_tenant: null where the network reaches it", config.web.host,
                     config.access.anonymous_tenant)
-    log.info("DICOMweb on http://%s:%d%s", config.web.host, site._server.sockets[0].getsockname()[1],
-             config.web.path_prefix)
+    host, bound = site._server.sockets[0].getsockname()[:2]
+    log.info("DICOMweb on http://%s:%d%s%s", host, bound, config.web.path_prefix,
+             " (inherited socket)" if listen_fd is not None else "")
     if ready is not None:
         ready.set()
     await stop.wait()
-    await runner.cleanup()
+    await drain(runner, config.web.drain_s)
+    log.info("DICOMweb stopped")
+
+
+async def drain(runner: web.AppRunner, drain_s: float) -> None:
+    """Stop accepting, let the requests in flight finish (at most ``drain_s``), then flush what they wrote.
+
+    ``runner.cleanup()`` returns once the handlers are done, but the last bytes of a large answer may still
+    be in the transports' buffers; leaving then (``asyncio.run`` closing the loop) would cut the answer
+    short. So the transports are taken before cleanup and awaited until empty, within the same deadline.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_s
+    for site in list(runner.sites):  # no new connections from here on
+        await site.stop()
+    await asyncio.sleep(0)
+    connections = runner.server.connections if runner.server is not None else []
+    transports = [c.transport for c in connections if c.transport is not None]
+    log.info("DICOMweb stopping: no new connections; draining %d open connection(s) (at most %.0f s)",
+             len(transports), drain_s)
+    await runner.cleanup()  # waits up to shutdown_timeout (drain_s) for the handlers, then cancels them
+    while any(t.get_write_buffer_size() for t in transports) and loop.time() < deadline:
+        await asyncio.sleep(0.02)

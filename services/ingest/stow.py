@@ -97,6 +97,17 @@ class LazyIntake:
 _INTAKE = web.AppKey("stow_intake", LazyIntake)
 
 
+class _Parts(MultipartReader):
+    """aiohttp's multipart reader, taking boundaries longer than RFC 2046's 70 characters: Orthanc 1.10's
+    DICOMweb client sends a 73-character one (found by its STOW-RS to dicomflow: 400 before)."""
+
+    def _get_boundary(self) -> str:
+        boundary = self._mimetype.parameters["boundary"]
+        if len(boundary) > 256:
+            raise ValueError(f"boundary of {len(boundary)} characters")
+        return boundary
+
+
 def stow(config: Config) -> Mount:
     """STOW-RS's resources as a mount of the DICOMweb application."""
     def add(app: web.Application, prefix: str) -> None:
@@ -138,7 +149,7 @@ async def _store(request: web.Request) -> web.StreamResponse:
         return error(503, f"cannot store now: {type(exc).__name__}: {exc}", **{"Retry-After": "5"})
     outcomes: list[PartOutcome] = []
     try:
-        reader = await request.multipart()
+        reader = _Parts(request.headers, request.content)
         while (part := await reader.next()) is not None:
             if isinstance(part, MultipartReader):
                 await _drain(part)
@@ -146,8 +157,12 @@ async def _store(request: web.Request) -> web.StreamResponse:
                 continue
             outcomes.append(await _store_part(request, intake, part, principal, tenant, study))
     except (ValueError, AssertionError) as exc:  # aiohttp's multipart parser: a malformed body
+        log.warning("STOW-RS from %s refused 400: malformed multipart/related body: %s (Content-Type %s)",
+                    principal.name, exc, request.headers.get("Content-Type"))
         return error(400, f"malformed multipart/related body: {exc}")
     if not outcomes:
+        log.warning("STOW-RS from %s refused 400: no parts (Content-Type %s)", principal.name,
+                    request.headers.get("Content-Type"))
         return error(400, "the request has no parts")
     status, body = stow_answer(outcomes, base_url(request))
     failed = [o for o in outcomes if o.status]

@@ -32,6 +32,7 @@ class Orthanc:
         conf = {"Name": "peer", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
                 "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet, "Plugins": [PLUGIN],
                 "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                "SyncStorageArea": False,  # a test peer: durability is not what is tested (its default fsyncs)
                 "DicomModalities": modalities or {},
                 "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}}}
         (folder / "orthanc.json").write_text(json.dumps(conf))

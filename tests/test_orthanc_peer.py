@@ -58,6 +58,16 @@ def test_orthanc_finds_and_moves_from_dicomflow(stack_factory, tmp_path, engine)
         query = peer.post("/modalities/dicomflow/query", {"Level": "Study", "Query": {"StudyInstanceUID": ""}})
         answers = peer.get(f"/queries/{query['ID']}/answers?expand")
         assert [a["0020,000d"]["Value"] for a in answers] == [study_uid], answers
+        # the query Orthanc Explorer's form sends: empty return keys, a date range, modalities as a list
+        explorer = {"PatientName": "", "PatientID": "", "StudyDescription": "", "AccessionNumber": "",
+                    "StudyDate": "20260101-", "ModalitiesInStudy": "CT\\MR"}
+        query_form = peer.post("/modalities/dicomflow/query", {"Level": "Study", "Query": explorer})
+        [answer] = peer.get(f"/queries/{query_form['ID']}/answers?expand&simplify")
+        assert (answer["StudyInstanceUID"], answer["PatientName"], answer["StudyDate"]) == (
+            study_uid, "Test^Patient", "20261123"), answer
+        later = peer.post("/modalities/dicomflow/query", {"Level": "Study", "Query": {**explorer,
+                                                                                       "StudyDate": "20270101-"}})
+        assert peer.get(f"/queries/{later['ID']}/answers") == []
         series = peer.post("/modalities/dicomflow/query", {"Level": "Series", "Query": {
             "StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": ""}})
         by_series = {a["0020,000e"]["Value"]: a["0020,1209"]["Value"]

@@ -19,19 +19,23 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
-    """``with Orthanc(folder, modalities=..., dicomweb_servers=...) as o: o.get("/studies")``."""
+    """``with Orthanc(folder, modalities=..., dicomweb_servers=...) as o: o.get("/studies")``.
+
+    Its HTTP port answers loopback only (RemoteAccessAllowed false); its DICOM port binds every interface (Orthanc
+    1.10 cannot bind one address), on a free port."""
 
     def __init__(self, folder: Path, modalities: dict | None = None, dicomweb_servers: dict | None = None,
-                 aet: str = "ORTHANC", dicom_port: int | None = None):
+                 aet: str = "ORTHANC", dicom_port: int | None = None, nagle: bool = False):
         if not shutil.which("Orthanc") or not os.path.exists(PLUGIN):
             pytest.fail("Orthanc and its DICOMweb plugin are missing: run `make test`, which installs them")
-        self.folder, self.aet = folder, aet
+        self.folder, self.aet, self.nagle = folder, aet, nagle
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         folder.mkdir(parents=True, exist_ok=True)
         conf = {"Name": "peer", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
                 "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": aet, "Plugins": [PLUGIN],
                 "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                "SyncStorageArea": False,  # a test peer: durability is not what is tested (its default fsyncs)
                 "DicomModalities": modalities or {},
                 "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}}}
         (folder / "orthanc.json").write_text(json.dumps(conf))
@@ -40,7 +44,7 @@ class Orthanc:
     def __enter__(self) -> Orthanc:
         self.proc = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")],
                                      stdout=open(self.folder / "orthanc.log", "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, "TCP_NODELAY": "1"})
+                                     start_new_session=True, env=self._env())
 
         def up() -> bool:
             assert self.proc.poll() is None, self.log()
@@ -50,6 +54,12 @@ class Orthanc:
                 return False
         wait_for(up, 60, what="Orthanc")
         return self
+
+    def _env(self) -> dict[str, str]:
+        # dcmtk (Orthanc's DICOM layer) leaves Nagle on unless TCP_NODELAY=1: ``nagle=True`` is Orthanc as Debian
+        # starts it, which a DICOM peer of it must cope with (40-90 ms stalls per instance otherwise)
+        env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+        return env if self.nagle else {**env, "TCP_NODELAY": "1"}
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

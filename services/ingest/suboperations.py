@@ -23,6 +23,7 @@ from . import metrics, pdu
 log = logging.getLogger("dicomflow.ingest.retrieve")
 
 _HEADER = struct.Struct(">BxI")
+_HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
 # warning statuses of a C-STORE-RSP (PS3.4 B.2.3): coercion, elements discarded, data set does not match SOP class
 _STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
@@ -194,13 +195,26 @@ class Outbound(Channel):
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def _quickack(self) -> None:
+        # ACK at once: a destination with Nagle on (a stock Orthanc 1.10 from Debian) holds back the rest of its
+        # C-STORE-RSP until our ACK of its first segment, which Linux delays ~40 ms: 45 ms per instance moved
+        # (measured). Set before each read too: set only after reads, it measured no better (our C-STORE-RQ sent in
+        # between leaves the kernel's quick-ACK mode).
+        if _HAS_QUICKACK:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
+
     def read_pdu(self) -> tuple[int, memoryview]:
+        self._quickack()
         head = self.reader.read(6)
         if len(head) < 6:
             raise Closed("connection closed")
         kind, length = _HEADER.unpack(head)
         if length > 64 * 1024 * 1024:
             raise pdu.ProtocolError(f"PDU of {length} bytes")
+        self._quickack()
         body = self.reader.read(length) if length else b""
         if len(body) < length:
             raise Closed("connection closed")

@@ -34,7 +34,13 @@ from services.ingest.intake import Incoming, Intake, Received
 from services.ingest.retrieve import Retriever
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
-from shared.catalogue.retrieve import GET_SOP_CLASSES, RETRIEVE_SOP_CLASSES, failed_list, final_status
+from shared.catalogue.retrieve import (
+    GET_SOP_CLASSES,
+    RETRIEVE_SOP_CLASSES,
+    UNABLE_TO_PERFORM,
+    failed_list,
+    final_status,
+)
 from shared.dicom.statuses import CANNOT_UNDERSTAND
 from shared.storage.objectstore import Backends, CorruptObject, ObjectWriter
 
@@ -53,10 +59,6 @@ SUPPORTED[str(Verification)] = _ALL_TS
 
 _REJECT_REASONS = {pdu.RJ_CALLED_AE: "called AE title not recognised", pdu.RJ_CALLING_AE: "calling AE title not recognised",
                    pdu.RJ_LOCAL_LIMIT: "too many associations", pdu.RJ_NO_REASON: "no presentation context accepted"}
-
-
-class _Closed(Exception):
-    """The peer closed the connection."""
 
 
 class StorageServer(socketserver.ThreadingTCPServer):
@@ -177,7 +179,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         except pdu.ProtocolError as exc:
             log.warning("aborting association from %s: %s", self.client_address[0], exc)
             self._send_quietly(pdu.abort(2, 0))
-        except (_Closed, OSError):
+        except (Closed, OSError):
             pass  # peer gone or network timeout: nothing to answer to
         finally:
             self.reader.close()
@@ -191,7 +193,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
     def _read_pdu(self) -> tuple[int, memoryview]:
         head = self.reader.read(6)
         if len(head) < 6:
-            raise _Closed()
+            raise Closed("the peer closed the connection")
         kind, length = _HEADER.unpack(head)
         if length > _MAX_PDU_ACCEPTED:
             raise pdu.ProtocolError(f"PDU of {length} bytes")
@@ -202,7 +204,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             except OSError:
                 pass
         if len(body) < length:
-            raise _Closed()
+            raise Closed("the peer closed the connection")
         return kind, memoryview(body)
 
     def _associate(self) -> None:
@@ -388,9 +390,8 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             except (OSError, Closed, pdu.ProtocolError) as exc:
                 log.warning("C-MOVE from %s: destination %s (%s:%d) unreachable: %s", req.calling_ae, destination_ae,
                             dest.host, dest.port, exc)
-                counts.failed, counts.failed_uids = len(plan.rows), [r["sop_uid"] for r in plan.rows]
-                answer(final_status(counts.total, 0, counts.failed, 0), counts,
-                       comment=f"destination {destination_ae} unreachable")
+                counts = Counts.all_failed(plan.rows)
+                answer(UNABLE_TO_PERFORM, counts, comment=f"destination {destination_ae} unreachable")
                 return
         self._cancels.discard(message_id)
         cancelled = False
@@ -412,15 +413,15 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             if is_get:
                 raise pdu.ProtocolError(f"stored object corrupt: {exc}") from exc  # aborts this association
             channel.abort()
-            counts = Counts(total=len(plan.rows), failed=len(plan.rows), failed_uids=[r["sop_uid"] for r in plan.rows])
-            answer(0xA702, counts, comment="a stored object is corrupt")
+            counts = Counts.all_failed(plan.rows)
+            answer(UNABLE_TO_PERFORM, counts, comment="a stored object is corrupt")
             return
         except Closed as exc:
             if is_get:
                 raise
             log.warning("C-MOVE from %s: destination %s ended the association: %s", req.calling_ae, destination_ae, exc)
-            counts = Counts(total=len(plan.rows), failed=len(plan.rows), failed_uids=[r["sop_uid"] for r in plan.rows])
-            answer(0xA702, counts, comment=f"destination {destination_ae} ended the association")
+            counts = Counts.all_failed(plan.rows)
+            answer(UNABLE_TO_PERFORM, counts, comment=f"destination {destination_ae} ended the association")
             return
         if not is_get:
             channel.release()
@@ -474,10 +475,7 @@ class _ThisAssociation(Channel):
         self.handler.sock.sendall(data)
 
     def read_pdu(self) -> tuple[int, memoryview]:
-        try:
-            return self.handler._read_pdu()
-        except _Closed as exc:
-            raise Closed("the SCU closed the association") from exc
+        return self.handler._read_pdu()
 
     def on_cancel(self, message_id: int) -> None:
         self.handler._cancels.add(message_id)

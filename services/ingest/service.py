@@ -9,20 +9,15 @@ import signal
 import sys
 import threading
 
+from services.ingest.connected import ConnectedIntake
 from services.ingest.find import Finder
-from services.ingest.intake import Intake
-from services.ingest.loopthread import LoopThread
 from services.ingest.retrieve import Retriever
 from services.ingest.scp import listening_socket, start_scp
-from shared.bus.connection import connect, ensure_streams
-from shared.bus.publish_blocking import blocking_publisher
 from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import settle_after_startup
-from shared.storage.objectstore import Backends
 from shared.supervisor import ChildSpec, Supervisor
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
-from shared.tenancy import tenant_of_instance
 
 log = logging.getLogger("dicomflow.ingest")
 
@@ -35,15 +30,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     """
     setup_tracing("ingest", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
-    loop = LoopThread("ingest-nats")
-    nc = loop.call(connect(config, f"dicomflow-ingest-{os.getpid()}"), timeout=config.nats.connect_timeout_s + 5)
-    loop.call(ensure_streams(nc, config), timeout=30)
-    publisher = blocking_publisher(config, f"dicomflow-ingest-{os.getpid()}", nc, loop.loop)
-    backends = Backends(config)
-    staging = backends.get(config.storage.staging)
-    staging.prepare_writer()  # before the first association: killed writers' leftovers gone, log segments made
-    intake = Intake(staging, publisher, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes,
-                    tenant_of=functools.partial(tenant_of_instance, config.access))
+    connected = ConnectedIntake(config, f"dicomflow-ingest-{os.getpid()}")
+    intake, backends = connected.intake, connected.backends
     ing = config.ingest
     args = (intake, ing.host, ing.port, ing.ae_title, ing.max_pdu, ing.max_associations, ing.network_timeout_s,
             allowed_calling_aes(config))
@@ -61,7 +49,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
-    add_health_check("nats", lambda: nc.is_connected)
+    add_health_check("nats", lambda: connected.nc.is_connected)
     add_health_check("scp_accepting", lambda: not stop.is_set())
     if threading.current_thread() is threading.main_thread():  # this process is the receiver
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,14 +58,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     stop.wait()
     log.info("ingest stopping: no new associations, finishing open ones")
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first
-    try:
-        loop.call(nc.drain(), timeout=10)
-    except Exception as exc:  # a dead NATS must not keep the process from exiting
-        log.warning("nats drain: %s", exc)
-    publisher.close()
     finder.close()
-    backends.close()
-    loop.stop()
+    connected.close()
 
 
 def allowed_calling_aes(config: Config) -> list[str]:

@@ -15,7 +15,6 @@ after an open that failed: the read side of the same process must not wait for, 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -25,16 +24,13 @@ from aiohttp import BodyPartReader, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import MultipartReader
 
+from services.ingest.connected import ConnectedIntake
 from services.ingest.intake import Admission, Incoming, Intake, Received
-from services.ingest.loopthread import LoopThread
 from services.ingest.stow_response import PartOutcome, stow_answer
-from shared.bus.connection import connect, ensure_streams
-from shared.bus.publish_blocking import blocking_publisher
 from shared.config import Config
 from shared.dicom.part10 import NotPart10, read_file_meta
 from shared.dicom.statuses import CANNOT_UNDERSTAND, TOO_LARGE
-from shared.storage.objectstore import Backends
-from shared.tenancy import Principal, tenant_of_instance
+from shared.tenancy import Principal
 from shared.web.answers import CONFIG, DICOM_JSON, PRINCIPAL, accepts_json, base_url, error, in_thread, path_uid
 from shared.web.app import Mount
 
@@ -52,46 +48,21 @@ class LazyIntake:
     def __init__(self, config: Config):
         self.config = config
         self._lock = threading.Lock()
-        self._intake: Intake | None = None
-        self._parts: tuple | None = None  # (loop, nats connection, publisher, backends) to close
+        self._connected: ConnectedIntake | None = None
 
     def get(self) -> Intake:
         """The intake, opened if it is not yet (raises what the NATS connection or the staging backend raised)."""
         with self._lock:
-            if self._intake is None:
-                self._intake = self._open()
-            return self._intake
-
-    def _open(self) -> Intake:
-        config, name = self.config, f"dicomflow-stow-{os.getpid()}"
-        loop = LoopThread("stow-nats")
-        try:
-            nc = loop.call(connect(config, name), timeout=config.nats.connect_timeout_s + 5)
-            loop.call(ensure_streams(nc, config), timeout=30)
-        except BaseException:
-            loop.stop()
-            raise
-        publisher = blocking_publisher(config, name, nc, loop.loop)
-        backends = Backends(config)
-        staging = backends.get(config.storage.staging)
-        staging.prepare_writer()
-        self._parts = (loop, nc, publisher, backends)
-        log.info("STOW-RS intake open: staging %r, NATS %s", staging.name, ",".join(config.nats_servers()))
-        return Intake(staging, publisher, config.ingest.max_instance_bytes, config.ingest.stream_above_bytes,
-                      tenant_of=functools.partial(tenant_of_instance, config.access))
+            if self._connected is None:
+                self._connected = ConnectedIntake(self.config, f"dicomflow-stow-{os.getpid()}", "stow-nats")
+                log.info("STOW-RS intake open: staging %r, NATS %s", self._connected.intake.staging.name,
+                         ",".join(self.config.nats_servers()))
+            return self._connected.intake
 
     def close(self) -> None:
         """Drain the NATS connection and close the backends, if they were opened."""
-        if self._parts is None:
-            return
-        loop, nc, publisher, backends = self._parts
-        try:
-            loop.call(nc.drain(), timeout=10)
-        except Exception as exc:  # noqa: BLE001 - a dead NATS must not keep the process from exiting
-            log.warning("nats drain: %s", exc)
-        publisher.close()
-        backends.close()
-        loop.stop()
+        if self._connected is not None:
+            self._connected.close()
 
 
 _INTAKE = web.AppKey("stow_intake", LazyIntake)

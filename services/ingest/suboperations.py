@@ -64,6 +64,11 @@ class Counts:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
 
+    @classmethod
+    def all_failed(cls, rows: list[dict]) -> Counts:
+        """Every sub-operation of ``rows`` failed (the destination could not be reached, or was lost)."""
+        return cls(total=len(rows), failed=len(rows), failed_uids=[r["sop_uid"] for r in rows])
+
     @property
     def remaining(self) -> int:
         return self.total - self.completed - self.failed - self.warning

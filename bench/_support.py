@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 NETNS_FLAG = "DICOMFLOW_BENCH_NETNS"
 
@@ -39,3 +41,17 @@ def stop_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def orthanc_config(work: Path, http_port: int, dicom_port: int) -> str:
+    """Write the configuration of a fresh Orthanc with its DICOMweb plugin into ``work``; its path."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    conf = {"Name": "bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+            "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "Plugins": [ORTHANC_PLUGIN],
+            "RemoteAccessAllowed": False, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (work / "orthanc.json").write_text(json.dumps(conf))
+    return str(work / "orthanc.json")

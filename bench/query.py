@@ -53,7 +53,7 @@ from pydicom.filebase import DicomBytesIO  # noqa: E402
 from pydicom.filewriter import write_dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from bench._support import ensure_netns, log, stop_group  # noqa: E402
+from bench._support import ORTHANC_PLUGIN, ensure_netns, log, orthanc_config, stop_group  # noqa: E402
 from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 from shared.catalogue.entry import InstanceFacts, entry_from_model  # noqa: E402
 from shared.catalogue.open import open_catalogue  # noqa: E402
@@ -64,7 +64,6 @@ TENANT = "default"  # the anonymous tenant on loopback: the client sends no cred
 BATCH = 256
 PER_SERIES, SERIES_PER_STUDY = 10, 5
 BIG_SERIES = 2000
-ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 FAMILY = ["Smith", "Müller", "García", "Nguyễn", "Kowalski", "Øberg", "Johnson", "Dubois", "Rossi", "Yılmaz",
           "Schmidt", "Fernández", "Brown", "Novák", "Jensen", "Lefèvre", "Williams", "Papadopoulos", "Taylor",
           "Ångström", "Martin", "Silva", "Wilson", "Kim", "Anderson", "Moreau", "Thomas", "Jackson", "White",
@@ -208,13 +207,9 @@ def start_web(url: str, work: Path) -> tuple[Process, int]:
 
 
 def start_orthanc(work: Path) -> tuple[Process, int, int]:
-    work.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
-    conf = {"Name": "bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-            "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "Plugins": [ORTHANC_PLUGIN],
-            "RemoteAccessAllowed": False, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (work / "orthanc.json").write_text(json.dumps(conf))
-    proc = Process(["Orthanc", str(work / "orthanc.json")], work / "orthanc.log",
+    conf = orthanc_config(work, http_port, dicom_port)
+    proc = Process(["Orthanc", conf], work / "orthanc.log",
                    env={**os.environ, "TCP_NODELAY": "1"})
     wait_port("127.0.0.1", http_port, 60)
     wait_port("127.0.0.1", dicom_port, 60)

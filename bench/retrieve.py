@@ -53,10 +53,9 @@ from pydicom.filebase import DicomBytesIO  # noqa: E402
 from pydicom.filewriter import write_dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from bench._support import ensure_netns, log, stop_group  # noqa: E402
+from bench._support import ORTHANC_PLUGIN, ensure_netns, log, orthanc_config, stop_group  # noqa: E402
 from dicomflow.natsserver import free_port  # noqa: E402
 
-ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 TENANT = "default"  # the anonymous tenant on loopback: no credentials
 SEND_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -210,13 +209,9 @@ class WebReplicas:
 
 def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, int]:
     """A fresh Orthanc with the DICOMweb plugin: (process, HTTP port, DICOM port)."""
-    work.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
-    conf = {"Name": "bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-            "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "Plugins": [ORTHANC_PLUGIN],
-            "RemoteAccessAllowed": False, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (work / "orthanc.json").write_text(json.dumps(conf))
-    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=open(work / "orthanc.log", "ab"),
+    conf = orthanc_config(work, http_port, dicom_port)
+    proc = subprocess.Popen(["Orthanc", conf], stdout=open(work / "orthanc.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True, env=SEND_ENV)
     wait_answers(http_port, "/dicom-web/studies", 60, "Orthanc")
     return proc, http_port, dicom_port

@@ -113,8 +113,10 @@ class Intake:
 
     def __init__(self, staging: ObjectStore, publisher: Publisher, max_instance_bytes: int,
                  stream_above_bytes: int = 256 * 1024,
-                 tenant_of: Callable[[str, str], str | None] = lambda calling_ae, institution: ""):
+                 tenant_of: Callable[[str, str], str | None] = lambda calling_ae, institution: "",
+                 strict_uids: bool = False):
         self.staging = staging
+        self.strict_uids = strict_uids  # PS3.5 9.1 UIDs only (ingest.strict_uids)
         self.publisher = publisher
         self.tenant_of = tenant_of  # (calling AE, InstitutionName) -> tenant: shared.tenancy.tenant_of_instance
         self.max_instance_bytes = max_instance_bytes
@@ -162,7 +164,7 @@ class Intake:
         writer = _writer(data)
         if writer is not None and writer.failure is not None:
             return _not_durable(writer.failure)
-        tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax)
+        tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax, self.strict_uids)
         seen["tags"] = tags
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)

@@ -14,6 +14,7 @@ import zlib
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from shared.contract.events import InstanceTags
 from shared.contract.uids import InvalidUID, validate_uid
@@ -40,35 +41,51 @@ _CHARSET = 0x00080005
 _WANTED = frozenset(_TAGS.values()) | {_CHARSET}
 
 
-_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
-        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
-        b"UR", b"US", b"UT", b"UV"}
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+# The VRs an explicit-VR header may name, and those with a 4-byte length: pydicom's tables, not a copy.
+_VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+_LONG_VRS = frozenset(vr.value.encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 class _Walker:
-    """Walks element headers (and sequence items) of a whole data set without decoding values."""
+    """Walks element headers (and sequence items) of a whole data set without decoding values.
 
-    def __init__(self, raw: bytes, implicit: bool, little: bool, partial: bool):
-        self.raw, self.implicit, self.partial = raw, implicit, partial
-        self.o = "<" if little else ">"
+    As tolerant as pydicom and dcmtk where a real sender strays and the bytes stay unambiguous: a data
+    set encoded in the other VR encoding than the negotiated transfer syntax says (found from its first
+    element, as pydicom does), a sequence item in implicit VR inside an explicit data set, a UN element
+    of undefined length (its content Implicit VR Little Endian, PS3.5 6.2.2), elements out of ascending
+    order. A routing tag met twice is refused: which one would route the instance is a guess.
+    """
+
+    def __init__(self, raw: bytes, little: bool, partial: bool):
+        self.raw, self.partial = raw, partial
+        self.little = little
         self.end = len(raw)
         self.found: dict[int, bytes] = {}  # top-level routing tags met on the way: tag -> value bytes
+        self.in_order = True  # whether every level's elements came in ascending order
+        self.implicit_found: bool | None = None  # the top level's VR encoding, as found
 
     def fail(self, msg: str) -> None:
         raise Rejection(CANNOT_UNDERSTAND, msg)
 
-    def header(self, pos: int) -> tuple[int, bytes, int, int]:
+    def found_implicit(self, pos: int, assumed: bool) -> bool:
+        """Whether the element at ``pos`` has an implicit VR header: its VR bytes are not two upper-case
+        letters (pydicom's test; the length of an implicit element would need to be over 16 KB to pass)."""
+        if self.end - pos < 6:
+            return assumed
+        a, b = self.raw[pos + 4], self.raw[pos + 5]
+        return not (0x40 < a < 0x5B and 0x40 < b < 0x5B)
+
+    def header(self, pos: int, implicit: bool, o: str) -> tuple[int, bytes, int, int]:
         """(tag, vr, length, value offset) of the element at ``pos``."""
         if self.end - pos < 8:
             self.fail(f"truncated element header at offset {pos}")
-        group, elem = struct.unpack_from(self.o + "HH", self.raw, pos)
+        group, elem = struct.unpack_from(o + "HH", self.raw, pos)
         tag = group << 16 | elem
-        if self.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 4)
+        if implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(o + "L", self.raw, pos + 4)
             return tag, b"", length, pos + 8
         vr = self.raw[pos + 4: pos + 6]
         if vr not in _VRS:
@@ -76,25 +93,33 @@ class _Walker:
         if vr in _LONG_VRS:
             if self.end - pos < 12:
                 self.fail(f"truncated element header at offset {pos}")
-            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 8)
+            (length,) = struct.unpack_from(o + "L", self.raw, pos + 8)
             return tag, vr, length, pos + 12
-        (length,) = struct.unpack_from(self.o + "H", self.raw, pos + 6)
+        (length,) = struct.unpack_from(o + "H", self.raw, pos + 6)
         return tag, vr, length, pos + 8
 
-    def elements(self, pos: int, stop_at_item_end: bool, top: bool = False) -> int:
+    def elements(self, pos: int, implicit: bool, o: str, stop_at_item_end: bool, top: bool = False) -> int:
         """Walk elements from ``pos``; returns the offset after them (or after the item delimiter)."""
         last = -1
         while pos < self.end:
             if self.partial and self.end - pos < 12:
                 return self.end
-            tag, vr, length, value = self.header(pos)
+            tag, vr, length, value = self.header(pos, implicit, o)
             if tag == _ITEM_END and stop_at_item_end:
                 return value
             if tag <= last:
-                self.fail(f"elements out of order at offset {pos} ({tag:08X} after {last:08X})")
+                if tag == last or tag >> 16 == 0xFFFE:
+                    self.fail(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) at offset {pos} "
+                              + ("repeated" if tag == last else "out of place"))
+                self.in_order = False
             last = tag
+            if top and tag in _WANTED:
+                if tag in self.found:
+                    self.fail(f"routing element ({tag >> 16:04X},{tag & 0xFFFF:04X}) appears twice")
+                self.found[tag] = b""
             if length == 0xFFFFFFFF:
-                pos = self.items(value)
+                # A UN of undefined length holds an Implicit VR Little Endian sequence (PS3.5 6.2.2).
+                pos = self.items(value, True, "<") if vr == b"UN" else self.items(value, implicit, o)
                 continue
             if value + length > self.end:
                 if self.partial:
@@ -110,24 +135,31 @@ class _Walker:
             self.fail("data set ends inside a sequence item")
         return pos
 
-    def items(self, pos: int) -> int:
+    def items(self, pos: int, implicit: bool, o: str) -> int:
         """Walk the items of an undefined-length sequence or encapsulated pixel data."""
         while True:
             if self.partial and self.end - pos < 8:
                 return self.end
-            tag, _, length, value = self.header(pos)
+            tag, _, length, value = self.header(pos, implicit, o)
             if tag == _SEQ_END:
                 return value
             if tag != _ITEM:
                 self.fail(f"expected an item at offset {pos}, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
             if length == 0xFFFFFFFF:
-                pos = self.elements(value, stop_at_item_end=True)
+                # pydicom's rule: an item of an explicit data set may be implicit, never the reverse
+                item_implicit = implicit or self.found_implicit(value, implicit)
+                pos = self.elements(value, item_implicit, o, stop_at_item_end=True)
             else:
                 if value + length > self.end:
                     if self.partial:
                         return self.end
                     self.fail(f"item at offset {pos} claims {length} bytes, {self.end - value} remain")
                 pos = value + length
+
+    def walk(self, implicit_assumed: bool) -> None:
+        """Walk the whole data set, in the VR encoding its first element shows."""
+        self.implicit_found = self.found_implicit(0, implicit_assumed)
+        self.elements(0, self.implicit_found, "<" if self.little else ">", stop_at_item_end=False, top=True)
 
 
 def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> dict[int, bytes]:
@@ -138,9 +170,13 @@ def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = Fa
     is only the head of the data set (deflated input), running off its end is not an error.
     Returns the raw values of the top-level routing tags (and Specific Character Set) it passed.
     """
-    walker = _Walker(raw, implicit, little, partial)
-    walker.elements(0, stop_at_item_end=False, top=True)
-    return walker.found
+    return _walk(raw, implicit, little, partial).found
+
+
+def _walk(raw: bytes, implicit: bool, little: bool, partial: bool) -> _Walker:
+    walker = _Walker(raw, little, partial)
+    walker.walk(implicit)
+    return walker
 
 
 def _ascii_values(found: dict[int, bytes]) -> dict[str, str] | None:
@@ -185,8 +221,12 @@ def _int(text: str) -> int | None:
         return None
 
 
-def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> InstanceTags:
-    """The routing tags of a data set encoded in ``transfer_syntax`` (no file meta)."""
+def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str, strict_uids: bool = False) -> InstanceTags:
+    """The routing tags of a data set encoded in ``transfer_syntax`` (no file meta).
+
+    ``strict_uids``: refuse UIDs that break PS3.5 9.1 (0xC001); otherwise only those no encoding makes
+    safe (:func:`~shared.contract.uids.validate_uid`).
+    """
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     try:
@@ -199,10 +239,12 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
             raw = data if isinstance(data, (bytes, mmap.mmap)) else bytes(data)
         if not raw:
             raise Rejection(CANNOT_UNDERSTAND, "empty data set")
-        found = check_structure(raw, implicit, little, partial)
-        texts = None if partial else _ascii_values(found)
+        walked = _walk(raw, implicit, little, partial)
+        texts = None if partial else _ascii_values(walked.found)
         if texts is None:
-            ds = read_dataset(io.BytesIO(raw), implicit, little, stop_when=_stop, specific_tags=_SPECIFIC)
+            # pydicom stops after the routing tags only where the elements come in order
+            ds = read_dataset(io.BytesIO(raw), walked.implicit_found, little,
+                              stop_when=_stop if walked.in_order else None, specific_tags=_SPECIFIC)
             texts = {k: _text(ds, k) for k in _TAGS}
         values = {k: v for k, v in texts.items() if k not in ("series_number", "instance_number")}
     except Rejection:
@@ -212,7 +254,7 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
     try:
         for key, name in (("study_uid", "StudyInstanceUID"), ("series_uid", "SeriesInstanceUID"),
                           ("sop_uid", "SOPInstanceUID")):
-            values[key] = validate_uid(values[key] or None, name)
+            values[key] = validate_uid(values[key] or None, name, strict=strict_uids)
     except InvalidUID as exc:
         raise Rejection(INVALID_UID, str(exc)) from exc
     return InstanceTags(**values, series_number=_int(texts["series_number"]),

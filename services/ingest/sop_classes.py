@@ -10,7 +10,9 @@ Beyond the standard, ``ingest.private_sop_classes`` names the private ones a sit
 (a vendor's UID, e.g. Siemens CSA Non-Image 1.3.12.2.1107.5.9.1), or is ``any``: every abstract
 syntax that is not a known non-storage SOP class is taken as storage - pynetdicom's
 ``UNRESTRICTED_STORAGE_SERVICE`` rule (private, a storage class, or unknown to pynetdicom), so the
-lean engine's ``any`` and pynetdicom's accept the same contexts.
+lean engine's ``any`` and pynetdicom's accept the same contexts. The rule goes by pynetdicom's names, so
+a standard class it names otherwise than pydicom (Modality Worklist FIND) is taken as storage too; a
+C-FIND on it is answered "unrecognized operation".
 """
 
 from __future__ import annotations

@@ -52,11 +52,12 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 class _Walker:
     """Walks element headers (and sequence items) of a whole data set without decoding values.
 
-    As tolerant as pydicom and dcmtk where a real sender strays and the bytes stay unambiguous: a data
-    set encoded in the other VR encoding than the negotiated transfer syntax says (found from its first
-    element, as pydicom does), a sequence item in implicit VR inside an explicit data set, a UN element
-    of undefined length (its content Implicit VR Little Endian, PS3.5 6.2.2), elements out of ascending
-    order. A routing tag met twice is refused: which one would route the instance is a guess.
+    As tolerant as dcmtk's storescp (and pydicom) where a real sender strays and the bytes stay
+    unambiguous: a UN element of undefined length, whose content is Implicit VR Little Endian (PS3.5
+    6.2.2, CP-246), and elements out of ascending order. A routing tag met twice is refused: which one
+    would route the instance is a guess. A data set in the other VR encoding than the negotiated
+    transfer syntax, or with implicit VR items in an explicit sequence, is refused as storescp refuses
+    it (pydicom would guess; what we store must read the same everywhere).
     """
 
     def __init__(self, raw: bytes, little: bool, partial: bool):
@@ -65,18 +66,9 @@ class _Walker:
         self.end = len(raw)
         self.found: dict[int, bytes] = {}  # top-level routing tags met on the way: tag -> value bytes
         self.in_order = True  # whether every level's elements came in ascending order
-        self.implicit_found: bool | None = None  # the top level's VR encoding, as found
 
     def fail(self, msg: str) -> None:
         raise Rejection(CANNOT_UNDERSTAND, msg)
-
-    def found_implicit(self, pos: int, assumed: bool) -> bool:
-        """Whether the element at ``pos`` has an implicit VR header: its VR bytes are not two upper-case
-        letters (pydicom's test; the length of an implicit element would need to be over 16 KB to pass)."""
-        if self.end - pos < 6:
-            return assumed
-        a, b = self.raw[pos + 4], self.raw[pos + 5]
-        return not (0x40 < a < 0x5B and 0x40 < b < 0x5B)
 
     def header(self, pos: int, implicit: bool, o: str) -> tuple[int, bytes, int, int]:
         """(tag, vr, length, value offset) of the element at ``pos``."""
@@ -146,9 +138,7 @@ class _Walker:
             if tag != _ITEM:
                 self.fail(f"expected an item at offset {pos}, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
             if length == 0xFFFFFFFF:
-                # pydicom's rule: an item of an explicit data set may be implicit, never the reverse
-                item_implicit = implicit or self.found_implicit(value, implicit)
-                pos = self.elements(value, item_implicit, o, stop_at_item_end=True)
+                pos = self.elements(value, implicit, o, stop_at_item_end=True)
             else:
                 if value + length > self.end:
                     if self.partial:
@@ -156,10 +146,37 @@ class _Walker:
                     self.fail(f"item at offset {pos} claims {length} bytes, {self.end - value} remain")
                 pos = value + length
 
-    def walk(self, implicit_assumed: bool) -> None:
-        """Walk the whole data set, in the VR encoding its first element shows."""
-        self.implicit_found = self.found_implicit(0, implicit_assumed)
-        self.elements(0, self.implicit_found, "<" if self.little else ">", stop_at_item_end=False, top=True)
+    def walk(self, implicit: bool) -> None:
+        """Walk the whole data set."""
+        self.elements(0, implicit, "<" if self.little else ">", stop_at_item_end=False, top=True)
+
+
+def file_meta_length(data: bytes | bytearray | memoryview | mmap.mmap) -> int:
+    """How many bytes of file meta information (group 0002) open a received data set; 0: none.
+
+    Some senders send a file as it is after its preamble, file meta included. The meta is always
+    Explicit VR Little Endian (PS3.10 7.1), whatever the negotiated transfer syntax, so under Implicit
+    VR it is the other encoding; dcmtk's storescp takes such a data set and stores the data set after
+    the meta, and so does the intake (the meta is no part of a data set, PS3.7 9.3.1). 0 as well when
+    the group does not walk cleanly: the data set is then judged as it came.
+    """
+    pos, end = 0, len(data)
+    while end - pos >= 8 and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        vr = bytes(data[pos + 4: pos + 6])
+        if vr not in _VRS:
+            return 0
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                return 0
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            value = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value = pos + 8
+        if length == 0xFFFFFFFF or value + length > end:
+            return 0
+        pos = value + length
+    return pos
 
 
 def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> dict[int, bytes]:
@@ -175,8 +192,19 @@ def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = Fa
 
 def _walk(raw: bytes, implicit: bool, little: bool, partial: bool) -> _Walker:
     walker = _Walker(raw, little, partial)
-    walker.walk(implicit)
+    try:
+        walker.walk(implicit)
+    except Rejection as rej:
+        raise Rejection(rej.status, _encoding_hint(raw, implicit) + rej.reason) from None
     return walker
+
+
+def _encoding_hint(raw: bytes, implicit: bool) -> str:
+    """Why a data set does not walk, where its first element shows the other VR encoding (the sender's error)."""
+    if len(raw) < 6 or (bytes(raw[4:6]) in _VRS) != implicit:
+        return ""
+    return ("the data set is Explicit VR, the negotiated transfer syntax Implicit VR: " if implicit
+            else "the data set is Implicit VR, the negotiated transfer syntax Explicit VR: ")
 
 
 def _ascii_values(found: dict[int, bytes]) -> dict[str, str] | None:
@@ -243,7 +271,7 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str, strict
         texts = None if partial else _ascii_values(walked.found)
         if texts is None:
             # pydicom stops after the routing tags only where the elements come in order
-            ds = read_dataset(io.BytesIO(raw), walked.implicit_found, little,
+            ds = read_dataset(io.BytesIO(raw), implicit, little,
                               stop_when=_stop if walked.in_order else None, specific_tags=_SPECIFIC)
             texts = {k: _text(ds, k) for k in _TAGS}
         values = {k: v for k, v in texts.items() if k not in ("series_number", "instance_number")}

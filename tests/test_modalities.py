@@ -153,10 +153,10 @@ def test_a_data_set_in_the_other_vr_encoding_is_refused_with_the_reason(tmp_path
     with pytest.raises(Rejection) as exc:
         read_tags(data, "1.2.840.10008.1.2.4.50")
     assert exc.value.status == CANNOT_UNDERSTAND
-    assert "Implicit VR, the negotiated transfer syntax Explicit VR" in exc.value.reason
+    assert "Implicit VR data set on an Explicit VR context" in exc.value.reason
     with pytest.raises(Rejection) as exc:
         read_tags(dataset_bytes(ex.out_of_order(tmp_path)), ImplicitVRLittleEndian)
-    assert "Explicit VR, the negotiated transfer syntax Implicit VR" in exc.value.reason
+    assert "Explicit VR data set on an Implicit VR context" in exc.value.reason
 
 
 def test_file_meta_length_is_zero_unless_a_clean_group_0002_opens_the_data_set(tmp_path):

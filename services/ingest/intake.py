@@ -20,6 +20,7 @@ from opentelemetry import trace
 from services.ingest import metrics
 from shared.bus.publish import Publisher
 from shared.contract.events import InstanceReceived, utcnow
+from shared.contract.uids import MAX_UID_LEN
 from shared.dicom.statuses import (
     NAMES,
     OUT_OF_RESOURCES,
@@ -192,7 +193,7 @@ class Intake:
         seen["tags"] = tags
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)
-        if tags.sop_uid != rcv.sop_instance_uid.strip():
+        if not _same_instance(tags.sop_uid, rcv.sop_instance_uid.strip()):
             raise Rejection(SOP_INSTANCE_MISMATCH,
                             f"data set SOPInstanceUID {tags.sop_uid} differs from the request's {rcv.sop_instance_uid[:64]}")
         if tags.sop_class_uid and rcv.sop_class_uid and tags.sop_class_uid != rcv.sop_class_uid.strip():
@@ -226,6 +227,13 @@ class Intake:
         metrics.publish_latency.observe(time.perf_counter() - t0)
         metrics.bytes_received.inc(size)
         return SUCCESS, ""
+
+
+def _same_instance(data_set_uid: str, request_uid: str) -> bool:
+    """Whether the request names the data set's SOP instance. dcmtk keeps a command's UIDs in 64 characters
+    (DIC_UI_LEN): its storescu sends a longer SOP Instance UID cut there, which its storescp takes."""
+    return data_set_uid == request_uid or (len(request_uid) == MAX_UID_LEN < len(data_set_uid)
+                                           and data_set_uid.startswith(request_uid))
 
 
 def _not_durable(exc: BaseException) -> tuple[int, str]:

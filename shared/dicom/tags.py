@@ -203,8 +203,9 @@ def _encoding_hint(raw: bytes, implicit: bool) -> str:
     """Why a data set does not walk, where its first element shows the other VR encoding (the sender's error)."""
     if len(raw) < 6 or (bytes(raw[4:6]) in _VRS) != implicit:
         return ""
-    return ("the data set is Explicit VR, the negotiated transfer syntax Implicit VR: " if implicit
-            else "the data set is Implicit VR, the negotiated transfer syntax Explicit VR: ")
+    # short: the start of an Error Comment (64 characters) must say it
+    return ("Explicit VR data set on an Implicit VR context: " if implicit
+            else "Implicit VR data set on an Explicit VR context: ")
 
 
 def _ascii_values(found: dict[int, bytes]) -> dict[str, str] | None:

@@ -184,8 +184,8 @@ def test_any_takes_every_private_storage_class(tmp_path, nats_server, stack_fact
 
 
 # Each a UID of the SOP instance sent; the hostile ones also as the Study Instance UID.
-HOSTILE = ["1.2.3.*", "1.2.3.>", "1.2/../../etc/passwd", "1.2.3 4", "1.2.3\\4.5", "1.2.3\x01"]
-HARMLESS = ["2.25.0c2c7bdafb39176a34709965be7922d4de270e03e135c532ddc788e6e0ec66b4",  # letters, 69 characters
+HOSTILE = ["1.2.3.*", "1.2.3.>", "1.2/../../etc/passwd", "1.2.3 4", "1.2.3\x01"]  # "\\": two UIDs (unit-tested)
+HARMLESS = ["2.25.0c2c7bdafb39176a34709965be7922d4de270e03",  # letters (65+ characters: the storescu test above)
             "1.2.3.4", "1.2.3_4", "1.2.3-2E4",  # one subject token under '.' -> '_' alone; one that looks escaped
             "1.2.123.456.78.9.0123.4567",  # leading zeros
             "1.2.3.4.5:a?b#c%41\"d"]  # URL and JSON specials

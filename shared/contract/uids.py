@@ -6,8 +6,9 @@ leading zero in a component. Real modalities and anonymisers break that harmless
 letters, 65+ characters, ``0123`` components) and mature receivers (dcmtk storescp, Orthanc) store
 them, so by default only what cannot be made safe is refused (``strict=True`` wants PS3.5 9.1):
 
-- ``/ * > \\``, whitespace, control characters, the empty value: a path separator, the NATS
-  wildcards, the value-multiplicity delimiter (two UIDs, not one), token and header separators;
+- ``/ * > \\ ,``, whitespace, control characters, the empty value: a path separator, the NATS
+  wildcards, the value delimiter of DICOM and of QIDO-RS UID lists (two UIDs, not one), token and
+  header separators;
 - characters outside ASCII: a UI value is never decoded with a character set (PS3.5 6.1.2.3), so
   its text would depend on the reader;
 - a value with no digit or letter (``..``), and one longer than :data:`MAX_LENIENT_UID_LEN`.
@@ -29,7 +30,7 @@ import re
 from urllib.parse import quote
 
 _CONFORMANT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_UNSAFE = re.compile(r"[/*>\\\x00-\x20\x7f]")
+_UNSAFE = re.compile(r"[/*>\\,\x00-\x20\x7f]")
 _ALNUM = re.compile(r"[0-9A-Za-z]")
 _TOKEN_KEPT = re.compile(r"[0-9A-Za-z]")
 _ESCAPE = re.compile(r"-([0-9A-F]{2})")

@@ -225,3 +225,18 @@ def test_any_accepts_what_pynetdicoms_unrestricted_storage_accepts():
     assert {PROPOSED[k] for k in ("ct", "us_retired", "nm_retired", "standalone_curve_retired", "siemens_csa",
                                   "ge_private_3d_model", "unknown_public")} <= ours
     assert not {PROPOSED["mpps"], PROPOSED["storage_commitment"]} & ours
+
+
+def test_the_longest_accepted_uid_names_a_study_index_file(tmp_path):
+    """uid_name is at most MAX_NAME_LEN characters, so every accepted study has an index file (NAME_MAX 255)."""
+    from shared.contract.uids import MAX_LENIENT_UID_LEN, MAX_NAME_LEN
+    from shared.storage.fs_study_index import FileStudyIndex
+
+    longest = "1." + "2" * (MAX_LENIENT_UID_LEN - 2)
+    escaped = "a" + ":" * ((MAX_NAME_LEN - 1) // 3)  # every ':' takes three characters
+    index = FileStudyIndex(tmp_path)
+    for uid in (longest, validate_uid(escaped)):
+        assert index.omap_set_many([(study_index_name(uid), {"k": b"v"})]) == [None]
+        assert index.omap_get(study_index_name(uid)) == {"k": b"v"}
+    with pytest.raises(InvalidUID, match="once escaped"):
+        validate_uid(escaped + ":")

@@ -11,6 +11,7 @@ import string
 import struct
 
 import pytest
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 from pynetdicom import build_context
@@ -102,8 +103,6 @@ def test_encodings_are_injective_where_dot_to_underscore_was_not():
 @pytest.mark.parametrize("name", sorted(ex.EXAMPLES))
 def test_real_world_examples_are_read(tmp_path, name):
     path = ex.EXAMPLES[name](tmp_path)
-    from pydicom import dcmread
-
     ds = dcmread(path, stop_before_pixels=True)
     data = dataset_bytes(path)
     skip = file_meta_length(data)
@@ -121,8 +120,6 @@ def test_real_world_examples_are_read(tmp_path, name):
 def test_out_of_order_routing_tags_are_read_through_pydicom_too(tmp_path):
     """A non-ASCII value sends the routing tags through pydicom, which must not stop before a tag that comes
     late (it stops after the routing tags only where the elements are in order)."""
-    from pydicom import dcmread
-
     path = ex.out_of_order(tmp_path)
     ds = dcmread(path)
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -240,3 +237,36 @@ def test_the_longest_accepted_uid_names_a_study_index_file(tmp_path):
         assert index.omap_get(study_index_name(uid)) == {"k": b"v"}
     with pytest.raises(InvalidUID, match="once escaped"):
         validate_uid(escaped + ":")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_intake_stores_the_data_set_after_a_file_meta_that_opens_it(tmp_path, streamed):
+    """In memory and streamed to staging (the data set larger than ``stream_above_bytes``): what is staged,
+    digested and published is the data set after the meta, and no temporary is left behind."""
+    from prometheus_client import REGISTRY
+
+    from services.ingest.intake import Intake, Received
+    from shared.storage.objectstore import content_digest
+    from tests.test_streamed_instances import _pieces, _Recorder, _store, _temporaries
+
+    path = ex.file_meta_in_data_set(tmp_path)
+    sent, expected = dataset_bytes(path), ex.stored_data_set(path)
+    store, published = _store(tmp_path), []
+    intake = Intake(store, _Recorder(published), 1024 * 1024, stream_above_bytes=1024)
+    data = sent
+    if streamed:
+        data = intake.open_writer()
+        for piece in _pieces(sent, 700):
+            data.write(piece)
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    before = REGISTRY.get_sample_value("dicomflow_ingest_tolerated_total", {"kind": "file_meta_in_data_set"}) or 0
+    assert intake.accept(Received(data=data, transfer_syntax=ImplicitVRLittleEndian, sop_class_uid="",
+                                  sop_instance_uid=sop, calling_ae="MODALITY", called_ae="DICOMFLOW")) == (0, "")
+    assert published[0].digest == content_digest(expected) and published[0].size == len(expected)
+    assert store.get(published[0].digest) == expected
+    assert _temporaries(store.root) == []
+    assert REGISTRY.get_sample_value("dicomflow_ingest_tolerated_total", {"kind": "file_meta_in_data_set"}) == before + 1
+
+
+def test_names_and_tokens_the_readme_shows():
+    assert (uid_token("1.2.3_4"), uid_token("1.2.3.4"), uid_name("1.2.3:b")) == ("1_2_3-5F4", "1_2_3_4", "1.2.3-3Ab")

@@ -224,6 +224,8 @@ def test_uids_injection_attempts_and_harmless_breaks(tmp_path, nats_server, stac
         ds = by_uid[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)]
         assert dataset_bytes(f) == encode(ds), f.name
     assert not (tmp_path / "etc").exists()
+    if not strict:
+        assert {"1.2.3.4.dcm", "1.2.3-5F4.dcm", "1.2.3-2D2E4.dcm"} <= {f.name for f in files}  # 1.2.3_4, 1.2.3-2E4
 
     if not strict:
         # DICOMweb: the RetrieveURL QIDO-RS gives for each instance leads to that instance (the UID percent-encoded)

@@ -191,9 +191,15 @@ HARMLESS = ["2.25.0c2c7bdafb39176a34709965be7922d4de270e03",  # letters (65+ cha
             "1.2.3.4.5:a?b#c%41\"d"]  # URL and JSON specials
 
 
+def _as_sent(ds, stored: Path) -> bytes:
+    """``ds`` encoded as pynetdicom sent it: in the transfer syntax the receiver accepted (the stored file's)."""
+    return encode(ds, implicit=dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_implicit_VR)
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 @pytest.mark.parametrize("strict", [False, True])
-def test_uids_injection_attempts_and_harmless_breaks(tmp_path, nats_server, stack_factory, strict):
-    stack = stack_factory(nats_server.url, ingest={"strict_uids": strict},
+def test_uids_injection_attempts_and_harmless_breaks(tmp_path, nats_server, stack_factory, strict, engine):
+    stack = stack_factory(nats_server.url, ingest={"strict_uids": strict, "engine": engine},
                           web={"port": free_port()})
     study, series = generate_uid(), generate_uid()
     sent = []
@@ -222,10 +228,21 @@ def test_uids_injection_attempts_and_harmless_breaks(tmp_path, nats_server, stac
     by_uid = {ds.SOPInstanceUID: ds for ds in sent}
     for f in files:
         ds = by_uid[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)]
-        assert dataset_bytes(f) == encode(ds), f.name
+        assert dataset_bytes(f) == _as_sent(ds, f), f.name
     assert not (tmp_path / "etc").exists()
     if not strict:
         assert {"1.2.3.4.dcm", "1.2.3-5F4.dcm", "1.2.3-2D2E4.dcm"} <= {f.name for f in files}  # 1.2.3_4, 1.2.3-2E4
+        # C-GET with dcmtk's getscu brings each back as sent
+        got = tmp_path / "got"
+        got.mkdir()
+        res = subprocess.run(["getscu", "-S", "-aet", "MODALITY", "-aec", stack.ae_title, "-od", str(got),
+                              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1",
+                              str(stack.port)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        got_files = sorted(got.iterdir())
+        assert len(got_files) == len(stored)
+        for f in got_files:
+            assert dataset_bytes(f) == _as_sent(by_uid[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)], f)
 
     if not strict:
         # DICOMweb: the RetrieveURL QIDO-RS gives for each instance leads to that instance (the UID percent-encoded)

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from shared.contract.uids import InvalidUID, validate_uid
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -118,6 +120,18 @@ class IngestConfig(_Section):
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
     move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
+    private_sop_classes: list[str] | Literal["any"] = Field(default_factory=list, description="Storage SOP classes accepted beyond the standard ones (which are all accepted, retired ones included): a list of private SOP Class UIDs a site's modalities send (e.g. Siemens CSA Non-Image 1.3.12.2.1107.5.9.1), or any: every abstract syntax a modality proposes that is not a known non-storage SOP class is taken as storage (dcmtk storescp --promiscuous, pynetdicom's unrestricted storage service). Both engines accept the same.")
+    strict_uids: bool = Field(False, description="Refuse (0xC001) a Study, Series or SOP Instance UID that breaks PS3.5 9.1 (only digits and dots, at most 64 characters, no leading zero in a component). Off: such UIDs are stored, as storescp and Orthanc store them (an anonymiser's hex digests, 65+ characters, 0123 components), and only what no encoding makes safe is refused: / * > \\ and comma (separators and wildcards), whitespace, control and non-ASCII characters, an empty value, no digit or letter, over 128 characters. Either way a UID is encoded injectively wherever it becomes a subject token, a file or object name, a key or a URL.")
+
+    @field_validator("private_sop_classes")
+    @classmethod
+    def _sop_class_uids(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        try:
+            return [validate_uid(uid, "private_sop_classes entry") for uid in v]
+        except InvalidUID as exc:
+            raise ValueError(str(exc)) from None
 
 
 class FsBackendConfig(_Section):

@@ -10,6 +10,9 @@ failures = Counter("dicomflow_ingest_failures_total", "Instances refused with 0x
 latency = Histogram("dicomflow_ingest_instance_seconds", "Time from data set received to status", buckets=LATENCY_BUCKETS)
 staging_latency = Histogram("dicomflow_ingest_staging_seconds", "Durable write of the bytes (claim-check)", buckets=LATENCY_BUCKETS)
 publish_latency = Histogram("dicomflow_ingest_publish_seconds", "JetStream publish until PubAck", buckets=LATENCY_BUCKETS)
+tolerated = Counter("dicomflow_ingest_tolerated_total", "Instances accepted although their data set strays from the "
+                    "standard in a way dcmtk's storescp tolerates, by kind (file_meta_in_data_set: the sender's file "
+                    "meta opened the data set and was left out)", ["kind"])
 associations = Gauge("dicomflow_ingest_associations", "Open associations")
 rejected_associations = Counter("dicomflow_ingest_rejected_associations_total", "Associations rejected, by reason", ["reason"])
 finds = Counter("dicomflow_ingest_finds_total", "C-FIND requests answered, by final DICOM status", ["status"])

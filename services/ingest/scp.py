@@ -25,13 +25,13 @@ import struct
 import threading
 import time
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder, encode
 from services.ingest.intake import Incoming, Intake, Received
 from services.ingest.retrieve import Retriever
+from services.ingest.sop_classes import ALL_TS, StorageContexts, storage_contexts
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.catalogue.retrieve import (
@@ -53,9 +53,8 @@ _HEADER = struct.Struct(">BxI")
 # instead of allocating whatever a garbage length field says.
 _MAX_PDU_ACCEPTED = 64 * 1024 * 1024
 
-_ALL_TS = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
-SUPPORTED: dict[str, frozenset[str]] = {str(cx.abstract_syntax): _ALL_TS for cx in AllStoragePresentationContexts}
-SUPPORTED[str(Verification)] = _ALL_TS
+# Every standard storage SOP class (retired ones included) and Verification, in every transfer syntax.
+SUPPORTED: StorageContexts = storage_contexts([], {str(Verification): ALL_TS})
 
 _REJECT_REASONS = {pdu.RJ_CALLED_AE: "called AE title not recognised", pdu.RJ_CALLING_AE: "calling AE title not recognised",
                    pdu.RJ_LOCAL_LIMIT: "too many associations", pdu.RJ_NO_REASON: "no presentation context accepted"}
@@ -70,16 +69,18 @@ class StorageServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
                  network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
-                 finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None):
+                 finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None,
+                 private_sop_classes: list[str] | str = ()):
         self.intake = intake
         self.finder = finder
         self.retriever = retriever
         self.backends = backends
-        self.supported = dict(SUPPORTED)
+        extra = {str(Verification): ALL_TS}
         if finder is not None:
-            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
+            extra.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
         if retriever is not None:
-            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
+            extra.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
+        self.supported = storage_contexts(private_sop_classes, extra)
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
         self.max_associations = max_associations
@@ -495,15 +496,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
               finder: Finder | None = None, retriever: Retriever | None = None,
-              backends: Backends | None = None) -> StorageServer:
+              backends: Backends | None = None, private_sop_classes: list[str] | str = ()) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
     With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
-    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE.
+    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE. ``private_sop_classes``: the
+    storage SOP classes taken beyond the standard ones, or ``any`` (:mod:`.sop_classes`).
     """
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes, listen, finder, retriever, backends)
+                           allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

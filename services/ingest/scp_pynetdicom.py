@@ -19,13 +19,14 @@ import threading
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt, transport
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_context, evt, transport
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
 from services.ingest import metrics
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
 from services.ingest.retrieve import Retriever
+from services.ingest.sop_classes import BEYOND_PYNETDICOM, STANDARD_STORAGE, private_classes
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, SUCCESS
 from shared.catalogue.retrieve import RETRIEVE_SOP_CLASSES, UNKNOWN_DESTINATION
 from shared.dicom.part10 import part10
@@ -187,11 +188,24 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
     return handlers
 
 
+def _take_as_storage(uids: frozenset[str]) -> None:
+    """Make pynetdicom hand a C-STORE of these SOP classes to its storage service: it dispatches by its own
+    list, which lacks the retired and private classes (any other class gets no answer but an error)."""
+    for uid in sorted(uids - frozenset(_STORAGE_CLASSES.values())):
+        _STORAGE_CLASSES[f"dicomflow_{uid}"] = uid
+
+
 def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout: float,
-            allowed_calling_aes: list[str], find: bool = False, retrieve: bool = False) -> AE:
-    """An AE accepting every storage SOP class in every transfer syntax pynetdicom knows, plus Verification
-    (and, with ``find``, Patient and Study Root C-FIND; with ``retrieve``, C-GET and C-MOVE, and the storage
-    SCP role a C-GET's requestor proposes)."""
+            allowed_calling_aes: list[str], find: bool = False, retrieve: bool = False,
+            private_sop_classes: list[str] | tuple[str, ...] | str = ()) -> AE:
+    """An AE accepting every standard storage SOP class (retired ones included) and the listed private
+    ones in every transfer syntax pynetdicom knows, plus Verification (and, with ``find``, Patient and Study
+    Root C-FIND; with ``retrieve``, C-GET and C-MOVE, and the storage SCP role a C-GET's requestor proposes).
+    ``private_sop_classes`` ``any``: pynetdicom's unrestricted storage service, process-wide (a receiver
+    process serves one AE), the same rule as the lean engine's (:mod:`.sop_classes`)."""
+    listed, accept_any = private_classes(private_sop_classes)
+    _take_as_storage(BEYOND_PYNETDICOM | listed)
+    _config.UNRESTRICTED_STORAGE_SERVICE = accept_any
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     ae.maximum_associations = max_associations
@@ -200,11 +214,11 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
     if allowed_calling_aes:
         ae.require_calling_aet = list(allowed_calling_aes)
     ae.add_supported_context(Verification)
-    for cx in AllStoragePresentationContexts:
+    for uid in sorted(STANDARD_STORAGE | listed):
         if retrieve:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         else:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     if find:
         for sop_class in FIND_SOP_CLASSES:
             ae.add_supported_context(sop_class, sorted(FIND_TRANSFER_SYNTAXES))
@@ -216,10 +230,11 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None,
-              retriever: Retriever | None = None, backends: Backends | None = None) -> ReusePortServer:
+              retriever: Retriever | None = None, backends: Backends | None = None,
+              private_sop_classes: list[str] | tuple[str, ...] | str = ()) -> ReusePortServer:
     """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it)."""
     ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
-                 retrieve=retriever is not None)
+                 retrieve=retriever is not None, private_sop_classes=private_sop_classes)
     server = ae.make_server((host, port), ae_title, ae.supported_contexts, None,
                             make_handlers(intake, finder, retriever, backends), ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()

@@ -28,11 +28,11 @@ from shared.catalogue.attributes import (
     Attribute,
     resolve,
 )
+from shared.contract.uids import InvalidUID, validate_uid
 
 ALL = "all"
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_UID = re.compile(r"^[0-9.]{1,64}$")
 _INT = re.compile(r"^[+-]?\d+$")
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 # Ignored as QIDO parameters: a cache buster some clients add, and the standard's own
@@ -101,8 +101,10 @@ def match_for(attribute: Attribute, value: str, name: str) -> Match:
     if vr == "UI":
         uids = tuple(u.strip() for u in re.split(r"[\\,]", value) if u.strip())
         for uid in uids:
-            if not _UID.match(uid):
-                raise QueryError(f"{name}: {uid!r} is not a UID")
+            try:
+                validate_uid(uid, name)
+            except InvalidUID as exc:
+                raise QueryError(f"{name}: {uid!r} is not a UID ({exc})") from None
         return Match(attribute, "list" if len(uids) > 1 else "single", uids)
     if vr in ("IS", "US"):
         if not _INT.match(value.strip()):

@@ -36,6 +36,7 @@ from shared.catalogue.attributes import (
 )
 from shared.catalogue.entry import CatalogueEntry
 from shared.catalogue.query import ALL, Match, Query, like_pattern
+from shared.contract.uids import uid_url
 
 SCHEMA_VERSION = 1
 SCHEMA = [
@@ -563,14 +564,14 @@ def respond(query: Query, row: tuple, base_url: str = "") -> dict:
         elements["00201206"] = _int_element(n_series)
         elements["00201208"] = _int_element(n_instances)
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
-        url = f"{base_url}/studies/{study_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}"
     elif query.level == SERIES:
         study_uid, series_uid, study_attrs, series_attrs, n_instances = row
         elements = {**json.loads(study_attrs), **json.loads(series_attrs)}
         elements["00201209"] = _int_element(n_instances)
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
         elements["0020000E"] = {"vr": "UI", "Value": [series_uid]}
-        url = f"{base_url}/studies/{study_uid}/series/{series_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}/series/{uid_url(series_uid)}"
     else:
         study_uid, series_uid, sop_uid, study_attrs, series_attrs, *columns, metadata = row
         elements = {**json.loads(study_attrs), **json.loads(series_attrs)}
@@ -580,7 +581,7 @@ def respond(query: Query, row: tuple, base_url: str = "") -> dict:
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
         elements["0020000E"] = {"vr": "UI", "Value": [series_uid]}
         elements["00080018"] = {"vr": "UI", "Value": [sop_uid]}
-        url = f"{base_url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}/series/{uid_url(series_uid)}/instances/{uid_url(sop_uid)}"
     if base_url:
         elements["00081190"] = {"vr": "UR", "Value": [url]}
     selected = _select(query, query.level, elements)

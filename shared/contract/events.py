@@ -88,7 +88,7 @@ class InstanceReceived(Event):
         "An instance's bytes are durable in the staging backend (claim-check: backend + blake3 digest). Published "
         f"by the ingest before it answers the modality; stored partitioned as {s.PART_PREFIX}.{{partition}}.{{study}}"
         ".{sop}. Nats-Msg-Id = in:<SOPInstanceUID>:<digest prefix>. UIDs appear in subjects with '.' replaced by "
-        "'_'."),)
+        "'_' (and any character other than a letter or digit as '-' and its two hex digits)."),)
     tags: InstanceTags
     transfer_syntax_uid: str
     digest: str = Field(description="blake3 hex digest of the data set bytes as received (no file meta)")

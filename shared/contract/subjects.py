@@ -1,7 +1,8 @@
 """Every NATS subject, stream and KV bucket dicomflow uses, in one place.
 
-UIDs travel as subject tokens with ``.`` replaced by ``_`` (:func:`shared.contract.uids.uid_token`),
-after validation, so no UID can inject a wildcard or an extra token. Target names are
+UIDs travel as subject tokens with ``.`` replaced by ``_`` and any other character than a letter or digit
+as ``-`` and two hex digits (:func:`shared.contract.uids.uid_token`), after validation, so no UID can inject
+a wildcard or an extra token, and two UIDs never share a token. Target names are
 configuration-validated tokens (letters, digits, ``-``, ``_``). The event models of
 :mod:`shared.contract.events` build their subjects here, and the AsyncAPI document its addresses.
 """

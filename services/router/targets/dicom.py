@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from shared.config import DicomTargetConfig
-from shared.contract.uids import validate_uid
+from shared.contract.uids import uid_name, validate_uid
 from shared.dicom.part10 import part10
 
 from .base import Batch, SendError, Target
@@ -32,7 +32,7 @@ class DicomTarget(Target[DicomTargetConfig]):
         with tempfile.TemporaryDirectory(prefix="dicomflow-fwd-") as tmp:
             files = []
             for job, data in batch:
-                path = Path(tmp) / f"{validate_uid(job.sop_uid, 'SOPInstanceUID')}.dcm"
+                path = Path(tmp) / f"{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
                 path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
                 files.append(str(path))
             t = str(max(1, int(target.timeout_s)))

@@ -17,6 +17,7 @@ from aiohttp import web
 from shared.catalogue.open import open_catalogue
 from shared.catalogue.query import INSTANCE, SERIES, STUDY, QueryError, parse_qido
 from shared.config import Config
+from shared.contract.uids import uid_url
 from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check
 from shared.web.answers import (
@@ -91,7 +92,8 @@ def _metadata_handler(scope: str):
         base = base_url(request)
         parts = []
         for series, sop, _, _, text in rows:
-            prefix = f'"BulkDataURI":"{base}/studies/{study_uid}/series/{series}/instances/{sop}/'
+            prefix = (f'"BulkDataURI":"{base}/studies/{uid_url(study_uid)}/series/{uid_url(series)}'
+                      f'/instances/{uid_url(sop)}/')
             parts.append(text.replace('"BulkDataURI":"', prefix))
         body = ("[" + ",".join(parts) + "]").encode()
         return web.Response(body=body, content_type=DICOM_JSON, headers={"ETag": etag})

@@ -117,6 +117,8 @@ class IngestConfig(_Section):
     max_associations: int = Field(32, ge=1, description="Concurrent associations per receiver process.")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
+    artim_timeout_s: float = Field(10, gt=0, description="The ARTIM timer (PS3.8 9.1.5): a connection whose whole A-ASSOCIATE-RQ has not arrived this long after it opened is closed (a deadline, not an idle timeout, so a peer trickling bytes cannot hold it), and after an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver waits at most this long for the peer to close. Both engines.")
+    max_connections: int = Field(64, ge=1, description="TCP connections a receiver process holds at once, associated or not (each is a thread). One more is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed before anything of it is read, so a flood of idle connections costs no thread. Keep it at or above max_associations. Lean engine; the pynetdicom engine counts associations only.")
     move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
 
 

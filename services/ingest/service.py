@@ -46,7 +46,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
         server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends)
     else:
-        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends)
+        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
+                           artim_timeout=ing.artim_timeout_s, max_connections=ing.max_connections)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: connected.nc.is_connected)

@@ -214,7 +214,8 @@ def check_pdu_header(kind: int, length: int, associated: bool, max_pdu: int) -> 
     * a type PS3.8 9.3.1 does not define: unrecognised PDU (Evt19);
     * a defined type out of place (a P-DATA-TF before the association, an A-ASSOCIATE-RQ/AC/RJ or
       A-RELEASE-RP during it, Evt3/4/6/13 of Table 9-10): unexpected PDU;
-    * a P-DATA-TF longer than our maximum (PS3.8 D.1: the requestor "shall not" exceed it), an
+    * a P-DATA-TF longer than our maximum (PS3.8 D.1: the requestor "shall not" exceed it) or too short
+      for one PDV item (9.3.5), an
       A-ASSOCIATE-RQ over :data:`MAX_ASSOCIATE_RQ`, or an A-RELEASE/A-ABORT whose length is not the fixed
       4 of PS3.8 9.3.6-9.3.8: invalid PDU parameter value.
     """
@@ -231,6 +232,8 @@ def check_pdu_header(kind: int, length: int, associated: bool, max_pdu: int) -> 
     limit = max_pdu or MAX_PDU_UNLIMITED
     if kind == P_DATA_TF and length > limit:
         raise ProtocolError(f"P-DATA-TF of {length} bytes, over the negotiated maximum of {limit}")
+    if kind == P_DATA_TF and length < 6:  # one PDV item at least (PS3.8 9.3.5): 4-byte length, ID, header
+        raise ProtocolError(f"P-DATA-TF of {length} bytes holds no PDV item")
 
 
 class DimseAssembler:

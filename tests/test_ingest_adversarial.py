@@ -433,3 +433,50 @@ def test_a_flood_of_idle_connections_costs_no_threads_and_ends_with_artim(receiv
     echo = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60)
     assert echo.returncode == 0, echo.stderr
+
+
+def _start_engine(engine: str, port: int, max_associations: int):
+    if engine == "lean":
+        from services.ingest.scp import start_scp
+    else:
+        from services.ingest.scp_pynetdicom import start_scp
+    return start_scp(None, "127.0.0.1", port, "DICOMFLOW", MAX_PDU, max_associations, 30, [], artim_timeout=ARTIM_S)
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_connections_closed_before_associating_free_their_slots_at_once(engine):
+    """70 TCP connections opened and closed without an A-ASSOCIATE-RQ: a real sender right after gets in (the
+    pynetdicom engine used to hold each slot for its 30 s ACSE timeout: "local limit exceeded" meanwhile)."""
+    from dicomflow.natsserver import free_port
+
+    port = free_port()
+    server = _start_engine(engine, port, 32)
+    try:
+        for _ in range(70):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        start = time.monotonic()
+        echo = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=60)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert time.monotonic() - start < ARTIM_S, "the association waited for slots"
+    finally:
+        server.stop(5)
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_an_idle_connection_is_closed_at_the_artim_time(engine):
+    from dicomflow.natsserver import free_port
+
+    port = free_port()
+    server = _start_engine(engine, port, 4)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=ARTIM_S + 10) as sock:
+            start = time.monotonic()
+            try:
+                data = sock.recv(64)
+            except ConnectionResetError:
+                data = b""
+            elapsed = time.monotonic() - start
+        assert data == b"" and ARTIM_S - 0.5 < elapsed < ARTIM_S + 3, (data, elapsed)
+    finally:
+        server.stop(5)

@@ -44,7 +44,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
-        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends)
+        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
+                                  artim_timeout=ing.artim_timeout_s)
     else:
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
                            artim_timeout=ing.artim_timeout_s, max_connections=ing.max_connections)

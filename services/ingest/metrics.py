@@ -23,3 +23,5 @@ suboperations = Counter("dicomflow_ingest_retrieve_suboperations_total", "C-STOR
 retrieved_bytes = Counter("dicomflow_ingest_retrieved_bytes_total", "Data set bytes sent by C-GET and C-MOVE")
 corrupt_objects = Counter("dicomflow_ingest_corrupt_objects_total", "Objects that did not match their digest while a "
                           "C-GET or C-MOVE sent them (the association carrying them was aborted)")
+aborts = Counter("dicomflow_ingest_aborts_total", "Connections and associations the receiver ended for a protocol "
+                 "violation (an A-ABORT, by its PS3.8 reason) or an expired ARTIM timer", ["reason"])

@@ -13,6 +13,31 @@ receivers, measured). A receiver started alone binds its own socket, with SO_REU
 larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
 arrives (:class:`~services.ingest.intake.Incoming`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
 answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses.
+
+Hostile and broken peers (PS3.8; the decisions are pure functions of :mod:`.pdu`, this shell obeys them):
+
+* at most ``max_connections`` TCP connections per receiver, associated or not, each one thread: one more is
+  answered A-ASSOCIATE-RJ (transient, local limit exceeded) from the accepting thread and closed, before
+  any of its bytes is read, so a flood of idle connections costs no threads;
+* the ARTIM timer (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must arrive within ``artim_timeout`` of the
+  connection (a deadline, not an idle timeout: a peer trickling a byte at a time is cut off, AA-2); after
+  an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver closes its side, and waits for the peer's
+  close for at most as long, discarding what arrives (Sta13), so the answer is not lost to a reset;
+* every PDU header is checked before its body is read (:func:`.pdu.check_pdu_header`): a P-DATA-TF longer
+  than the maximum we announced, an unknown or misplaced PDU type, an A-ASSOCIATE-RQ over 1 MiB end in an
+  A-ABORT without the body being held; so a receiver holds at most ``max_pdu`` per association;
+* an invalid A-ASSOCIATE-RQ (items past their parent, even or repeated context IDs) is answered with the
+  A-ABORT of AA-1 (service-user source, PS3.8 Table 9-10); a well-formed one with a protocol version, an
+  application context or a calling AE title we do not take gets the A-ASSOCIATE-RJ of Table 9-21;
+* during the association an invalid PDU or PDV order (:class:`.pdu.DimseAssembler`: a data fragment on
+  another context than its command, a new command while a data set is pending) ends in the A-ABORT of
+  AA-8: service-provider source, with the reason of Table 9-26;
+* a user identity negotiation (PS3.7 D.3.3.7) that asks for a positive response gets one.
+
+Not implemented (a peer proposing them gets the association without them, as PS3.7 D.3.3 allows):
+asynchronous operations window (one operation at a time, PS3.7 D.3.3.3), SOP class extended and common
+extended negotiation (D.3.3.5, D.3.3.6), verification of the user identity (taken as asserted: the AE
+title is the credential), TLS, C-STORE as an SCU outside C-GET/C-MOVE sub-operations, N-services.
 """
 
 from __future__ import annotations
@@ -49,15 +74,21 @@ log = logging.getLogger("dicomflow.ingest.scp")
 _RECV_BUFFER = 256 * 1024
 _HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
 _HEADER = struct.Struct(">BxI")
-# A PDU longer than this is not a PDU we negotiated (our maximum is at most a few MiB): refuse it
-# instead of allocating whatever a garbage length field says.
-_MAX_PDU_ACCEPTED = 64 * 1024 * 1024
 
 # Every standard storage SOP class (retired ones included) and Verification, in every transfer syntax.
 SUPPORTED: StorageContexts = storage_contexts([], {str(Verification): ALL_TS})
 
-_REJECT_REASONS = {pdu.RJ_CALLED_AE: "called AE title not recognised", pdu.RJ_CALLING_AE: "calling AE title not recognised",
-                   pdu.RJ_LOCAL_LIMIT: "too many associations", pdu.RJ_NO_REASON: "no presentation context accepted"}
+_REJECT_REASONS = {
+    (pdu.RJ_SOURCE_USER, pdu.RJ_CALLED_AE): "called AE title not recognised",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_CALLING_AE): "calling AE title not recognised",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_APPLICATION_CONTEXT): "application context name not supported",
+    (pdu.RJ_SOURCE_ACSE, pdu.RJ_PROTOCOL_VERSION): "protocol version not supported",
+    (pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT): "too many associations",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_NO_REASON): "no presentation context accepted"}
+_ABORT_REASONS = {pdu.ABORT_NOT_SPECIFIED: "not specified", pdu.ABORT_UNRECOGNIZED_PDU: "unrecognised PDU",
+                  pdu.ABORT_UNEXPECTED_PDU: "unexpected PDU", pdu.ABORT_UNEXPECTED_PARAMETER: "unexpected PDU parameter",
+                  pdu.ABORT_INVALID_PARAMETER: "invalid PDU parameter value"}
+_TOO_MANY_CONNECTIONS = pdu.associate_rj(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT)
 
 
 class StorageServer(socketserver.ThreadingTCPServer):
@@ -66,11 +97,13 @@ class StorageServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = 128  # as the supervisor's socket: socketserver's 5 dropped a burst's SYNs (1 s retries)
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
                  network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
                  finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None,
-                 private_sop_classes: list[str] | str = ()):
+                 private_sop_classes: list[str] | str = (), artim_timeout: float = 10.0,
+                 max_connections: int | None = None):
         self.intake = intake
         self.finder = finder
         self.retriever = retriever
@@ -85,6 +118,8 @@ class StorageServer(socketserver.ThreadingTCPServer):
         self.max_pdu = max_pdu
         self.max_associations = max_associations
         self.network_timeout = network_timeout
+        self.artim_timeout = artim_timeout
+        self.max_connections = max_connections if max_connections is not None else 2 * max_associations
         self.allowed_calling = [a.strip() for a in allowed_calling_aes]
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -108,6 +143,23 @@ class StorageServer(socketserver.ThreadingTCPServer):
         conn, addr = self.socket.accept()
         self._count("_connections", 1)
         return conn, addr
+
+    def verify_request(self, request: socket.socket, client_address) -> bool:
+        """Over ``max_connections``: A-ASSOCIATE-RJ (transient, local limit exceeded, PS3.8 Table 9-21) from this
+        accepting thread and close, no handler thread, nothing of the peer's read."""
+        if self._connections <= self.max_connections:
+            return True
+        metrics.rejected_associations.labels(reason="too many connections").inc()
+        log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
+                    self._connections - 1)
+        try:
+            request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer here
+            request.send(_TOO_MANY_CONNECTIONS)
+            while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
+                pass
+        except OSError:
+            pass
+        return False
 
     def shutdown_request(self, request: socket.socket) -> None:
         self._count("_connections", -1)
@@ -172,32 +224,79 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.server.network_timeout)
         self.sock = sock
-        self.reader = sock.makefile("rb", buffering=_RECV_BUFFER)
+        self.associated = False
+        self.reader = None
         try:
             self._associate()
         except pdu.ProtocolError as exc:
-            log.warning("aborting association from %s: %s", self.client_address[0], exc)
-            self._send_quietly(pdu.abort(2, 0))
+            metrics.aborts.labels(reason=_ABORT_REASONS.get(exc.reason, "not specified")).inc()
+            if self.associated:  # AA-8 (PS3.8 Table 9-10, Sta6): service-provider source, with the reason
+                log.warning("aborting association from %s: %s", self.client_address[0], exc)
+                self._end(pdu.abort(pdu.ABORT_SOURCE_PROVIDER, exc.reason))
+            else:  # AA-1 (Sta2: an invalid or unexpected PDU instead of an A-ASSOCIATE-RQ): service-user source
+                log.warning("aborting connection from %s before association: %s", self.client_address[0], exc)
+                self._end(pdu.abort(pdu.ABORT_SOURCE_USER, pdu.ABORT_NOT_SPECIFIED))
+        except TimeoutError:
+            if not self.associated:
+                metrics.aborts.labels(reason="ARTIM expired").inc()
+                log.warning("connection from %s closed: no A-ASSOCIATE-RQ within %.0f s (ARTIM)",
+                            self.client_address[0], self.server.artim_timeout)
         except (Closed, OSError):
             pass  # peer gone or network timeout: nothing to answer to
         finally:
-            self.reader.close()
+            if self.reader is not None:
+                self.reader.close()
 
-    def _send_quietly(self, data: bytes) -> None:
+    def _end(self, last_pdu: bytes | None = None) -> None:
+        """Send ``last_pdu`` (an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT), close our side and wait, at most the
+        ARTIM time, for the peer to close (PS3.8 Sta13), discarding what it still sends: a socket closed
+        with unread bytes resets the connection, and the peer may never read the answer."""
+        sock = self.sock
         try:
-            self.sock.sendall(data)
+            if last_pdu is not None:
+                sock.sendall(last_pdu)
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.server.artim_timeout
+            sink = bytearray(_RECV_BUFFER)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv_into(sink):
+                    return
         except OSError:
-            pass
+            pass  # reset, gone or ARTIM expired: the socket is closed either way
+
+    def _read_associate_rq(self) -> memoryview:
+        """The A-ASSOCIATE-RQ, all of it within the ARTIM time of the connection (PS3.8 9.1.5, AE-5/AE-6);
+        read exactly, so nothing that follows it is taken from the socket here."""
+        deadline = time.monotonic() + self.server.artim_timeout
+        head = self._recv_exactly(6, deadline)
+        kind, length = _HEADER.unpack(head)
+        pdu.check_pdu_header(kind, length, False, self.server.max_pdu)
+        if kind == pdu.ABORT:
+            raise Closed("aborted before the association")  # AA-2: close, nothing to answer
+        return memoryview(self._recv_exactly(length, deadline))
+
+    def _recv_exactly(self, n: int, deadline: float) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("ARTIM expired")
+            self.sock.settimeout(left)
+            got_now = self.sock.recv_into(view[got:])
+            if not got_now:
+                raise Closed("the peer closed the connection")
+            got += got_now
+        return buf
 
     def _read_pdu(self) -> tuple[int, memoryview]:
         head = self.reader.read(6)
         if len(head) < 6:
             raise Closed("the peer closed the connection")
         kind, length = _HEADER.unpack(head)
-        if length > _MAX_PDU_ACCEPTED:
-            raise pdu.ProtocolError(f"PDU of {length} bytes")
+        pdu.check_pdu_header(kind, length, True, self.server.max_pdu)
         body = self.reader.read(length) if length else b""
         if _HAS_QUICKACK:
             try:
@@ -210,74 +309,67 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _associate(self) -> None:
         srv = self.server
-        kind, body = self._read_pdu()
-        if kind != pdu.ASSOCIATE_RQ:
-            raise pdu.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
-        req = pdu.parse_associate_rq(bytes(body))
+        req = pdu.parse_associate_rq(bytes(self._read_associate_rq()))
+        self.sock.settimeout(srv.network_timeout)
+        self.reader = self.sock.makefile("rb", buffering=_RECV_BUFFER)
         opened = srv._count("_open", 1)
         try:
-            neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
-                                busy=opened > srv.max_associations or srv.stopping.is_set())
-            if neg.reject:
-                reason = _REJECT_REASONS.get(neg.reject[2], "rejected")
+            neg = None
+            reject = pdu.screen_associate_rq(req)
+            if reject is None:
+                neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
+                                    busy=opened > srv.max_associations or srv.stopping.is_set())
+                reject = neg.reject
+            if reject:
+                reason = _REJECT_REASONS.get(reject[1:], "rejected")
                 metrics.rejected_associations.labels(reason=reason).inc()
-                log.warning("association from %s (calling %s, called %s) rejected: %s", self.client_address[0],
+                log.warning("association from %s (calling %r, called %r) rejected: %s", self.client_address[0],
                             req.calling_ae, req.called_ae, reason)
-                self.sock.sendall(pdu.associate_rj(*neg.reject))
+                self._end(pdu.associate_rj(*reject))
                 return
             self.sock.sendall(pdu.associate_ac(req, neg, srv.max_pdu))
+            self.associated = True
             metrics.associations.inc()
             try:
-                self._data_phase(req, neg.accepted())
+                if self._data_phase(req, neg.accepted()):
+                    self._end(pdu.release_rp())
             finally:
                 metrics.associations.dec()
         finally:
             srv._count("_open", -1)
 
-    def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
+    def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> bool:
+        """Serve DIMSE messages until the peer releases (True: answer with A-RELEASE-RP) or aborts (False)."""
         self._contexts, self._cancels = contexts, set()
-        command: list[memoryview] = []
+        messages = pdu.DimseAssembler(contexts)
         data: Incoming | _Identifier | None = None  # the data set of the pending command, as it arrives
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
         # a storage context's may be staged as it arrives, a FIND context's is held in memory.
         intake = self.server.intake
         collector = {cid: _Identifier if abstract in _QUERY_RETRIEVE else functools.partial(Incoming, intake)
                      for cid, (abstract, _) in contexts.items()}
-        pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
+        pending: dict[int, bytes] = {}  # the command that awaits its data set
         try:
             while True:
-                kind, body = self._read_pdu()
-                if kind == pdu.P_DATA_TF:
-                    for cid, is_command, last, fragment in pdu.pdvs(body):
-                        if cid not in contexts:
-                            raise pdu.ProtocolError(f"PDV on presentation context {cid}, which was not accepted")
-                        if is_command:
-                            command.append(fragment)
-                            if last:
-                                cmd = pdu.parse_command(b"".join(command))
-                                command = []
-                                if pdu.command_us(cmd, 0x0800, pdu.NO_DATA_SET) == pdu.NO_DATA_SET:
-                                    self._dispatch(req, cid, contexts[cid], cmd, None)
-                                else:
-                                    if data is not None:  # a command that never got its data set
-                                        data.discard()
-                                    pending = (cid, cmd)
-                                    data = collector[cid]()
-                        else:
-                            if pending is None or data is None:
-                                raise pdu.ProtocolError("data set fragment without a command")
-                            data.add(fragment)
-                            if last:
-                                cid, cmd = pending
-                                dataset, data, pending = data.take(), None, None
-                                self._dispatch(req, cid, contexts[cid], cmd, dataset)
-                elif kind == pdu.RELEASE_RQ:
-                    self.sock.sendall(pdu.release_rp())
-                    return
-                elif kind == pdu.ABORT:
-                    return
-                else:
-                    raise pdu.ProtocolError(f"unexpected PDU type {kind} during the association")
+                kind, body = self._read_pdu()  # a PDU type out of place was refused there
+                if kind == pdu.RELEASE_RQ:
+                    return True
+                if kind == pdu.ABORT:
+                    return False
+                for cid, is_command, last, fragment in pdu.pdvs(body):
+                    event = messages.pdv(cid, is_command, last, fragment)
+                    if event is None:
+                        continue
+                    what, cid, value = event
+                    if what == "command":
+                        self._dispatch(req, cid, contexts[cid], value, None)
+                    elif what == "dataset":
+                        pending, data = value, collector[cid]()
+                    else:
+                        data.add(fragment)
+                        if value:  # its last fragment
+                            dataset, data = data.take(), None
+                            self._dispatch(req, cid, contexts[cid], pending, dataset)
         finally:
             if data is not None:  # the association ended inside a data set: nothing of it is kept
                 data.discard()
@@ -496,16 +588,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
               finder: Finder | None = None, retriever: Retriever | None = None,
-              backends: Backends | None = None, private_sop_classes: list[str] | str = ()) -> StorageServer:
+              backends: Backends | None = None, private_sop_classes: list[str] | str = (),
+              artim_timeout: float = 10.0, max_connections: int | None = None) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
     With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
     ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE. ``private_sop_classes``: the
-    storage SOP classes taken beyond the standard ones, or ``any`` (:mod:`.sop_classes`).
+    storage SOP classes taken beyond the standard ones, or ``any`` (:mod:`.sop_classes`). ``artim_timeout``:
+    the ARTIM timer (PS3.8 9.1.5); ``max_connections``: TCP connections held at once (None: twice
+    ``max_associations``).
     """
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes)
+                           allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes,
+                           artim_timeout, max_connections)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

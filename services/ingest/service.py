@@ -45,10 +45,11 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
         server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
-                                  private_sop_classes=ing.private_sop_classes)
+                                  private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s)
     else:
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
-                           private_sop_classes=ing.private_sop_classes)
+                           private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
+                           max_connections=ing.max_connections)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: connected.nc.is_connected)

@@ -109,7 +109,7 @@ def match_for(attribute: Attribute, value: str, name: str) -> Match:
     if vr in ("IS", "US"):
         if not _INT.match(value.strip()):
             raise QueryError(f"{name}: {value!r} is not an integer")
-        return Match(attribute, "single", (str(int(value)),))
+        return Match(attribute, "single", (str(int(value.strip())),))  # strip: what _INT matched (fuzzed: "1\x1d")
     if vr == "CS" and "\\" in value:
         return Match(attribute, "list", tuple(v.strip() for v in value.split("\\") if v.strip()))
     text = value.strip() if vr != "PN" else value.strip().lower()
@@ -128,9 +128,10 @@ def _flag(name: str, value: str) -> bool:
 
 
 def _count(name: str, value: str, maximum: int | None = None) -> int:
-    if not value.strip().isdigit():
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):  # isdigit alone takes "²", which int() refuses (fuzzed)
         raise QueryError(f"{name}: {value!r} is not a non-negative integer")
-    number = int(value)
+    number = int(text)  # int() strips less than str.strip() ("1\x1d", fuzzed)
     if maximum is not None and number > maximum:
         raise QueryError(f"{name}: {number} is above the largest this server allows ({maximum})")
     return number

@@ -130,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicomflow: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.telemetry.log_level)
-    return COMMANDS[args.command](config, args)
+    from shared.bus.nats_auth import Refused
+
+    try:
+        return COMMANDS[args.command](config, args)
+    except Refused as exc:  # a configuration error found at start-up: no restart or retry would fix it
+        print(f"dicomflow {args.command}: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:

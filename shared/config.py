@@ -87,6 +87,25 @@ class NatsConfig(_Section):
     monitor_port: int = Field(8222, description="HTTP monitoring port of the embedded nats-server (/jsz, /varz); 0 disables.")
     connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection.")
     publish_timeout_s: float = Field(5.0, description="Seconds to wait for a JetStream PubAck before answering 0xA700.")
+    tls_ca: str = Field("", description="CA certificate file (PEM) the NATS server's certificate must chain to; setting it (or tls_cert, or a tls:// URL) makes every connection TLS 1.2+, the server's certificate and host name verified (without it: against the system's CAs). Never unverified.")
+    tls_cert: str = Field("", description="Client certificate (PEM) for a NATS server that verifies its clients (`tls { verify: true }`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    user: str = Field("", description="This process's NATS user (with password). Give each service its own (k8s: a Secret per Deployment, as DICOMFLOW__NATS__USER / DICOMFLOW__NATS__PASSWORD) so the server's permissions confine it (`dicomflow nats-permissions`). A refused credential stops the service at start-up naming this setting.")
+    password: str = Field("", description="Password of nats.user.")
+    token: str = Field("", description="NATS authorization token (instead of user/password).")
+    nkey_seed_file: str = Field("", description="File holding this process's NATS nkey seed (SU...): the server's nonce is signed with it (instead of user/password).")
+    creds_file: str = Field("", description="NATS credentials file (user JWT and nkey seed, as `nsc` writes it) for servers in operator mode.")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> NatsConfig:
+        given = [n for n in ("user", "token", "nkey_seed_file", "creds_file") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one NATS credential, not {' and '.join(given)}")
+        if self.password and not self.user:
+            raise ValueError("nats.password without nats.user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("nats.tls_cert and nats.tls_key go together")
+        return self
 
 
 class StreamConfig(_Section):

@@ -136,7 +136,18 @@ class IngestConfig(_Section):
     max_associations: int = Field(32, ge=1, description="Concurrent associations per receiver process.")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
+    tls_cert: str = Field("", description="Server certificate (PEM) of DICOM over TLS (PS3.15 B.1, TLS 1.2+). Set with tls_key: the SCP accepts only TLS connections, on both engines (`storescu +tls`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    tls_ca: str = Field("", description="With TLS: CA certificate file client certificates must chain to. Set: every client must present one (a client without is refused in the handshake), and its subject's common name must be the calling AE title or be listed in the tls_subjects of the tenant that owns the calling AE (else the association is rejected: calling AE not recognised). Empty: no client certificate is asked for.")
     move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> IngestConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("ingest.tls_cert and ingest.tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("ingest.tls_ca (client certificates) needs ingest.tls_cert and tls_key (TLS)")
+        return self
 
 
 class FsBackendConfig(_Section):
@@ -377,6 +388,7 @@ class TelemetryConfig(_Section):
 class TenantConfig(_Section):
     aes: list[str] = Field(default_factory=list, description="Calling AE titles of this institution's modalities and systems: what they store is this tenant's, what they query is confined to it.")
     policy: str | None = Field(None, description="Placement policy of this tenant's instances (a name under storage.policies). Null: storage.institutions by AE title or InstitutionName, else storage.default_policy.")
+    tls_subjects: list[str] = Field(default_factory=list, description="Common names of the client certificates (DICOM over TLS with ingest.tls_ca) that may act as this tenant's AEs. A certificate whose name is listed nowhere may act only as the AE title equal to its name.")
     api_keys_sha256: list[str] = Field(default_factory=list, description="SHA-256 (hex) of the API keys that act for this tenant over HTTP (`Authorization: Bearer <key>` or `X-API-Key: <key>`). The keys themselves are never stored: `dicomflow apikey` makes one and prints its hash.")
 
     @field_validator("api_keys_sha256")

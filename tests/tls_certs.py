@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -21,7 +21,8 @@ class Pair:
 
 
 def _key():
-    return ec.generate_private_key(ec.SECP256R1())
+    # RSA: dcmtk's default TLS profile (BCP 195) offers only RSA-authenticated cipher suites for TLS 1.2
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _write(path: Path, cert: x509.Certificate, key) -> Pair:

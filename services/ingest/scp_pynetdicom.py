@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import ssl
 import threading
+from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -32,6 +34,7 @@ from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, fit_comment
 from shared.storage.objectstore import Backends, CorruptObject
 from shared.storage.reading import Unavailable, locate
+from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -132,8 +135,8 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
 
 
 def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retriever | None = None,
-                  backends: Backends | None = None) -> list:
-    """The pynetdicom event handlers of the SCP."""
+                  backends: Backends | None = None, may_act_as: Callable[[str, str], bool] | None = None) -> list:
+    """The pynetdicom event handlers of the SCP (``may_act_as``: the client certificate's binding to AE titles)."""
 
     def on_find(event: evt.Event):
         identifier = event.request.Identifier.getvalue() if event.request.Identifier is not None else b""
@@ -169,6 +172,14 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
 
     def on_accepted(event: evt.Event) -> None:
         metrics.associations.inc()
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if may_act_as is not None and isinstance(sock, ssl.SSLSocket):
+            peer, calling = common_name(sock.getpeercert()), str(event.assoc.requestor.ae_title).strip()
+            if peer is not None and not may_act_as(peer, calling):
+                # pynetdicom decides acceptance before any handler can refuse: the association ends at once
+                log.warning("client certificate %r may not act as calling AE %s: aborting", peer, calling)
+                metrics.rejected_associations.labels(reason="calling AE title not recognised").inc()
+                event.assoc.abort()
 
     def on_released(event: evt.Event) -> None:
         metrics.associations.dec()
@@ -216,12 +227,16 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
 
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None,
-              retriever: Retriever | None = None, backends: Backends | None = None) -> ReusePortServer:
-    """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it)."""
+              retriever: Retriever | None = None, backends: Backends | None = None,
+              tls: ssl.SSLContext | None = None,
+              may_act_as: Callable[[str, str], bool] | None = None) -> ReusePortServer:
+    """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it).
+
+    ``tls``: DICOM over TLS (pynetdicom does the handshake as it accepts, in its accepting thread)."""
     ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
                  retrieve=retriever is not None)
-    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None,
-                            make_handlers(intake, finder, retriever, backends), ReusePortServer)
+    server = ae.make_server((host, port), ae_title, ae.supported_contexts, tls,
+                            make_handlers(intake, finder, retriever, backends, may_act_as), ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)

@@ -19,6 +19,8 @@ from shared.config import Config
 from shared.lifecycle import settle_after_startup
 from shared.supervisor import ChildSpec, Supervisor
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
+from shared.tenancy import certificate_may_act_as
+from shared.tls import server_context
 
 log = logging.getLogger("dicomflow.ingest")
 
@@ -42,12 +44,17 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
                     ing.ae_title, config.web.max_results)
     # ... and C-GET and C-MOVE, reading the objects from their placements
     retriever = Retriever(finder, config.access, ing.move_destinations)
+    # DICOM over TLS: only TLS connections; with a client CA, a verified certificate bound to the calling AE
+    tls = server_context(ing.tls_cert, ing.tls_key, ing.tls_ca) if ing.tls_cert else None
+    may_act_as = functools.partial(certificate_may_act_as, config.access)
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
-        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends)
+        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends, tls=tls,
+                                  may_act_as=may_act_as)
     else:
-        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends)
+        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
+                           tls=tls, may_act_as=may_act_as)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: connected.nc.is_connected)

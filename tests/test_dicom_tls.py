@@ -1,0 +1,65 @@
+"""DICOM over TLS on the SCP, both engines, with dcmtk's own TLS clients (`echoscu +tls`, `storescu +tls`): TLS 1.2+
+with the configured certificate; with a client CA, a client without a certificate (or with one of another CA)
+is refused, and a certificate acts only as the AE titles it is bound to (its name, or its tenant's AEs)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from dicomflow.synthetic import write_study
+from tests.tls_certs import CA
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca = CA(folder)
+    return {"ca": ca, "server": ca.server(), "modality": ca.client("MODALITY"), "gateway": ca.client("site-gateway"),
+            "intruder": ca.client("INTRUDER"), "other": CA(folder / "other", "unknown CA").client("MODALITY")}
+
+
+def _dcmtk(program: str, port: int, pki, client: str | None, calling: str, *extra: str) -> subprocess.CompletedProcess:
+    tls = ["+tls", str(pki[client].key), str(pki[client].cert)] if client else ["+tla"]
+    argv = [program, *tls, "+cf", str(pki["ca"].path), "-aet", calling, "-aec", "DICOMFLOW", "-to", "10",
+            "-ta", "10", "-td", "10", "127.0.0.1", str(port), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def _ok(res: subprocess.CompletedProcess) -> bool:
+    return res.returncode == 0 and not any(ln.startswith(("E:", "F:")) for ln in (res.stdout + res.stderr).splitlines())
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_dicom_tls_with_client_certificates_bound_to_aes(stack_factory, tmp_path, pki, engine):
+    stack = stack_factory(
+        ingest={"engine": engine, "tls_cert": str(pki["server"].cert), "tls_key": str(pki["server"].key),
+                "tls_ca": str(pki["ca"].path)},
+        access={"tenants": {"site": {"aes": ["MODALITY", "CT2"], "tls_subjects": ["site-gateway"]}}})
+    port = stack.port
+    # a certificate named after the calling AE; a gateway certificate its tenant lists, for another of its AEs
+    assert _ok(_dcmtk("echoscu", port, pki, "modality", "MODALITY"))
+    assert _ok(_dcmtk("echoscu", port, pki, "gateway", "CT2"))
+    study = tmp_path / "study"
+    write_study(study, 3)
+    res = _dcmtk("storescu", port, pki, "modality", "MODALITY", "+sd", str(study))
+    assert _ok(res), res.stdout + res.stderr
+    assert stack.instances_of(next(s["study_uid"] for s in stack.studies())) == 3
+    # refused: no client certificate, one of an unknown CA, one not bound to the calling AE, no TLS at all
+    assert not _ok(_dcmtk("echoscu", port, pki, None, "MODALITY"))
+    assert not _ok(_dcmtk("echoscu", port, pki, "other", "MODALITY"))
+    assert not _ok(_dcmtk("echoscu", port, pki, "intruder", "MODALITY"))
+    assert not _ok(_dcmtk("echoscu", port, pki, "modality", "CT2"))  # MODALITY's certificate is not CT2
+    plain = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "-to", "5", "-ta", "5",
+                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    assert not _ok(plain)
+    # the SCP still serves after every refusal
+    assert _ok(_dcmtk("echoscu", port, pki, "modality", "MODALITY"))
+
+
+def test_anonymous_tls_without_a_client_ca(stack_factory, pki):
+    """Without ingest.tls_ca no client certificate is asked for: `+tla` (anonymous TLS) associates; the server's
+    certificate is verified by the client against the CA."""
+    stack = stack_factory(ingest={"tls_cert": str(pki["server"].cert), "tls_key": str(pki["server"].key)})
+    assert _ok(_dcmtk("echoscu", stack.port, pki, None, "ANYONE"))

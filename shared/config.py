@@ -298,7 +298,8 @@ class DicomTargetConfig(_Section):
     port: int = Field(104, ge=1, le=65535, description="port of the SCP.")
     ae_title: str = Field("ANY-SCP", max_length=16, description="called AE title of the SCP.")
     tls: bool = Field(False, description="DICOM over TLS (storescu +tls).")
-    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: accept any).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: the system's CAs, /etc/ssl/certs).")
+    tls_verify: bool = Field(True, description="with tls, verify the peer's certificate (against tls_ca); false accepts any certificate (storescu -ic): an explicit opt-out, logged at start-up.")
     tls_cert: str = Field("", description="with tls, our client certificate (PEM); empty: anonymous TLS.")
     tls_key: str = Field("", description="with tls, our private key (PEM).")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
@@ -447,8 +448,16 @@ class WebConfig(_Section):
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
     stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
     render_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest object (data set bytes) the rendered, thumbnail and WADO-URI image resources decode; a larger one is refused with 413 (it would be read whole into memory).")
+    tls_cert: str = Field("", description="Server certificate (PEM) for HTTPS. Set with tls_key: the DICOMweb service speaks only HTTPS (TLS 1.2+), and the RetrieveURLs it writes are https://.")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
     replicas: int = Field(1, ge=1, le=64, description="`dicomflow run`: DICOMweb processes sharing the one port (stateless; each has its own /metrics at telemetry.metrics_port + 80 + N). Elsewhere scale the `dicomflow web` deployment instead.")
     drain_s: float = Field(20.0, ge=0, le=3600, description="On SIGTERM a DICOMweb process stops accepting and waits this long for the requests in flight (a long WADO-RS stream) to finish before it cancels them and exits. Keep a deployment's grace period above preStop + this.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("web.tls_cert and web.tls_key go together")
+        return self
 
 
 class Config(_Section):

@@ -63,3 +63,33 @@ def test_anonymous_tls_without_a_client_ca(stack_factory, pki):
     certificate is verified by the client against the CA."""
     stack = stack_factory(ingest={"tls_cert": str(pki["server"].cert), "tls_key": str(pki["server"].key)})
     assert _ok(_dcmtk("echoscu", stack.port, pki, None, "ANYONE"))
+
+
+def test_https_for_dicomweb_and_tls_for_dicom_under_dicomflow_run(stack_factory, tmp_path, pki):
+    """`dicomflow run` with web.tls_cert: QIDO-RS over HTTPS, verified against the CA by the client, RetrieveURLs
+    in https://; plain HTTP gets no answer."""
+    import requests
+
+    from dicomflow.natsserver import free_port
+
+    server = pki["server"]
+    stack = stack_factory(ingest={"tls_cert": str(server.cert), "tls_key": str(server.key)},
+                          web={"port": free_port(), "tls_cert": str(server.cert), "tls_key": str(server.key)})
+    study = tmp_path / "study"
+    study_uid, _ = write_study(study, 2)
+    assert _ok(_dcmtk("storescu", stack.port, pki, None, "MODALITY", "+sd", str(study)))
+    base = f"https://localhost:{stack.tree['web']['port']}/dicom-web"
+    found = None
+    for _ in range(100):
+        found = requests.get(f"{base}/studies", params={"StudyInstanceUID": study_uid}, verify=str(pki["ca"].path),
+                             timeout=10)
+        if found.status_code == 200 and found.content:
+            break
+        import time
+        time.sleep(0.2)
+    assert found is not None and found.status_code == 200, found
+    assert found.json()[0]["00081190"]["Value"][0].startswith("https://localhost:")
+    with pytest.raises(requests.exceptions.SSLError):  # a client that does not trust the CA
+        requests.get(f"{base}/studies", timeout=10)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://localhost:{stack.tree['web']['port']}/dicom-web/studies", timeout=10)

@@ -154,16 +154,17 @@ def test_a_client_certificate_is_required_when_the_server_verifies_clients(tmp_p
         server.kill()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_the_ingest_refused_by_nats_exits_at_start_up_naming_the_setting(tmp_path, tls_nats, workers):
-    """`dicomflow ingest` with a wrong password: exit 78 within seconds and a message that names nats.user,
-    not receivers restarted forever or associations answered 0xA700."""
+@pytest.mark.parametrize("command,workers", [("ingest", 1), ("ingest", 2), ("store", 1), ("run", 1)])
+def test_a_service_refused_by_nats_exits_at_start_up_naming_the_setting(tmp_path, tls_nats, command, workers):
+    """`dicomflow ingest` (one receiver, or a supervisor of two), `store`, and `run` against an external NATS,
+    with a wrong password: exit 78 within seconds and a message that names nats.user, not processes restarted
+    forever or associations answered 0xA700."""
     server, ca, _ = tls_nats
     tree = make_config(tmp_path, f"nats://localhost:{server.port}", ingest={"workers": workers})
     tree["nats"].update(tls_ca=str(ca.path), user="ingest", password="wrong")
     path = write_config(tmp_path, tree)
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(path), "ingest"], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(path), command], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 78, res.stderr[-2000:]
     assert time.monotonic() - started < 30

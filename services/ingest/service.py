@@ -13,7 +13,7 @@ from services.ingest.connected import ConnectedIntake
 from services.ingest.find import Finder
 from services.ingest.retrieve import Retriever
 from services.ingest.scp import listening_socket, start_scp
-from shared.bus.nats_auth import Refused
+from shared.bus.connection import check_credentials
 from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import settle_after_startup
@@ -92,7 +92,7 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
         return 0
     # Credentials or TLS that NATS refuses are a configuration error: found once here, before any receiver
     # starts (each would be refused and restarted forever), and raised to the command, which names the setting.
-    check_nats(config)
+    check_credentials(config)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -112,26 +112,6 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
     if listen is not None:
         listen.close()
     return 0
-
-
-def check_nats(config: Config) -> None:
-    """Connect to NATS once with this process's TLS and credentials; raises
-    :class:`~shared.bus.nats_auth.Refused` when the server refuses them (an unreachable server is fine:
-    the receivers wait for it)."""
-    import asyncio
-
-    from shared.bus.connection import Unreachable, connect_once
-
-    async def probe() -> None:
-        nc = await connect_once(config, "dicomflow-ingest-check")
-        await nc.close()
-
-    try:
-        asyncio.run(probe())
-    except Unreachable as exc:
-        if isinstance(exc.__cause__, Refused):
-            raise exc.__cause__ from None
-        log.warning("%s: starting the receivers anyway (they wait for it)", exc)
 
 
 def self_command(*args: str) -> list[str]:

@@ -107,6 +107,22 @@ async def connect_once(config: Config, name: str) -> NATS:
         raise Unreachable(f"cannot reach NATS at {', '.join(servers)} ({type(exc).__name__})") from exc
 
 
+def check_credentials(config: Config) -> None:
+    """Connect to NATS once with this process's TLS and credentials (blocking; for supervisors before they start
+    their children); raises :class:`~shared.bus.nats_auth.Refused` when the server refuses them. An
+    unreachable server passes: the children wait for it."""
+    async def probe() -> None:
+        nc = await connect_once(config, "dicomflow-credentials-check")
+        await nc.close()
+
+    try:
+        asyncio.run(probe())
+    except Unreachable as exc:
+        if isinstance(exc.__cause__, Refused):
+            raise exc.__cause__ from None
+        log.warning("%s: starting anyway (the services wait for it)", exc)
+
+
 async def ensure_streams(nc: NATS, config: Config) -> None:
     """Declare the instance stream and the events stream (idempotent; every service calls it)."""
     await ensure_stream(nc, subjects.instance_stream_config(config.stream), fixed=("subject_transform",))

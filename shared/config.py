@@ -311,6 +311,7 @@ class DicomwebTargetConfig(_Section):
     kind: Literal["dicomweb"] = Field("dicomweb", description="a STOW-RS endpoint")
     url: str = Field(..., min_length=1, description="base URL of the DICOMweb service; instances are POSTed to URL/studies.")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (e.g. Authorization).")
+    tls_ca: str = Field("", description="for an https:// URL, the CA certificate file the server's certificate must chain to (empty: the system's CAs). The certificate and host name are always verified.")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
 
 

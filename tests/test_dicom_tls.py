@@ -7,8 +7,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from pydicom import dcmread
 
 from dicomflow.synthetic import write_study
+from tests.helpers import wait_for
 from tests.tls_certs import CA
 
 
@@ -42,10 +44,10 @@ def test_dicom_tls_with_client_certificates_bound_to_aes(stack_factory, tmp_path
     assert _ok(_dcmtk("echoscu", port, pki, "modality", "MODALITY"))
     assert _ok(_dcmtk("echoscu", port, pki, "gateway", "CT2"))
     study = tmp_path / "study"
-    write_study(study, 3)
+    study_uid, _ = write_study(study, 3)
     res = _dcmtk("storescu", port, pki, "modality", "MODALITY", "+sd", str(study))
     assert _ok(res), res.stdout + res.stderr
-    assert stack.instances_of(next(s["study_uid"] for s in stack.studies())) == 3
+    wait_for(lambda: stack.instances_of(study_uid) == 3, 30, what="3 instances stored")
     # refused: no client certificate, one of an unknown CA, one not bound to the calling AE, no TLS at all
     assert not _ok(_dcmtk("echoscu", port, pki, None, "MODALITY"))
     assert not _ok(_dcmtk("echoscu", port, pki, "other", "MODALITY"))
@@ -79,17 +81,33 @@ def test_https_for_dicomweb_and_tls_for_dicom_under_dicomflow_run(stack_factory,
     study_uid, _ = write_study(study, 2)
     assert _ok(_dcmtk("storescu", stack.port, pki, None, "MODALITY", "+sd", str(study)))
     base = f"https://localhost:{stack.tree['web']['port']}/dicom-web"
-    found = None
-    for _ in range(100):
-        found = requests.get(f"{base}/studies", params={"StudyInstanceUID": study_uid}, verify=str(pki["ca"].path),
-                             timeout=10)
-        if found.status_code == 200 and found.content:
-            break
-        import time
-        time.sleep(0.2)
-    assert found is not None and found.status_code == 200, found
-    assert found.json()[0]["00081190"]["Value"][0].startswith("https://localhost:")
+
+    def studies(uid: str) -> list[dict]:
+        got = requests.get(f"{base}/studies", params={"StudyInstanceUID": uid}, verify=str(pki["ca"].path),
+                           timeout=10)
+        assert got.status_code in (200, 204), got.text
+        return got.json() if got.content else []
+
+    found = wait_for(lambda: studies(study_uid), 30, what="the study over QIDO-RS/HTTPS")
+    assert found[0]["00081190"]["Value"][0].startswith("https://localhost:")
     with pytest.raises(requests.exceptions.SSLError):  # a client that does not trust the CA
         requests.get(f"{base}/studies", timeout=10)
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://localhost:{stack.tree['web']['port']}/dicom-web/studies", timeout=10)
+    # the router's STOW-RS target sends to it over HTTPS, verified against the CA; without the CA it cannot
+    from services.router.targets import SendError
+    from services.router.targets.dicomweb import DicomwebTarget
+    from shared.config import DicomwebTargetConfig
+    from shared.contract.events import ForwardJob
+    from tests.helpers import dataset_bytes
+
+    other_uid, paths = write_study(tmp_path / "other", 1)
+    ds = dcmread(paths[0], stop_before_pixels=True)
+    batch = [(ForwardJob(target="web", study_uid=other_uid, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+                         sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                         backend="local", digest="0" * 64, size=1, rule="r"), dataset_bytes(paths[0]))]
+    with pytest.raises(SendError, match="CERTIFICATE_VERIFY_FAILED"):
+        DicomwebTarget(DicomwebTargetConfig(url=base), "DICOMFLOW").send(batch)
+    DicomwebTarget(DicomwebTargetConfig(url=base, tls_ca=str(pki["ca"].path)), "DICOMFLOW").send(batch)
+    stored = wait_for(lambda: studies(other_uid), 30, what="the study sent over STOW-RS/HTTPS")
+    assert stored[0]["0020000D"]["Value"] == [other_uid]

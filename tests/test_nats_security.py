@@ -154,9 +154,9 @@ def test_a_client_certificate_is_required_when_the_server_verifies_clients(tmp_p
         server.kill()
 
 
-@pytest.mark.parametrize("command,workers", [("ingest", 1), ("ingest", 2), ("store", 1), ("run", 1)])
+@pytest.mark.parametrize("command,workers", [("ingest", 1), ("ingest", 2), ("store", 1), ("router", 1), ("run", 1)])
 def test_a_service_refused_by_nats_exits_at_start_up_naming_the_setting(tmp_path, tls_nats, command, workers):
-    """`dicomflow ingest` (one receiver, or a supervisor of two), `store`, and `run` against an external NATS,
+    """`dicomflow ingest` (one receiver, or a supervisor of two), `store`, `router` and `run` against an external NATS,
     with a wrong password: exit 78 within seconds and a message that names nats.user, not processes restarted
     forever or associations answered 0xA700."""
     server, ca, _ = tls_nats

@@ -4,6 +4,7 @@ is refused, and a certificate acts only as the AE titles it is bound to (its nam
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -40,6 +41,8 @@ def test_dicom_tls_with_client_certificates_bound_to_aes(stack_factory, tmp_path
                 "tls_ca": str(pki["ca"].path)},
         access={"tenants": {"site": {"aes": ["MODALITY", "CT2"], "tls_subjects": ["site-gateway"]}}})
     port = stack.port
+    # a peer that connects and never says hello holds up no one else's handshake
+    silent = socket.create_connection(("127.0.0.1", port))
     # a certificate named after the calling AE; a gateway certificate its tenant lists, for another of its AEs
     assert _ok(_dcmtk("echoscu", port, pki, "modality", "MODALITY"))
     assert _ok(_dcmtk("echoscu", port, pki, "gateway", "CT2"))
@@ -58,6 +61,7 @@ def test_dicom_tls_with_client_certificates_bound_to_aes(stack_factory, tmp_path
     assert not _ok(plain)
     # the SCP still serves after every refusal
     assert _ok(_dcmtk("echoscu", port, pki, "modality", "MODALITY"))
+    silent.close()
 
 
 def test_anonymous_tls_without_a_client_ca(stack_factory, pki):

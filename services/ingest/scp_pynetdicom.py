@@ -73,6 +73,15 @@ class ReusePortServer(transport.ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; with TLS, wrap without the handshake, which the association's own thread then does on its
+        first read. pynetdicom handshakes here, in the one accepting thread: a peer that connected and never
+        sent its hello held up every other connection (measured: every TLS association stalled)."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
     def stop(self, timeout: float) -> None:
         """Stop accepting; open associations finish the C-STORE in hand (same shape as the lean engine)."""
         self.shutdown()

@@ -1,5 +1,6 @@
 """Least privilege on the bus, against a real nats-server configured with `dicomflow nats-permissions`: the
-services started one by one (as compose and Kubernetes run them), each with its own user, store and route a
+services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler), each
+with its own user, store and route a
 study with no permission violation; the ingest may publish only dicom.in.>, a store credential cannot
 inject an instance, the integration user reads events and nothing else. compose/ and k8s/ ship that block."""
 
@@ -10,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
+import uuid
 from pathlib import Path
 
 import nats
@@ -41,10 +44,10 @@ def _violations(tmp_path: Path) -> list[str]:
     return [ln for ln in (tmp_path / "nats.log").read_text().splitlines() if "Violation" in ln]
 
 
-def _service(tmp_path: Path, config_path: Path, role: str, command: str) -> subprocess.Popen:
+def _service(tmp_path: Path, config_path: Path, role: str, command: str, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
     env.update(DICOMFLOW__NATS__USER=role, DICOMFLOW__NATS__PASSWORD=PASSWORDS[role])
-    return subprocess.Popen([sys.executable, "-m", "dicomflow", "--config", str(config_path), command], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "dicomflow", "--config", str(config_path), command, *args], cwd=REPO,
                             env=env, stdout=open(tmp_path / f"{command}.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -65,7 +68,8 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
     server = secured_nats
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules: []\n")
-    tree = make_config(tmp_path, server.url, router={"rules_file": str(rules), "completion": {"quiet_s": 1}})
+    tree = make_config(tmp_path, server.url, router={"rules_file": str(rules), "completion": {"quiet_s": 1}},
+                       web={"port": free_port()})
     config_path = write_config(tmp_path, tree)
     events: list[str] = []
 
@@ -78,10 +82,14 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         await nc.subscribe("dicom.study.>", cb=on_event)
         return nc
 
-    procs = [_service(tmp_path, config_path, role, role) for role in ("ingest", "store", "router")]
+    procs = [_service(tmp_path, config_path, role, role) for role in ("ingest", "store", "router", "web")]
     try:
         wait_port("127.0.0.1", tree["ingest"]["port"], 60)
+        wait_port("127.0.0.1", tree["web"]["port"], 60)
         assert run_async(_send_and_watch(integration_subscribes, events, tmp_path, tree))
+        # the autoscaler reads the lag and the membership as its own user
+        asc = _service(tmp_path, config_path, "autoscaler", "autoscaler", "--once")
+        assert asc.wait(120) == 0, (tmp_path / "autoscaler.log").read_text()[-2000:]
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -91,7 +99,7 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
             except subprocess.TimeoutExpired:
                 p.kill()
     assert _violations(tmp_path) == [], "\n".join(_violations(tmp_path))
-    for name in ("ingest", "store", "router"):
+    for name in ("ingest", "store", "router", "web", "autoscaler"):
         assert "Violation" not in (tmp_path / f"{name}.log").read_text()
 
     # what each credential may not do, answered by the server itself
@@ -144,9 +152,26 @@ async def _send_and_watch(subscribe, events: list[str], tmp_path: Path, tree: di
                      and any(s.startswith("dicom.study.complete.") for s in events), 60)
         assert sum(s.startswith("dicom.stored.") for s in events) == 3, events
         assert any(s.startswith("dicom.study.complete.") for s in events), events
+        # STOW-RS through the DICOMweb service, which publishes as the web user
+        other = tmp_path / "other"
+        _, paths = write_study(other, 1)
+        assert await asyncio.to_thread(_stow, paths[0], f"http://127.0.0.1:{tree['web']['port']}/dicom-web") == 200
+        await _until(lambda: sum(s.startswith("dicom.stored.") for s in events) >= 4, 30)
+        assert sum(s.startswith("dicom.stored.") for s in events) == 4, events
     finally:
         await nc.close()
     return True
+
+
+def _stow(path: Path, base_url: str) -> int:
+    """POST one Part-10 file to STOW-RS; the HTTP status."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    req = urllib.request.Request(f"{base_url}/studies", data=body, method="POST", headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status
 
 
 def test_compose_and_k8s_ship_the_generated_authorization():

@@ -24,7 +24,8 @@ from dicomflow.synthetic import write_study
 from shared.bus.permissions import ROLES, authorization_block, password_variable
 from shared.bus.publish_blocking import SocketPublisher
 from shared.config import load_config
-from tests.helpers import REPO, make_config, run_async, write_config
+from tests.helpers import REPO, make_config, run_async, wait_for, write_config
+from tests.router_harness import Gateway
 
 PASSWORDS = {role: f"pw-{role}-{i}" for i, role in enumerate(ROLES)}
 
@@ -66,9 +67,11 @@ def _refused(server: NatsServer, role: str, subject: str) -> str:
 
 def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path, secured_nats):
     server = secured_nats
+    gateway = Gateway(tmp_path, "ARCHIVE").start()
     rules = tmp_path / "rules.yaml"
-    rules.write_text("rules: []\n")
-    tree = make_config(tmp_path, server.url, router={"rules_file": str(rules), "completion": {"quiet_s": 1}},
+    rules.write_text("rules:\n  - {name: all, action: forward, to: ARCHIVE, when: complete}\n")
+    tree = make_config(tmp_path, server.url, router={"rules_file": str(rules), "completion": {"quiet_s": 1},
+                                                    "targets": {"ARCHIVE": gateway.target()}},
                        web={"port": free_port()})
     config_path = write_config(tmp_path, tree)
     events: list[str] = []
@@ -87,10 +90,16 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         wait_port("127.0.0.1", tree["ingest"]["port"], 60)
         wait_port("127.0.0.1", tree["web"]["port"], 60)
         assert run_async(_send_and_watch(integration_subscribes, events, tmp_path, tree))
+        # the router forwarded the completed study through its queue (ROUTER_OUT) to the gateway
+        wait_for(lambda: len(gateway.received()) == 3, 60, what="the study forwarded to the gateway")
         # the autoscaler reads the lag and the membership as its own user
         asc = _service(tmp_path, config_path, "autoscaler", "autoscaler", "--once")
         assert asc.wait(120) == 0, (tmp_path / "autoscaler.log").read_text()[-2000:]
+        # an operator's command as the admin user
+        status = _service(tmp_path, config_path, "admin", "status")
+        assert status.wait(60) == 0, (tmp_path / "status.log").read_text()[-2000:]
     finally:
+        gateway.kill()
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from shared.config import Config
 from shared.contract import subjects
 
-ROLES = ("ingest", "web", "store", "router", "autoscaler", "integration")
+ROLES = ("ingest", "web", "store", "router", "autoscaler", "integration", "admin")
 """The NATS users: one per service (``web`` is the DICOMweb service, which publishes STOW-RS instances),
-plus ``integration`` for systems that consume the integration events."""
+``integration`` for systems that consume the integration events, and ``admin`` for operators' commands
+(``dicomflow status``, ``dlq replay``, ``study``): every subject, no service runs as it."""
 
 _MEMBERSHIP_GROUPS = {"store": "store", "router": "router"}
 
@@ -92,6 +93,7 @@ def grants(config: Config) -> dict[str, Grants]:
         .add(read_messages(instances)).add(bucket("members_store", write=False))
         .add(bucket("members_router", write=False)),
         # integration: its own consumers on the events stream, or a plain subscription to the event subjects
+        "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
                                          "dicom.study.>", "dicom.forward.>"]).add(common).add(consume(events)),
     }

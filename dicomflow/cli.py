@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     rei.add_argument("--out", help="write the rebuilt catalogue to this SQLite file instead of the configured catalogue")
     rei.add_argument("--backend", action="append", help="only this backend (repeatable; default: every backend that keeps study indexes)")
     rei.add_argument("--json", action="store_true")
+    sub.add_parser("nats-permissions", parents=[common],
+                   help="the nats-server authorization block: one user per service, only the subjects it needs")
     key = sub.add_parser("apikey", parents=[common], help="a new random API key and the SHA-256 the configuration keeps")
     key.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
@@ -130,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicomflow: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.telemetry.log_level)
-    return COMMANDS[args.command](config, args)
+    from shared.bus.nats_auth import Refused
+
+    try:
+        return COMMANDS[args.command](config, args)
+    except Refused as exc:  # a configuration error found at start-up: no restart or retry would fix it
+        print(f"dicomflow {args.command}: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
@@ -406,6 +414,13 @@ def cmd_policies(config: Config, args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_nats_permissions(config: Config, args: argparse.Namespace) -> int:
+    from shared.bus.permissions import authorization_block
+
+    print(authorization_block(config), end="")
+    return 0
+
+
 def cmd_apikey(config: Config, args: argparse.Namespace) -> int:
     import secrets
 
@@ -432,4 +447,5 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
-            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey}
+            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
+            "nats-permissions": cmd_nats_permissions}

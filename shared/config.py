@@ -89,6 +89,25 @@ class NatsConfig(_Section):
     monitor_port: int = Field(8222, description="HTTP monitoring port of the embedded nats-server (/jsz, /varz); 0 disables.")
     connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection.")
     publish_timeout_s: float = Field(5.0, description="Seconds to wait for a JetStream PubAck before answering 0xA700.")
+    tls_ca: str = Field("", description="CA certificate file (PEM) the NATS server's certificate must chain to; setting it (or tls_cert, or a tls:// URL) makes every connection TLS 1.2+, the server's certificate and host name verified (without it: against the system's CAs). Never unverified.")
+    tls_cert: str = Field("", description="Client certificate (PEM) for a NATS server that verifies its clients (`tls { verify: true }`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    user: str = Field("", description="This process's NATS user (with password). Give each service its own (k8s: a Secret per Deployment, as DICOMFLOW__NATS__USER / DICOMFLOW__NATS__PASSWORD) so the server's permissions confine it (`dicomflow nats-permissions`). A refused credential stops the service at start-up naming this setting.")
+    password: str = Field("", description="Password of nats.user.")
+    token: str = Field("", description="NATS authorization token (instead of user/password).")
+    nkey_seed_file: str = Field("", description="File holding this process's NATS nkey seed (SU...): the server's nonce is signed with it (instead of user/password).")
+    creds_file: str = Field("", description="NATS credentials file (user JWT and nkey seed, as `nsc` writes it) for servers in operator mode.")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> NatsConfig:
+        given = [n for n in ("user", "token", "nkey_seed_file", "creds_file") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one NATS credential, not {' and '.join(given)}")
+        if self.password and not self.user:
+            raise ValueError("nats.password without nats.user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("nats.tls_cert and nats.tls_key go together")
+        return self
 
 
 class StreamConfig(_Section):
@@ -121,6 +140,9 @@ class IngestConfig(_Section):
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
     artim_timeout_s: float = Field(10, gt=0, description="The ARTIM timer (PS3.8 9.1.5): a connection whose whole A-ASSOCIATE-RQ has not arrived this long after it opened is closed (a deadline, not an idle timeout, so a peer trickling bytes cannot hold it), and after an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver waits at most this long for the peer to close. Both engines.")
     max_connections: int = Field(64, ge=1, description="TCP connections a receiver process holds at once, associated or not (each is a thread). One more is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed before anything of it is read, so a flood of idle connections costs no thread. Keep it at or above max_associations. Lean engine; the pynetdicom engine counts associations only.")
+    tls_cert: str = Field("", description="Server certificate (PEM) of DICOM over TLS (PS3.15 B.1, TLS 1.2+). Set with tls_key: the SCP accepts only TLS connections, on both engines (`storescu +tls`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    tls_ca: str = Field("", description="With TLS: CA certificate file client certificates must chain to. Set: every client must present one (a client without is refused in the handshake), and its subject's common name must be the calling AE title or be listed in the tls_subjects of the tenant that owns the calling AE (else the association is rejected: calling AE not recognised). Empty: no client certificate is asked for.")
     move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
     private_sop_classes: list[str] | Literal["any"] = Field(default_factory=list, description="Storage SOP classes accepted beyond the standard ones (which are all accepted, retired ones included): a list of private SOP Class UIDs a site's modalities send (e.g. Siemens CSA Non-Image 1.3.12.2.1107.5.9.1), or any: every abstract syntax a modality proposes that is not a known non-storage SOP class is taken as storage (dcmtk storescp --promiscuous, pynetdicom's unrestricted storage service). Both engines accept the same.")
     strict_uids: bool = Field(False, description="Refuse (0xC001) a Study, Series or SOP Instance UID that breaks PS3.5 9.1 (only digits and dots, at most 64 characters, no leading zero in a component). Off: such UIDs are stored, as storescp and Orthanc store them (an anonymiser's hex digests, 65+ characters, 0123 components), and only what no encoding makes safe is refused: / * > \\ and comma (separators and wildcards), whitespace, control and non-ASCII characters, an empty value, no digit or letter, over 128 characters. Either way a UID is encoded injectively wherever it becomes a subject token, a file or object name, a key or a URL.")
@@ -134,6 +156,14 @@ class IngestConfig(_Section):
             return [validate_uid(uid, "private_sop_classes entry") for uid in v]
         except InvalidUID as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> IngestConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("ingest.tls_cert and ingest.tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("ingest.tls_ca (client certificates) needs ingest.tls_cert and tls_key (TLS)")
+        return self
 
 
 class FsBackendConfig(_Section):
@@ -284,7 +314,8 @@ class DicomTargetConfig(_Section):
     port: int = Field(104, ge=1, le=65535, description="port of the SCP.")
     ae_title: str = Field("ANY-SCP", max_length=16, description="called AE title of the SCP.")
     tls: bool = Field(False, description="DICOM over TLS (storescu +tls).")
-    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: accept any).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: the system's CAs, /etc/ssl/certs).")
+    tls_verify: bool = Field(True, description="with tls, verify the peer's certificate (against tls_ca); false accepts any certificate (storescu -ic): an explicit opt-out, logged at start-up.")
     tls_cert: str = Field("", description="with tls, our client certificate (PEM); empty: anonymous TLS.")
     tls_key: str = Field("", description="with tls, our private key (PEM).")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
@@ -296,6 +327,7 @@ class DicomwebTargetConfig(_Section):
     kind: Literal["dicomweb"] = Field("dicomweb", description="a STOW-RS endpoint")
     url: str = Field(..., min_length=1, description="base URL of the DICOMweb service; instances are POSTed to URL/studies.")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (e.g. Authorization).")
+    tls_ca: str = Field("", description="for an https:// URL, the CA certificate file the server's certificate must chain to (empty: the system's CAs). The certificate and host name are always verified.")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
 
 
@@ -374,6 +406,7 @@ class TelemetryConfig(_Section):
 class TenantConfig(_Section):
     aes: list[str] = Field(default_factory=list, description="Calling AE titles of this institution's modalities and systems: what they store is this tenant's, what they query is confined to it.")
     policy: str | None = Field(None, description="Placement policy of this tenant's instances (a name under storage.policies). Null: storage.institutions by AE title or InstitutionName, else storage.default_policy.")
+    tls_subjects: list[str] = Field(default_factory=list, description="Common names of the client certificates (DICOM over TLS with ingest.tls_ca) that may act as this tenant's AEs. A certificate whose name is listed nowhere may act only as the AE title equal to its name.")
     api_keys_sha256: list[str] = Field(default_factory=list, description="SHA-256 (hex) of the API keys that act for this tenant over HTTP (`Authorization: Bearer <key>` or `X-API-Key: <key>`). The keys themselves are never stored: `dicomflow apikey` makes one and prints its hash.")
 
     @field_validator("api_keys_sha256")
@@ -432,8 +465,16 @@ class WebConfig(_Section):
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
     stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
     render_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest object (data set bytes) the rendered, thumbnail and WADO-URI image resources decode; a larger one is refused with 413 (it would be read whole into memory).")
+    tls_cert: str = Field("", description="Server certificate (PEM) for HTTPS. Set with tls_key: the DICOMweb service speaks only HTTPS (TLS 1.2+), and the RetrieveURLs it writes are https://.")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
     replicas: int = Field(1, ge=1, le=64, description="`dicomflow run`: DICOMweb processes sharing the one port (stateless; each has its own /metrics at telemetry.metrics_port + 80 + N). Elsewhere scale the `dicomflow web` deployment instead.")
     drain_s: float = Field(20.0, ge=0, le=3600, description="On SIGTERM a DICOMweb process stops accepting and waits this long for the requests in flight (a long WADO-RS stream) to finish before it cancels them and exits. Keep a deployment's grace period above preStop + this.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("web.tls_cert and web.tls_key go together")
+        return self
 
 
 class Config(_Section):

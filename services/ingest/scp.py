@@ -46,9 +46,11 @@ import functools
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from pynetdicom.sop_class import Verification
 
@@ -68,6 +70,7 @@ from shared.catalogue.retrieve import (
 )
 from shared.dicom.statuses import CANNOT_UNDERSTAND
 from shared.storage.objectstore import Backends, CorruptObject, ObjectWriter
+from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -103,8 +106,14 @@ class StorageServer(socketserver.ThreadingTCPServer):
                  network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
                  finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None,
                  private_sop_classes: list[str] | str = (), artim_timeout: float = 10.0,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, tls: ssl.SSLContext | None = None,
+                 may_act_as: Callable[[str, str], bool] | None = None):
         self.intake = intake
+        # DICOM over TLS: each accepted connection's handshake runs in its own association thread (never in
+        # the accepting one, where a slow peer would hold up every other); may_act_as(certificate name,
+        # calling AE) binds a verified client certificate to the AE titles it may use.
+        self.tls = tls
+        self.may_act_as = may_act_as
         self.finder = finder
         self.retriever = retriever
         self.backends = backends
@@ -224,6 +233,16 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.server.artim_timeout)  # the handshake is part of the ARTIM time
+        self.peer_name: str | None = None  # the verified client certificate's common name
+        if self.server.tls is not None:
+            try:
+                sock = self.server.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:  # no or an untrusted client certificate, not TLS at all, gone
+                metrics.rejected_associations.labels(reason="TLS handshake failed").inc()
+                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                return
+            self.peer_name = common_name(sock.getpeercert())
         self.sock = sock
         self.associated = False
         self.reader = None
@@ -247,6 +266,8 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         finally:
             if self.reader is not None:
                 self.reader.close()
+            if sock is not self.request:  # the TLS socket took over the connection: closing it ends it
+                sock.close()
 
     def _end(self, last_pdu: bytes | None = None) -> None:
         """Send ``last_pdu`` (an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT), close our side and wait, at most the
@@ -320,6 +341,11 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                 neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
                                     busy=opened > srv.max_associations or srv.stopping.is_set())
                 reject = neg.reject
+            if (not reject and self.peer_name is not None and srv.may_act_as is not None
+                    and not srv.may_act_as(self.peer_name, req.calling_ae)):
+                log.warning("client certificate %r of %s may not act as calling AE %s", self.peer_name,
+                            self.client_address[0], req.calling_ae)
+                reject = (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_USER, pdu.RJ_CALLING_AE)
             if reject:
                 reason = _REJECT_REASONS.get(reject[1:], "rejected")
                 metrics.rejected_associations.labels(reason=reason).inc()
@@ -531,7 +557,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         self.sock.setblocking(False)
         try:
             waiting = self.reader.peek(1)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             waiting = b""
         finally:
             self.sock.settimeout(self.server.network_timeout)
@@ -589,7 +615,9 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
               network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
               finder: Finder | None = None, retriever: Retriever | None = None,
               backends: Backends | None = None, private_sop_classes: list[str] | str = (),
-              artim_timeout: float = 10.0, max_connections: int | None = None) -> StorageServer:
+              artim_timeout: float = 10.0, max_connections: int | None = None,
+              tls: ssl.SSLContext | None = None,
+              may_act_as: Callable[[str, str], bool] | None = None) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
     With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
@@ -601,7 +629,7 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
                            allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes,
-                           artim_timeout, max_connections)
+                           artim_timeout, max_connections, tls, may_act_as)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
-    log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
+    log.info("DICOM SCP %s listening on %s:%d%s", ae_title, host, port, " (TLS)" if tls is not None else "")
     return server

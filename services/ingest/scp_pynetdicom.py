@@ -21,7 +21,9 @@ import copy
 import io
 import logging
 import socket
+import ssl
 import threading
+from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -40,6 +42,7 @@ from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, fit_comment
 from shared.storage.objectstore import Backends, CorruptObject
 from shared.storage.reading import Unavailable, locate
+from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
@@ -96,6 +99,15 @@ class ReusePortServer(transport.ThreadedAssociationServer):
         if hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; with TLS, wrap without the handshake, which the association's own thread then does on its
+        first read. pynetdicom handshakes here, in the one accepting thread: a peer that connected and never
+        sent its hello held up every other connection (measured: every TLS association stalled)."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
     def stop(self, timeout: float) -> None:
         """Stop accepting; open associations finish the C-STORE in hand (same shape as the lean engine)."""
@@ -167,8 +179,9 @@ def _release_unassociated_slot(event: evt.Event) -> None:
 
 
 def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retriever | None = None,
-                  backends: Backends | None = None, artim_timeout: float = 10.0) -> list:
-    """The pynetdicom event handlers of the SCP."""
+                  backends: Backends | None = None, artim_timeout: float = 10.0,
+                  may_act_as: Callable[[str, str], bool] | None = None) -> list:
+    """The pynetdicom event handlers of the SCP (``may_act_as``: the client certificate's binding to AE titles)."""
 
     def on_find(event: evt.Event):
         identifier = event.request.Identifier.getvalue() if event.request.Identifier is not None else b""
@@ -206,6 +219,14 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
         # associated: 70 idle connections polling at 0.1 ms held a real sender's association 6 s (2 cores).
         event.assoc.dul._run_loop_delay = 0.0001
         metrics.associations.inc()
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if may_act_as is not None and isinstance(sock, ssl.SSLSocket):
+            peer, calling = common_name(sock.getpeercert()), str(event.assoc.requestor.ae_title).strip()
+            if peer is not None and not may_act_as(peer, calling):
+                # pynetdicom decides acceptance before any handler can refuse: the association ends at once
+                log.warning("client certificate %r may not act as calling AE %s: aborting", peer, calling)
+                metrics.rejected_associations.labels(reason="calling AE title not recognised").inc()
+                event.assoc.abort()
 
     def on_released(event: evt.Event) -> None:
         metrics.associations.dec()
@@ -269,13 +290,17 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], finder: Finder | None = None,
               retriever: Retriever | None = None, backends: Backends | None = None,
-              private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0
-              ) -> ReusePortServer:
-    """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it)."""
+              private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0,
+              tls: ssl.SSLContext | None = None,
+              may_act_as: Callable[[str, str], bool] | None = None) -> ReusePortServer:
+    """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it).
+
+    ``tls``: DICOM over TLS (the handshake in each association's thread, not the accepting one)."""
     ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
                  retrieve=retriever is not None, private_sop_classes=private_sop_classes, artim_timeout=artim_timeout)
-    server = ae.make_server((host, port), ae_title, ae.supported_contexts, None,
-                            make_handlers(intake, finder, retriever, backends, artim_timeout), ReusePortServer)
+    server = ae.make_server((host, port), ae_title, ae.supported_contexts, tls,
+                            make_handlers(intake, finder, retriever, backends, artim_timeout, may_act_as),
+                            ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)

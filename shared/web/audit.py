@@ -1,0 +1,16 @@
+"""Who an HTTP request's audit records name: its principal and the address it came from."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from shared.contract.events import AuditParticipant
+
+from .answers import PRINCIPAL
+
+
+def requestor(request: web.Request) -> AuditParticipant:
+    """The requesting participant of ``request`` (after authentication): principal name, client address."""
+    principal = request.get(PRINCIPAL)
+    return AuditParticipant(user_id=principal.name if principal is not None else "-", requestor=True,
+                            host=request.remote or "", role="source")

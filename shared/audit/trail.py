@@ -48,6 +48,7 @@ class AuditTrail:
         self._limit = config.audit.queue
         self._pending = 0
         self._lost = 0  # records given up on while stopping
+        self._give_up_lock = threading.Lock()
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -83,7 +84,9 @@ class AuditTrail:
         while True:
             attempt += 1
             try:
-                nc = await connect(self.config, f"dicomflow-audit-{self.service}-{os.getpid()}")
+                # nats-py retries an absent server forever inside connect(): bound it, to notice close()
+                nc = await asyncio.wait_for(connect(self.config, f"dicomflow-audit-{self.service}-{os.getpid()}"),
+                                            self.config.nats.connect_timeout_s + 1)
                 await ensure_stream(nc, subjects.audit_stream_config(self.config.stream,
                                                                      self.config.audit.max_age_days))
                 return nc
@@ -112,9 +115,7 @@ class AuditTrail:
                 if sender is not None:
                     await asyncio.to_thread(self._forward, sender, item)
         except Exception as exc:  # noqa: BLE001 - stopping while NATS was away: what is left is counted as dropped
-            log.warning("audit trail stopped with %d records unpublished: %s", self._pending, exc)
-            records.labels(result="dropped").inc(self._pending)
-            self._lost += self._pending
+            self._give_up(f"{type(exc).__name__}: {exc}")
         finally:
             if sender is not None:
                 sender.close()
@@ -171,9 +172,19 @@ class AuditTrail:
         self._thread.join(timeout)
         if self._thread.is_alive():  # NATS away: stop retrying; the rest is dropped and counted
             self._closing = True
-            self._loop.call_soon_threadsafe(lambda: None)  # wake the loop to see it
             self._thread.join(2)
-        return not self._thread.is_alive() and not self._lost and not self._pending
+            if self._thread.is_alive():  # still inside a connection attempt: leave it to die with the process
+                self._give_up("NATS unreachable")
+        return not self._lost and not self._pending
+
+    def _give_up(self, why: str) -> None:
+        """Count what is still queued as dropped (once)."""
+        with self._give_up_lock:
+            if self._pending:
+                log.warning("audit trail stopped with %d records unpublished: %s", self._pending, why)
+                records.labels(result="dropped").inc(self._pending)
+                self._lost += self._pending
+                self._pending = 0
 
 
 _trail: AuditTrail | None = None

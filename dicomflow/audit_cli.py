@@ -146,7 +146,9 @@ def cmd_audit(config: Config, args: argparse.Namespace) -> int:
     except Unreachable as exc:
         print(f"dicomflow audit: {exc}", file=sys.stderr)
         return 1
-    chosen = [r for r in found if matches(r, args.study, args.user)][-args.limit:]
+    # the stream's start time is when a record was stored; --since is about when the action happened
+    chosen = [r for r in found if matches(r, args.study, args.user) and (since is None or r.event_time >= since)
+              ][-args.limit:]
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in chosen], indent=2))
     elif args.xml:

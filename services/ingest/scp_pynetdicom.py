@@ -171,8 +171,9 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
             data=data, transfer_syntax=str(event.context.transfer_syntax),
             sop_class_uid=str(req.AffectedSOPClassUID or ""), sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
             calling_ae=str(event.assoc.requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip()))
-        event.assoc.audit_tally.add(admitted.status, admitted.study_uid, str(req.AffectedSOPClassUID or ""),
-                                    admitted.comment)
+        tally = getattr(event.assoc, "audit_tally", None)
+        if tally is not None:  # auditing never fails a store
+            tally.add(admitted.status, admitted.study_uid, str(req.AffectedSOPClassUID or ""), admitted.comment)
         return _status(admitted.status, admitted.comment)
 
     def on_conn_open(event: evt.Event) -> None:
@@ -185,7 +186,7 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
     def on_accepted(event: evt.Event) -> None:
         metrics.associations.inc()
         event.assoc.audit_tally = AssociationTally(str(event.assoc.requestor.ae_title),
-                                                   str(event.assoc.acceptor.ae_title), event.address[0])
+                                                   str(event.assoc.acceptor.ae_title), event.assoc.requestor.address)
 
     def on_released(event: evt.Event) -> None:
         metrics.associations.dec()
@@ -198,8 +199,8 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
         reason = _ae_rejection(event.assoc)
         if reason:
             rq = event.assoc.requestor.primitive
-            audit.emit(association_rejected(str(rq.calling_ae_title), str(rq.called_ae_title), event.address[0],
-                                            reason))
+            audit.emit(association_rejected(str(rq.calling_ae_title), str(rq.called_ae_title),
+                                            event.assoc.requestor.address, reason))
 
     handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_conn_open), (evt.EVT_ACCEPTED, on_accepted),
                 (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_released), (evt.EVT_REJECTED, on_rejected)]

@@ -331,6 +331,13 @@ def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
         assert [r["replayed_to"] for r in released] == ["DOWN"]
         wait_for(lambda: len(down.received()) == 4, 60, interval=0.3, what="the released instance delivered")
         assert json.loads(cli("dlq", "list", "--json")) == []
+        # each replay is in the audit trail: who replayed what to where
+        replays = json.loads(cli("audit", "--json", "--event", "dlq-replay"))
+        assert [(r["detail"]["target"], r["detail"]["replayed"], r["detail"]["skipped"], r["outcome"])
+                for r in replays] == [("DOWN", "3", "0", "success"), ("-", "0", "1", "serious-failure"),
+                                      ("DOWN", "1", "0", "success")]
+        assert [s["study_uid"] for s in replays[0]["studies"]] == [uid]
+        assert [s["study_uid"] for s in replays[2]["studies"]] == [held_uid]
     finally:
         down.kill()
 

@@ -62,7 +62,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first
     finder.close()
     connected.close()
-    audit.close()
+    audit.close(2)
 
 
 def allowed_calling_aes(config: Config) -> list[str]:

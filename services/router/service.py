@@ -193,4 +193,4 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     await stop.wait()
     log.info("router member %s leaving after %.0fs: finishing in-flight work", service.member, time.monotonic() - t0)
     await service.stop()
-    await asyncio.to_thread(audit.close)
+    await asyncio.to_thread(audit.close, 2)

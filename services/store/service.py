@@ -63,4 +63,4 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     await nc.drain()
     catalogue.close()
     backends.close()
-    await asyncio.to_thread(audit.close)
+    await asyncio.to_thread(audit.close, 2)

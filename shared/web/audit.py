@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from shared.audit import trail as audit
+from shared.audit.records import retrieval
 from shared.contract.events import AuditParticipant
 
 from .answers import PRINCIPAL
@@ -14,3 +16,10 @@ def requestor(request: web.Request) -> AuditParticipant:
     principal = request.get(PRINCIPAL)
     return AuditParticipant(user_id=principal.name if principal is not None else "-", requestor=True,
                             host=request.remote or "", role="source")
+
+
+def audit_retrieval(request: web.Request, rows: list[dict], via: str) -> None:
+    """Record that ``request`` is answered with the instances of ``rows`` (WADO-RS, WADO-URI, rendered, frames)."""
+    principal = request.get(PRINCIPAL)
+    audit.emit(retrieval(requestor(request), None, "DICOMweb", rows, via,
+                         tenant=(principal.tenant if principal is not None else None) or ""))

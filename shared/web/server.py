@@ -63,7 +63,7 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
         ready.set()
     await stop.wait()
     await drain(runner, config.web.drain_s)
-    await asyncio.to_thread(audit.close)
+    await asyncio.to_thread(audit.close, 2)
     log.info("DICOMweb stopped")
 
 

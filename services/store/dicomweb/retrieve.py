@@ -20,13 +20,11 @@ import uuid
 import pydicom
 from aiohttp import web
 
-from shared.audit import records as audit_records
-from shared.audit import trail as audit
 from shared.dicom.part10 import part10
 from shared.storage.objectstore import Backends, CorruptObject, ObjectStore
 from shared.storage.reading import Unavailable, locate, verified_chunks
 from shared.web.answers import EXECUTOR, PRINCIPAL, error, path_uid
-from shared.web.audit import requestor
+from shared.web.audit import audit_retrieval
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
@@ -107,8 +105,7 @@ def retrieve_handler(level: str):
             stored = sorted({r["transfer_syntax_uid"] for r in rows})
             return error(406, f"cannot answer in the transfer syntax asked for: stored as {', '.join(stored)}; "
                                f"ask for transfer-syntax=* to get it as stored")
-        audit.emit(audit_records.retrieval(requestor(request), None, "DICOMweb", rows, "WADO-RS",
-                                           tenant=request[PRINCIPAL].tenant or ""))
+        audit_retrieval(request, rows, "WADO-RS")
         return await _stream(request, rows, choice, request.app[BACKENDS], executor)
     return handle
 

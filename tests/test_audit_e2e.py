@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 
 from dicomflow.natsserver import free_port
 from dicomflow.synthetic import write_study
@@ -66,6 +68,8 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200 and resp.read()
     stack.cli("export", "--study", study_1, "--out", str(tmp_path / "export"))
+    study_3, files_3 = write_study(tmp_path / "stow", 2)
+    DICOMwebClient(web, headers={"X-API-Key": KEY}).store_instances([dcmread(f) for f in files_3])
 
     kinds = {"association", "authentication", "query", "retrieve", "export", "application-start"}
     wait_for(lambda: kinds <= {r["kind"] for r in audit(stack)}, 30, what=f"records of {sorted(kinds)}")
@@ -81,12 +85,15 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     assert len({r["detail"]["configuration_sha256"] for r in starts}) == 1
 
     # the association: one record, both studies with their counts, the modality as the requesting source
-    [assoc] = by_kind["association"]
+    assoc, stow = sorted(by_kind["association"], key=lambda r: r["detail"]["via"])
     assert assoc["outcome"] == "success" and assoc["action"] == "C" and assoc["detail"]["via"] == "DIMSE"
     assert {s["study_uid"]: sum(s["sop_classes"].values()) for s in assoc["studies"]} == {study_1: 3, study_2: 2}
     source = next(p for p in assoc["participants"] if p["requestor"])
     assert (source["user_id"], source["host"], source["role"]) == ("MODALITY", "127.0.0.1", "source")
     assert assoc["started_at"] <= assoc["event_time"]
+    # a STOW-RS request is recorded the same way, its caller the API key's principal
+    assert stow["detail"]["via"] == "STOW-RS" and stow["participants"][0]["user_id"] == "apikey:admin"
+    assert [(s["study_uid"], sum(s["sop_classes"].values())) for s in stow["studies"]] == [(study_3, 2)]
 
     # refused peers: the AE at association, the HTTP caller without a valid key
     refused = {r["detail"]["protocol"]: r for r in by_kind["authentication"]}
@@ -106,7 +113,7 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     assert by_kind["export"][0]["detail"]["written"] == "3" and by_kind["export"][0]["outcome"] == "success"
 
     # the filters
-    assert [r["kind"] for r in audit(stack, "--event", "association")] == ["association"]
+    assert [r["detail"]["via"] for r in audit(stack, "--event", "association")] == ["DIMSE", "STOW-RS"]
     assert {r["kind"] for r in audit(stack, "--study", study_2)} == {"association", "retrieve"}
     assert [r["kind"] for r in audit(stack, "--user", "INTRUDER")] == ["authentication"]
     assert {r["kind"] for r in audit(stack, "--outcome", "minor-failure")} == {"authentication"}
@@ -115,9 +122,10 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     assert audit(stack, "--since", "2999-01-01T00:00Z") == []
     text = stack.cli("audit", "--user", "MODALITY").stdout
     assert "association" in text and "MODALITY@127.0.0.1*" in text and "2 studies, 5 inst" in text
+    assert len(text.splitlines()) == 1
     bad = stack.cli("audit", "--since", "last tuesday", check=False)
     assert bad.returncode == 2 and "--since" in bad.stderr
     # the DICOM audit messages themselves, valid against the PS3.15 schema
     assert shutil.which("xmllint")
-    xml = stack.cli("audit", "--xml", "--event", "association").stdout.strip()
+    xml = stack.cli("audit", "--xml", "--event", "association", "--user", "MODALITY").stdout.strip()
     _validate(xml.encode(), tmp_path, "cli")

@@ -10,10 +10,12 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from shared.config import FsBackendConfig
 from shared.storage import fs_wal
 from shared.storage.fs_store import FileObjectStore
-from shared.storage.objectstore import content_digest
+from shared.storage.objectstore import ObjectMissing, content_digest
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,4 +181,7 @@ def test_objects_in_the_earlier_two_level_layout_are_still_read(tmp_path):
     legacy.write_bytes(data)
     store = _store(root)
     assert store.exists(digest) and store.get(digest) == data
+    assert store.read_range(digest, 10, 5) == (data[10:15], len(data))
+    with pytest.raises(ObjectMissing):
+        store.read_range(content_digest(b"never stored"), 0, 10)
     store.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.storage.objectstore import Backends, CorruptObject
-from shared.storage.reading import Unavailable, locate, verified_chunks
+from shared.storage.reading import Unavailable, open_verified
 
 from . import metrics, pdu
 
@@ -125,7 +125,7 @@ def send_instances(rows: list[dict], channel: Channel, backends: Backends, cance
                         row["transfer_syntax_uid"])
         else:
             try:
-                store, size = locate(backends, row["digest"], row["placements"])
+                size, chunks = open_verified(backends, row["digest"], row["placements"])
             except Unavailable as exc:
                 log.error("sub-operation %s: %s", sop, exc)
             else:
@@ -134,7 +134,7 @@ def send_instances(rows: list[dict], channel: Channel, backends: Backends, cance
                 channel.send(b"".join(pdu.p_data(cid, pdu.store_rq(message_id, row["sop_class_uid"], sop,
                                                                    originator_ae, originator_id), channel.max_pdu)))
                 try:
-                    for chunk, last in verified_chunks(store, row["digest"], size):
+                    for chunk, last in chunks:
                         channel.send(b"".join(pdu.p_data(cid, chunk, channel.max_pdu, is_command=False, last=last)))
                 except CorruptObject:
                     metrics.corrupt_objects.inc()

@@ -357,16 +357,20 @@ class FileObjectStore:
         return data
 
     def read_range(self, digest: str, offset: int, length: int) -> tuple[bytes, int]:
-        path = self.path(digest)
-        if not path.exists():
-            path = self._legacy_path(digest)
+        # Open first, fall back on the legacy place only when that fails: an exists() before the open
+        # was one more stat per read on the retrieve path.
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(offset)
-                return f.read(length), size
+            f = open(self.path(digest), "rb")
         except FileNotFoundError:
-            raise ObjectMissing(digest) from None
+            try:
+                f = open(self._legacy_path(digest), "rb")
+            except FileNotFoundError:
+                raise ObjectMissing(digest) from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if offset:
+                f.seek(offset)
+            return f.read(length), size
 
     def exists(self, digest: str) -> bool:
         _, final = self._final(check_digest(digest))

@@ -286,7 +286,9 @@ async def _wado_uri_file(request: web.Request, row: dict, asked: str | None) -> 
     response = web.StreamResponse(headers={"Content-Type": f"application/dicom; transfer-syntax={ts}"})
     await response.prepare(request)
     try:
-        await Streamer(request.app[BACKENDS], request.app[EXECUTOR], response).write_instance(row, ts)
+        streamer = Streamer(request.app[BACKENDS], request.app[EXECUTOR], response)
+        await streamer.write_instance(row, ts)
+        await streamer.flush()
         await response.write_eof()
     except Unavailable as exc:
         log.error("WADO-URI of %s ended early: %s", row["sop_uid"], exc)

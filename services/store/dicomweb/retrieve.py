@@ -16,13 +16,14 @@ import asyncio
 import io
 import logging
 import uuid
+from collections.abc import Iterator
 
 import pydicom
 from aiohttp import web
 
 from shared.dicom.part10 import part10
 from shared.storage.objectstore import Backends, CorruptObject, ObjectStore
-from shared.storage.reading import Unavailable, locate, verified_chunks
+from shared.storage.reading import Unavailable, locate, open_verified
 from shared.web.answers import EXECUTOR, PRINCIPAL, error, path_uid
 from shared.web.audit import audit_retrieval
 
@@ -52,14 +53,53 @@ def transcode(data: bytes, row: dict, target: str) -> bytes:
     return out.getvalue()
 
 
+def _opened_in(backends: Backends, row: dict) -> tuple[int, Iterator[tuple[bytes, bool]], bytes, bool]:
+    """(size, the rest of its verified chunks, first chunk, is last) of the instance (blocking): one
+    executor hop finds, opens, reads and (for an object of one chunk) verifies most instances."""
+    try:
+        size, chunks = open_verified(backends, row["digest"], row["placements"])
+        first, last = next(chunks)
+    except Unavailable as exc:
+        raise Unavailable(f"{row['sop_uid']}: {exc}") from None
+    except CorruptObject as exc:
+        metrics.corrupt.inc()
+        raise Unavailable(f"{row['sop_uid']}: {exc}") from None
+    return size, chunks, first, last
+
+
 class Streamer:
-    """Writes instances into a response, verified as they are read."""
+    """Writes instances into a response, verified as they are read.
+
+    Small pieces (a part's headers, the file meta, the CRLF and boundary between parts) are held back
+    and go out with the next write rather than each as a write of its own: a multipart instance was
+    four or five sends.
+    """
 
     def __init__(self, backends: Backends, executor, response: web.StreamResponse):
         self.backends, self.executor, self.response = backends, executor, response
+        self._held: list[bytes] = []
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def hold(self, data: bytes) -> None:
+        """Send ``data`` before whatever is written next (a few hundred bytes at most)."""
+        self._held.append(data)
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` after what is held; a large chunk goes on its own, after the held bytes."""
+        if self._held:
+            if len(data) <= 64 * 1024:
+                self._held.append(data)
+                data = b""
+            held, self._held = b"".join(self._held), []
+            await self.response.write(held)
+        if data:
+            await self.response.write(data)
+
+    async def flush(self) -> None:
+        """Write what is held."""
+        await self.write(b"")
 
     async def write_instance(self, row: dict, transfer_syntax: str) -> None:
         """One instance as a Part-10 file, in ``transfer_syntax`` ("*": as stored)."""
@@ -73,19 +113,18 @@ class Streamer:
             except CorruptObject as exc:
                 metrics.corrupt.inc()
                 raise Unavailable(str(exc)) from exc
-            await self.response.write(await self._run(transcode, data, row, transfer_syntax))
+            await self.write(await self._run(transcode, data, row, transfer_syntax))
             return
-        store, size = await self._run(_locate, self.backends, row)
-        await self.response.write(part10(b"", row["sop_class_uid"], row["sop_uid"], stored))
-        chunks = verified_chunks(store, row["digest"], size)  # the last chunk only once the digest matched
-        last = False
+        size, chunks, chunk, last = await self._run(_opened_in, self.backends, row)
+        self.hold(part10(b"", row["sop_class_uid"], row["sop_uid"], stored))
+        await self.write(chunk)
         while not last:
             try:
-                chunk, last = await self._run(next, chunks)
+                chunk, last = await self._run(next, chunks)  # the last chunk only once the digest matched
             except CorruptObject as exc:
                 metrics.corrupt.inc()
                 raise Unavailable(f"{row['sop_uid']}: {exc}") from None
-            await self.response.write(chunk)
+            await self.write(chunk)
         metrics.retrieved_bytes.inc(size)
 
 
@@ -125,13 +164,14 @@ async def _stream(request: web.Request, rows: list[dict], choice: Choice, backen
         for row in rows:
             ts = row["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
             if choice.multipart:
-                await response.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n"
-                                     .encode())
+                streamer.hold(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n"
+                              .encode())
             await streamer.write_instance(row, ts)
             if choice.multipart:
-                await response.write(b"\r\n")
+                streamer.hold(b"\r\n")
         if choice.multipart:
-            await response.write(f"--{boundary}--\r\n".encode())
+            streamer.hold(f"--{boundary}--\r\n".encode())
+        await streamer.flush()
         await response.write_eof()
     except Unavailable as exc:
         log.error("retrieve of %s ended early: %s", request.path, exc)

@@ -355,7 +355,7 @@ class SyslogConfig(_Section):
     cert: str = Field("", description="Our client certificate (PEM), for a repository that requires mutual TLS (ATNA does); empty: none.")
     key: str = Field("", description="Its private key (PEM).")
     app_name: str = Field("dicomflow", max_length=48, description="APP-NAME of the syslog messages.")
-    timeout_s: float = Field(5.0, gt=0, description="Seconds to connect or send before the record is counted as not forwarded and the connection is retried for the next one.")
+    timeout_s: float = Field(5.0, gt=0, description="Seconds to connect or send before the record is counted as not forwarded (dicomflow_audit_syslog_total{result=\"failed\"}); after a failure the repository is tried again after 1 s, doubling up to 30 s, and records meanwhile are counted as not forwarded (they stay in DICOM_AUDIT).")
 
 
 class AuditConfig(_Section):

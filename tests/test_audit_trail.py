@@ -141,3 +141,32 @@ def test_the_stream_keeps_records_for_the_configured_years(tmp_path, nats_server
     cfg = run_async(info())["config"]
     assert cfg["subjects"] == ["dicom.audit.>"] and cfg["storage"] == "file"
     assert cfg["max_age"] == 3650 * 86400 * 10**9
+
+
+def test_a_repository_that_hangs_costs_one_timeout_not_one_per_record(tmp_path, nats_server):
+    import socket
+
+    certs = make_certs(tmp_path / "tls")
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # accepts TCP in the backlog, never answers the TLS handshake
+    try:
+        failed = REGISTRY.get_sample_value("dicomflow_audit_syslog_total", {"result": "failed"}) or 0.0
+        tree = make_config(tmp_path, nats_server.url,
+                           audit={"syslog": _syslog(tmp_path, certs, hole.getsockname()[1], timeout_s=1.0)})
+        trail = AuditTrail(load_config(overrides=tree, environ={}), "test")
+        t0 = time.monotonic()
+        for i in range(20):
+            trail.emit(_association(f"1.2.4.{i}"))
+        assert trail.close(30)
+        elapsed = time.monotonic() - t0
+        # the first record waits out the handshake timeout (twice: one reconnect), the rest are not held up
+        assert elapsed < 6, f"20 records took {elapsed:.1f} s behind a hanging repository"
+        assert REGISTRY.get_sample_value("dicomflow_audit_syslog_total", {"result": "failed"}) == failed + 20
+        path = write_config(tmp_path, tree)
+        out = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(path), "audit", "--json",
+                              "--limit", "100"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin"})
+        assert len(json.loads(out.stdout)) == 20
+    finally:
+        hole.close()

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from prometheus_client import Counter
 
@@ -49,6 +50,8 @@ class AuditTrail:
         self._pending = 0
         self._lost = 0  # records given up on while stopping
         self._give_up_lock = threading.Lock()
+        self._syslog_failures = 0
+        self._syslog_retry_at = 0.0
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -149,14 +152,22 @@ class AuditTrail:
             await asyncio.sleep(min(0.1, end - self._loop.time()))
 
     def _forward(self, sender: SyslogSender, record: AuditRecord) -> None:
+        # A repository that is away would otherwise cost a connection timeout per record, and the queue
+        # behind it (the stream's records too) would fill: after a failure, wait before trying again.
+        if time.monotonic() < self._syslog_retry_at:
+            forwarded.labels(result="failed").inc()
+            return
         msg = syslog_message(audit_message(record, self.source_id, self.config.audit.site_id), record.outcome,
                              record.event_time, socket.gethostname(), self.config.audit.syslog.app_name,
                              str(os.getpid()))
         try:
             sender.send(frame(msg))
             forwarded.labels(result="sent").inc()
+            self._syslog_failures = 0
         except (OSError, ValueError) as exc:
             forwarded.labels(result="failed").inc()
+            self._syslog_failures += 1
+            self._syslog_retry_at = time.monotonic() + backoff_delay(self._syslog_failures, 1.0, 30.0)
             log.warning("audit record %s not sent to syslog %s:%d: %s", record.audit_id,
                         self.config.audit.syslog.host, self.config.audit.syslog.port, exc)
 

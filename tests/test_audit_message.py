@@ -127,13 +127,13 @@ def test_event_codes_of_each_kind():
         "rejected": ("110114", [("110122", "DCM", "Login")], "E", "4"),
         "http-auth": ("110114", [("110122", "DCM", "Login")], "E", "4"),
         "query": ("110112", [], "E", "0"),
-        "move": ("110102", [], "R", "0"),
-        "get-refused": ("110102", [], "R", "4"),
+        "move": ("110102", [], "E", "0"),  # Begin Transferring: "Shall be E"
+        "get-refused": ("110102", [], "E", "4"),
         "export": ("110106", [], "R", "0"),
         "deletion": ("110105", [], "D", "0"),
         "dlq-replay": ("110102", [("DLQ-REPLAY", "99DICOMFLOW", "Dead-letter replay")], "E", "4"),
         "start": ("110100", [("110120", "DCM", "Application Start")], "E", "0"),
-        "reload": ("110113", [("110131", "DCM", "Software Configuration")], "U", "0"),
+        "reload": ("110113", [("110131", "DCM", "Software Configuration")], "E", "0"),
     }
     kinds = every_kind()
     for name, (event_id, types, action, outcome) in expected.items():

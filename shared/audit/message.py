@@ -3,8 +3,9 @@
 Plain functions over :class:`~shared.contract.events.AuditRecord`, no I/O: the syslog forwarder sends
 what :func:`audit_message` returns, and the tests validate it against the schema. The codes are those
 PS3.15 A.5.3 lists for each event (EventID, EventTypeCode from the DCM coding scheme, PS3.16 CID 400-405),
-the participant object codes those of PS3.15 A.5.2.5 (type code 2 "system object", role 3 "report" for a
-study, 24 "query" for a query). The layout follows the current schema, where the SOPClass elements of a
+the participant object codes those of PS3.15 A.5.2 (type code 2 "system object", role 3 "report" for a
+study, 24 "query" for a query). Events are named by their PS3.15 A.5.3 titles (the subsection numbers move
+between editions). The layout follows the current schema, where the SOPClass elements of a
 study are children of ParticipantObjectIdentification after a ParticipantObjectDescription (the 2004
 Supplement 95 schema nested them inside ParticipantObjectDescription; receivers validate the current one).
 """
@@ -33,20 +34,20 @@ def _dcm(code: str, meaning: str) -> Code:
 
 # What dicomflow names an action -> (EventID, EventTypeCodes) of PS3.15 A.5.3.
 EVENTS: dict[str, tuple[Code, tuple[Code, ...]]] = {
-    # A.5.3.4: instances received over an association (one message per association, per PS3.15's advice to
-    # aggregate, with every study it stored).
+    # "DICOM Instances Transferred": instances received over an association (one message per association,
+    # aggregated as PS3.15 allows, with every study it stored).
     "association": (_dcm("110104", "DICOM Instances Transferred"), ()),
-    "query": (_dcm("110112", "Query"), ()),                                       # A.5.3.12
-    # A.5.3.2: a C-GET, C-MOVE or WADO answer starts sending the instances it names.
+    "query": (_dcm("110112", "Query"), ()),
+    # "Begin Transferring DICOM Instances" (action E): a C-GET, C-MOVE or WADO answer starts sending what it names.
     "retrieve": (_dcm("110102", "Begin Transferring DICOM Instances"), ()),
-    "export": (_dcm("110106", "Export"), ()),                                      # A.5.3.6
-    "deletion": (_dcm("110105", "DICOM Study Deleted"), ()),                       # A.5.3.5
+    "export": (_dcm("110106", "Export"), ()),                                      # "Data Export"
+    "deletion": (_dcm("110105", "DICOM Study Deleted"), ()),
     # A DLQ replay sends dead-lettered instances to a target again: a transfer an operator started.
     "dlq-replay": (_dcm("110102", "Begin Transferring DICOM Instances"),
                    (Code("DLQ-REPLAY", "99DICOMFLOW", "Dead-letter replay"),)),
-    "authentication": (_dcm("110114", "User Authentication"), (_dcm("110122", "Login"),)),  # A.5.3.14
+    "authentication": (_dcm("110114", "User Authentication"), (_dcm("110122", "Login"),)),
     "application-start": (_dcm("110100", "Application Activity"), (_dcm("110120", "Application Start"),)),
-    # A.5.3.11: a running service changed its configuration (the router reloads its file).
+    # "Security Alert", Software Configuration: a running service changed its configuration (a router reload).
     "configuration-change": (_dcm("110113", "Security Alert"), (_dcm("110131", "Software Configuration"),)),
 }
 

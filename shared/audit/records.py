@@ -103,7 +103,7 @@ class AssociationTally:
 
 
 def association_rejected(calling_ae: str, called_ae: str, host: str, reason: str) -> AuditRecord:
-    """An association refused for its AE titles: a failed authentication of the calling AE (PS3.15 A.5.3.14)."""
+    """An association refused for its AE titles: a failed authentication of the calling AE (PS3.15 User Authentication)."""
     return AuditRecord(
         audit_id=_id(), kind="authentication", action="E", outcome="minor-failure",
         outcome_description=f"association rejected: {reason}", event_time=utcnow(),
@@ -122,7 +122,7 @@ def authentication_failed(user: str, host: str, reason: str, protocol: str) -> A
 
 def query(requestor: AuditParticipant, our_ae: str, sop_class_uid: str, query_text: str, transfer_syntax: str,
           status: int, comment: str = "", tenant: str = "") -> AuditRecord:
-    """A C-FIND or a QIDO-RS search (PS3.15 A.5.3.12); the query as sent, the final status as the outcome."""
+    """A C-FIND or a QIDO-RS search (PS3.15 Query); the query as sent, the final status as the outcome."""
     return AuditRecord(
         audit_id=_id(), kind="query", action="E", outcome="success" if status in (SUCCESS, 0xFE00) else "minor-failure",
         outcome_description="" if status == SUCCESS else f"0x{status:04X} {comment}".strip(), event_time=utcnow(),
@@ -133,7 +133,8 @@ def query(requestor: AuditParticipant, our_ae: str, sop_class_uid: str, query_te
 
 def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None, our_ae: str, rows: Iterable[dict],
               via: str, status: int | None = None, comment: str = "", tenant: str = "") -> AuditRecord:
-    """A C-GET, C-MOVE or WADO answer that starts sending ``rows`` (or refused with ``status``) (A.5.3.2).
+    """A C-GET, C-MOVE or WADO answer that starts sending ``rows`` (or refused with ``status``): PS3.15 Begin
+    Transferring DICOM Instances, action E.
 
     ``destination``: where the instances go when it is not the requestor (a C-MOVE's destination AE).
     """
@@ -145,14 +146,14 @@ def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None,
         participants.append(destination)
     rows = list(rows)
     return AuditRecord(
-        audit_id=_id(), kind="retrieve", action="R", outcome="minor-failure" if refused else "success",
+        audit_id=_id(), kind="retrieve", action="E", outcome="minor-failure" if refused else "success",
         outcome_description=f"0x{status:04X} {comment}".strip() if refused else "", event_time=utcnow(),
         participants=participants, studies=studies_of(rows), detail={"via": via, "instances": str(len(rows))},
         tenant=tenant)
 
 
 def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int, error: str = "") -> AuditRecord:
-    """``dicomflow export``: a study's instances written as files to a folder (PS3.15 A.5.3.6)."""
+    """``dicomflow export``: a study's instances written as files to a folder (PS3.15 Data Export)."""
     rows = list(rows)
     return AuditRecord(
         audit_id=_id(), kind="export", action="R", outcome="serious-failure" if error and not written
@@ -163,7 +164,7 @@ def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int
 
 
 def deletion(user: str, host: str, rows: Iterable[dict], deleted: int, error: str = "") -> AuditRecord:
-    """Studies deleted (PS3.15 A.5.3.5). Nothing deletes studies yet; the record is ready for what will."""
+    """Studies deleted (PS3.15 DICOM Study Deleted). Nothing deletes studies yet; the record is ready for what will."""
     rows = list(rows)
     return AuditRecord(
         audit_id=_id(), kind="deletion", action="D", outcome=_outcome(deleted, len(rows) - deleted),
@@ -190,7 +191,7 @@ def configuration_digest(effective: dict) -> str:
 
 
 def application_start(service: str, process: str, host: str, digest: str, version: str) -> AuditRecord:
-    """A service started with this effective configuration (Application Activity, Application Start: A.5.3.1).
+    """A service started with this effective configuration (PS3.15 Application Activity, Application Start).
 
     A changed configuration shows as a different digest at the next start of a service.
     """
@@ -207,7 +208,7 @@ def configuration_changed(service: str, effective_before: dict, effective_after:
     before = configuration_digest(effective_before)
     after = configuration_digest(effective_after) if effective_after is not None else ""
     return AuditRecord(
-        audit_id=_id(), kind="configuration-change", action="U" if not error else "E",
+        audit_id=_id(), kind="configuration-change", action="E",
         outcome="minor-failure" if error else "success", outcome_description=error, event_time=utcnow(),
         participants=[AuditParticipant(user_id=service, alternative_user_id=str(os.getpid()), requestor=False,
                                        host=socket.gethostname(), role="application")],

@@ -298,7 +298,7 @@ AuditOutcome = Literal["success", "minor-failure", "serious-failure", "major-fai
 """EventOutcomeIndicator 0, 4, 8 and 12 of PS3.15 A.5.1 (RFC 3881), as words for subjects and filters."""
 
 AuditRole = Literal["source", "destination", "destination-media", "application", "other"]
-"""RoleIDCode of an active participant (PS3.15 A.5.2.2: 110153 Source, 110152 Destination, 110155 Destination
+"""RoleIDCode of an active participant (PS3.15 A.5.2: 110153 Source, 110152 Destination, 110155 Destination
 Media, 110150 Application); ``other``: none."""
 
 

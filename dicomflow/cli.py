@@ -11,6 +11,8 @@ from pathlib import Path
 from shared.config import Config, ConfigError, describe, load_config
 from shared.telemetry import setup_logging
 
+from .audit_cli import add_parser as add_audit_parser
+from .audit_cli import cmd_audit
 from .routing_cli import add_parsers as add_router_parsers
 from .routing_cli import cmd_dlq, cmd_router, cmd_rules
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--tenant", help="the study of this tenant (two tenants may use one StudyInstanceUID)")
     exp.add_argument("--json", action="store_true")
+    add_audit_parser(sub, common)
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
     aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
@@ -333,11 +336,21 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     if not rows:
         print(f"dicomflow export: study {study} is not stored", file=sys.stderr)
         return 1
+    from shared.audit.records import export
+
+    from .audit_cli import operator, record_command
+
     backends = Backends(config)
+    written: list[Path] = []
     try:
         written = export_study(backends, rows, Path(args.out))
+    except Exception as exc:
+        record_command(config, export(*operator(), str(Path(args.out).resolve()), rows, 0, f"{type(exc).__name__}: "
+                                      f"{exc}"), "export")
+        raise
     finally:
         backends.close()
+    record_command(config, export(*operator(), str(Path(args.out).resolve()), rows, len(written)), "export")
     if args.json:
         print(json.dumps({"study_uid": study, "files": [str(p) for p in written]}))
     else:
@@ -448,4 +461,4 @@ COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "sto
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
             "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
-            "nats-permissions": cmd_nats_permissions}
+            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit}

@@ -395,6 +395,26 @@ class RouterConfig(_Section):
         return self
 
 
+class SyslogConfig(_Section):
+    host: str = Field("", description="Audit repository (syslog server) that receives every audit record as RFC 5424 over TLS (RFC 5425, as IHE ATNA). Empty: audit records are only kept in the DICOM_AUDIT stream.")
+    port: int = Field(6514, ge=1, le=65535, description="Its port (6514: syslog over TLS).")
+    ca: str = Field("", description="CA certificate file (PEM) the server's certificate must chain to; empty: the system's CAs. The server's name is always verified.")
+    server_name: str = Field("", description="Name the server's certificate must carry (empty: host).")
+    cert: str = Field("", description="Our client certificate (PEM), for a repository that requires mutual TLS (ATNA does); empty: none.")
+    key: str = Field("", description="Its private key (PEM).")
+    app_name: str = Field("dicomflow", max_length=48, description="APP-NAME of the syslog messages.")
+    timeout_s: float = Field(5.0, gt=0, description="Seconds to connect or send before the record is counted as not forwarded (dicomflow_audit_syslog_total{result=\"failed\"}); after a failure the repository is tried again after 1 s, doubling up to 30 s, and records meanwhile are counted as not forwarded (they stay in DICOM_AUDIT).")
+
+
+class AuditConfig(_Section):
+    enabled: bool = Field(True, description="Record audit messages (PS3.15 A.5: associations with what they stored, queries, retrievals, exports, DLQ replays, authentication failures, service starts) into the DICOM_AUDIT stream. Recording never blocks or fails a DICOM or HTTP request: records beyond `queue` are dropped and counted (dicomflow_audit_records_total{result=\"dropped\"}).")
+    max_age_days: float = Field(2192, gt=0, description="How long audit records are kept in the DICOM_AUDIT stream (default 6 years).")
+    queue: int = Field(10000, ge=1, description="Audit records a process holds while NATS (or the syslog server) is slow or away; more are dropped and counted.")
+    source_id: str = Field("", description="AuditSourceID of our records (empty: dicomflow@<host name>).")
+    site_id: str = Field("", description="AuditEnterpriseSiteID (the hospital), empty: none.")
+    syslog: SyslogConfig = Field(default_factory=SyslogConfig)
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -490,6 +510,7 @@ class Config(_Section):
     access: AccessConfig = Field(default_factory=AccessConfig)
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from shared.audit import records as audit_records
+from shared.audit import trail as audit
 from shared.catalogue.find import FindError
 from shared.catalogue.retrieve import (
     UNABLE_TO_PROCESS,
@@ -52,7 +54,22 @@ class Retriever:
 
     def plan(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str,
              move_destination: str | None = None) -> Plan:
-        """The instances the request names for ``calling_ae``'s tenant (and the destination of a C-MOVE)."""
+        """The instances the request names for ``calling_ae``'s tenant (and the destination of a C-MOVE).
+
+        Audited as the start of a transfer of those instances (or its refusal).
+        """
+        plan = self._plan(identifier, transfer_syntax, sop_class, calling_ae, move_destination)
+        dest = plan.destination
+        audit.emit(audit_records.retrieval(
+            audit_records.dicom_peer(calling_ae, "", True, "source"),
+            None if move_destination is None else audit_records.dicom_peer(
+                move_destination, dest.host if dest else "", False, "destination"),
+            self.finder.ae_title, plan.rows, "C-GET" if move_destination is None else "C-MOVE", plan.status,
+            plan.comment, tenant_of_ae(self.access, calling_ae) or ""))
+        return plan
+
+    def _plan(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str,
+              move_destination: str | None) -> Plan:
         kind = "C-GET" if move_destination is None else "C-MOVE"
         try:
             request = parse_retrieve_identifier(json_model(identifier, transfer_syntax), sop_class)

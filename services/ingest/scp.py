@@ -56,10 +56,12 @@ from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder, encode
-from services.ingest.intake import Incoming, Intake, Received
+from services.ingest.intake import Admission, Incoming, Intake, Received
 from services.ingest.retrieve import Retriever
 from services.ingest.sop_classes import ALL_TS, StorageContexts, storage_contexts
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
+from shared.audit import trail as audit
+from shared.audit.records import AssociationTally, association_rejected
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.catalogue.retrieve import (
     GET_SOP_CLASSES,
@@ -351,16 +353,20 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                 metrics.rejected_associations.labels(reason=reason).inc()
                 log.warning("association from %s (calling %r, called %r) rejected: %s", self.client_address[0],
                             req.calling_ae, req.called_ae, reason)
+                if reject[2] in (pdu.RJ_CALLED_AE, pdu.RJ_CALLING_AE):
+                    audit.emit(association_rejected(req.calling_ae, req.called_ae, self.client_address[0], reason))
                 self._end(pdu.associate_rj(*reject))
                 return
             self.sock.sendall(pdu.associate_ac(req, neg, srv.max_pdu))
             self.associated = True
             metrics.associations.inc()
+            self.tally = AssociationTally(req.calling_ae, req.called_ae, self.client_address[0])
             try:
                 if self._data_phase(req, neg.accepted()):
                     self._end(pdu.release_rp())
             finally:
                 metrics.associations.dec()
+                audit.emit(self.tally.record())  # one record per association: what it stored, of which studies
         finally:
             srv._count("_open", -1)
 
@@ -419,11 +425,13 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             srv._count("_inflight", 1)
             try:
                 if dataset is None:
-                    status, comment = CANNOT_UNDERSTAND, "C-STORE without a data set"
+                    admitted = Admission(CANNOT_UNDERSTAND, "C-STORE without a data set")
                 else:
-                    status, comment = srv.intake.accept(Received(
+                    admitted = srv.intake.admit(Received(
                         data=dataset, transfer_syntax=context[1], sop_class_uid=sop_class,
                         sop_instance_uid=sop_instance, calling_ae=req.calling_ae, called_ae=req.called_ae))
+                status, comment = admitted.status, admitted.comment
+                self.tally.add(status, admitted.study_uid, sop_class, comment)
                 reply = pdu.response(pdu.C_STORE_RSP, message_id, status, sop_class, sop_instance, comment)
                 self._send_command(cid, reply, req.max_pdu)
             finally:

@@ -36,6 +36,8 @@ from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
 from services.ingest.retrieve import Retriever
 from services.ingest.sop_classes import BEYOND_PYNETDICOM, STANDARD_STORAGE, private_classes
+from shared.audit import trail as audit
+from shared.audit.records import AssociationTally, association_rejected
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, SUCCESS
 from shared.catalogue.retrieve import RETRIEVE_SOP_CLASSES, UNKNOWN_DESTINATION
 from shared.dicom.part10 import part10
@@ -178,6 +180,17 @@ def _release_unassociated_slot(event: evt.Event) -> None:
         assoc.dul.to_user_queue.put(None)  # its receive_pdu returns None: "timed out", the thread ends
 
 
+def _ae_rejection(assoc) -> str | None:
+    """Why pynetdicom rejected an association for its AE titles (its own checks, acse.py), or None."""
+    rq = assoc.requestor.primitive
+    allowed = [a.strip() for a in assoc.ae.require_calling_aet]
+    if allowed and str(rq.calling_ae_title).strip() not in allowed:
+        return "calling AE title not recognised"
+    if str(rq.called_ae_title).strip() != str(assoc.acceptor.ae_title).strip():
+        return "called AE title not recognised"
+    return None
+
+
 def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retriever | None = None,
                   backends: Backends | None = None, artim_timeout: float = 10.0,
                   may_act_as: Callable[[str, str], bool] | None = None) -> list:
@@ -202,11 +215,14 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
             data = event.encoded_dataset(include_meta=False)
         except Exception as exc:
             return _status(CANNOT_UNDERSTAND, f"no data set: {exc}")
-        status, comment = intake.accept(Received(
+        admitted = intake.admit(Received(
             data=data, transfer_syntax=str(event.context.transfer_syntax),
             sop_class_uid=str(req.AffectedSOPClassUID or ""), sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
             calling_ae=str(event.assoc.requestor.ae_title).strip(), called_ae=str(event.assoc.acceptor.ae_title).strip()))
-        return _status(status, comment)
+        tally = getattr(event.assoc, "audit_tally", None)
+        if tally is not None:  # auditing never fails a store
+            tally.add(admitted.status, admitted.study_uid, str(req.AffectedSOPClassUID or ""), admitted.comment)
+        return _status(admitted.status, admitted.comment)
 
     def on_conn_open(event: evt.Event) -> None:
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
@@ -227,13 +243,22 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
                 log.warning("client certificate %r may not act as calling AE %s: aborting", peer, calling)
                 metrics.rejected_associations.labels(reason="calling AE title not recognised").inc()
                 event.assoc.abort()
+        event.assoc.audit_tally = AssociationTally(str(event.assoc.requestor.ae_title),
+                                                   str(event.assoc.acceptor.ae_title), event.assoc.requestor.address)
 
     def on_released(event: evt.Event) -> None:
         metrics.associations.dec()
+        tally = vars(event.assoc).pop("audit_tally", None)  # once, should both release and abort be reported
+        audit.emit(tally.record() if tally is not None else None)
 
     def on_rejected(event: evt.Event) -> None:
         metrics.rejected_associations.labels(reason="rejected").inc()
         log.warning("association from %s rejected", event.assoc.requestor.ae_title)
+        reason = _ae_rejection(event.assoc)
+        if reason:
+            rq = event.assoc.requestor.primitive
+            audit.emit(association_rejected(str(rq.calling_ae_title), str(rq.called_ae_title),
+                                            event.assoc.requestor.address, reason))
 
     handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_conn_open), (evt.EVT_ACCEPTED, on_accepted),
                 (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_released), (evt.EVT_REJECTED, on_rejected),

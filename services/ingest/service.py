@@ -13,6 +13,7 @@ from services.ingest.connected import ConnectedIntake
 from services.ingest.find import Finder
 from services.ingest.retrieve import Retriever
 from services.ingest.scp import listening_socket, start_scp
+from shared.audit import trail as audit
 from shared.bus.connection import check_credentials
 from shared.catalogue.open import open_catalogue
 from shared.config import Config
@@ -33,6 +34,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     """
     setup_tracing("ingest", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "ingest")
     connected = ConnectedIntake(config, f"dicomflow-ingest-{os.getpid()}")
     intake, backends = connected.intake, connected.backends
     ing = config.ingest
@@ -70,6 +72,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first
     finder.close()
     connected.close()
+    audit.close(2)
 
 
 def allowed_calling_aes(config: Config) -> list[str]:

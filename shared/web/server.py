@@ -19,6 +19,7 @@ import socket
 
 from aiohttp import web
 
+from shared.audit import trail as audit
 from shared.config import Config
 from shared.lifecycle import stop_on_signals
 from shared.telemetry import setup_tracing, start_metrics
@@ -38,6 +39,7 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
     """
     setup_tracing("web", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "web")
     app = make_app(config, mounts)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.web.drain_s)
     await runner.setup()
@@ -64,6 +66,7 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
         ready.set()
     await stop.wait()
     await drain(runner, config.web.drain_s)
+    await asyncio.to_thread(audit.close, 2)
     log.info("DICOMweb stopped")
 
 

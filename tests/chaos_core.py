@@ -10,7 +10,7 @@ the normal run) and bench/chaos.py (10+ seeds per mode, a table and one JSON lin
   acknowledged (0x0000), what the catalogue holds, the bytes exported back, what the router forwarded and the
   study-complete events: lost, corrupt, conflicting (one SOP stored with two contents), phantoms (stored, never
   sent), studies not completed exactly once (or completed with another instance count than stored).
-- :func:`recovery_after`: the time from a kill to every instance acknowledged before it being catalogued.
+- :func:`recovery_times`: per kill, the time until the last instance it delayed was catalogued.
 """
 
 from __future__ import annotations
@@ -169,17 +169,32 @@ def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], store
     return v
 
 
-def recovery_after(kill_at: float, acked_at: Mapping[str, float], stored_at: Mapping[str, float]) -> float | None:
-    """Seconds from a kill until every instance acknowledged before it was catalogued (0 when they all already
-    were); None when one of them never was. Times are on one clock (the harness's wall clock)."""
-    latest = kill_at
-    for sop, t in acked_at.items():
-        if t <= kill_at:
+def recovery_times(kill_times: Sequence[float], acked_at: Mapping[str, float], stored_at: Mapping[str, float],
+                   normal_s: float = 2.0) -> list[float | None]:
+    """Per kill, seconds from the kill until the last instance it delayed was catalogued; 0 when it delayed none.
+
+    An instance is delayed when it was catalogued more than ``normal_s`` after its acknowledgement; a kill
+    delayed those catalogued after it and acknowledged between the previous kill and the next one (the events a
+    killed store held, and those that waited for its partitions' new owner, the pin to lapse or NATS to return).
+    None for a kill after which an instance acknowledged before the next kill was never catalogued. Times are
+    on one clock (the harness's wall clock); ``kill_times`` in order.
+    """
+    out: list[float | None] = []
+    for i, k in enumerate(kill_times):
+        since = kill_times[i - 1] if i else float("-inf")
+        until = kill_times[i + 1] if i + 1 < len(kill_times) else float("inf")
+        latest: float | None = k
+        for sop, t in acked_at.items():
+            if not since <= t < until:
+                continue
             s = stored_at.get(sop)
             if s is None:
-                return None
-            latest = max(latest, s)
-    return latest - kill_at
+                latest = None
+                break
+            if s > k and s - t > normal_s:
+                latest = max(latest, s)
+        out.append(None if latest is None else latest - k)
+    return out
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -14,7 +14,7 @@ from tests.chaos_core import (
     StoredInstance,
     kill_schedule,
     percentile,
-    recovery_after,
+    recovery_times,
     summarise,
     verdict,
 )
@@ -101,12 +101,18 @@ def test_each_study_completes_exactly_once_with_what_was_stored():
     assert v.ok and v.reopened == 1
 
 
-def test_recovery_is_until_everything_acknowledged_before_the_kill_is_stored():
-    acked = {"a": 1.0, "b": 2.0, "c": 5.0}
-    assert recovery_after(3.0, acked, {"a": 1.1, "b": 7.5, "c": 9.0}) == pytest.approx(4.5)
-    assert recovery_after(3.0, acked, {"a": 1.1, "b": 2.5}) == 0.0       # all already stored at the kill
-    assert recovery_after(3.0, acked, {"a": 1.1}) is None                # b never stored
-    assert recovery_after(0.5, acked, {}) == 0.0                         # nothing acknowledged yet
+def test_recovery_is_until_the_last_instance_a_kill_delayed_is_stored():
+    # kill at 3: "b" was held by the killed worker (acked 2.0, stored 7.5), "c" waited for the new owner.
+    acked = {"a": 1.0, "b": 2.0, "c": 5.0, "d": 11.0, "e": 12.0}
+    stored = {"a": 1.1, "b": 7.5, "c": 9.0, "d": 11.2, "e": 20.0}
+    assert recovery_times([3.0], acked, stored) == [pytest.approx(17.0)]      # e too: no later kill to blame
+    assert recovery_times([3.0, 10.0], acked, stored) == [pytest.approx(6.0), pytest.approx(10.0)]
+    # Nothing delayed (catalogued within normal_s of the answer): 0.
+    assert recovery_times([3.0], {"a": 1.0, "c": 5.0}, {"a": 1.1, "c": 5.5}) == [0.0]
+    # Delayed before the kill, not by it: not counted.
+    assert recovery_times([3.0], {"a": 1.0}, {"a": 2.9}) == [0.0]
+    assert recovery_times([3.0, 10.0], acked, {"a": 1.1, "c": 9.0, "d": 11.2, "e": 12.1}) == [None, 0.0]
+    assert recovery_times([], acked, stored) == []
 
 
 def test_percentile_and_summary():

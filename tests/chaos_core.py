@@ -26,7 +26,12 @@ RECEIVER = "receiver"      # an ingest receiver process (a child of `dicomflow i
 STORE = "store"            # a store worker (consumer-group member)
 ROUTER = "router"          # the router (consumer-group member; forwards with storescu)
 NATS = "nats"              # the embedded nats-server of `dicomflow run`
-KINDS = (RECEIVER, STORE, ROUTER, NATS)
+NATS_MEMBER = "nats-member"  # any node of a 3-node NATS cluster
+NATS_LEADER = "nats-leader"  # the node leading the instance stream at that moment
+CATALOGUE = "catalogue"    # the catalogue's PostgreSQL server (its postmaster)
+KINDS = (RECEIVER, STORE, ROUTER, NATS)  # what `dicomflow run` on its embedded nats-server has
+CLUSTER_KINDS = (RECEIVER, STORE, ROUTER, NATS_MEMBER, NATS_LEADER, CATALOGUE)  # the services one by one
+ALL_KINDS = (*KINDS, NATS_MEMBER, NATS_LEADER, CATALOGUE)
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,9 @@ def kill_schedule(seed: int, kinds: Sequence[str], window_s: float, kills: int) 
     """
     if kills < 0 or window_s <= 0:
         raise ValueError("kills must be >= 0 and window_s > 0")
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown kinds {unknown}; choose from {KINDS}" if unknown else "no kinds to kill")
+        raise ValueError(f"unknown kinds {unknown}; choose from {ALL_KINDS}" if unknown else "no kinds to kill")
     rng = random.Random(seed)
     deck: list[str] = []
     slot = window_s / kills if kills else 0.0

@@ -24,6 +24,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -38,7 +40,10 @@ from dicomflow.natsserver import free_port, wait_port
 from dicomflow.synthetic import write_study
 from shared.storage.objectstore import content_digest
 from tests.chaos_core import (
+    CATALOGUE,
     NATS,
+    NATS_LEADER,
+    NATS_MEMBER,
     RECEIVER,
     ROUTER,
     STORE,
@@ -51,7 +56,7 @@ from tests.chaos_core import (
     recovery_times,
     verdict,
 )
-from tests.helpers import Stack, dataset_bytes, make_config
+from tests.helpers import REPO, Stack, dataset_bytes, make_config
 
 log = logging.getLogger("chaos")
 
@@ -233,10 +238,10 @@ class KillRecord:
 
 
 class Killer:
-    """SIGKILLs the stack's processes at the schedule's moments (from ``t0``)."""
+    """SIGKILLs the stack's processes at the schedule's moments (from ``t0``), through ``stack.kill``."""
 
-    def __init__(self, run_pid: int, schedule: list[Kill]):
-        self.run_pid = run_pid
+    def __init__(self, stack: ChaosStack, schedule: list[Kill]):
+        self.stack = stack
         self.schedule = schedule
         self.done: list[KillRecord] = []
         self._stop = threading.Event()
@@ -258,13 +263,11 @@ class Killer:
         for kill in self.schedule:
             if self._stop.wait(max(0.0, self.t0 + kill.at_s - time.time())):
                 return
-            pids = stack_processes(self.run_pid).get(kill.kind, [])
-            pid = pids[kill.pick % len(pids)] if pids else None
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pid = None
+            try:
+                pid = self.stack.kill(kill.kind, kill.pick)
+            except Exception as exc:  # e.g. no stream leader known while the cluster elects one
+                log.warning("kill of %s failed: %s", kill.kind, exc)
+                pid = None
             self.done.append(KillRecord(time.time(), kill.kind, pid))
             log.info("killed %s pid %s", kill.kind, pid)
 
@@ -310,6 +313,218 @@ class Watcher:
                     catalogue = None
         if catalogue is not None:
             catalogue.close()
+
+
+# --- the stacks -------------------------------------------------------------------------------------------
+
+
+def _sigkill(pids: list[int], pick: int) -> int | None:
+    """SIGKILL one of ``pids`` (index ``pick`` mod their number); the pid, or None when none was alive."""
+    if not pids:
+        return None
+    pid = pids[pick % len(pids)]
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+class Catalogue:
+    """The catalogue's PostgreSQL server, restarted after a kill as its pod or unit would be."""
+
+    def __init__(self, work: Path):
+        from tests.pg_cluster import PgCluster
+
+        self.pg = PgCluster(Path(tempfile.mkdtemp(prefix="dicomflow-chaos-pg-"))).start()
+        self.url = self.pg.dsn
+        self._restarts: list[threading.Thread] = []
+
+    def postmaster(self) -> int | None:
+        try:
+            return int((self.pg.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def kill(self, pick: int) -> int | None:
+        """SIGKILL the postmaster (its backends notice and exit); start the server again a second later."""
+        pid = self.postmaster()
+        if pid is None or _sigkill([pid], pick) is None:
+            return None
+        t = threading.Thread(target=self._restart, name="catalogue-restart", daemon=True)
+        t.start()
+        self._restarts.append(t)
+        return pid
+
+    def _restart(self) -> None:
+        time.sleep(1.0)
+        for _ in range(60):  # orphaned backends may hold the shared memory for a moment
+            res = self.pg._run(self.pg_ctl(), "-D", str(self.pg.data), "-l", str(self.pg.root / "log"), "-w", "-t",
+                               "30", "start", check=False)
+            if res.returncode == 0:
+                return
+            time.sleep(0.5)
+        log.error("the catalogue's PostgreSQL did not start again")
+
+    @staticmethod
+    def pg_ctl() -> str:
+        from tests.pg_cluster import _bin
+
+        return _bin("pg_ctl")
+
+    def stop(self) -> None:
+        for t in self._restarts:
+            t.join(60)
+        self.pg.stop()
+
+
+class ChaosStack:
+    """What the killer and the run need of a stack: start, stop, kill a process by kind, run the CLI."""
+
+    tree: dict
+    config_path: Path
+    data_dir: Path
+    port: int
+    ae_title: str
+    nats_url: str
+    catalogue: Catalogue | None = None
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def pids(self, kind: str) -> list[int]: ...
+
+    def kill(self, kind: str, pick: int) -> int | None:
+        """SIGKILL one process of ``kind``; its pid, or None when none was alive."""
+        if kind == CATALOGUE:
+            return self.catalogue.kill(pick) if self.catalogue else None
+        return _sigkill(self.pids(kind), pick)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
+        res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(self.config_path), *args],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        if check:
+            assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
+        return res
+
+    def studies(self) -> list[dict]:
+        return json.loads(self.cli("studies", "--json").stdout)
+
+
+class EmbeddedStack(ChaosStack):
+    """``dicomflow run`` as a user starts it (tests.helpers.Stack): it restarts what the killer kills."""
+
+    def __init__(self, work: Path, tree: dict, catalogue: Catalogue | None = None):
+        if catalogue is not None:
+            tree["catalogue"] = {"url": catalogue.url}
+        self.inner = Stack(work, tree)
+        self.tree, self.config_path, self.data_dir = tree, self.inner.config_path, self.inner.data_dir
+        self.port, self.ae_title = self.inner.port, self.inner.ae_title
+        self.nats_url = f"nats://127.0.0.1:{tree['nats']['port']}"
+        self.catalogue = catalogue
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def stop(self) -> None:
+        self.inner.stop()
+        if self.catalogue:
+            self.catalogue.stop()
+
+    def pids(self, kind: str) -> list[int]:
+        assert self.inner.proc is not None
+        return stack_processes(self.inner.proc.pid).get(kind, [])
+
+
+class ComposeStack(ChaosStack):
+    """The services one by one as compose (or Kubernetes) runs them, each restarted when it dies (compose's
+    ``restart: always``, a pod's restart), by the one supervisor of shared/supervisor.py: a 3-node NATS cluster
+    (streams with 3 replicas), ``dicomflow ingest`` (with its receivers), ``dicomflow store`` workers and
+    ``dicomflow router``, the catalogue in PostgreSQL."""
+
+    def __init__(self, work: Path, tree: dict, store_workers: int, catalogue: Catalogue):
+        from tests.nats_cluster import NatsCluster
+
+        self.work = work
+        self.cluster = NatsCluster(work, 3)
+        self.catalogue = catalogue
+        tree["nats"]["url"] = self.cluster.url
+        tree["stream"]["replicas"] = 3
+        tree["catalogue"] = {"url": catalogue.url}
+        self.tree = tree
+        self.config_path = work / "dicomflow.yaml"
+        self.config_path.write_text(yaml.safe_dump(tree))
+        self.data_dir = Path(tree["data_dir"])
+        self.port, self.ae_title = tree["ingest"]["port"], tree["ingest"].get("ae_title", "DICOMFLOW")
+        self.nats_url = self.cluster.urls[0]
+        self.store_workers = store_workers
+        self.supervisor = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def start(self) -> None:
+        from shared.supervisor import ChildSpec, Supervisor
+
+        self.supervisor = Supervisor(logger=logging.getLogger("chaos.compose"))
+        for server in self.cluster.servers:
+            self.supervisor.start(ChildSpec(f"nats-{server.name}", server.argv(), log_file=server.log_file))
+        asyncio.run(self.cluster._wait_ready(60))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
+        base = [sys.executable, "-m", "dicomflow", "--config", str(self.config_path)]
+        services = [("ingest", "ingest"), *((f"store-{i}", "store") for i in range(self.store_workers)),
+                    ("router", "router")]
+        for name, command in services:
+            self.supervisor.start(ChildSpec(name, [*base, command], env=env, log_file=self.work / f"{name}.log",
+                                            stop_timeout_s=30))
+        # Restarts are made from this thread, which lives as long as the stack (PR_SET_PDEATHSIG).
+        self._poller = threading.Thread(target=self._supervise, name="compose-supervisor", daemon=True)
+        self._poller.start()
+        wait_port("127.0.0.1", self.port, 90)
+
+    def _supervise(self) -> None:
+        assert self.supervisor is not None
+        while not self._stop.wait(self.supervisor.poll(0.2)):
+            pass
+        services = [n for n in self.supervisor.names() if not n.startswith("nats-")]
+        self.supervisor.stop(services)
+        self.supervisor.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(120)
+        self.catalogue.stop()
+
+    def _pid(self, name: str) -> list[int]:
+        assert self.supervisor is not None
+        proc = self.supervisor.process(name)
+        return [proc.pid] if proc is not None and proc.poll() is None else []
+
+    def pids(self, kind: str) -> list[int]:
+        assert self.supervisor is not None
+        if kind == NATS_MEMBER:
+            return [p for s in self.cluster.servers for p in self._pid(f"nats-{s.name}")]
+        if kind == NATS_LEADER:
+            return self._pid(f"nats-{self._stream_leader()}")
+        if kind == RECEIVER:
+            ingest = self._pid("ingest")
+            return [c for pid in ingest for c in children(pid)] or ingest
+        names = [n for n in self.supervisor.names() if n == kind or n.startswith(f"{kind}-")]
+        return [p for n in names for p in self._pid(n)]
+
+    def _stream_leader(self) -> str:
+        async def go() -> str:
+            nc = await nats.connect(servers=self.cluster.urls, connect_timeout=2, max_reconnect_attempts=1)
+            try:
+                from shared.bus.jetstream import api
+
+                info = await api(nc, f"STREAM.INFO.{self.tree['stream'].get('name', 'DICOM')}")
+                return info["cluster"]["leader"]
+            finally:
+                await nc.close()
+        return asyncio.run(go())
 
 
 # --- one run ----------------------------------------------------------------------------------------------
@@ -365,7 +580,10 @@ class ChaosRun:
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,
                  associations: int = 4, window_s: float = 40.0, kills: int = 4, receivers: int = 2,
                  store_workers: int = 2, group: dict | None = None, quiet_s: float = 6.0, settle_s: float = 150.0,
-                 rows: int = 64):
+                 rows: int = 64, stack: str = "embedded", postgres: bool = False):
+        if stack not in ("embedded", "compose"):
+            raise ValueError(f"stack {stack!r}: embedded (dicomflow run) or compose (the services one by one)")
+        self.stack_kind, self.postgres = stack, postgres or stack == "compose" or CATALOGUE in kinds
         self.work, self.seed, self.kinds = Path(work), seed, tuple(kinds)
         self.n_studies, self.n_instances, self.associations = studies, instances, associations
         self.window_s, self.kills, self.receivers, self.store_workers = window_s, kills, receivers, store_workers
@@ -386,7 +604,7 @@ class ChaosRun:
                 sent[sop] = SentInstance(sop, study, content_digest(dataset_bytes(p)))
         return folders, sent
 
-    def _stack(self) -> tuple[Stack, subprocess.Popen, Path]:
+    def _stack(self) -> tuple[ChaosStack, subprocess.Popen, Path]:
         archive = self.work / "archive"
         archive.mkdir(parents=True, exist_ok=True)
         archive_port = free_port()
@@ -405,7 +623,17 @@ class ChaosRun:
                     "targets": {"archive": {"kind": "dicom", "host": "127.0.0.1", "port": archive_port,
                                             "ae_title": "ARCHIVE"}},
                     "forward": {"backoff_initial_s": 0.5, "backoff_max_s": 5}})
-        return Stack(self.work, tree), scp, archive
+        catalogue = Catalogue(self.work) if self.postgres else None
+        try:
+            if self.stack_kind == "compose":
+                assert catalogue is not None
+                return ComposeStack(self.work, tree, self.store_workers, catalogue), scp, archive
+            return EmbeddedStack(self.work, tree, catalogue), scp, archive
+        except BaseException:
+            scp.kill()
+            if catalogue is not None:
+                catalogue.stop()
+            raise
 
     def execute(self) -> RunResult:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -415,12 +643,12 @@ class ChaosRun:
         schedule = kill_schedule(self.seed, self.kinds, self.window_s, self.kills)
         try:
             stack.start()
-            nats_url = f"nats://127.0.0.1:{stack.tree['nats']['port']}"
+            nats_url = stack.nats_url
             watcher = Watcher(stack.tree.get("catalogue", {}).get("url", ""), stack.data_dir, study_uids)
             watcher.start()
             sender = Sender(stack.port, stack.ae_title, folders, self.associations, self.window_s,
                             deadline_s=self.window_s + 120)
-            killer = Killer(stack.proc.pid, schedule)
+            killer = Killer(stack, schedule)
             sender.start()
             killer.start(sender.t0)
             sender.join()
@@ -466,7 +694,7 @@ def _wait_events(url: str, studies: list[str], timeout: float) -> list[Completio
         time.sleep(1.0)
 
 
-def _catalogue_rows(stack: Stack, studies: list[str]) -> list[StoredInstance]:
+def _catalogue_rows(stack: ChaosStack, studies: list[str]) -> list[StoredInstance]:
     """Every catalogue row of the run's studies (counts cross-checked with ``dicomflow studies --json``)."""
     from shared.catalogue.open import open_catalogue
 
@@ -484,7 +712,7 @@ def _catalogue_rows(stack: Stack, studies: list[str]) -> list[StoredInstance]:
     return rows
 
 
-def _export(stack: Stack, studies: list[str], out: Path) -> dict[str, str]:
+def _export(stack: ChaosStack, studies: list[str], out: Path) -> dict[str, str]:
     """``dicomflow export`` of every study: SOP UID -> digest of the data set bytes read back."""
     digests = {}
     for study in studies:

@@ -6,10 +6,14 @@ or read back (`dicomflow export`) with other bytes, one SOP stored with two cont
 forwarded, studies not completed exactly once; and per kill the time until the last instance it delayed was
 catalogued (recovery).
 
-Modes: receiver, store, router, nats (one kind each) and all (every kind, mixed).
+Modes, under `dicomflow run`: receiver, store, router, nats (the embedded nats-server), all (those four mixed),
+catalogue (its PostgreSQL postmaster, restarted a second later as its unit or pod would be). cluster: the services
+started one by one as compose runs them (each restarted when it dies) on a 3-node NATS cluster with R3 streams and
+a PostgreSQL catalogue, killing receivers, store workers, the router, any NATS node, the instance stream's leader
+node and the catalogue's postmaster.
 Prints a table per mode, then ONE JSON line with the figures.
 
-    .venv/bin/python bench/chaos.py [--seeds 10] [--modes receiver,store,router,nats,all] [--instances 1000]
+    .venv/bin/python bench/chaos.py [--seeds 10] [--modes receiver,store,router,nats,all,catalogue,cluster] [--instances 1000]
                                     [--studies 20] [--kills 4] [--window 40] [--ack-wait S] [--pinned-timeout S]
 """
 
@@ -28,10 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._support import log  # noqa: E402
-from tests.chaos_core import KINDS, summarise  # noqa: E402
+from tests.chaos_core import CATALOGUE, CLUSTER_KINDS, KINDS, summarise  # noqa: E402
 from tests.chaos_harness import ChaosRun  # noqa: E402
 
-MODES = {**{k: (k,) for k in KINDS}, "all": KINDS}
+# mode -> (the kinds killed, the stack): dicomflow run (embedded nats-server; SQLite, or PostgreSQL when the
+# catalogue is killed), or the services one by one on a 3-node NATS cluster with a PostgreSQL catalogue.
+MODES = {**{k: ((k,), "embedded") for k in KINDS}, "all": (KINDS, "embedded"), "catalogue": ((CATALOGUE,), "embedded"),
+         "cluster": (CLUSTER_KINDS, "compose")}
 COLUMNS = ("mode", "runs", "kills", "acknowledged", "lost", "corrupt", "conflicting", "phantoms", "not_forwarded",
            "completion_errors", "reopened", "unrecovered_kills", "recovery_p50_s", "recovery_p95_s", "recovery_max_s")
 
@@ -40,7 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10, help="runs per mode, seeds 1..N (default 10)")
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--modes", default="receiver,store,router,nats,all", help=f"comma-separated, of {sorted(MODES)}")
+    ap.add_argument("--modes", default="receiver,store,router,nats,all,catalogue,cluster", help=f"comma-separated, of {sorted(MODES)}")
     ap.add_argument("--instances", type=int, default=1000, help="instances per run (default 1000)")
     ap.add_argument("--studies", type=int, default=20, help="studies per run (default 20)")
     ap.add_argument("--associations", type=int, default=4, help="the modality's concurrent associations")
@@ -68,9 +75,11 @@ def main() -> int:
             verdicts, recoveries = [], []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 folder = work / f"{mode}-{seed}"
-                result = ChaosRun(folder, seed, MODES[mode], studies=args.studies, instances=args.instances,
+                kinds, stack = MODES[mode]
+                result = ChaosRun(folder, seed, kinds, studies=args.studies, instances=args.instances,
                                   associations=args.associations, window_s=args.window, kills=args.kills,
-                                  receivers=args.receivers, store_workers=args.store_workers, group=group).execute()
+                                  receivers=args.receivers, store_workers=args.store_workers, group=group,
+                                  stack=stack).execute()
                 v = result.verdict
                 verdicts.append(v)
                 recoveries += result.recoveries

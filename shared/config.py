@@ -224,8 +224,8 @@ class StorageConfig(_Section):
 
 
 class GroupConfig(_Section):
-    ack_wait_s: float = Field(60, gt=0, description="Seconds before an unacknowledged event is redelivered.")
-    pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this.")
+    ack_wait_s: float = Field(10, gt=0, description="Seconds before an unacknowledged event is redelivered: after a member is killed, how long the events it held wait for their new owner. A handler that runs longer keeps its events with in-progress acknowledgements every ack_wait_s / 3, so this need not cover the longest batch.")
+    pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this. A member that left the membership without unpinning (killed) loses its pins earlier: the partition's new owner takes them two heartbeats after the member's key expired.")
     member_ttl_s: float = Field(3, gt=0, description="Membership heartbeat TTL: a crashed member is forgotten after this.")
     heartbeat_s: float = Field(1, gt=0, description="Seconds between a member's heartbeats (and its reading of the membership); below member_ttl_s.")
     elastic: bool = Field(True, description="Members share the partitions by rendezvous hashing over the live membership; false: every member pulls every partition (the pinned consumers still serialise them).")

@@ -18,6 +18,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from shared.catalogue.attributes import (
 from shared.catalogue.entry import CatalogueEntry
 from shared.catalogue.query import ALL, Match, Query, like_pattern
 from shared.contract.uids import uid_url
+
+log = logging.getLogger("dicomflow.catalogue")
 
 SCHEMA_VERSION = 1
 SCHEMA = [
@@ -112,6 +115,9 @@ class Dialect:
     schema_lock: str | None = None  # taken before creating the schema: processes starting together would race
     retryable: tuple[type[BaseException], ...] = ()  # errors after which the whole transaction is retried
     pattern_ops: str = ""  # the operator class with which LIKE 'prefix%' can use an index ("": a plain index can)
+    # Whether a connection is dead (the server restarted or the network cut it): it is replaced at the next use,
+    # so a database that comes back is used again instead of every later call failing on the lost connection.
+    broken: Callable[[Any], bool] = lambda conn: False
 
 
 class SqlCatalogue:
@@ -129,6 +135,16 @@ class SqlCatalogue:
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self.dialect.broken(conn):
+            log.warning("catalogue: the %s connection was lost; connecting again", self.dialect.name)
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+            conn = None
         if conn is None:
             conn = self.dialect.connect()
             self._local.conn = conn

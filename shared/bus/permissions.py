@@ -72,6 +72,8 @@ def grants(config: Config) -> dict[str, Grants]:
     names = subjects.stream_names(config.stream)
     instances, events = names["instances"], names["events"]
     common = Grants(subscribe=["_INBOX.>"])  # request replies, pull deliveries, the publishers' PubAcks
+    # every service records audit messages (shared/audit) into their own stream
+    common = common.add(Grants(publish=[f"{subjects.AUDIT_PREFIX}.>"])).add(declare(names["audit"]))
     intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(declare(events))
     out, dlq = names["forward"], names["dlq"]
     return {
@@ -95,7 +97,8 @@ def grants(config: Config) -> dict[str, Grants]:
         # integration: its own consumers on the events stream, or a plain subscription to the event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
-                                         "dicom.study.>", "dicom.forward.>"]).add(common).add(consume(events)),
+                                         "dicom.study.>", "dicom.forward.>"]).add(Grants(subscribe=["_INBOX.>"]))
+        .add(consume(events)),
     }
 
 

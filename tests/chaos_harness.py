@@ -56,7 +56,7 @@ from tests.chaos_core import (
     recovery_times,
     verdict,
 )
-from tests.helpers import REPO, Stack, dataset_bytes, make_config
+from tests.helpers import Stack, dataset_bytes, make_config, run_cli
 
 log = logging.getLogger("chaos")
 
@@ -402,12 +402,7 @@ class ChaosStack:
         return _sigkill(self.pids(kind), pick)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
-        res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(self.config_path), *args],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        if check:
-            assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
-        return res
+        return run_cli(self.config_path, *args, check=check)
 
     def studies(self) -> list[dict]:
         return json.loads(self.cli("studies", "--json").stdout)

@@ -67,6 +67,17 @@ def write_config(tmp: Path, tree: dict) -> Path:
     return path
 
 
+def run_cli(config_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a dicomflow subcommand against ``config_path`` (no DICOMFLOW_* variables of the test's own environment);
+    with ``check`` it must succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
+    res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(config_path), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
+    return res
+
+
 class Stack:
     """``dicomflow run`` as a user starts it, in a subprocess, with a test config file."""
 
@@ -102,12 +113,7 @@ class Stack:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a dicomflow subcommand against this stack's config."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
-        res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(self.config_path), *args],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        if check:
-            assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
-        return res
+        return run_cli(self.config_path, *args, check=check)
 
     def studies(self) -> list[dict]:
         return json.loads(self.cli("studies", "--json").stdout)

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from dicomflow.synthetic import write_study
 from tests.helpers import wait_for
@@ -124,51 +123,9 @@ def test_c_cancel_reaches_the_scp_through_tls(engine, tmp_path, pki):
     not take "nothing decrypted yet" for a closed connection."""
     import ssl
 
-    from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
-
-    from dicomflow.natsserver import free_port
-    from services.ingest.intake import Intake
-    from services.ingest.scp import start_scp
-    from services.ingest.scp_pynetdicom import start_scp as start_pynetdicom
-    from shared.catalogue.open import open_catalogue
-    from shared.config import load_config
-    from shared.storage.objectstore import Backends
     from shared.tls import server_context
-    from tests.test_catalogue import entry, study
-    from tests.test_cfind import _NoStores, _PacedFinder
+    from tests.test_cfind import cancel_mid_find
 
-    cfg = load_config(None, environ={}, overrides={
-        "data_dir": str(tmp_path), "access": {"default_tenant": None, "tenants": {"a": {"aes": ["FIND_A"]}}}})
-    catalogue = open_catalogue("", tmp_path)
-    catalogue.record_batch([entry(ds, "a") for _ in range(100) for ds in study(1)])
-    backends = Backends(cfg)
-    intake = Intake(backends.get("local"), _NoStores(), cfg.ingest.max_instance_bytes)
-    port = free_port()
-    args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, ["FIND_A"])
-    finder = _PacedFinder(lambda: catalogue, cfg.access, "DICOMFLOW", 1000)
-    tls = server_context(str(pki["server"].cert), str(pki["server"].key))
-    start = start_pynetdicom if engine == "pynetdicom" else start_scp
-    server = start(*args, finder=finder, tls=tls)
     client = ssl.create_default_context(cafile=str(pki["ca"].path))
-    ae = AE(ae_title="FIND_A")
-    ae.add_requested_context(StudyRootFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW", tls_args=(client, "localhost"))
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.StudyInstanceUID = ""
-    try:
-        assert assoc.is_established
-        statuses = []
-        for status, _ in assoc.send_c_find(q, StudyRootFind, msg_id=9):
-            statuses.append(status.Status)
-            if len(statuses) == 1:
-                assoc.send_c_cancel(9, query_model=StudyRootFind)
-        assert statuses[-1] == 0xFE00 and len(statuses) < 50
-        assert assoc.is_established
-    finally:
-        assoc.release()
-        server.stop(5)
-        finder.close()
-        catalogue.close()
-        backends.close()
+    cancel_mid_find(engine, tmp_path, tls=server_context(str(pki["server"].cert), str(pki["server"].key)),
+                    tls_args=(client, "localhost"))

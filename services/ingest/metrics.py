@@ -25,3 +25,11 @@ corrupt_objects = Counter("dicomflow_ingest_corrupt_objects_total", "Objects tha
                           "C-GET or C-MOVE sent them (the association carrying them was aborted)")
 aborts = Counter("dicomflow_ingest_aborts_total", "Connections and associations the receiver ended for a protocol "
                  "violation (an A-ABORT, by its PS3.8 reason) or an expired ARTIM timer", ["reason"])
+commitments = Counter("dicomflow_ingest_commitments_total", "Storage commitment requests (N-ACTION), by result "
+                      "(success, failures, or refused with the N-ACTION status) and how the N-EVENT-REPORT went "
+                      "(same association, new association, undelivered; none when refused)", ["result", "delivery"])
+commitment_instances = Counter("dicomflow_ingest_commitment_instances_total", "Instances named by storage commitment "
+                               "requests, by result: committed, or the Failure Reason reported", ["result"])
+commitment_seconds = Histogram("dicomflow_ingest_commitment_seconds", "From an N-ACTION answered to its N-EVENT-REPORT "
+                               "sent (the wait for instances still on their way included)",
+                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))

@@ -3,8 +3,9 @@
 Bytes in, plain values out (and back): no sockets, no threads. The SCP shell reads whole PDUs and
 calls these; the association decision (:func:`negotiate`) is plain data too. Only what the AE
 does is implemented: A-ASSOCIATE-RQ/AC/RJ (with SCP/SCU role selection, which C-GET needs),
-P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO, C-FIND, C-GET and C-MOVE as an SCP, and the C-STORE
-requestor side of C-GET and C-MOVE sub-operations (an outbound association for C-MOVE).
+P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO, C-FIND, C-GET and C-MOVE as an SCP, the C-STORE
+requestor side of C-GET and C-MOVE sub-operations (an outbound association for C-MOVE), and the
+N-ACTION-RSP and N-EVENT-REPORT-RQ of the Storage Commitment SCP (PS3.7 10.1.4, 10.1.1).
 
 What a hostile or broken peer gets is decided here too, as plain functions the shell obeys:
 :func:`check_pdu_header` (which PDU may come in which state, and how long it may be: the negotiated
@@ -56,6 +57,7 @@ PC_ACCEPT, PC_ABSTRACT_NOT_SUPPORTED, PC_TS_NOT_SUPPORTED = 0, 3, 4
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 C_FIND_RQ, C_FIND_RSP, C_CANCEL_RQ = 0x0020, 0x8020, 0x0FFF
 C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP = 0x0010, 0x8010, 0x0021, 0x8021
+N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP, N_ACTION_RQ, N_ACTION_RSP = 0x0100, 0x8100, 0x0130, 0x8130
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
@@ -456,10 +458,12 @@ def _even(text: str, pad: bytes) -> bytes:
 
 def response(field_: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
              comment: str = "", data_set: bool = False,
-             counts: tuple[int | None, int, int, int] | None = None) -> bytes:
+             counts: tuple[int | None, int, int, int] | None = None, type_id: tuple[int, int] | None = None) -> bytes:
     """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, C-FIND-RSP ...) with its group length;
     ``data_set``: a data set follows it (a pending C-FIND-RSP's identifier); ``counts``: a C-GET/C-MOVE
-    response's (remaining, completed, failed, warning) sub-operations (remaining None: left out)."""
+    response's (remaining, completed, failed, warning) sub-operations (remaining None: left out);
+    ``type_id``: an N-service response's (element, value) of its Event Type ID (0000,1002) or Action Type ID
+    (0000,1008), PS3.7 10.1.1.1.5 and 10.1.4.1.6."""
     us = struct.Struct("<H").pack
     body = [_elem(0x0002, _even(sop_class, b"\0")) if sop_class else b"",
             _elem(0x0100, us(field_)), _elem(0x0120, us(message_id)),
@@ -471,6 +475,8 @@ def response(field_: int, message_id: int, status: int, sop_class: str, sop_inst
         body.append(_elem(0x0902, _even(text, b" ")))
     if sop_instance:
         body.append(_elem(0x1000, _even(sop_instance, b"\0")))
+    if type_id is not None:
+        body.append(_elem(type_id[0], us(type_id[1])))
     if counts is not None:
         for elem, n in zip((0x1020, 0x1021, 0x1022, 0x1023), counts, strict=True):
             if n is not None:
@@ -489,6 +495,18 @@ def store_rq(message_id: int, sop_class: str, sop_instance: str, move_originator
         body.append(_elem(0x1030, _even(move_originator_ae, b" ")))
     if move_originator_id is not None:
         body.append(_elem(0x1031, us(move_originator_id)))
+    rest = b"".join(body)
+    return _elem(0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def event_report_rq(message_id: int, sop_class: str, sop_instance: str, event_type_id: int) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 10.1.1.1, Table 10.3-1) announcing its Event Information data set:
+    Affected SOP Class UID, Command Field, Message ID, Command Data Set Type, Affected SOP Instance UID,
+    Event Type ID."""
+    us = struct.Struct("<H").pack
+    body = [_elem(0x0002, _even(sop_class, b"\0")), _elem(0x0100, us(N_EVENT_REPORT_RQ)),
+            _elem(0x0110, us(message_id)), _elem(0x0800, us(DATA_SET_PRESENT)),
+            _elem(0x1000, _even(sop_instance, b"\0")), _elem(0x1002, us(event_type_id))]
     rest = b"".join(body)
     return _elem(0x0000, struct.pack("<I", len(rest))) + rest
 

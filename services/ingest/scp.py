@@ -12,7 +12,12 @@ associations first (SO_REUSEPORT's hashing put all four of a benchmark's associa
 receivers, measured). A receiver started alone binds its own socket, with SO_REUSEPORT. A data set
 larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
 arrives (:class:`~services.ingest.intake.Incoming`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
-answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses.
+answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses;
+with a :class:`~services.ingest.commitment.Committer`, storage commitment: the N-ACTION is answered at once
+and its N-EVENT-REPORT sent later by a thread of its own, on this association while it is open (every
+message this association's thread sends is whole under one lock, so a report never lands between a command
+and its data set; the modality's N-EVENT-REPORT-RSP is read by the association's thread and handed over),
+else on a new association.
 
 Hostile and broken peers (PS3.8; the decisions are pure functions of :mod:`.pdu`, this shell obeys them):
 
@@ -37,7 +42,8 @@ Hostile and broken peers (PS3.8; the decisions are pure functions of :mod:`.pdu`
 Not implemented (a peer proposing them gets the association without them, as PS3.7 D.3.3 allows):
 asynchronous operations window (one operation at a time, PS3.7 D.3.3.3), SOP class extended and common
 extended negotiation (D.3.3.5, D.3.3.6), verification of the user identity (taken as asserted: the AE
-title is the credential), TLS, C-STORE as an SCU outside C-GET/C-MOVE sub-operations, N-services.
+title is the credential), C-STORE as an SCU outside C-GET/C-MOVE sub-operations, N-services other than
+the N-ACTION and N-EVENT-REPORT of storage commitment.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from collections.abc import Callable
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
+from services.ingest.commitment import Committer
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder, encode
 from services.ingest.intake import Admission, Incoming, Intake, Received
 from services.ingest.retrieve import Retriever
@@ -62,6 +69,7 @@ from services.ingest.sop_classes import ALL_TS, StorageContexts, storage_context
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
 from shared.audit import trail as audit
 from shared.audit.records import AssociationTally, association_rejected
+from shared.catalogue.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.catalogue.retrieve import (
     GET_SOP_CLASSES,
@@ -109,8 +117,9 @@ class StorageServer(socketserver.ThreadingTCPServer):
                  finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None,
                  private_sop_classes: list[str] | str = (), artim_timeout: float = 10.0,
                  max_connections: int | None = None, tls: ssl.SSLContext | None = None,
-                 may_act_as: Callable[[str, str], bool] | None = None):
+                 may_act_as: Callable[[str, str], bool] | None = None, committer: Committer | None = None):
         self.intake = intake
+        self.committer = committer
         # DICOM over TLS: each accepted connection's handshake runs in its own association thread (never in
         # the accepting one, where a slow peer would hold up every other); may_act_as(certificate name,
         # calling AE) binds a verified client certificate to the AE titles it may use.
@@ -124,6 +133,8 @@ class StorageServer(socketserver.ThreadingTCPServer):
             extra.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
         if retriever is not None:
             extra.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
+        if committer is not None:
+            extra[STORAGE_COMMITMENT_PUSH] = FIND_TRANSFER_SYNTAXES
         self.supported = storage_contexts(private_sop_classes, extra)
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
@@ -197,7 +208,8 @@ class StorageServer(socketserver.ThreadingTCPServer):
             time.sleep(0.02)
 
 
-_QUERY_RETRIEVE = frozenset(FIND_SOP_CLASSES) | frozenset(RETRIEVE_SOP_CLASSES)
+# The contexts whose data sets are requests (identifiers, Action Information): held in memory, never staged.
+_QUERY_RETRIEVE = frozenset(FIND_SOP_CLASSES) | frozenset(RETRIEVE_SOP_CLASSES) | {STORAGE_COMMITMENT_PUSH}
 
 # No C-FIND identifier comes near this: a larger one is not held (and never staged, as a C-STORE's would be).
 MAX_IDENTIFIER_BYTES = 1024 * 1024
@@ -248,6 +260,11 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         self.sock = sock
         self.associated = False
         self.reader = None
+        # Storage commitment reports sent on this association by their own threads (see the module docstring)
+        self._send_lock = threading.Lock()
+        self._reports_open = False  # True while the association is open to N-EVENT-REPORTs
+        self._report_ids = 0
+        self._report_waiters: dict[int, list] = {}  # message ID -> [answered Event, status or None]
         try:
             self._associate()
         except pdu.ProtocolError as exc:
@@ -373,6 +390,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
     def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> bool:
         """Serve DIMSE messages until the peer releases (True: answer with A-RELEASE-RP) or aborts (False)."""
         self._contexts, self._cancels = contexts, set()
+        self._reports_open = True
         messages = pdu.DimseAssembler(contexts)
         data: Incoming | _Identifier | None = None  # the data set of the pending command, as it arrives
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
@@ -405,11 +423,43 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         finally:
             if data is not None:  # the association ended inside a data set: nothing of it is kept
                 data.discard()
+            self._close_to_reports()
+
+    def _close_to_reports(self) -> None:
+        """No report goes out on this association from now on (before its A-RELEASE-RP or close); a report
+        waiting for its N-EVENT-REPORT-RSP goes on a new association instead."""
+        with self._send_lock:
+            self._reports_open = False
+            for waiter in self._report_waiters.values():
+                waiter[0].set()
+            self._report_waiters.clear()
+
+    def _report_here(self, cid: int, transfer_syntax: str, max_pdu: int) -> Callable[[int, dict], bool]:
+        """How a storage commitment report goes on this association: the N-EVENT-REPORT-RQ and its Event
+        Information sent whole, then the modality's answer awaited (read by the association's thread); False
+        when the association is closed or ends before the answer."""
+        def send(event_type: int, information: dict) -> bool:
+            with self._send_lock:
+                if not self._reports_open:
+                    return False
+                self._report_ids += 1
+                message_id = self._report_ids
+                waiter = self._report_waiters[message_id] = [threading.Event(), None]
+                self.sock.sendall(b"".join(
+                    pdu.p_data(cid, pdu.event_report_rq(message_id, STORAGE_COMMITMENT_PUSH,
+                                                        STORAGE_COMMITMENT_INSTANCE, event_type), max_pdu)
+                    + pdu.p_data(cid, encode(information, transfer_syntax), max_pdu, is_command=False)))
+            waiter[0].wait(self.server.network_timeout)
+            if waiter[1] is not None and waiter[1] != 0:
+                log.warning("N-EVENT-REPORT answered 0x%04X by the modality", waiter[1])
+            return waiter[1] is not None
+        return send
 
     def _dispatch(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], cmd: dict[int, bytes],
                   dataset: bytes | ObjectWriter | None) -> None:
         try:
-            self._answer(req, cid, context, cmd, dataset)
+            with self._send_lock:  # a message answered whole: no report of another thread between its PDUs
+                self._answer(req, cid, context, cmd, dataset)
         finally:
             if dataset is not None and not isinstance(dataset, bytes):
                 dataset.close()  # the intake has committed or discarded it; this covers every other path
@@ -441,6 +491,13 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         elif (field in (pdu.C_GET_RQ, pdu.C_MOVE_RQ) and self.server.retriever is not None
               and context[0] in RETRIEVE_SOP_CLASSES):
             self._retrieve(req, cid, context, cmd, message_id, sop_class, dataset)
+        elif field == pdu.N_ACTION_RQ and self.server.committer is not None and context[0] == STORAGE_COMMITMENT_PUSH:
+            self._commit(req, cid, context, cmd, message_id, dataset)
+        elif field == pdu.N_EVENT_REPORT_RSP:
+            waiter = self._report_waiters.pop(pdu.command_us(cmd, 0x0120), None)
+            if waiter is not None:  # a report's answer: its thread is waiting for it
+                waiter[1] = pdu.command_us(cmd, 0x0900)
+                waiter[0].set()
         elif field == pdu.C_CANCEL_RQ:
             pass  # a cancel after the last response of its C-FIND: nothing left to cancel, nothing to answer
         elif field == pdu.C_ECHO_RQ:
@@ -450,6 +507,22 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             log.warning("unsupported DIMSE command 0x%04X from %s", field, req.calling_ae)
             self._send_command(cid, pdu.response(field | 0x8000, message_id, pdu.UNRECOGNIZED_OPERATION, sop_class),
                                req.max_pdu)
+
+    def _commit(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], cmd: dict[int, bytes],
+                message_id: int, dataset: bytes | ObjectWriter | None) -> None:
+        """A storage commitment N-ACTION (PS3.7 10.1.4): answered at once; on success its report follows from a
+        thread of its own, here while this association is open."""
+        if dataset is not None and not isinstance(dataset, bytes):
+            dataset.close()
+            dataset = None
+        committer = self.server.committer
+        requested_class, requested_instance = pdu.command_uid(cmd, 0x0003), pdu.command_uid(cmd, 0x1001)
+        accepted = committer.accept(dataset, context[1], requested_class, requested_instance,
+                                    pdu.command_us(cmd, 0x1008, -1), req.calling_ae)
+        self._send_command(cid, pdu.response(pdu.N_ACTION_RSP, message_id, accepted.status, requested_class,
+                                             requested_instance, comment=accepted.comment), req.max_pdu)
+        if accepted.request is not None:
+            committer.follow_up(accepted.request, req.calling_ae, self._report_here(cid, context[1], req.max_pdu))
 
     def _find(self, req: pdu.AssociateRequest, cid: int, context: tuple[str, str], message_id: int,
               sop_class: str, dataset: bytes | ObjectWriter | None) -> None:
@@ -625,11 +698,13 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
               backends: Backends | None = None, private_sop_classes: list[str] | str = (),
               artim_timeout: float = 10.0, max_connections: int | None = None,
               tls: ssl.SSLContext | None = None,
-              may_act_as: Callable[[str, str], bool] | None = None) -> StorageServer:
+              may_act_as: Callable[[str, str], bool] | None = None,
+              committer: Committer | None = None) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
     With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
-    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE. ``private_sop_classes``: the
+    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE; with a ``committer``, storage
+    commitment (Push Model). ``private_sop_classes``: the
     storage SOP classes taken beyond the standard ones, or ``any`` (:mod:`.sop_classes`). ``artim_timeout``:
     the ARTIM timer (PS3.8 9.1.5); ``max_connections``: TCP connections held at once (None: twice
     ``max_associations``).
@@ -637,7 +712,7 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
                            allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes,
-                           artim_timeout, max_connections, tls, may_act_as)
+                           artim_timeout, max_connections, tls, may_act_as, committer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d%s", ae_title, host, port, " (TLS)" if tls is not None else "")
     return server

@@ -32,12 +32,14 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
 from services.ingest import metrics
+from services.ingest.commitment import Committer
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
 from services.ingest.retrieve import Retriever
 from services.ingest.sop_classes import BEYOND_PYNETDICOM, STANDARD_STORAGE, private_classes
 from shared.audit import trail as audit
 from shared.audit.records import AssociationTally, association_rejected
+from shared.catalogue.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, SUCCESS
 from shared.catalogue.retrieve import RETRIEVE_SOP_CLASSES, UNKNOWN_DESTINATION
 from shared.dicom.part10 import part10
@@ -172,6 +174,31 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
     return on_retrieve
 
 
+def _commitment_handler(committer: Committer):
+    """The N-ACTION of storage commitment: the status at once; the report from a thread of its own, sent on this
+    association while it is established (pynetdicom pauses the association's reactor while it sends and reads
+    the answer), else on a new association."""
+    def on_n_action(event: evt.Event):
+        req, assoc = event.request, event.assoc
+        info = req.ActionInformation.getvalue() if req.ActionInformation is not None else None
+        calling = str(assoc.requestor.ae_title).strip()
+        accepted = committer.accept(info or None, str(event.context.transfer_syntax),
+                                    str(req.RequestedSOPClassUID or ""), str(req.RequestedSOPInstanceUID or ""),
+                                    int(req.ActionTypeID) if req.ActionTypeID is not None else -1, calling)
+        if accepted.request is not None:
+            def same(event_type: int, information: dict) -> bool:
+                if not assoc.is_established or assoc.acse.is_release_requested():
+                    return False
+                status, _ = assoc.send_n_event_report(Dataset.from_json(information), event_type,
+                                                      STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+                if "Status" in status and status.Status != 0:
+                    log.warning("N-EVENT-REPORT answered 0x%04X by %s", status.Status, calling)
+                return "Status" in status  # empty: no answer (timed out, aborted)
+            committer.follow_up(accepted.request, calling, same)
+        return _status(accepted.status, accepted.comment), None
+    return on_n_action
+
+
 def _release_unassociated_slot(event: evt.Event) -> None:
     """A connection closed before its A-ASSOCIATE-RQ (PS3.8 AA-5, Sta2): wake the acceptor thread waiting for
     the request, so its association slot is free now rather than after the ACSE timeout."""
@@ -193,8 +220,9 @@ def _ae_rejection(assoc) -> str | None:
 
 def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retriever | None = None,
                   backends: Backends | None = None, artim_timeout: float = 10.0,
-                  may_act_as: Callable[[str, str], bool] | None = None) -> list:
-    """The pynetdicom event handlers of the SCP (``may_act_as``: the client certificate's binding to AE titles)."""
+                  may_act_as: Callable[[str, str], bool] | None = None, committer: Committer | None = None) -> list:
+    """The pynetdicom event handlers of the SCP (``may_act_as``: the client certificate's binding to AE titles;
+    ``committer``: storage commitment)."""
 
     def on_find(event: evt.Event):
         identifier = event.request.Identifier.getvalue() if event.request.Identifier is not None else b""
@@ -268,6 +296,8 @@ def make_handlers(intake: Intake, finder: Finder | None = None, retriever: Retri
     if retriever is not None:
         handlers += [(evt.EVT_C_GET, _retrieve_handler(retriever, backends, move=False)),
                      (evt.EVT_C_MOVE, _retrieve_handler(retriever, backends, move=True))]
+    if committer is not None:
+        handlers.append((evt.EVT_N_ACTION, _commitment_handler(committer)))
     return handlers
 
 
@@ -280,10 +310,12 @@ def _take_as_storage(uids: frozenset[str]) -> None:
 
 def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout: float,
             allowed_calling_aes: list[str], find: bool = False, retrieve: bool = False,
-            private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0) -> AE:
+            private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0,
+            commitment: bool = False) -> AE:
     """An AE accepting every standard storage SOP class (retired ones included) and the listed private
     ones in every transfer syntax pynetdicom knows, plus Verification (and, with ``find``, Patient and Study
-    Root C-FIND; with ``retrieve``, C-GET and C-MOVE, and the storage SCP role a C-GET's requestor proposes).
+    Root C-FIND; with ``retrieve``, C-GET and C-MOVE, and the storage SCP role a C-GET's requestor proposes;
+    with ``commitment``, the Storage Commitment Push Model).
     ``private_sop_classes`` ``any``: pynetdicom's unrestricted storage service, process-wide (a receiver
     process serves one AE), the same rule as the lean engine's (:mod:`.sop_classes`)."""
     listed, accept_any = private_classes(private_sop_classes)
@@ -309,6 +341,8 @@ def make_ae(ae_title: str, max_pdu: int, max_associations: int, network_timeout:
     if retrieve:
         for sop_class in RETRIEVE_SOP_CLASSES:
             ae.add_supported_context(sop_class, sorted(FIND_TRANSFER_SYNTAXES))
+    if commitment:
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, sorted(FIND_TRANSFER_SYNTAXES))
     return ae
 
 
@@ -317,14 +351,16 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
               retriever: Retriever | None = None, backends: Backends | None = None,
               private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0,
               tls: ssl.SSLContext | None = None,
-              may_act_as: Callable[[str, str], bool] | None = None) -> ReusePortServer:
+              may_act_as: Callable[[str, str], bool] | None = None,
+              committer: Committer | None = None) -> ReusePortServer:
     """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it).
 
     ``tls``: DICOM over TLS (the handshake in each association's thread, not the accepting one)."""
     ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
-                 retrieve=retriever is not None, private_sop_classes=private_sop_classes, artim_timeout=artim_timeout)
+                 retrieve=retriever is not None, private_sop_classes=private_sop_classes, artim_timeout=artim_timeout,
+                 commitment=committer is not None)
     server = ae.make_server((host, port), ae_title, ae.supported_contexts, tls,
-                            make_handlers(intake, finder, retriever, backends, artim_timeout, may_act_as),
+                            make_handlers(intake, finder, retriever, backends, artim_timeout, may_act_as, committer),
                             ReusePortServer)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from services.ingest.commitment import Committer
 from services.ingest.connected import ConnectedIntake
 from services.ingest.find import Finder
 from services.ingest.retrieve import Retriever
@@ -46,6 +47,9 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
                     ing.ae_title, config.web.max_results)
     # ... and C-GET and C-MOVE, reading the objects from their placements
     retriever = Retriever(finder, config.access, ing.move_destinations)
+    # ... and storage commitment: an instance is committed once the catalogue has it in every placement of its policy
+    committer = Committer(finder, config.access, {name: list(p.placements) for name, p in config.storage.policies.items()},
+                          ing.move_destinations, ing.ae_title, ing.max_pdu, ing.network_timeout_s, ing.commitment_wait_s)
     # DICOM over TLS: only TLS connections; with a client CA, a verified certificate bound to the calling AE
     tls = server_context(ing.tls_cert, ing.tls_key, ing.tls_ca) if ing.tls_cert else None
     may_act_as = functools.partial(certificate_may_act_as, config.access)
@@ -54,11 +58,11 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
         server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
                                   private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
-                                  tls=tls, may_act_as=may_act_as)
+                                  tls=tls, may_act_as=may_act_as, committer=committer)
     else:
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
                            private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
-                           max_connections=ing.max_connections, tls=tls, may_act_as=may_act_as)
+                           max_connections=ing.max_connections, tls=tls, may_act_as=may_act_as, committer=committer)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: connected.nc.is_connected)

@@ -170,14 +170,15 @@ class Outbound(Channel):
 
     @classmethod
     def open(cls, host: str, port: int, calling_ae: str, called_ae: str, needed: list[tuple[str, str]],
-             our_max_pdu: int, timeout: float) -> Outbound:
-        """Associate (raises OSError, :class:`Closed` on a rejection, ProtocolError)."""
+             our_max_pdu: int, timeout: float, roles: dict[str, tuple[int, int]] | None = None) -> Outbound:
+        """Associate (raises OSError, :class:`Closed` on a rejection, ProtocolError); ``roles``: the SCP/SCU role
+        selection proposed per abstract syntax (a storage commitment SCP sending its report proposes the SCP role)."""
         wanted = list(dict.fromkeys(needed))[:128]  # context ids are odd numbers 1..255
         proposed = [(2 * i + 1, abstract, [ts]) for i, (abstract, ts) in enumerate(wanted)]
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            sock.sendall(pdu.associate_rq(calling_ae, called_ae, proposed, our_max_pdu))
+            sock.sendall(pdu.associate_rq(calling_ae, called_ae, proposed, our_max_pdu, roles))
             channel = cls(sock, 0, {})
             kind, body = channel.read_pdu()
             if kind == pdu.ASSOCIATE_RJ:

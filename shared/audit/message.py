@@ -41,6 +41,9 @@ EVENTS: dict[str, tuple[Code, tuple[Code, ...]]] = {
     # "Begin Transferring DICOM Instances" (action E): a C-GET, C-MOVE or WADO answer starts sending what it names.
     "retrieve": (_dcm("110102", "Begin Transferring DICOM Instances"), ()),
     "export": (_dcm("110106", "Export"), ()),                                      # "Data Export"
+    # A storage commitment (PS3.4 Annex J) has no PS3.15 event: the catalogue read for it, typed as what it was.
+    "commitment": (_dcm("110103", "DICOM Instances Accessed"),
+                   (Code("STORAGE-COMMITMENT", "99DICOMFLOW", "Storage commitment"),)),
     "deletion": (_dcm("110105", "DICOM Study Deleted"), ()),
     # A DLQ replay sends dead-lettered instances to a target again: a transfer an operator started.
     "dlq-replay": (_dcm("110102", "Begin Transferring DICOM Instances"),

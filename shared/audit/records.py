@@ -152,6 +152,24 @@ def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None,
         tenant=tenant)
 
 
+def commitment(requestor: AuditParticipant, our_ae: str, transaction_uid: str, committed: Iterable[dict],
+               failed: int, status: int | None = None, comment: str = "", tenant: str = "",
+               delivery: str = "none") -> AuditRecord:
+    """A storage commitment request (PS3.4 Annex J) and its answer: the instances the archive took responsibility
+    for (``committed``: their catalogue rows, by study) and how many it did not, or its refusal (``status``, with
+    ``comment``). ``delivery``: how the N-EVENT-REPORT went (same, new, undelivered; none for a refused request).
+    PS3.15 has no event of its own for it: DICOM Instances Accessed (read), typed as a storage commitment."""
+    committed = list(committed)
+    refused = status is not None and status != SUCCESS
+    return AuditRecord(
+        audit_id=_id(), kind="commitment", action="R",
+        outcome="serious-failure" if refused and not committed else _outcome(len(committed), failed + refused),
+        outcome_description=(f"0x{status:04X} {comment}".strip() if refused else comment), event_time=utcnow(),
+        participants=[requestor, dicom_peer(our_ae, "", False, "destination")], studies=studies_of(committed),
+        detail={"transaction_uid": transaction_uid, "committed": str(len(committed)), "failed": str(failed),
+                "delivery": delivery}, tenant=tenant)
+
+
 def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int, error: str = "") -> AuditRecord:
     """``dicomflow export``: a study's instances written as files to a folder (PS3.15 Data Export)."""
     rows = list(rows)

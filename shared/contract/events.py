@@ -291,7 +291,7 @@ class ForwardFailed(Event):
 
 
 AuditEventKind = Literal["association", "query", "retrieve", "export", "deletion", "dlq-replay", "authentication",
-                         "application-start", "configuration-change"]
+                         "application-start", "configuration-change", "commitment"]
 """What an audit record is about; each maps to a PS3.15 A.5.3 event (:mod:`shared.audit.message` has the codes)."""
 
 AuditOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
@@ -342,9 +342,9 @@ class AuditRecord(Event):
     channels = (Channel("audit", f"{s.AUDIT_PREFIX}.{{kind}}.{{outcome}}", "audit",
                         "One audited action (PS3.15 A.5 audit message fields): an association's stores, a query, "
                         "a retrieval, an export, a deletion, a DLQ replay, an authentication failure, a service "
-                        "start with its configuration digest, a configuration reloaded. kind is one of association, query, "
-                        "retrieve, export, deletion, dlq-replay, authentication, application-start, "
-                        "configuration-change; outcome one of success, "
+                        "start with its configuration digest, a configuration reloaded, a storage commitment. kind is one "
+                        "of association, query, retrieve, export, deletion, dlq-replay, authentication, application-start, "
+                        "configuration-change, commitment; outcome one of success, "
                         "minor-failure, serious-failure, major-failure. Nats-Msg-Id = audit:<audit_id>."),)
     audit_id: str = Field(description="unique id of this record (a uuid4, hex)")
     kind: AuditEventKind

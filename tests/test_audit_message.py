@@ -65,6 +65,8 @@ def every_kind() -> dict[str, AuditRecord]:
         "dlq-replay": records.dlq_replay("alice", "ws1", "pacs", rows, 2, 1),
         "start": records.application_start("ingest", "1234", "node1", "ab" * 32, "0.1.0"),
         "reload": records.configuration_changed("router", {"a": 1}, {"a": 2}),
+        "commitment": records.commitment(records.dicom_peer("CT_A", "10.0.0.9", True, "source"), "DICOMFLOW", "1.2.9",
+                                         rows, 1, delivery="same"),
     }
 
 
@@ -134,6 +136,7 @@ def test_event_codes_of_each_kind():
         "dlq-replay": ("110102", [("DLQ-REPLAY", "99DICOMFLOW", "Dead-letter replay")], "E", "4"),
         "start": ("110100", [("110120", "DCM", "Application Start")], "E", "0"),
         "reload": ("110113", [("110131", "DCM", "Software Configuration")], "E", "0"),
+        "commitment": ("110103", [("STORAGE-COMMITMENT", "99DICOMFLOW", "Storage commitment")], "R", "4"),
     }
     kinds = every_kind()
     for name, (event_id, types, action, outcome) in expected.items():

@@ -186,7 +186,7 @@ class Modality:
         return on_report
 
     def request(self, archive_port: int, transaction: str, refs: list[tuple[str, str]], keep_open_s: float = 0.0,
-                called: str = "DICOMFLOW") -> int:
+                called: str = "DICOMFLOW", action_type: int = 1) -> int:
         """Send one N-ACTION; keep the association open up to ``keep_open_s`` for the report; the N-ACTION status."""
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -195,7 +195,7 @@ class Modality:
                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._handler("same"))])
         assert assoc.is_established
         try:
-            status, _ = assoc.send_n_action(Dataset.from_json(action_information(transaction, refs)), 1,
+            status, _ = assoc.send_n_action(Dataset.from_json(action_information(transaction, refs)), action_type,
                                             StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
             if keep_open_s:
                 self.wait(transaction, keep_open_s)
@@ -296,6 +296,7 @@ def test_report_on_a_new_association_after_the_modality_released(setup, tmp_path
 
     # a refused N-ACTION gets its status and no report
     assert modality.request(stack.port, "1.2/3", refs) == INVALID_ARGUMENT_VALUE
+    assert modality.request(stack.port, new_uid(), refs, action_type=2) == NO_SUCH_ACTION
     # a modality that is not in ingest.move_destinations and released: the report cannot be delivered (logged,
     # audited); its N-ACTION was still answered
     stranger = Modality("CT_B", free_port())

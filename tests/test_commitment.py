@@ -149,6 +149,9 @@ def test_command_sets_follow_ps3_7():
                                          STORAGE_COMMITMENT_INSTANCE)[12:])
     assert pdu.command_us(rsp, 0x0100) == 0x8130 and pdu.command_us(rsp, 0x0120) == 5
     assert pdu.command_us(rsp, 0x0800) == pdu.NO_DATA_SET and pdu.command_uid(rsp, 0x1000) == STORAGE_COMMITMENT_INSTANCE
+    ok = pdu.parse_command(pdu.response(pdu.N_ACTION_RSP, 5, 0, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+                                        type_id=(0x1008, 1))[12:])
+    assert pdu.command_us(ok, 0x1008) == 1 and list(ok) == sorted(ok)  # elements in ascending order (PS3.5 7.1)
 
 
 def test_audit_record_of_a_commitment_renders():

@@ -519,8 +519,11 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         requested_class, requested_instance = pdu.command_uid(cmd, 0x0003), pdu.command_uid(cmd, 0x1001)
         accepted = committer.accept(dataset, context[1], requested_class, requested_instance,
                                     pdu.command_us(cmd, 0x1008, -1), req.calling_ae)
+        # Action Type ID "may be included in the success response" (PS3.7 10.1.4.1.5): there is no Action Reply
         self._send_command(cid, pdu.response(pdu.N_ACTION_RSP, message_id, accepted.status, requested_class,
-                                             requested_instance, comment=accepted.comment), req.max_pdu)
+                                             requested_instance, comment=accepted.comment,
+                                             type_id=(0x1008, 1) if accepted.request is not None else None),
+                           req.max_pdu)
         if accepted.request is not None:
             committer.follow_up(accepted.request, req.calling_ae, self._report_here(cid, context[1], req.max_pdu))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
@@ -48,7 +49,8 @@ from shared.catalogue.commitment import (
     judge,
     parse_request,
 )
-from tests.helpers import Stack, make_config, scu_send, wait_for
+from shared.dicom.json_model import json_model
+from tests.helpers import Stack, encode, make_config, scu_send, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -137,6 +139,13 @@ def test_event_information_names_every_referenced_instance_once():
     assert ds.FailedSOPSequence[0].FailureReason == 0x0112 and ds.TransactionUID == "1.2"
 
 
+def test_action_information_in_either_little_endian_syntax_is_read():
+    ds = Dataset.from_json(action_information("1.2.3", [(CT, "1.9.1"), (MR, "1.9.2")]))
+    for implicit, syntax in ((True, ImplicitVRLittleEndian), (False, ExplicitVRLittleEndian)):
+        req = parse_request(json_model(encode(ds, implicit=implicit), syntax))
+        assert req.transaction_uid == "1.2.3" and [r.sop_instance_uid for r in req.references] == ["1.9.1", "1.9.2"]
+
+
 def test_command_sets_follow_ps3_7():
     rq = pdu.parse_command(pdu.event_report_rq(3, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE, 2)[12:])
     assert pdu.command_us(rq, 0x0100) == 0x0100 and pdu.command_us(rq, 0x0110) == 3
@@ -175,6 +184,7 @@ class Modality:
         self.ae_title, self.port = ae_title, port
         self.reports: list[tuple[str, int, Dataset]] = []  # (how it came: same or new, event type, information)
         self.arrived = threading.Condition()
+        self.comment = ""  # the Error Comment of the last N-ACTION-RSP
         self.listener = AE(ae_title=ae_title)
         self.listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         self.server = self.listener.start_server(("127.0.0.1", port), block=False,
@@ -200,6 +210,7 @@ class Modality:
         try:
             status, _ = assoc.send_n_action(Dataset.from_json(action_information(transaction, refs)), action_type,
                                             StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
+            self.comment = str(status.get("ErrorComment", ""))
             if keep_open_s:
                 self.wait(transaction, keep_open_s)
         finally:
@@ -300,6 +311,9 @@ def test_report_on_a_new_association_after_the_modality_released(setup, tmp_path
     # a refused N-ACTION gets its status and no report
     assert modality.request(stack.port, "1.2/3", refs) == INVALID_ARGUMENT_VALUE
     assert modality.request(stack.port, new_uid(), refs, action_type=2) == NO_SUCH_ACTION
+    many = [(CT, f"1.2.3.{i}") for i in range(MAX_REFERENCES + 1)]  # about 1.3 MB of Action Information
+    assert modality.request(stack.port, new_uid(), many) == RESOURCE_LIMITATION
+    assert modality.comment == f"{MAX_REFERENCES + 1} instances in one request, over {MAX_REFERENCES}"
     # a modality that is not in ingest.move_destinations and released: the report cannot be delivered (logged,
     # audited); its N-ACTION was still answered
     stranger = Modality("CT_B", free_port())
@@ -334,6 +348,10 @@ def test_a_placement_the_policy_gained_is_not_committed_until_written(tmp_path):
         transaction = new_uid()
         assert modality.request(stack.port, transaction, fresh, keep_open_s=30) == 0
         assert modality.wait(transaction, 0)[1] == EVENT_SUCCESS
+        # Action Information over the 4 MiB the lean engine holds is not kept: refused, and the association goes on
+        huge = [(CT, f"1.2.826.0.1.3680043.10.1234.{10**20 + i}") for i in range(45_000)]
+        assert modality.request(stack.port, new_uid(), huge) == RESOURCE_LIMITATION
+        assert modality.comment == "Action Information over 4194304 bytes"
     finally:
         modality.close()
         stack.stop()

@@ -103,15 +103,18 @@ class Committer:
                 raise CommitmentError(PROCESSING_FAILURE, f"Action Information cannot be read: {exc}") from exc
             request = parse_request(model)
         except CommitmentError as exc:
-            metrics.commitments.labels(result=f"refused 0x{exc.status:04X}", delivery="none").inc()
-            log.warning("storage commitment from %s refused 0x%04X: %s", calling_ae, exc.status, exc.comment)
-            audit.emit(audit_records.commitment(audit_records.dicom_peer(calling_ae, "", True, "source"),
-                                                self.ae_title, "", (), 0, exc.status, exc.comment,
-                                                tenant_of_ae(self.access, calling_ae) or ""))
-            return Accepted(exc.status, exc.comment)
+            return self.refuse(exc.status, exc.comment, calling_ae)
         log.info("storage commitment %s from %s: %d instances", request.transaction_uid, calling_ae,
                  len(request.references))
         return Accepted(SUCCESS, request=request)
+
+    def refuse(self, status: int, comment: str, calling_ae: str) -> Accepted:
+        """An N-ACTION that will not be processed: logged, audited, counted; no report follows."""
+        metrics.commitments.labels(result=f"refused 0x{status:04X}", delivery="none").inc()
+        log.warning("storage commitment from %s refused 0x%04X: %s", calling_ae, status, comment)
+        audit.emit(audit_records.commitment(audit_records.dicom_peer(calling_ae, "", True, "source"), self.ae_title,
+                                            "", (), 0, status, comment, tenant_of_ae(self.access, calling_ae) or ""))
+        return Accepted(status, comment)
 
     def settle(self, request: CommitmentRequest, calling_ae: str) -> tuple[Verdict, dict[str, dict]]:
         """Ask the catalogue until every instance is committed or the wait is over (blocking): the final verdict,

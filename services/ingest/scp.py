@@ -69,7 +69,7 @@ from services.ingest.sop_classes import ALL_TS, StorageContexts, storage_context
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
 from shared.audit import trail as audit
 from shared.audit.records import AssociationTally, association_rejected
-from shared.catalogue.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from shared.catalogue.commitment import RESOURCE_LIMITATION, STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.catalogue.retrieve import (
     GET_SOP_CLASSES,
@@ -213,27 +213,32 @@ _QUERY_RETRIEVE = frozenset(FIND_SOP_CLASSES) | frozenset(RETRIEVE_SOP_CLASSES) 
 
 # No C-FIND identifier comes near this: a larger one is not held (and never staged, as a C-STORE's would be).
 MAX_IDENTIFIER_BYTES = 1024 * 1024
+# A storage commitment's Action Information names up to MAX_REFERENCES instances, some 130 bytes each (two UIDs in
+# an item); beyond this it is not held, and the N-ACTION is refused (resource limitation).
+MAX_ACTION_INFORMATION_BYTES = 4 * 1024 * 1024
 
 
 class _Identifier:
-    """A data set on a FIND context (a C-FIND's identifier) as its fragments arrive: held in memory, never
-    staged (it is not an instance); one over MAX_IDENTIFIER_BYTES is not kept at all."""
+    """A data set on a query/retrieve or storage commitment context (a C-FIND's identifier, an N-ACTION's Action
+    Information) as its fragments arrive: held in memory, never staged (it is not an instance); one over ``limit``
+    bytes is not kept at all."""
 
-    __slots__ = ("parts", "held")
+    __slots__ = ("parts", "held", "limit")
 
-    def __init__(self):
+    def __init__(self, limit: int = MAX_IDENTIFIER_BYTES):
         self.parts: list[memoryview] = []
         self.held = 0
+        self.limit = limit
 
     def add(self, fragment: memoryview) -> None:
         self.held += len(fragment)
-        if self.held <= MAX_IDENTIFIER_BYTES:
+        if self.held <= self.limit:
             self.parts.append(fragment)
         else:
             self.parts = []
 
     def take(self) -> bytes | None:
-        return b"".join(self.parts) if self.held <= MAX_IDENTIFIER_BYTES else None
+        return b"".join(self.parts) if self.held <= self.limit else None
 
     def discard(self) -> None:
         self.parts = []
@@ -396,7 +401,9 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
         # a storage context's may be staged as it arrives, a FIND context's is held in memory.
         intake = self.server.intake
-        collector = {cid: _Identifier if abstract in _QUERY_RETRIEVE else functools.partial(Incoming, intake)
+        collector = {cid: functools.partial(_Identifier, MAX_ACTION_INFORMATION_BYTES)
+                     if abstract == STORAGE_COMMITMENT_PUSH
+                     else _Identifier if abstract in _QUERY_RETRIEVE else functools.partial(Incoming, intake)
                      for cid, (abstract, _) in contexts.items()}
         pending: dict[int, bytes] = {}  # the command that awaits its data set
         try:
@@ -517,8 +524,12 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             dataset = None
         committer = self.server.committer
         requested_class, requested_instance = pdu.command_uid(cmd, 0x0003), pdu.command_uid(cmd, 0x1001)
-        accepted = committer.accept(dataset, context[1], requested_class, requested_instance,
-                                    pdu.command_us(cmd, 0x1008, -1), req.calling_ae)
+        if dataset is None and pdu.command_us(cmd, 0x0800, pdu.NO_DATA_SET) != pdu.NO_DATA_SET:  # sent, not held
+            accepted = committer.refuse(RESOURCE_LIMITATION, f"Action Information over {MAX_ACTION_INFORMATION_BYTES}"
+                                                             f" bytes", req.calling_ae)
+        else:
+            accepted = committer.accept(dataset, context[1], requested_class, requested_instance,
+                                        pdu.command_us(cmd, 0x1008, -1), req.calling_ae)
         # Action Type ID "may be included in the success response" (PS3.7 10.1.4.1.5): there is no Action Reply
         self._send_command(cid, pdu.response(pdu.N_ACTION_RSP, message_id, accepted.status, requested_class,
                                              requested_instance, comment=accepted.comment,

@@ -20,6 +20,8 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from dicomflow.natsserver import free_port
 from dicomflow.synthetic import new_uid, write_study
 from services.ingest import pdu
+from services.ingest.commitment import read_event_report_rsp
+from services.ingest.suboperations import Closed
 from shared.audit.message import audit_message
 from shared.audit.records import commitment as commitment_record
 from shared.audit.records import dicom_peer
@@ -161,6 +163,18 @@ def test_command_sets_follow_ps3_7():
     ok = pdu.parse_command(pdu.response(pdu.N_ACTION_RSP, 5, 0, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
                                         type_id=(0x1008, 1))[12:])
     assert pdu.command_us(ok, 0x1008) == 1 and list(ok) == sorted(ok)  # elements in ascending order (PS3.5 7.1)
+
+
+def test_event_report_answer_is_read_from_fragments():
+    rsp = pdu.response(pdu.N_EVENT_REPORT_RSP, 1, 0x0110, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+                       type_id=(0x1002, 2))
+    pdus = [*pdu.p_data(1, pdu.response(pdu.C_ECHO_RSP, 9, 0, ""), 0),  # something else first
+            *pdu.p_data(1, rsp, 40)]  # the answer in fragments of 34 bytes, one PDU each
+    assert len(pdus) > 3
+    queue = [(pdu.P_DATA_TF, memoryview(p[6:])) for p in pdus]
+    assert read_event_report_rsp(lambda: queue.pop(0), 1) == 0x0110
+    with pytest.raises(Closed):
+        read_event_report_rsp(lambda: (pdu.ABORT, memoryview(bytes(4))), 1)
 
 
 def test_audit_record_of_a_commitment_renders():

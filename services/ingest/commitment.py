@@ -248,16 +248,22 @@ _SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 def read_event_report_rsp(read_pdu: Callable[[], tuple[int, memoryview]], message_id: int) -> int:
-    """Read PDUs until the N-EVENT-REPORT-RSP to ``message_id``; its status (PS3.7 10.1.1.1.4)."""
+    """Read PDUs until the N-EVENT-REPORT-RSP to ``message_id``; its status (PS3.7 10.1.1.1.4). A command may come
+    in fragments over several PDUs; an Event Reply data set after it is read past."""
+    command: list[bytes] = []
     while True:
         kind, body = read_pdu()
         if kind in (pdu.RELEASE_RQ, pdu.ABORT):
             raise Closed("the modality ended the association before answering the N-EVENT-REPORT")
         if kind != pdu.P_DATA_TF:
             raise pdu.ProtocolError(f"PDU type {kind} while awaiting the N-EVENT-REPORT-RSP")
-        fragments = [bytes(f) for _, is_command, _, f in pdu.pdvs(body) if is_command]
-        if fragments:
-            cmd = pdu.parse_command(b"".join(fragments))
+        for _, is_command, last, fragment in pdu.pdvs(body):
+            if not is_command:
+                continue
+            command.append(bytes(fragment))
+            if not last:
+                continue
+            cmd, command = pdu.parse_command(b"".join(command)), []
             if (pdu.command_us(cmd, 0x0100) == pdu.N_EVENT_REPORT_RSP
                     and pdu.command_us(cmd, 0x0120) == message_id):
                 return pdu.command_us(cmd, 0x0900)

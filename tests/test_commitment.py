@@ -6,8 +6,10 @@ policy of two placements."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -250,20 +252,22 @@ def committed_and_failed(info: Dataset) -> tuple[list[str], list[tuple[str, int]
     return ok, failed
 
 
-def commitment_tree(tmp: Path, engine: str, modality_port: int, placements: list[str]) -> dict:
+def commitment_tree(tmp: Path, engine: str, modality_port: int, placements: list[str], metrics_port: int = 0) -> dict:
     backends = {name: {"kind": "fs", "path": f"objects-{name}"} for name in ("local", "second", "third")}
     return make_config(
         tmp, ingest={"engine": engine, "commitment_wait_s": 10,
                      "move_destinations": {"CT_A": {"host": "127.0.0.1", "port": modality_port}}},
         access={"default_tenant": None, "tenants": {"a": {"aes": ["CT_A"]}, "b": {"aes": ["CT_B"]}}},
         storage={"staging": "local", "backends": backends, "policies": {"two": {"placements": placements}},
-                 "default_policy": "two"})
+                 "default_policy": "two"},
+        telemetry={"metrics_port": metrics_port})
 
 
 @pytest.fixture(params=["lean", "pynetdicom"])
 def setup(request, tmp_path):
     modality_port = free_port()
-    stack = Stack(tmp_path, commitment_tree(tmp_path, request.param, modality_port, ["local", "second"])).start()
+    stack = Stack(tmp_path, commitment_tree(tmp_path, request.param, modality_port, ["local", "second"],
+                                            metrics_port=free_port())).start()
     modality = Modality("CT_A", modality_port)
     yield stack, modality
     modality.close()
@@ -340,6 +344,20 @@ def test_report_on_a_new_association_after_the_modality_released(setup, tmp_path
         assert stranger.wait(lost, 0) is None
     finally:
         stranger.close()
+    # the ingest's /metrics (telemetry.metrics_port) counts each outcome
+    port = stack.tree["telemetry"]["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("dicomflow_ingest_commitments_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            counts[labels["result"], labels["delivery"]] = float(line.rsplit(" ", 1)[1])
+    # CT_B's request named tenant a's instances: no such object for it, and nowhere to send the report
+    assert counts == {("success", "new"): 1.0, ("failures", "undelivered"): 1.0, ("refused 0x0115", "none"): 1.0,
+                      ("refused 0x0123", "none"): 1.0, ("refused 0x0213", "none"): 1.0}
+    assert 'dicomflow_ingest_commitment_instances_total{result="committed"} 2.0' in text
+    assert 'dicomflow_ingest_commitment_instances_total{result="0x0112"} 2.0' in text
+    assert "dicomflow_ingest_commitment_seconds_count 2.0" in text
 
 
 def test_a_placement_the_policy_gained_is_not_committed_until_written(tmp_path):

@@ -124,6 +124,19 @@ class MoveDestinationConfig(_Section):
     host: str = Field(..., description="Host of the C-MOVE destination's storage SCP.")
     port: int = Field(..., ge=1, le=65535, description="Its port.")
     tenants: list[str] = Field(default_factory=list, description="Tenants whose studies may be moved there (empty: any caller's own studies).")
+    tls: bool = Field(False, description="Open the association to this destination over DICOM TLS (PS3.15 B.1, TLS 1.2+; a storescp +tls).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the destination's certificate must chain to (empty: the system's CAs, /etc/ssl/certs). The certificate is always verified; its host name too unless tls_check_hostname is false.")
+    tls_check_hostname: bool = Field(True, description="with tls, check that the destination's certificate names host. False for a destination whose certificate names none of its addresses (dcmtk checks none): the chain is still verified.")
+    tls_cert: str = Field("", description="with tls, our client certificate (PEM) for a destination that asks for one; empty: none.")
+    tls_key: str = Field("", description="with tls, the private key (PEM) of tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MoveDestinationConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if (self.tls_ca or self.tls_cert) and not self.tls:
+            raise ValueError("tls_ca, tls_cert and tls_key need tls: true")
+        return self
 
 
 class IngestConfig(_Section):

@@ -513,7 +513,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             try:
                 channel = Outbound.open(dest.host, dest.port, self.server.ae_title, destination_ae,
                                         [(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows],
-                                        self.server.max_pdu, self.server.network_timeout)
+                                        self.server.max_pdu, self.server.network_timeout, plan.tls)
             except (OSError, Closed, pdu.ProtocolError) as exc:
                 log.warning("C-MOVE from %s: destination %s (%s:%d) unreachable: %s", req.calling_ae, destination_ae,
                             dest.host, dest.port, exc)

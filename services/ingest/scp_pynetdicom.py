@@ -157,7 +157,10 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
             dest = plan.destination
             contexts = [build_context(c, t) for c, t in dict.fromkeys(
                 (r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows)][:128]
-            yield (dest.host, dest.port, {"contexts": contexts}) if dest else (None, None)
+            options = {"contexts": contexts}
+            if plan.tls is not None:
+                options["tls_args"] = (plan.tls, dest.host)
+            yield (dest.host, dest.port, options) if dest else (None, None)
         if plan.status is not None:
             yield 1
             yield _status(plan.status, plan.comment), None

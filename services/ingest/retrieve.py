@@ -103,6 +103,18 @@ class Retriever:
         return Plan(rows=rows, destination=destination,
                     tls=None if move_destination is None else self.tls.get(move_destination.strip()))
 
+    def finished(self, plan: Plan, calling_ae: str, move_destination: str | None, failed_uids: list[str],
+                 status: int) -> None:
+        """Audit the end of a retrieval :meth:`plan` began: which instances reached the requestor (C-GET) or
+        the destination (C-MOVE), and which did not."""
+        dest = plan.destination
+        audit.emit(audit_records.retrieved(
+            audit_records.dicom_peer(calling_ae, "", True, "source"),
+            None if move_destination is None else audit_records.dicom_peer(
+                move_destination, dest.host if dest else "", False, "destination"),
+            self.finder.ae_title, plan.rows, failed_uids, "C-GET" if move_destination is None else "C-MOVE",
+            status, tenant_of_ae(self.access, calling_ae) or ""))
+
     @staticmethod
     def _refuse(kind: str, calling_ae: str, status: int, comment: str) -> Plan:
         metrics.retrieves.labels(kind=kind, status=f"0x{status:04X}").inc()

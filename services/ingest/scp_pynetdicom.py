@@ -148,8 +148,9 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
         req = event.request
         identifier = req.Identifier.getvalue() if req.Identifier is not None else b""
         destination = str(req.MoveDestination or "").strip() if move else None
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
         plan = retriever.plan(identifier, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID or ""),
-                              str(event.assoc.requestor.ae_title).strip(), destination)
+                              calling_ae, destination)
         if move:
             if plan.status == UNKNOWN_DESTINATION:
                 yield None, None  # pynetdicom answers 0xA801
@@ -166,12 +167,22 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
             yield _status(plan.status, plan.comment), None
             return
         yield len(plan.rows)
-        for _row, ds in _instance_datasets(plan.rows, backends):
-            if event.is_cancelled:
-                yield CANCEL, None
-                return
-            if ds is not None:
-                yield PENDING, ds
+        # pynetdicom keeps each sub-operation's status to itself: the audit's end record counts as not delivered
+        # what could not be read or was cancelled, and as delivered what was handed to pynetdicom to send
+        undelivered = []
+        try:
+            for handed, (row, ds) in enumerate(_instance_datasets(plan.rows, backends)):
+                if event.is_cancelled:
+                    undelivered += [r["sop_uid"] for r in plan.rows[handed:]]
+                    yield CANCEL, None
+                    return
+                if ds is None:
+                    undelivered.append(row["sop_uid"])
+                else:
+                    yield PENDING, ds
+        finally:
+            retriever.finished(plan, calling_ae, destination, undelivered,
+                               CANCEL if event.is_cancelled else SUCCESS if not undelivered else 0xB000)
     return on_retrieve
 
 

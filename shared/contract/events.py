@@ -290,8 +290,8 @@ class ForwardFailed(Event):
         return f"failed:{self.target}:{self.sop_uid}:{self.job_sequence}"
 
 
-AuditEventKind = Literal["association", "query", "retrieve", "export", "deletion", "dlq-replay", "authentication",
-                         "application-start", "configuration-change"]
+AuditEventKind = Literal["association", "query", "retrieve", "retrieved", "export", "deletion", "dlq-replay",
+                         "authentication", "application-start", "configuration-change"]
 """What an audit record is about; each maps to a PS3.15 A.5.3 event (:mod:`shared.audit.message` has the codes)."""
 
 AuditOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage, KeyObjectSelectionDocumentStorage
 
 from dicomflow.natsserver import free_port
@@ -152,11 +154,11 @@ def test_a_rejection_note_deletes_what_it_references_in_its_tenant(stack_factory
     stored(stack, s, 3, "a")
     b_rows = stored(stack, s, 3, "b")
     note = rejection_note("113001", instances[:2])  # Rejected for Quality Reasons
+    note.file_meta = FileMetaDataset()
+    note.file_meta.MediaStorageSOPClassUID = note.SOPClassUID
+    note.file_meta.MediaStorageSOPInstanceUID = note.SOPInstanceUID
+    note.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if engine == "lean":  # dcmtk's storescu sends the note's file
-        note.file_meta = instances[0].file_meta.__class__()
-        note.file_meta.MediaStorageSOPClassUID = note.SOPClassUID
-        note.file_meta.MediaStorageSOPInstanceUID = note.SOPInstanceUID
-        note.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
         assert stack.storescu(write_files(tmp_path / "note", [note]), calling_ae="MODA").returncode == 0
     else:
         assert scu_send(stack.port, [note], calling="MODA",

@@ -174,7 +174,7 @@ def test_a_rejection_note_deletes_what_it_references_in_its_tenant(stack_factory
 def test_cli_delete_and_retention(stack_factory, tmp_path):
     stack = _stack(stack_factory, deletion={"retention_days": {"a": 2 / 86400}, "holds": {}})
     old, held, busy, other = a_study(2), a_study(1), a_study(1), a_study(1)
-    stack.tree["deletion"]["holds"] = {"a": [held[0].StudyInstanceUID]}
+    stack.tree["deletion"]["holds"] = {"a": [str(held[0].StudyInstanceUID)]}
     from tests.helpers import write_config
     write_config(tmp_path, stack.tree)  # the CLI reads the hold; the running services need not
     for name, datasets, ae in (("old", old, "MODA"), ("held", held, "MODA"), ("busy", busy, "MODA"),

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from shared.catalogue.open import open_catalogue
 from shared.config import load_config
 from shared.storage.objectstore import Backends
 from shared.tenancy import api_key_hash
-from tests.helpers import scu_send, wait_for
+from tests.helpers import REPO, scu_send, wait_for
 from tests.test_deletion import rejection_note
 
 KEY_A, KEY_B = "delete-key-a-0123456789", "delete-key-b-0123456789"
@@ -211,6 +214,21 @@ def test_cli_delete_and_retention(stack_factory, tmp_path):
     assert rows_of(stack, s) == []
     for datasets in (held, busy, other):
         assert len(rows_of(stack, datasets[0].StudyInstanceUID)) == 1
+    # --tenant: only that tenant's studies; --every: a pass each retention_interval_s until stopped
+    only_b = [json.loads(line) for line in stack.cli("retention", "--tenant", "b", "--dry-run", "--json").stdout
+              .splitlines()]
+    assert [(v["tenant"], v["study_uid"]) for v in only_b] == [("b", other[0].StudyInstanceUID)]
+    stack.tree["deletion"]["retention_interval_s"] = 0.5
+    write_config(tmp_path, stack.tree)
+    proc = subprocess.Popen([sys.executable, "-m", "dicomflow", "--config", str(stack.config_path), "retention",
+                             "--every", "--tenant", "b", "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")})
+    try:
+        passes = [json.loads(proc.stdout.readline()) for _ in range(2)]  # b's one study, once per pass
+        assert [p["study_uid"] for p in passes] == [other[0].StudyInstanceUID] * 2
+    finally:
+        proc.terminate()
+        proc.wait(30)
     kinds = json.loads(stack.cli("audit", "--json", "--event", "deletion").stdout)
     assert sorted(r["detail"]["reason"] for r in kinds) == ["request", "retention"]
 

@@ -234,3 +234,24 @@ def test_deleted_instances_leave_tombstones_so_a_reindex_does_not_bring_them_bac
         backends.close()
     counts = rebuild(config, None, None)
     assert counts["instances"] == 2
+
+
+def test_dicomweb_delete_can_be_turned_off(tmp_path):
+    import requests
+
+    from tests.web_harness import WebService
+
+    config = load_config(None, environ={}, overrides={"data_dir": str(tmp_path), "deletion": {"web": False}})
+    catalogue = open_catalogue("", tmp_path)
+    backends = Backends(config)
+    try:
+        put(catalogue, backends, study(1), tenant="default", placements=("local",))
+        [row] = catalogue.summaries(parse_qido(STUDY, []), None, 10)
+        with WebService(config) as web:
+            res = requests.delete(f"{web.url}/studies/{row['study_uid']}", timeout=30)
+            assert res.status_code == 405
+            assert requests.get(f"{web.url}/studies/{row['study_uid']}/metadata", timeout=30).status_code == 200
+        assert catalogue.count() == 1
+    finally:
+        backends.close()
+        catalogue.close()

@@ -78,8 +78,8 @@ def test_tombstones_only_where_a_study_index_is_kept_and_events_name_what_went()
     at = datetime(2026, 12, 6, tzinfo=UTC)
     events = deleted_events(rows, {"ceph": ["d2"], "fast": ["d1"]}, "request", "apikey:a", at)
     assert [(e.sop_uid, e.objects_removed) for e in events] == [("1", ["fast"]), ("2", ["ceph"])]
-    assert events[0].subject() == "dicom.deleted.1_2.1" and events[0].msg_id() == "deleted:a:1:d1"
-    assert events[1].msg_id() == "deleted:2:d2"
+    assert events[0].subject() == "dicom.deleted.1_2.1" and events[0].msg_id() == f"deleted:a:1:d1:{at.isoformat()}"
+    assert events[1].msg_id() == f"deleted:2:d2:{at.isoformat()}"
 
 
 def test_target_levels():

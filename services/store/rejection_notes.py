@@ -27,6 +27,8 @@ from shared.deletion.rejection import KOS_SOP_CLASS, Rejection, rejection_of
 from shared.dicom.part10 import part10
 from shared.storage.objectstore import Backends
 
+from . import metrics
+
 log = logging.getLogger("dicomflow.store.rejection")
 
 
@@ -62,8 +64,11 @@ def apply_rejection(catalogue: SqlCatalogue, backends: Backends, tenant: str, re
 
 async def handle_note(config: Config, js: JetStreamContext, catalogue: SqlCatalogue, backends: Backends,
                       event: InstanceReceived, tenant: str) -> None:
-    """Apply a stored KOS if it is a rejection note: delete, publish the events, audit. Raises on a failure
-    (the note's event is redelivered and applied again: idempotent)."""
+    """Apply a stored KOS if it is a rejection note: delete, publish the events, audit.
+
+    Raises when the deletion itself failed (the note's event is redelivered and applied again: nothing was
+    deleted). Events that could not be published after the deletion are logged and counted, not raised: a
+    redelivery would find nothing left to delete and publish nothing either."""
     rejection = await asyncio.to_thread(read_rejection, backends, event)
     if rejection is None:
         return
@@ -76,5 +81,4 @@ async def handle_note(config: Config, js: JetStreamContext, catalogue: SqlCatalo
             **record.detail, "rejection_note": rejection.note_uid, "code": f"{rejection.code} {rejection.meaning}"}}))
     unpublished = await announce(js, outcome.events, config.nats.publish_timeout_s)
     if unpublished:
-        raise RuntimeError(f"{unpublished} dicom.deleted events of rejection note {rejection.note_uid} "
-                           "not published")
+        metrics.failures.labels("deleted_event").inc(unpublished)

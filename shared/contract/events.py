@@ -162,7 +162,7 @@ class InstanceDeleted(Event):
                         "An instance was deleted: its catalogue entry is gone, and its object from every placement "
                         "unless another instance (any tenant) holds the same bytes. reason is request (DICOMweb "
                         "DELETE, dicomflow delete), rejection-note (a KOS titled from CID 7011) or retention. "
-                        "Nats-Msg-Id = deleted:<tenant>:<sop>:<digest prefix>."),)
+                        "Nats-Msg-Id = deleted:<tenant>:<sop>:<digest prefix>:<deleted_at>."),)
     tenant: str
     study_uid: str
     series_uid: str
@@ -181,7 +181,9 @@ class InstanceDeleted(Event):
         return s.instance_deleted(self.study_uid, self.sop_uid)
 
     def msg_id(self) -> str:
-        return f"deleted:{_tenant_part(self.tenant)}{self.sop_uid}:{self.digest[:32]}"
+        # deleted_at too: the same bytes stored again and deleted again within the duplicate window are a
+        # second deletion, not a duplicate of the first
+        return f"deleted:{_tenant_part(self.tenant)}{self.sop_uid}:{self.digest[:32]}:{self.deleted_at.isoformat()}"
 
 
 class ForwardJob(Event):

@@ -16,8 +16,8 @@ log = logging.getLogger("dicomflow.deletion")
 async def announce(js: JetStreamContext, events: list[InstanceDeleted], timeout: float) -> int:
     """Publish every event, their PubAcks awaited together; the number that could not be published (logged).
 
-    Each has the Nats-Msg-Id of its instance and digest, so publishing one again (a redelivered rejection
-    note) is one message in the stream.
+    Each has a Nats-Msg-Id of its instance, digest and deletion time: a retried publish of the same event is
+    one message in the stream, a later deletion of the same bytes another.
     """
     publisher = AsyncPublisher(js, timeout)
     failed = 0

@@ -146,9 +146,9 @@ def test_dicomweb_delete_instance_series_study_confined_to_the_tenant(stack_fact
     assert sorted(int(r["detail"]["deleted"]) for r in records) == [1, 1, 2]
 
 
-@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom", "stow"])
 def test_a_rejection_note_deletes_what_it_references_in_its_tenant(stack_factory, tmp_path, engine):
-    stack = _stack(stack_factory, engine)
+    stack = _stack(stack_factory, "lean" if engine == "stow" else engine)
     instances = a_study(3)
     s = instances[0].StudyInstanceUID
     # both tenants hold the same UIDs and bytes (one object each, shared)
@@ -163,6 +163,8 @@ def test_a_rejection_note_deletes_what_it_references_in_its_tenant(stack_factory
     note.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if engine == "lean":  # dcmtk's storescu sends the note's file
         assert stack.storescu(write_files(tmp_path / "note", [note]), calling_ae="MODA").returncode == 0
+    elif engine == "stow":  # STOW-RS with tenant a's key
+        client(stack, KEY_A).store_instances([note])
     else:
         assert scu_send(stack.port, [note], calling="MODA",
                         contexts=(KeyObjectSelectionDocumentStorage, CTImageStorage)) == [0]

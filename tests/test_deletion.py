@@ -255,3 +255,21 @@ def test_dicomweb_delete_can_be_turned_off(tmp_path):
     finally:
         backends.close()
         catalogue.close()
+
+
+def test_bytes_stored_again_during_a_deletion_are_reported(stores):
+    """The store writes an object before its catalogue row: a copy of the same bytes catalogued between the
+    deletion's transaction and its object removals finds its object gone, and the deletion says so."""
+    from shared.deletion.execute import Outcome, finish
+
+    catalogue, backends = stores
+    instances = study(2)
+    s = instances[0].StudyInstanceUID
+    digests = put(catalogue, backends, instances, tenant="a", placements=("local",))
+    rows, held = catalogue.delete_instances("a", s)  # the deletion's transaction...
+    put(catalogue, backends, instances[:1], tenant="b", placements=("local",))  # ...then b stores the same bytes
+    out = finish(catalogue, backends, Outcome(Target("a", s), rows=rows), held, "request", "t")
+    raced = digests[instances[0].SOPInstanceUID]
+    assert out.failed == [f"local/{raced}: removed while an instance with the same bytes was being stored; "
+                          "send it again"]
+    assert catalogue.holders(digests.values()) == {raced: {"local"}}

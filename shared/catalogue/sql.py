@@ -344,15 +344,22 @@ class SqlCatalogue:
         touched_series = {(r["tenant"], r["study_uid"], r["series_uid"]): None for r in rows}
         touched_studies = {(r["tenant"], r["study_uid"]): None for r in rows}
         self._recount(cur, touched_series, touched_studies)
+        return rows, self._holders(cur, {r["digest"] for r in rows})
+
+    def _holders(self, cur, digests: Iterable[str]) -> dict[str, set[str]]:
         held: dict[str, set[str]] = {}
-        digests = sorted({r["digest"] for r in rows})
+        digests = sorted(set(digests))
         for start in range(0, len(digests), 500):  # bounded IN lists
             chunk = digests[start:start + 500]
-            cur.execute(q(f"SELECT digest, placements FROM instances WHERE digest IN ({', '.join('?' * len(chunk))})"),
-                        chunk)
+            cur.execute(self._sql(f"SELECT digest, placements FROM instances WHERE digest IN"
+                                  f" ({', '.join('?' * len(chunk))})"), chunk)
             for digest, placements in cur.fetchall():
                 held.setdefault(digest, set()).update(json.loads(placements))
-        return rows, held
+        return held
+
+    def holders(self, digests: Iterable[str]) -> dict[str, set[str]]:
+        """Digest -> the placements in which catalogued instances (any tenant) hold it, for those held at all."""
+        return self._transaction(lambda cur: self._holders(cur, digests))
 
     def study_ages(self, tenant: str | None = None) -> list[tuple[str, str, str]]:
         """(tenant, StudyInstanceUID, when its last instance was stored: ISO 8601) of every study (of one tenant)."""

@@ -65,19 +65,38 @@ def delete(catalogue: SqlCatalogue, backends: Backends, target: Target, reason: 
     """
     started = time.perf_counter()
     rows, held = catalogue.delete_instances(target.tenant, target.study_uid, target.series_uid, target.sop_uid)
-    outcome = Outcome(target, rows=rows)
+    outcome = finish(catalogue, backends, Outcome(target, rows=rows), held, reason, requested_by)
     if not rows:
         return outcome
-    plan = objects_to_remove(rows, held)
-    indexed = {name for name in {b for r in rows for b in r["placements"]}
-               if _keeps_index(backends, name)}
-    _write_tombstones(backends, tombstones(rows, indexed), outcome)
-    _remove_objects(backends, plan, outcome)
-    outcome.events = deleted_events(rows, outcome.removed, reason, requested_by, utcnow())
     metrics.instances.labels(reason).inc(len(rows))
     metrics.seconds.observe(time.perf_counter() - started)
     log.info("deleted %s: %d instances, objects removed %s (%s)", target.describe(), len(rows),
              {b: len(d) for b, d in outcome.removed.items()}, reason)
+    return outcome
+
+
+def finish(catalogue: SqlCatalogue, backends: Backends, outcome: Outcome, held: dict[str, set[str]],
+           reason: DeletionReason, requested_by: str) -> Outcome:
+    """The steps after the catalogue transaction: tombstones, objects, events; then a check that no instance
+    with the same bytes was catalogued meanwhile (the store places an object before its row, so a copy of
+    the same bytes stored during a deletion can find its object removed): such an object is reported in
+    ``failed`` and counted (``result="raced"``), so that the instance can be sent again."""
+    rows = outcome.rows
+    if not rows:
+        return outcome
+    indexed = {name for name in {b for r in rows for b in r["placements"]} if _keeps_index(backends, name)}
+    _write_tombstones(backends, tombstones(rows, indexed), outcome)
+    _remove_objects(backends, objects_to_remove(rows, held), outcome)
+    outcome.events = deleted_events(rows, outcome.removed, reason, requested_by, utcnow())
+    now_held = catalogue.holders({d for digests in outcome.removed.values() for d in digests})
+    for backend, digests in outcome.removed.items():
+        for digest in digests:
+            if backend in now_held.get(digest, set()):
+                log.error("deletion: object %s was removed from %s while an instance with the same bytes was "
+                          "stored: send that instance again", digest, backend)
+                metrics.objects.labels(backend, "raced").inc()
+                outcome.failed.append(f"{backend}/{digest}: removed while an instance with the same bytes was "
+                                      "being stored; send it again")
     return outcome
 
 

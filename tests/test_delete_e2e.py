@@ -178,16 +178,17 @@ def test_a_rejection_note_deletes_what_it_references_in_its_tenant(stack_factory
 
 def test_cli_delete_and_retention(stack_factory, tmp_path):
     stack = _stack(stack_factory, deletion={"retention_days": {"a": 2 / 86400}, "holds": {}})
-    old, held, busy, other = a_study(2), a_study(1), a_study(1), a_study(1)
+    old, held, busy, dead, other = a_study(2), a_study(1), a_study(1), a_study(1), a_study(1)
     stack.tree["deletion"]["holds"] = {"a": [str(held[0].StudyInstanceUID)]}
     from tests.helpers import write_config
     write_config(tmp_path, stack.tree)  # the CLI reads the hold; the running services need not
     for name, datasets, ae in (("old", old, "MODA"), ("held", held, "MODA"), ("busy", busy, "MODA"),
-                               ("other", other, "MODB")):
+                               ("dead", dead, "MODA"), ("other", other, "MODB")):
         assert stack.storescu(write_files(tmp_path / name, datasets), calling_ae=ae).returncode == 0
-    for datasets in (old, held, busy, other):
+    for datasets in (old, held, busy, dead, other):
         stored(stack, datasets[0].StudyInstanceUID, len(datasets))
     _queue_forward_job(stack, busy[0])  # a forward of "busy" waits in ROUTER_OUT
+    _queue_forward_job(stack, dead[0], dead_letter=True)  # one of "dead" was dead-lettered
 
     # dicomflow delete: arguments, dry run, tenant confinement, then for real
     s = old[0].StudyInstanceUID
@@ -209,12 +210,13 @@ def test_cli_delete_and_retention(stack_factory, tmp_path):
         ("keep", "on hold")
     assert (verdicts[busy[0].StudyInstanceUID]["action"], verdicts[busy[0].StudyInstanceUID]["why"]) == \
         ("keep", "a forward is in flight")
+    assert verdicts[dead[0].StudyInstanceUID]["why"] == "a forward is in flight"
     assert verdicts[other[0].StudyInstanceUID]["why"] == "the tenant keeps studies forever"
     assert len(rows_of(stack, s)) == 1  # the dry run deleted nothing
     text = stack.cli("retention").stdout
-    assert "1 of 4 studies deleted" in text
+    assert "1 of 5 studies deleted" in text
     assert rows_of(stack, s) == []
-    for datasets in (held, busy, other):
+    for datasets in (held, busy, dead, other):
         assert len(rows_of(stack, datasets[0].StudyInstanceUID)) == 1
     # --tenant: only that tenant's studies; --every: a pass each retention_interval_s until stopped
     only_b = [json.loads(line) for line in stack.cli("retention", "--tenant", "b", "--dry-run", "--json").stdout
@@ -235,23 +237,26 @@ def test_cli_delete_and_retention(stack_factory, tmp_path):
     assert sorted(r["detail"]["reason"] for r in kinds) == ["request", "retention"]
 
 
-def _queue_forward_job(stack, ds) -> None:
-    """Put a real forward job of ``ds``'s study in ROUTER_OUT, as the router does for a target that is down."""
+def _queue_forward_job(stack, ds, dead_letter: bool = False) -> None:
+    """Put a real forward job of ``ds``'s study in ROUTER_OUT, as the router does for a target that is down, or
+    (``dead_letter``) its dead letter in DICOM_DLQ, as the router leaves a job that failed every attempt."""
     import nats
 
     from shared.bus.jetstream import ensure_stream
-    from shared.contract.events import ForwardJob
-    from shared.contract.subjects import out_stream_config
+    from shared.contract.events import DeadLetter, ForwardJob, utcnow
+    from shared.contract.subjects import dlq_stream_config, out_stream_config
 
     config = load_config(stack.config_path, environ={})
 
     async def go():
         nc = await nats.connect(f"nats://127.0.0.1:{stack.tree['nats']['port']}")
         try:
-            await ensure_stream(nc, out_stream_config(config.stream))
+            await ensure_stream(nc, (dlq_stream_config if dead_letter else out_stream_config)(config.stream))
             job = ForwardJob(target="pacs", rule="all", study_uid=ds.StudyInstanceUID,
                              series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                              transfer_syntax_uid="1.2.840.10008.1.2.1", digest="0" * 64, size=1, backend="local")
+            if dead_letter:
+                job = DeadLetter(job=job, reason="refused", attempts=5, failed_at=utcnow(), job_sequence=1)
             await nc.jetstream().publish(job.subject(), job.model_dump_json().encode())
         finally:
             await nc.close()

@@ -261,3 +261,22 @@ def _queue_forward_job(stack, ds, dead_letter: bool = False) -> None:
         finally:
             await nc.close()
     asyncio.run(go())
+
+
+def test_retention_keeps_a_study_the_router_has_not_completed(stack_factory, tmp_path):
+    """A study still open in the router's state (its forward on completion not yet made) is kept, whatever its age."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: all, action: forward, to: PACS, when: complete}\n")
+    stack = _stack(stack_factory, deletion={"retention_days": {"a": 1 / 86400}},
+                   router={"rules_file": str(rules), "completion": {"quiet_s": 3600},
+                           "targets": {"PACS": {"kind": "dicom", "port": free_port(), "ae_title": "PACS"}}})
+    instances = a_study(2)
+    s = instances[0].StudyInstanceUID
+    assert stack.storescu(write_files(tmp_path / "open", instances), calling_ae="MODA").returncode == 0
+    stored(stack, s, 2)
+    until(lambda: json.loads(stack.cli("study", s, "--json").stdout)["routing"], lambda r: isinstance(r, dict)
+          and r.get("count") == 2, "the router's state of the study")
+    time.sleep(1.5)
+    [verdict] = [json.loads(line) for line in stack.cli("retention", "--json").stdout.splitlines()]
+    assert (verdict["study_uid"], verdict["action"], verdict["why"]) == (s, "keep", "a forward is in flight")
+    assert len(rows_of(stack, s)) == 2

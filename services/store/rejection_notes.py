@@ -25,7 +25,7 @@ from shared.deletion.execute import Outcome, audit_record, delete
 from shared.deletion.plan import Target
 from shared.deletion.rejection import KOS_SOP_CLASS, Rejection, rejection_of
 from shared.dicom.part10 import part10
-from shared.storage.objectstore import Backends
+from shared.storage.objectstore import Backends, ObjectMissing
 
 from . import metrics
 
@@ -38,9 +38,18 @@ def may_be_note(config: Config, event: InstanceReceived) -> bool:
     return config.deletion.rejection_notes and event.tags.sop_class_uid == KOS_SOP_CLASS
 
 
-def read_rejection(backends: Backends, event: InstanceReceived) -> Rejection | None:
-    """The rejection a stored KOS states (None: another kind of KOS), parsed from its staged bytes (blocking)."""
-    data = backends.get(event.backend).get(event.digest)
+def read_rejection(backends: Backends, event: InstanceReceived, placements: list[str]) -> Rejection | None:
+    """The rejection a stored KOS states (None: another kind of KOS), parsed from its bytes (blocking): from a
+    placement (just written), else from staging."""
+    data, last = None, None
+    for name in [*placements, event.backend]:
+        try:
+            data = backends.get(name).get(event.digest)
+            break
+        except (ObjectMissing, OSError) as exc:
+            last = exc
+    if data is None:
+        raise ObjectMissing(f"rejection note {event.tags.sop_uid}: in none of {placements}: {last}")
     ds = pydicom.dcmread(io.BytesIO(part10(data, event.tags.sop_class_uid, event.tags.sop_uid,
                                            event.transfer_syntax_uid)), force=True)
     return rejection_of(ds)
@@ -63,13 +72,13 @@ def apply_rejection(catalogue: SqlCatalogue, backends: Backends, tenant: str, re
 
 
 async def handle_note(config: Config, js: JetStreamContext, catalogue: SqlCatalogue, backends: Backends,
-                      event: InstanceReceived, tenant: str) -> None:
+                      event: InstanceReceived, tenant: str, placements: list[str]) -> None:
     """Apply a stored KOS if it is a rejection note: delete, publish the events, audit.
 
     Raises when the deletion itself failed (the note's event is redelivered and applied again: nothing was
     deleted). Events that could not be published after the deletion are logged and counted, not raised: a
     redelivery would find nothing left to delete and publish nothing either."""
-    rejection = await asyncio.to_thread(read_rejection, backends, event)
+    rejection = await asyncio.to_thread(read_rejection, backends, event, placements)
     if rejection is None:
         return
     outcome = await asyncio.to_thread(apply_rejection, catalogue, backends, tenant, rejection)

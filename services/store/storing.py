@@ -105,7 +105,8 @@ class Storer:
         for it in work:
             if outcomes[it.index] is None and may_be_note(self.config, it.event):
                 try:
-                    await handle_note(self.config, self.js, self.catalogue, self.backends, it.event, it.tenant)
+                    await handle_note(self.config, self.js, self.catalogue, self.backends, it.event, it.tenant,
+                                      it.placements)
                 except Exception as exc:
                     log.exception("rejection note %s not applied", it.event.tags.sop_uid)
                     metrics.failures.labels("rejection_note").inc()

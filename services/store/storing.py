@@ -101,7 +101,7 @@ class Storer:
         return outcomes
 
     async def _apply_rejection_notes(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
-        """Stored rejection notes (KOS titled from CID 7011) delete what they reference, after the note is stored."""
+        """Stored rejection notes (KOS titled with a rejection code of CID 7010) delete what they reference, after the note is stored."""
         for it in work:
             if outcomes[it.index] is None and may_be_note(self.config, it.event):
                 try:

@@ -152,7 +152,7 @@ class InstanceRejected(Event):
 
 DeletionReason = Literal["request", "rejection-note", "retention"]
 """Why an instance was deleted: a DICOMweb DELETE or ``dicomflow delete``, a rejection note (a Key Object
-Selection Document titled from CID 7011), or the tenant's retention period."""
+Selection Document titled with a rejection code of CID 7010), or the tenant's retention period."""
 
 
 class InstanceDeleted(Event):
@@ -161,7 +161,7 @@ class InstanceDeleted(Event):
     channels = (Channel("instance-deleted", f"{s.DELETED_PREFIX}.{{study}}.{{sop}}", "events",
                         "An instance was deleted: its catalogue entry is gone, and its object from every placement "
                         "unless another instance (any tenant) holds the same bytes. reason is request (DICOMweb "
-                        "DELETE, dicomflow delete), rejection-note (a KOS titled from CID 7011) or retention. "
+                        "DELETE, dicomflow delete), rejection-note (a KOS titled with a rejection code of CID 7010) or retention. "
                         "Nats-Msg-Id = deleted:<tenant>:<sop>:<digest prefix>:<deleted_at>."),)
     tenant: str
     study_uid: str

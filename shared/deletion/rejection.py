@@ -1,7 +1,8 @@
 """Rejection notes (pure): a Key Object Selection Document whose title rejects the instances it references.
 
 As dcm4chee and IHE Imaging Object Change Management (IOCM) define them: the document's Concept Name
-Code Sequence (0040,A043) holds a code of CID 7011 "Rejected for ...", and its Current Requested
+Code Sequence (0040,A043) holds one of the rejection titles of CID 7010 "Key Object Selection Document
+Title" (CID 7011 is the list of quality reasons that may follow in the content), and its Current Requested
 Procedure Evidence Sequence (0040,A375) lists the rejected instances by study, series and SOP Instance
 UID. The note is stored like any instance; what it references is deleted.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 
-#: CID 7011 "Rejected for ..." (PS3.16), scheme DCM: code value -> meaning.
+#: The rejection titles of CID 7010 (PS3.16), scheme DCM, as dcm4chee's rejection notes use them: code -> meaning.
 REJECTION_CODES = {
     "113001": "Rejected for Quality Reasons",
     "113037": "Rejected for Patient Safety Reasons",
@@ -39,7 +40,7 @@ def _text(item, keyword: str) -> str:
 def rejection_of(ds) -> Rejection | None:
     """The rejection a data set (a pydicom Dataset) states, or None when it is not a rejection note.
 
-    A KOS titled with a CID 7011 code (coding scheme DCM) is one; references without the three UIDs are
+    A KOS titled with one of :data:`REJECTION_CODES` (coding scheme DCM) is one; references without the three UIDs are
     skipped (nothing to find them by).
     """
     if _text(ds, "SOPClassUID") != KOS_SOP_CLASS:

@@ -428,6 +428,22 @@ class AuditConfig(_Section):
     syslog: SyslogConfig = Field(default_factory=SyslogConfig)
 
 
+class DeletionConfig(_Section):
+    web: bool = Field(True, description="Serve DICOMweb DELETE of a study, series or instance (204 when deleted, 404 when the caller's tenant has nothing there). False: 405 for DELETE, reading stays.")
+    rejection_notes: bool = Field(True, description="A stored Key Object Selection Document whose title is a rejection (rejection titles of CID 7010 Key Object Selection Document Title: 113001 Rejected for Quality Reasons, 113037 Rejected for Patient Safety Reasons, 113038 Incorrect Modality Worklist Entry, 113039 Data Retention Policy Expired) deletes the instances it references, of its sender's tenant, as dcm4chee does; the note itself is kept. False: it is stored as any other instance.")
+    retention_days: dict[str, float] = Field(default_factory=dict, description="Retention per tenant: tenant -> days a study is kept after its last instance was stored; `dicomflow retention` deletes older studies. A tenant not listed keeps its studies forever.")
+    holds: dict[str, list[str]] = Field(default_factory=dict, description="Legal or clinical holds: tenant -> StudyInstanceUIDs that retention never deletes (an explicit delete still can).")
+    retention_interval_s: float = Field(3600.0, gt=0, description="Seconds between two passes of `dicomflow retention --every` (the periodic job).")
+
+    @field_validator("retention_days")
+    @classmethod
+    def _positive_days(cls, v: dict[str, float]) -> dict[str, float]:
+        for tenant, days in v.items():
+            if days <= 0:
+                raise ValueError(f"tenant {tenant!r}: retention of {days} days; leave the tenant out to keep forever")
+        return v
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -524,6 +540,7 @@ class Config(_Section):
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    deletion: DeletionConfig = Field(default_factory=DeletionConfig)
 
     @field_validator("data_dir")
     @classmethod

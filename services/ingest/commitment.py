@@ -15,6 +15,7 @@ imported. Every commitment is audited and counted.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -75,16 +76,18 @@ class Committer:
     """Storage commitment requests of calling AEs, each confined to its tenant.
 
     ``policies``: placement policy name -> its placements (``storage.policies``); ``destinations``: AE title ->
-    where it listens (``ingest.move_destinations``), for reports on a new association.
+    where it listens (``ingest.move_destinations``), for reports on a new association; ``tls``: AE title -> the
+    TLS client context of a destination that takes DICOM over TLS (the C-MOVE :class:`~.retrieve.Retriever`'s).
     """
 
     def __init__(self, finder: Finder, access: AccessConfig, policies: dict[str, list[str]],
                  destinations: dict[str, MoveDestinationConfig], ae_title: str, max_pdu: int,
-                 network_timeout: float, wait_s: float):
+                 network_timeout: float, wait_s: float, tls: dict[str, ssl.SSLContext] | None = None):
         self.finder = finder
         self.access = access
         self.policies = policies
         self.destinations = destinations
+        self.tls = tls or {}
         self.ae_title = ae_title
         self.max_pdu = max_pdu
         self.network_timeout = network_timeout
@@ -191,7 +194,7 @@ class Committer:
         for attempt in range(1, REPORT_ATTEMPTS + 1):
             try:
                 status = send_report(dest.host, dest.port, self.ae_title, calling_ae, event_type, information,
-                                     self.max_pdu, self.network_timeout)
+                                     self.max_pdu, self.network_timeout, self.tls.get(calling_ae.strip()))
                 if status == SUCCESS:
                     return ""
                 error = f"{calling_ae} answered the N-EVENT-REPORT with 0x{status:04X}"
@@ -220,12 +223,13 @@ class Committer:
 
 
 def send_report(host: str, port: int, our_ae: str, modality_ae: str, event_type: int, information: dict,
-                max_pdu: int, timeout: float) -> int:
-    """One N-EVENT-REPORT on a new association to the modality, which we request proposing the SCP role of the
-    Storage Commitment Push Model (PS3.4 J.3.3.1.3: the modality accepts an association on which we are the SCP);
-    returns the status of its N-EVENT-REPORT-RSP. Raises OSError, :class:`Closed` or ProtocolError."""
+                max_pdu: int, timeout: float, tls: ssl.SSLContext | None = None) -> int:
+    """One N-EVENT-REPORT on a new association to the modality (over TLS with ``tls``), which we request proposing
+    the SCP role of the Storage Commitment Push Model (PS3.4 J.3.3.1.3: the modality accepts an association on
+    which we are the SCP); returns the status of its N-EVENT-REPORT-RSP. Raises OSError (ssl.SSLError for a
+    refused certificate), :class:`Closed` or ProtocolError."""
     channel = Outbound.open(host, port, our_ae, modality_ae, [(STORAGE_COMMITMENT_PUSH, ts) for ts in _SYNTAXES],
-                            max_pdu, timeout, roles={STORAGE_COMMITMENT_PUSH: (0, 1)})
+                            max_pdu, timeout, tls, roles={STORAGE_COMMITMENT_PUSH: (0, 1)})
     try:
         accepted = [(ts, cid) for (abstract, ts), cid in channel.contexts.items() if abstract == STORAGE_COMMITMENT_PUSH]
         if not accepted:

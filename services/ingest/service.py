@@ -49,7 +49,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     retriever = Retriever(finder, config.access, ing.move_destinations)
     # ... and storage commitment: an instance is committed once the catalogue has it in every placement of its policy
     committer = Committer(finder, config.access, {name: list(p.placements) for name, p in config.storage.policies.items()},
-                          ing.move_destinations, ing.ae_title, ing.max_pdu, ing.network_timeout_s, ing.commitment_wait_s)
+                          ing.move_destinations, ing.ae_title, ing.max_pdu, ing.network_timeout_s, ing.commitment_wait_s,
+                          retriever.tls)
     # DICOM over TLS: only TLS connections; with a client CA, a verified certificate bound to the calling AE
     tls = server_context(ing.tls_cert, ing.tls_key, ing.tls_ca) if ing.tls_cert else None
     may_act_as = functools.partial(certificate_may_act_as, config.access)
@@ -58,7 +59,8 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
         server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
                                   private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
-                                  tls=tls, may_act_as=may_act_as, committer=committer)
+                                  tls=tls, may_act_as=may_act_as, max_connections=ing.max_connections,
+                                  committer=committer)
     else:
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
                            private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,

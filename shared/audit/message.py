@@ -40,6 +40,8 @@ EVENTS: dict[str, tuple[Code, tuple[Code, ...]]] = {
     "query": (_dcm("110112", "Query"), ()),
     # "Begin Transferring DICOM Instances" (action E): a C-GET, C-MOVE or WADO answer starts sending what it names.
     "retrieve": (_dcm("110102", "Begin Transferring DICOM Instances"), ()),
+    # a C-GET's or C-MOVE's end: what the sub-operations sent (action R: read from the archive)
+    "retrieved": (_dcm("110104", "DICOM Instances Transferred"), ()),
     "export": (_dcm("110106", "Export"), ()),                                      # "Data Export"
     # A storage commitment (PS3.4 Annex J) has no PS3.15 event: the catalogue read for it, typed as what it was.
     "commitment": (_dcm("110103", "DICOM Instances Accessed"),

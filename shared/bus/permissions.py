@@ -75,11 +75,13 @@ def grants(config: Config) -> dict[str, Grants]:
     # every service records audit messages (shared/audit) into their own stream
     common = common.add(Grants(publish=[f"{subjects.AUDIT_PREFIX}.>"])).add(declare(names["audit"]))
     intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(declare(events))
+    # deletions (DICOMweb DELETE by the web, rejection notes by the store) announce each instance deleted
+    deleted = Grants(publish=[f"{subjects.DELETED_PREFIX}.>"])
     out, dlq = names["forward"], names["dlq"]
     return {
         "ingest": Grants().add(common).add(intake),
-        "web": Grants().add(common).add(intake),
-        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common)
+        "web": Grants().add(common).add(intake).add(deleted),
+        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common).add(deleted)
         .add(declare(instances)).add(declare(events)).add(consume(instances)).add(bucket("members_store")),
         "router": Grants(publish=["dicom.study.>", "dicom.forward.>", f"{subjects.OUT_PREFIX}.>",
                                   f"{subjects.DLQ_PREFIX}.>"]).add(common)
@@ -97,7 +99,8 @@ def grants(config: Config) -> dict[str, Grants]:
         # integration: its own consumers on the events stream, or a plain subscription to the event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
-                                         "dicom.study.>", "dicom.forward.>"]).add(Grants(subscribe=["_INBOX.>"]))
+                                         "dicom.study.>", "dicom.forward.>", f"{subjects.DELETED_PREFIX}.>"])
+        .add(Grants(subscribe=["_INBOX.>"]))
         .add(consume(events)),
     }
 

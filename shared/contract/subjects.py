@@ -23,6 +23,7 @@ FORWARD_FAILED_PREFIX = "dicom.forward.failed"
 OUT_PREFIX = "router.out"
 DLQ_PREFIX = "dicom.dlq"
 AUDIT_PREFIX = "dicom.audit"
+DELETED_PREFIX = "dicom.deleted"
 
 OUT_STREAM = "ROUTER_OUT"
 DLQ_STREAM = "DICOM_DLQ"
@@ -59,6 +60,11 @@ def instance_stored(study_uid: str, sop_uid: str) -> str:
 def instance_rejected(study_uid: str, sop_uid: str) -> str:
     """Subject of :class:`~shared.contract.events.InstanceRejected`."""
     return f"{REJECTED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
+
+
+def instance_deleted(study_uid: str, sop_uid: str) -> str:
+    """Subject of :class:`~shared.contract.events.InstanceDeleted`."""
+    return f"{DELETED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
 
 
 def forward_job(target: str, study_uid: str, sop_uid: str) -> str:
@@ -151,7 +157,8 @@ def instance_stream_config(cfg: StreamConfig) -> dict:
 def events_stream_config(cfg: StreamConfig) -> dict:
     """Raw JetStream config of the integration events stream."""
     return stream_config(cfg.events_name,
-                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>"],
+                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>",
+                          f"{DELETED_PREFIX}.>"],
                          cfg, cfg.events_max_age_days)
 
 

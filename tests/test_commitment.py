@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 import urllib.request
@@ -55,6 +56,7 @@ from shared.catalogue.commitment import (
 )
 from shared.dicom.json_model import json_model
 from tests.helpers import Stack, encode, make_config, scu_send, wait_for
+from tests.tls_certs import CA
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -196,14 +198,14 @@ class Modality:
     """A storage commitment SCU (pynetdicom) that receives its reports on its own association and, listening on
     ``port``, on associations the archive opens to it (accepting the SCP role the archive proposes)."""
 
-    def __init__(self, ae_title: str, port: int):
+    def __init__(self, ae_title: str, port: int, tls: ssl.SSLContext | None = None):
         self.ae_title, self.port = ae_title, port
         self.reports: list[tuple[str, int, Dataset]] = []  # (how it came: same or new, event type, information)
         self.arrived = threading.Condition()
         self.comment = ""  # the Error Comment of the last N-ACTION-RSP
         self.listener = AE(ae_title=ae_title)
         self.listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-        self.server = self.listener.start_server(("127.0.0.1", port), block=False,
+        self.server = self.listener.start_server(("127.0.0.1", port), block=False, ssl_context=tls,
                                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._handler("new"))])
 
     def _handler(self, how: str):
@@ -386,4 +388,37 @@ def test_a_placement_the_policy_gained_is_not_committed_until_written(tmp_path):
         assert modality.comment == "Action Information over 4194304 bytes"
     finally:
         modality.close()
+        stack.stop()
+
+
+def test_report_on_a_new_association_over_tls(tmp_path):
+    """A modality whose move_destinations entry says tls gets its report over DICOM TLS, its certificate verified
+    against tls_ca; one presenting a certificate of another CA gets none (undelivered, audited)."""
+    ca = CA(tmp_path / "pki")
+    ports = {"CT_A": free_port(), "CT_B": free_port()}
+    tree = commitment_tree(tmp_path, "lean", ports["CT_A"], ["local", "second"])
+    tree["ingest"]["move_destinations"] = {ae: {"host": "127.0.0.1", "port": port, "tls": True,
+                                                "tls_ca": str(ca.path)} for ae, port in ports.items()}
+    stack = Stack(tmp_path, tree).start()
+    modalities = {}
+    for ae, pair in (("CT_A", ca.server()), ("CT_B", CA(tmp_path / "impostor", "impostor CA").server())):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pair.cert, pair.key)
+        modalities[ae] = Modality(ae, ports[ae], context)
+    try:
+        refs = send(stack, tmp_path / "a", 1, "CT_A")
+        transaction = new_uid()
+        assert modalities["CT_A"].request(stack.port, transaction, refs) == 0  # released at once
+        how, event_type, info = modalities["CT_A"].wait(transaction, 30)
+        assert (how, event_type) == ("new", EVENT_SUCCESS) and committed_and_failed(info) == ([refs[0][1]], [])
+
+        lost = new_uid()
+        assert modalities["CT_B"].request(stack.port, lost, refs) == 0
+        wait_for(lambda: any(r["detail"].get("transaction_uid") == lost and r["detail"]["delivery"] == "undelivered"
+                             for r in json.loads(stack.cli("audit", "--json", "--event", "commitment").stdout)),
+                 60, what="the report to an untrusted modality audited as undelivered")
+        assert modalities["CT_B"].wait(lost, 0) is None
+    finally:
+        for modality in modalities.values():
+            modality.close()
         stack.stop()

@@ -497,6 +497,11 @@ class WebConfig(_Section):
         return self
 
 
+class ChangeFeedConfig(_Section):
+    max_age_days: float = Field(3650, gt=0, description="How long the change feed (the DICOM_CHANGES stream: every instance stored, replaced or deleted and every study completed or updated, with its sequence) is kept; older entries age out, and a cursor before the first kept sequence starts at it. Keep it at or above the longest time an integration may be away. The feed is filled from the events stream, which needs to keep an event only until it is copied (seconds).")
+    max_limit: int = Field(200, ge=1, le=10000, description="Most entries one GET /changefeed page returns (a larger limit is refused with 400, as the Microsoft DICOM service does); the default page is 100 or this, whichever is smaller.")
+
+
 class Config(_Section):
     data_dir: str = Field("var", description="Where the embedded default keeps NATS data, objects and the index.")
     nats: NatsConfig = Field(default_factory=NatsConfig)
@@ -511,6 +516,7 @@ class Config(_Section):
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    changefeed: ChangeFeedConfig = Field(default_factory=ChangeFeedConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -74,31 +74,35 @@ def grants(config: Config) -> dict[str, Grants]:
     common = Grants(subscribe=["_INBOX.>"])  # request replies, pull deliveries, the publishers' PubAcks
     # every service records audit messages (shared/audit) into their own stream
     common = common.add(Grants(publish=[f"{subjects.AUDIT_PREFIX}.>"])).add(declare(names["audit"]))
-    intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(declare(events))
+    # every service that declares the events stream declares the change feed it fills (ensure_streams)
+    events_and_feed = declare(events).add(declare(names["changes"]))
+    intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(events_and_feed)
     out, dlq = names["forward"], names["dlq"]
     return {
         "ingest": Grants().add(common).add(intake),
-        "web": Grants().add(common).add(intake),
+        # the web reads the change feed (GET /changefeed) with its own ephemeral consumers
+        "web": Grants().add(common).add(intake).add(consume(names["changes"])).add(read_messages(names["changes"])),
         "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common)
-        .add(declare(instances)).add(declare(events)).add(consume(instances)).add(bucket("members_store")),
+        .add(declare(instances)).add(events_and_feed).add(consume(instances)).add(bucket("members_store")),
         "router": Grants(publish=["dicom.study.>", "dicom.forward.>", f"{subjects.OUT_PREFIX}.>",
                                   f"{subjects.DLQ_PREFIX}.>"]).add(common)
-        .add(declare(instances)).add(declare(events)).add(declare(out)).add(declare(dlq))
+        .add(declare(instances)).add(events_and_feed).add(declare(out)).add(declare(dlq))
         .add(consume(instances)).add(consume(out)).add(consume(dlq)).add(read_messages(instances)).add(read_messages(dlq))
         .add(Grants(publish=[f"$JS.API.STREAM.MSG.DELETE.{dlq}"]))
         .add(bucket("members_router")).add(bucket(subjects.STUDIES_BUCKET)).add(bucket(subjects.ASSIGN_BUCKET))
         .add(bucket(subjects.HEALTH_BUCKET)),
         # lag: consumer lists and the partitions' last messages; membership read-only; scaling is not on the bus
-        "autoscaler": Grants().add(common).add(declare(instances)).add(declare(events))
+        "autoscaler": Grants().add(common).add(declare(instances)).add(events_and_feed)
         .add(Grants(publish=[f"$JS.API.CONSUMER.LIST.{instances}", f"$JS.API.CONSUMER.INFO.{instances}.>",
                              f"$JS.API.STREAM.INFO.{instances}"]))
         .add(read_messages(instances)).add(bucket("members_store", write=False))
         .add(bucket("members_router", write=False)),
-        # integration: its own consumers on the events stream, or a plain subscription to the event subjects
+        # integration: its own consumers on the events stream or the change feed, or a plain subscription to the
+        # event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
                                          "dicom.study.>", "dicom.forward.>"]).add(Grants(subscribe=["_INBOX.>"]))
-        .add(consume(events)),
+        .add(consume(events)).add(consume(names["changes"])).add(read_messages(names["changes"])),
     }
 
 

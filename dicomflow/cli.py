@@ -13,6 +13,8 @@ from shared.telemetry import setup_logging
 
 from .audit_cli import add_parser as add_audit_parser
 from .audit_cli import cmd_audit
+from .events_cli import add_parser as add_events_parser
+from .events_cli import cmd_events
 from .routing_cli import add_parsers as add_router_parsers
 from .routing_cli import cmd_dlq, cmd_router, cmd_rules
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tenant", help="the study of this tenant (two tenants may use one StudyInstanceUID)")
     exp.add_argument("--json", action="store_true")
     add_audit_parser(sub, common)
+    add_events_parser(sub, common)
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
     aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
@@ -461,4 +464,5 @@ COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "sto
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
             "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
-            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit}
+            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit,
+            "events": cmd_events}

@@ -2,10 +2,9 @@
 with the event models of dicomflow's contract as typed message bodies, and resumes where it left off after a
 restart (its durable consumers on the events stream keep its place).
 
-Run it with ``faststream run examples.faststream_integration:app`` or ``python examples/faststream_integration.py``
-(NATS_URL names the server, default nats://127.0.0.1:4222, with the integration user's credentials where the
-server has users: nats://integration:<password>@host:4222; DICOMFLOW_EVENTS_STREAM the events stream's name,
-default DICOM_EVENTS).
+Run it with ``python examples/faststream_integration.py``. NATS_URL names the server (default
+nats://127.0.0.1:4222; with the integration user's credentials where the server has users:
+nats://integration:<password>@host:4222), DICOMFLOW_EVENTS_STREAM the events stream (default DICOM_EVENTS).
 Each event is printed as one JSON line; a real integration would update a worklist, a FHIR server, a billing
 system. Make the handlers idempotent: an event whose acknowledgement was lost (the process killed between the
 handler and the ack) is delivered again.

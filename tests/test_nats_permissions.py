@@ -2,10 +2,11 @@
 services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler), each
 with its own user, store and route a
 study with no permission violation; the ingest may publish only dicom.in.>, a store credential cannot
-inject an instance, the integration user reads events and nothing else. compose/ and k8s/ ship that block."""
+inject an instance, the integration user reads events (and the change feed) and nothing else. compose/ and k8s/ ship that block."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -167,9 +168,28 @@ async def _send_and_watch(subscribe, events: list[str], tmp_path: Path, tree: di
         assert await asyncio.to_thread(_stow, paths[0], f"http://127.0.0.1:{tree['web']['port']}/dicom-web") == 200
         await _until(lambda: sum(s.startswith("dicom.stored.") for s in events) >= 4, 30)
         assert sum(s.startswith("dicom.stored.") for s in events) == 4, events
+        # the change feed: over HTTP, read by the DICOMweb service as the web user; over NATS as the integration user
+        base = f"http://127.0.0.1:{tree['web']['port']}/dicom-web"
+        for _ in range(100):  # the server copies the events into the feed a moment after they are stored
+            feed = await asyncio.to_thread(_changefeed, base)
+            if len(feed) >= 5:
+                break
+            await asyncio.sleep(0.1)
+        assert [e["Kind"] for e in feed][:4] == ["instance-stored"] * 3 + ["study-complete"], feed
+        assert feed[4]["Kind"] == "instance-stored" and feed[4]["State"] == "current", feed
+        from shared.changefeed import reading
+        from shared.config import AccessConfig
+        page = await reading.read(nc, AccessConfig(), None, 10)
+        assert [c.sequence for c in page.changes] == [e["Sequence"] for e in feed]
     finally:
         await nc.close()
     return True
+
+
+def _changefeed(base_url: str) -> list[dict]:
+    """GET /changefeed (as the anonymous default tenant)."""
+    with urllib.request.urlopen(f"{base_url}/changefeed?includeMetadata=false", timeout=30) as resp:
+        return json.loads(resp.read())
 
 
 def _stow(path: Path, base_url: str) -> int:

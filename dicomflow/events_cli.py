@@ -39,6 +39,14 @@ def parse_cursor(text: str, now: datetime) -> tuple[int, datetime | None]:
     return 1, parse_since(value, now)
 
 
+def known_tenants(config: Config) -> set[str]:
+    """Every tenant the configuration can give an instance: the listed ones, the default and anonymous tenants,
+    and those a trusted gateway maps institutions to."""
+    access = config.access
+    named = {access.default_tenant, access.anonymous_tenant} | {t for m in access.gateways.values() for t in m.values()}
+    return set(access.tenants) | {t for t in named if t}
+
+
 def cmd_events(config: Config, args: argparse.Namespace) -> int:
     from shared.bus.connection import Unreachable, connect_once
     from shared.catalogue.open import open_catalogue
@@ -54,8 +62,7 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("dicomflow events: --limit must be at least 1", file=sys.stderr)
         return 2
-    if args.tenant is not None and args.tenant not in config.access.tenants and args.tenant != \
-            config.access.default_tenant:
+    if args.tenant is not None and args.tenant not in known_tenants(config):
         print(f"dicomflow events: no tenant {args.tenant!r} in the configuration", file=sys.stderr)
         return 2
     catalogue = open_catalogue(config.catalogue.url, config.data_path())

@@ -148,3 +148,14 @@ def test_events_since_is_a_sequence_or_a_time():
     assert parse_cursor("0", NOW) == (1, None)
     assert parse_cursor("2h", NOW) == (1, NOW - timedelta(hours=2))
     assert parse_cursor("2026-12-01T08:00Z", NOW) == (1, datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
+
+
+def test_events_tenant_must_be_one_the_configuration_can_give():
+    from dicomflow.events_cli import known_tenants
+    from shared.config import load_config
+
+    config = load_config(overrides={"access": ACCESS.model_dump()}, environ={})
+    assert known_tenants(config) == {"north", "south", "default"}
+    config = load_config(overrides={"access": {"default_tenant": None, "anonymous_tenant": None,
+                                               "gateways": {"GW": {"East": "east"}}}}, environ={})
+    assert known_tenants(config) == {"east"}

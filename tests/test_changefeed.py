@@ -163,3 +163,21 @@ def test_the_change_feed_over_http_and_the_cli(stack, tmp_path):
         finally:
             await nc.close()
     assert run_async(stream_config())["max_age"] == 400 * 86400 * 10**9
+
+
+def test_nats_away_is_503_with_retry_after_and_qido_still_answers(tmp_path):
+    from shared.config import load_config
+    from tests.helpers import make_config
+    from tests.web_harness import WebService
+
+    tree = make_config(tmp_path, f"nats://127.0.0.1:{free_port()}")  # nothing listens there
+    tree["nats"]["connect_timeout_s"] = 0.5
+    with WebService(load_config(overrides=tree, environ={})) as web:
+        try:
+            urllib.request.urlopen(f"{web.url}/changefeed", timeout=30)
+            raise AssertionError("answered without NATS")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503 and exc.headers["Retry-After"] == "5"
+            assert "NATS cannot be reached" in exc.read().decode()
+        with urllib.request.urlopen(f"{web.url}/studies", timeout=30) as resp:  # the read side does not wait
+            assert resp.status == 200

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import nats
 import pytest
@@ -155,6 +156,13 @@ def test_the_change_feed_over_http_and_the_cli(stack, tmp_path):
         follower.send_signal(signal.SIGINT)
         assert follower.wait(15) == 0, follower.stderr.read()
 
+    # a study stored over STOW-RS with b's key: its entries are b's (the tenant travels with the study to the router)
+    study_d, [file_d] = write_study(tmp_path / "d", 1)
+    assert _stow(file_d, f"http://127.0.0.1:{stack.tree['web']['port']}/dicom-web", KEY_B) == 200
+    wait_for(lambda: [e["Kind"] for e in feed(stack, KEY_B) if e["StudyInstanceUid"] == study_d]
+             == ["instance-stored", "study-complete"], 60, what="b's STOW-RS study in b's feed")
+    assert not [e for e in feed(stack, KEY_A) if e["StudyInstanceUid"] == study_d]
+
     # kept as long as configured
     async def stream_config() -> dict:
         nc = await nats.connect(f"nats://127.0.0.1:{stack.tree['nats']['port']}")
@@ -163,6 +171,17 @@ def test_the_change_feed_over_http_and_the_cli(stack, tmp_path):
         finally:
             await nc.close()
     assert run_async(stream_config())["max_age"] == 400 * 86400 * 10**9
+
+
+def _stow(path, base_url: str, key: str) -> int:
+    """POST one Part-10 file to STOW-RS with an API key; the HTTP status."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    req = urllib.request.Request(f"{base_url}/studies", data=body, method="POST", headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "X-API-Key": key})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status
 
 
 def test_nats_away_is_503_with_retry_after_and_qido_still_answers(tmp_path):

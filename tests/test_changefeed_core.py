@@ -37,9 +37,9 @@ def stored(sop: str, tenant: str = "north", replaced: str | None = None, digest:
                                  replaced_digest=replaced, tenant=tenant).model_dump_json().encode()
 
 
-def complete(generation: int, calling_ae: str, institution: str = "") -> bytes:
+def complete(generation: int, calling_ae: str, institution: str = "", tenant: str = "") -> bytes:
     return events.StudyComplete(study_uid="1.2.3", generation=generation, reason="quiet", instances=2, series=[],
-                                calling_ae=calling_ae, institution_name=institution, first_arrival=NOW,
+                                calling_ae=calling_ae, institution_name=institution, tenant=tenant, first_arrival=NOW,
                                 last_arrival=NOW, completed_at=NOW).model_dump_json().encode()
 
 
@@ -55,6 +55,9 @@ def test_each_change_subject_becomes_its_entry():
     u = change_of(10, "dicom.study.updated.1_2_3", complete(2, "GW", "South Hospital"), ACCESS)
     assert (u.kind, u.action, u.tenant) == ("study-updated", "update", "south")  # the gateway's mapping
     assert change_of(11, "dicom.study.complete.1_2_3", complete(1, "ELSEWHERE"), ACCESS).tenant == "default"
+    # the tenant the router carried from the instances wins (a STOW-RS study's calling AE is its principal)
+    assert change_of(12, "dicom.study.complete.1_2_3", complete(1, "apikey:north", tenant="north"),
+                     ACCESS).tenant == "north"
 
 
 def test_what_is_no_change_is_refused_not_guessed():

@@ -65,8 +65,9 @@ def _stored(sequence: int, data: bytes, access: AccessConfig) -> Change:
 
 def _study(sequence: int, data: bytes, access: AccessConfig) -> Change:
     ev = StudyComplete.model_validate_json(data)
-    # a study's tenant is its instances' (the same derivation the store made from the AE and InstitutionName)
-    tenant = tenant_of_instance(access, ev.calling_ae, ev.institution_name) or ""
+    # a study's tenant is its instances'; events of versions before StudyComplete.tenant: the same derivation the
+    # store makes from the AE and InstitutionName
+    tenant = ev.tenant or tenant_of_instance(access, ev.calling_ae, ev.institution_name) or ""
     kind: Kind = "study-complete" if ev.kind == "complete" else "study-updated"
     return Change(sequence, kind, "create" if kind == "study-complete" else "update", tenant, ev.study_uid, None,
                   None, ev.completed_at)

@@ -86,6 +86,14 @@ def test_the_change_feed_over_http_and_the_cli(stack, tmp_path):
     theirs = feed(stack, KEY_B)
     assert len(theirs) == 3 and {e["StudyInstanceUid"] for e in theirs} == {study_b}
     assert not {e["Sequence"] for e in mine} & {e["Sequence"] for e in theirs}
+    # the page says how far it looked: b may go on after 7 although its own last entry is earlier
+    req = urllib.request.Request(f"http://127.0.0.1:{stack.tree['web']['port']}/dicom-web/changefeed?limit=2",
+                                 headers={"X-API-Key": KEY_B})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert int(resp.headers["Changefeed-Through"]) == json.loads(resp.read())[-1]["Sequence"]
+    req = urllib.request.Request(req.full_url.replace("limit=2", "limit=50"), headers={"X-API-Key": KEY_B})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Changefeed-Through"] == "7"
 
     # paging with a cursor: one at a time from startSequence, and Microsoft v1's offset
     paged, cursor = [], 1

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.bus.jetstream import JetStreamAPIError, api
+from shared.bus.jetstream import JetStreamAPIError, api, delete_consumer, read_batch, reading_consumer
 from shared.config import AccessConfig
 from shared.contract.subjects import CHANGES_STREAM
 
@@ -72,22 +71,18 @@ async def read(nc: NATS, access: AccessConfig, scope: str | None, limit: int, st
     if b.last == 0 or start > b.last:
         return Read([], start - 1)
     if since is not None:
-        policy = {"deliver_policy": DeliverPolicy.BY_START_TIME,
-                  "opt_start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+        consumer = await reading_consumer(nc, CHANGES_STREAM,
+                                          start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z"))
     else:
-        policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": max(start, b.first)}
-    cfg = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0, max_ack_pending=-1, **policy)
-    sub = await nc.jetstream().pull_subscribe("dicom.>", stream=CHANGES_STREAM, config=cfg)
+        consumer = await reading_consumer(nc, CHANGES_STREAM, start_seq=max(start, b.first))
     out: list[Change] = []
     through = max(start, b.first) - 1 if since is None else start - 1  # by time: no place known yet
     try:
         while len(out) < limit and through < b.last:
-            pending = (await sub.consumer_info()).num_pending
-            if not pending:
-                break
-            try:
-                msgs = await sub.fetch(min(pending, BATCH, b.last - through), timeout=5)
-            except TimeoutError:
+            # an administrator's page is the next entries; a tenant's may skip many of others': full pulls
+            want = BATCH if scope is not None else min(BATCH, limit - len(out))
+            msgs = await read_batch(nc, CHANGES_STREAM, consumer, want)
+            if not msgs:
                 break
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
@@ -100,7 +95,7 @@ async def read(nc: NATS, access: AccessConfig, scope: str | None, limit: int, st
                     if len(out) == limit:
                         break
     finally:
-        await sub.unsubscribe()
+        await delete_consumer(nc, CHANGES_STREAM, consumer)
     return Read(out, through)
 
 

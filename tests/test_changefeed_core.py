@@ -3,6 +3,7 @@ entry's state and its shape (the Microsoft DICOM service's fields)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -58,6 +59,18 @@ def test_each_change_subject_becomes_its_entry():
     # the tenant the router carried from the instances wins (a STOW-RS study's calling AE is its principal)
     assert change_of(12, "dicom.study.complete.1_2_3", complete(1, "apikey:north", tenant="north"),
                      ACCESS).tenant == "north"
+
+
+def test_a_deletion_event_is_a_delete_entry():
+    # the body of the delete service's InstanceDeleted (dicom.deleted.<study>.<sop>), extra fields and all
+    body = json.dumps({"tenant": "south", "study_uid": "1.2.3", "series_uid": "1.2.3.4", "sop_uid": "9",
+                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "digest": "aa" * 32, "placements": ["fs"],
+                       "objects_removed": ["fs"], "reason": "request", "requested_by": "apikey:south",
+                       "deleted_at": NOW.isoformat(), "schema_version": 1}).encode()
+    d = change_of(13, "dicom.deleted.1_2_3.9", body, ACCESS)
+    assert (d.kind, d.action, d.tenant, d.sop_uid, d.digest, d.timestamp) == \
+        ("instance-deleted", "delete", "south", "9", "aa" * 32, NOW)
+    assert state_of(d, None, False) == "deleted"
 
 
 def test_what_is_no_change_is_refused_not_guessed():

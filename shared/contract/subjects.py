@@ -118,9 +118,9 @@ def audit_filter(event: str | None = None, outcome: str | None = None) -> str:
 
 
 #: The event subjects that are changes to the archive, each copied from the events stream into the change
-#: feed (DICOM_CHANGES) by the server, in its order. A new kind of change (the delete engineer's
-#: ``dicom.deleted.>``) is one more line here (its subject must be in the events stream) and a reader
-#: for its model in :mod:`shared.changefeed.entries`. Each subject is its own source of the feed, so
+#: feed (DICOM_CHANGES) by the server, in its order. A new kind of change is one more line here (its subject
+#: must be in the events stream) and a reader for its model in :mod:`shared.changefeed.entries`; deletions
+#: (``dicom.deleted.>``, the delete service's InstanceDeleted) have their reader already: one line. Each subject is its own source of the feed, so
 #: adding one neither copies the others again nor moves their cursors.
 CHANGE_SUBJECTS: tuple[str, ...] = (
     f"{STORED_PREFIX}.>",

@@ -13,6 +13,8 @@ from shared.telemetry import setup_logging
 
 from .audit_cli import add_parser as add_audit_parser
 from .audit_cli import cmd_audit
+from .deletion_cli import add_parsers as add_deletion_parsers
+from .deletion_cli import cmd_delete, cmd_retention
 from .events_cli import add_parser as add_events_parser
 from .events_cli import cmd_events
 from .routing_cli import add_parsers as add_router_parsers
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--metrics-port", type=int)
     web.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # from `dicomflow run`
     add_router_parsers(sub, common)
+    add_deletion_parsers(sub, common)
     asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
     asc.add_argument("--metrics-port", type=int)
     asc.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
@@ -465,4 +468,4 @@ COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "sto
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
             "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
             "nats-permissions": cmd_nats_permissions, "audit": cmd_audit,
-            "events": cmd_events}
+            "events": cmd_events, "delete": cmd_delete, "retention": cmd_retention}

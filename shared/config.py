@@ -124,6 +124,19 @@ class MoveDestinationConfig(_Section):
     host: str = Field(..., description="Host of the C-MOVE destination's storage SCP.")
     port: int = Field(..., ge=1, le=65535, description="Its port.")
     tenants: list[str] = Field(default_factory=list, description="Tenants whose studies may be moved there (empty: any caller's own studies).")
+    tls: bool = Field(False, description="Open the association to this destination over DICOM TLS (PS3.15 B.1, TLS 1.2+; a storescp +tls).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the destination's certificate must chain to (empty: the system's CAs, /etc/ssl/certs). The certificate is always verified; its host name too unless tls_check_hostname is false.")
+    tls_check_hostname: bool = Field(True, description="with tls, check that the destination's certificate names host. False for a destination whose certificate names none of its addresses (dcmtk checks none): the chain is still verified.")
+    tls_cert: str = Field("", description="with tls, our client certificate (PEM) for a destination that asks for one; empty: none.")
+    tls_key: str = Field("", description="with tls, the private key (PEM) of tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MoveDestinationConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if (self.tls_ca or self.tls_cert) and not self.tls:
+            raise ValueError("tls_ca, tls_cert and tls_key need tls: true")
+        return self
 
 
 class IngestConfig(_Section):
@@ -139,7 +152,7 @@ class IngestConfig(_Section):
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
     artim_timeout_s: float = Field(10, gt=0, description="The ARTIM timer (PS3.8 9.1.5): a connection whose whole A-ASSOCIATE-RQ has not arrived this long after it opened is closed (a deadline, not an idle timeout, so a peer trickling bytes cannot hold it), and after an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver waits at most this long for the peer to close. Both engines.")
-    max_connections: int = Field(64, ge=1, description="TCP connections a receiver process holds at once, associated or not (each is a thread). One more is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed before anything of it is read, so a flood of idle connections costs no thread. Keep it at or above max_associations. Lean engine; the pynetdicom engine counts associations only.")
+    max_connections: int = Field(64, ge=1, description="TCP connections a receiver process holds at once, associated or not (each is a thread). One more is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed before anything of it is read, so a flood of idle connections costs no thread. Keep it at or above max_associations. Both engines (the pynetdicom engine closes one over the bound without the RJ when TLS is on: its handshake must not run in the accepting thread).")
     tls_cert: str = Field("", description="Server certificate (PEM) of DICOM over TLS (PS3.15 B.1, TLS 1.2+). Set with tls_key: the SCP accepts only TLS connections, on both engines (`storescu +tls`).")
     tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
     tls_ca: str = Field("", description="With TLS: CA certificate file client certificates must chain to. Set: every client must present one (a client without is refused in the handshake), and its subject's common name must be the calling AE title or be listed in the tls_subjects of the tenant that owns the calling AE (else the association is rejected: calling AE not recognised). Empty: no client certificate is asked for.")
@@ -415,6 +428,22 @@ class AuditConfig(_Section):
     syslog: SyslogConfig = Field(default_factory=SyslogConfig)
 
 
+class DeletionConfig(_Section):
+    web: bool = Field(True, description="Serve DICOMweb DELETE of a study, series or instance (204 when deleted, 404 when the caller's tenant has nothing there). False: 405 for DELETE, reading stays.")
+    rejection_notes: bool = Field(True, description="A stored Key Object Selection Document whose title is a rejection (rejection titles of CID 7010 Key Object Selection Document Title: 113001 Rejected for Quality Reasons, 113037 Rejected for Patient Safety Reasons, 113038 Incorrect Modality Worklist Entry, 113039 Data Retention Policy Expired) deletes the instances it references, of its sender's tenant, as dcm4chee does; the note itself is kept. False: it is stored as any other instance.")
+    retention_days: dict[str, float] = Field(default_factory=dict, description="Retention per tenant: tenant -> days a study is kept after its last instance was stored; `dicomflow retention` deletes older studies. A tenant not listed keeps its studies forever.")
+    holds: dict[str, list[str]] = Field(default_factory=dict, description="Legal or clinical holds: tenant -> StudyInstanceUIDs that retention never deletes (an explicit delete still can).")
+    retention_interval_s: float = Field(3600.0, gt=0, description="Seconds between two passes of `dicomflow retention --every` (the periodic job).")
+
+    @field_validator("retention_days")
+    @classmethod
+    def _positive_days(cls, v: dict[str, float]) -> dict[str, float]:
+        for tenant, days in v.items():
+            if days <= 0:
+                raise ValueError(f"tenant {tenant!r}: retention of {days} days; leave the tenant out to keep forever")
+        return v
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -517,6 +546,7 @@ class Config(_Section):
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     changefeed: ChangeFeedConfig = Field(default_factory=ChangeFeedConfig)
+    deletion: DeletionConfig = Field(default_factory=DeletionConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -56,7 +56,7 @@ from tests.chaos_core import (
     recovery_times,
     verdict,
 )
-from tests.helpers import Stack, dataset_bytes, make_config, run_cli
+from tests.helpers import Stack, dataset_bytes, make_config, run_cli, send_c_store
 
 log = logging.getLogger("chaos")
 
@@ -199,7 +199,7 @@ class Sender:
                                 backoff = min(backoff * 2, 2.0)
                                 continue
                         try:
-                            status = assoc.send_c_store(ds)
+                            status = send_c_store(assoc, ds)
                         except Exception as exc:  # the peer went away mid-request
                             status = None
                             self._note(f"send failed: {type(exc).__name__}")

@@ -128,6 +128,20 @@ class Stack:
                               env={**os.environ, "TCP_NODELAY": "1"})
 
 
+def send_c_store(assoc, dataset):
+    """``assoc.send_c_store(dataset)``, safe to call back to back on a starved CPU.
+
+    pynetdicom 3.0's requestor pauses its reactor thread for each request by clearing a checkpoint and waiting
+    until the reactor says it is paused, but that flag still says "paused" from the previous request when the
+    reactor has not yet run since being woken: the reactor then wakes, takes our response off the queue as an
+    "unexpected C-STORE service message" and the request waits out its DIMSE timeout (seen in CI under load).
+    Marking the reactor running after each request makes the next one wait for a real pause.
+    """
+    status = assoc.send_c_store(dataset)
+    assoc._is_paused = False
+    return status
+
+
 def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "TESTSCU",
              contexts=(CTImageStorage,), comments: list[str] | None = None) -> list[int]:
     """Send datasets (pydicom Datasets or file paths) over one pynetdicom association; returns the statuses.
@@ -145,7 +159,7 @@ def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "T
     statuses = []
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            status = send_c_store(assoc, ds)
             statuses.append(int(status.Status) if status else -1)
             if comments is not None:
                 comments.append(str(status.get("ErrorComment", "")) if status else "")

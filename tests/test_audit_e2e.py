@@ -71,7 +71,7 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     study_3, files_3 = write_study(tmp_path / "stow", 2)
     DICOMwebClient(web, headers={"X-API-Key": KEY}).store_instances([dcmread(f) for f in files_3])
 
-    kinds = {"association", "authentication", "query", "retrieve", "export", "application-start"}
+    kinds = {"association", "authentication", "query", "retrieve", "retrieved", "export", "application-start"}
     wait_for(lambda: kinds <= {r["kind"] for r in audit(stack)}, 30, what=f"records of {sorted(kinds)}")
     records = audit(stack)
     by_kind: dict[str, list[dict]] = {}
@@ -110,11 +110,16 @@ def test_what_peers_do_is_audited_and_listed(stack, tmp_path):
     retrieves = {r["detail"]["via"]: r for r in by_kind["retrieve"]}
     assert retrieves["C-GET"]["studies"][0]["study_uid"] == study_1 and retrieves["C-GET"]["detail"]["instances"] == "3"
     assert retrieves["WADO-RS"]["studies"][0]["study_uid"] == study_2
+    # the C-GET's end: every sub-operation delivered its instance to the requestor
+    (got_all,) = by_kind["retrieved"]
+    assert (got_all["action"], got_all["outcome"], got_all["detail"]["delivered"]) == ("R", "success", "3")
+    assert got_all["studies"][0]["study_uid"] == study_1
     assert by_kind["export"][0]["detail"]["written"] == "3" and by_kind["export"][0]["outcome"] == "success"
 
     # the filters
     assert [r["detail"]["via"] for r in audit(stack, "--event", "association")] == ["DIMSE", "STOW-RS"]
     assert {r["kind"] for r in audit(stack, "--study", study_2)} == {"association", "retrieve"}
+    assert {r["kind"] for r in audit(stack, "--study", study_1)} >= {"association", "retrieve", "retrieved"}
     assert [r["kind"] for r in audit(stack, "--user", "INTRUDER")] == ["authentication"]
     assert {r["kind"] for r in audit(stack, "--outcome", "minor-failure")} == {"authentication"}
     assert len(audit(stack, "--limit", "2")) == 2 and audit(stack, "--limit", "1")[0] == records[-1]

@@ -60,6 +60,10 @@ def every_kind() -> dict[str, AuditRecord]:
                                   records.dicom_peer("PACS", "10.0.0.8", False, "destination"), "DICOMFLOW", rows,
                                   "C-MOVE"),
         "get-refused": records.retrieval(dicom, None, "DICOMFLOW", [], "C-GET", 0xA801, "unknown destination"),
+        "moved": records.retrieved(records.dicom_peer("MOVESCU", "10.0.0.6", True, "source"),
+                                   records.dicom_peer("PACS", "10.0.0.8", False, "destination"), "DICOMFLOW",
+                                   [{**r, "sop_uid": f"1.2.3.1.{i}"} for i, r in enumerate(rows)], ["1.2.3.1.1"],
+                                   "C-MOVE", 0xB000),
         "export": records.export("alice", "ws1", "/media/usb/out", rows, 2),
         "deletion": records.deletion("alice", "ws1", rows, 2),
         "dlq-replay": records.dlq_replay("alice", "ws1", "pacs", rows, 2, 1),
@@ -129,6 +133,7 @@ def test_event_codes_of_each_kind():
         "query": ("110112", [], "E", "0"),
         "move": ("110102", [], "E", "0"),  # Begin Transferring: "Shall be E"
         "get-refused": ("110102", [], "E", "4"),
+        "moved": ("110104", [], "R", "4"),  # the end of the C-MOVE: one of two sub-operations failed
         "export": ("110106", [], "R", "0"),
         "deletion": ("110105", [], "D", "0"),
         "dlq-replay": ("110102", [("DLQ-REPLAY", "99DICOMFLOW", "Dead-letter replay")], "E", "4"),

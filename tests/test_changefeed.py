@@ -171,6 +171,20 @@ def test_the_change_feed_over_http_and_the_cli(stack, tmp_path):
              == ["instance-stored", "study-complete"], 60, what="b's STOW-RS study in b's feed")
     assert not [e for e in feed(stack, KEY_A) if e["StudyInstanceUid"] == study_d]
 
+    # a DICOMweb DELETE of that study: a delete entry; the entries before it now say deleted
+    req = urllib.request.Request(f"http://127.0.0.1:{stack.tree['web']['port']}/dicom-web/studies/{study_d}",
+                                 method="DELETE", headers={"X-API-Key": KEY_B})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 204
+    wait_for(lambda: len([e for e in feed(stack, KEY_B) if e["StudyInstanceUid"] == study_d]) == 3, 30,
+             what="the deletion in b's feed")
+    d = [e for e in feed(stack, KEY_B) if e["StudyInstanceUid"] == study_d]
+    assert [(e["Kind"], e["Action"], e["State"]) for e in d] == [
+        ("instance-stored", "create", "deleted"), ("study-complete", "create", "deleted"),
+        ("instance-deleted", "delete", "deleted")]
+    assert d[2]["SopInstanceUid"] == d[0]["SopInstanceUid"] and d[0]["Metadata"] is None
+    assert not [e for e in feed(stack, KEY_A) if e["Kind"] == "instance-deleted"]
+
     # kept as long as configured
     async def stream_config() -> dict:
         nc = await nats.connect(f"nats://127.0.0.1:{stack.tree['nats']['port']}")

@@ -30,6 +30,14 @@ def _dcmtk(program: str, port: int, pki, client: str | None, calling: str, *extr
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _ok(res: subprocess.CompletedProcess) -> bool:
     return res.returncode == 0 and not any(ln.startswith(("E:", "F:")) for ln in (res.stdout + res.stderr).splitlines())
 
@@ -129,3 +137,54 @@ def test_c_cancel_reaches_the_scp_through_tls(engine, tmp_path, pki):
     client = ssl.create_default_context(cafile=str(pki["ca"].path))
     cancel_mid_find(engine, tmp_path, tls=server_context(str(pki["server"].cert), str(pki["server"].key)),
                     tls_args=(client, "localhost"))
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_c_move_to_a_destination_over_tls(stack_factory, tmp_path, pki, engine):
+    """A C-MOVE destination with ``tls: true`` gets its association over TLS, its certificate verified against
+    tls_ca and ours presented: dcmtk's storescp +tls, requiring a client certificate, receives the study. A
+    destination whose certificate the configured CA did not sign gets nothing: every sub-operation fails."""
+    from dicomflow.natsserver import free_port
+
+    archive_port, untrusted_port = free_port(), free_port()
+    gateway = pki["gateway"]
+    tls = {"tls": True, "tls_ca": str(pki["ca"].path), "tls_cert": str(gateway.cert), "tls_key": str(gateway.key)}
+    stack = stack_factory(ingest={"engine": engine, "move_destinations": {
+        "ARCHIVE": {"host": "127.0.0.1", "port": archive_port, **tls},
+        "UNTRUSTED": {"host": "127.0.0.1", "port": untrusted_port, **tls}}})
+    archive, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    archive.mkdir()
+    elsewhere.mkdir()
+    server, impostor = pki["server"], CA(tmp_path / "impostor", "impostor CA").server()
+    # storescp +tls requires and verifies a client certificate by default (-rc)
+    scps = [subprocess.Popen(["storescp", "+tls", str(pair.key), str(pair.cert), "+cf", str(pki["ca"].path),
+                              "-aet", ae, "+B", "-od", str(out), str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for ae, pair, out, port in (("ARCHIVE", server, archive, archive_port),
+                                        ("UNTRUSTED", impostor, elsewhere, untrusted_port))]
+    try:
+        for port in (archive_port, untrusted_port):
+            wait_for(lambda port=port: _listening(port), 20, what=f"storescp on {port}")
+        study_uid, files = write_study(tmp_path / "study", 3)
+        res = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(stack.port),
+                              "+sd", str(tmp_path / "study")], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: stack.instances_of(study_uid) == 3, 30, what="3 instances stored")
+
+        def move(dest: str) -> str:
+            out = subprocess.run(["movescu", "-v", "-S", "-aet", "MODALITY", "-aec", "DICOMFLOW", "-aem", dest,
+                                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                                  "127.0.0.1", str(stack.port)], capture_output=True, text=True, timeout=120)
+            return out.stdout + out.stderr
+
+        moved = move("ARCHIVE")
+        assert "Final Move Response (Success)" in moved, moved
+        wait_for(lambda: len(list(archive.iterdir())) == 3, 20, what="3 instances at the TLS destination")
+        assert {dcmread(f).SOPInstanceUID for f in archive.iterdir()} == {dcmread(f).SOPInstanceUID for f in files}
+        refused = move("UNTRUSTED")  # the handshake fails: no sub-operation completes
+        assert "Final Move Response (Success)" not in refused, refused
+        assert not list(elsewhere.iterdir())
+    finally:
+        for scp in scps:
+            scp.kill()
+            scp.wait()

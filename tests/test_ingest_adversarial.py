@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicomflow.natsserver import wait_port
 from dicomflow.synthetic import write_study
 from tests import adversarial as a
-from tests.helpers import REPO, make_config, start_nats, wait_for
+from tests.helpers import REPO, make_config, send_c_store, start_nats, wait_for
 
 MAX_PDU = 16384
 ARTIM_S = 2.0
@@ -365,7 +365,7 @@ def test_an_association_opened_before_the_corpus_still_works_and_memory_stayed_b
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     _, files = write_study(tmp_path / "s", 2)
-    assert [assoc.send_c_store(dcmread(f)).Status for f in files] == [0, 0]
+    assert [send_c_store(assoc, dcmread(f)).Status for f in files] == [0, 0]
     env = {**os.environ, "TCP_NODELAY": "1"}
     echo = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(receiver["port"])],
                           capture_output=True, text=True, timeout=60, env=env)
@@ -435,12 +435,47 @@ def test_a_flood_of_idle_connections_costs_no_threads_and_ends_with_artim(receiv
     assert echo.returncode == 0, echo.stderr
 
 
-def _start_engine(engine: str, port: int, max_associations: int):
+def _start_engine(engine: str, port: int, max_associations: int, max_connections: int | None = None):
     if engine == "lean":
         from services.ingest.scp import start_scp
     else:
         from services.ingest.scp_pynetdicom import start_scp
-    return start_scp(None, "127.0.0.1", port, "DICOMFLOW", MAX_PDU, max_associations, 30, [], artim_timeout=ARTIM_S)
+    return start_scp(None, "127.0.0.1", port, "DICOMFLOW", MAX_PDU, max_associations, 30, [], artim_timeout=ARTIM_S,
+                     max_connections=max_connections)
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_connections_over_the_bound_are_refused_before_anything_is_read(engine):
+    """ingest.max_connections on both engines: 12 idle connections against a bound of 8, the 4 extra are answered
+    A-ASSOCIATE-RJ transient / local limit exceeded (PS3.8 Table 9-21) and closed; once they go, a sender gets in."""
+    from dicomflow.natsserver import free_port
+
+    port = free_port()
+    server = _start_engine(engine, port, 8, max_connections=8)
+    socks = []
+    try:
+        for _ in range(12):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            time.sleep(0.05)  # in order: the first 8 are held, the rest refused
+        time.sleep(0.5)  # well within the ARTIM time (2 s) that ends the held ones
+        answers = []
+        for s in socks:
+            s.setblocking(False)
+            try:
+                answers.append(s.recv(64))
+            except BlockingIOError:
+                answers.append(None)  # held, waiting for its A-ASSOCIATE-RQ
+        assert answers[:8] == [None] * 8, answers
+        assert answers[8:] == [bytes([3, 0, 0, 0, 0, 4, 0, 2, 3, 2])] * 4, answers
+    finally:
+        for s in socks:
+            s.close()
+    try:
+        wait_for(lambda: subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(port)],
+                                        capture_output=True, timeout=60).returncode == 0, 20,
+                 what="an association once the idle connections closed")
+    finally:
+        server.stop(5)
 
 
 @pytest.mark.parametrize("engine", ["lean", "pynetdicom"])

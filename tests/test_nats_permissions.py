@@ -84,6 +84,7 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         nc = await nats.connect(server.url, user="integration", password=PASSWORDS["integration"])
         await nc.subscribe("dicom.stored.>", cb=on_event)
         await nc.subscribe("dicom.study.>", cb=on_event)
+        await nc.subscribe("dicom.deleted.>", cb=on_event)
         return nc
 
     procs = [_service(tmp_path, config_path, role, role) for role in ("ingest", "store", "router", "web")]
@@ -164,7 +165,7 @@ async def _send_and_watch(subscribe, events: list[str], tmp_path: Path, tree: di
         assert any(s.startswith("dicom.study.complete.") for s in events), events
         # STOW-RS through the DICOMweb service, which publishes as the web user
         other = tmp_path / "other"
-        _, paths = write_study(other, 1)
+        other_uid, paths = write_study(other, 1)
         assert await asyncio.to_thread(_stow, paths[0], f"http://127.0.0.1:{tree['web']['port']}/dicom-web") == 200
         await _until(lambda: sum(s.startswith("dicom.stored.") for s in events) >= 4, 30)
         assert sum(s.startswith("dicom.stored.") for s in events) == 4, events
@@ -181,6 +182,11 @@ async def _send_and_watch(subscribe, events: list[str], tmp_path: Path, tree: di
         from shared.config import AccessConfig
         page = await reading.read(nc, AccessConfig(), None, 10)
         assert [c.sequence for c in page.changes] == [e["Sequence"] for e in feed]
+        # DICOMweb DELETE of that study: the web user publishes its dicom.deleted event
+        assert await asyncio.to_thread(_delete, f"http://127.0.0.1:{tree['web']['port']}/dicom-web/studies/"
+                                                f"{other_uid}") == 204
+        await _until(lambda: any(s.startswith("dicom.deleted.") for s in events), 30)
+        assert sum(s.startswith("dicom.deleted.") for s in events) == 1, events
     finally:
         await nc.close()
     return True
@@ -190,6 +196,10 @@ def _changefeed(base_url: str) -> list[dict]:
     """GET /changefeed (as the anonymous default tenant)."""
     with urllib.request.urlopen(f"{base_url}/changefeed?includeMetadata=false", timeout=30) as resp:
         return json.loads(resp.read())
+def _delete(url: str) -> int:
+    """DELETE a DICOMweb resource; the HTTP status."""
+    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30) as resp:
+        return resp.status
 
 
 def _stow(path: Path, base_url: str) -> int:

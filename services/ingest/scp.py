@@ -513,7 +513,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             try:
                 channel = Outbound.open(dest.host, dest.port, self.server.ae_title, destination_ae,
                                         [(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows],
-                                        self.server.max_pdu, self.server.network_timeout)
+                                        self.server.max_pdu, self.server.network_timeout, plan.tls)
             except (OSError, Closed, pdu.ProtocolError) as exc:
                 log.warning("C-MOVE from %s: destination %s (%s:%d) unreachable: %s", req.calling_ae, destination_ae,
                             dest.host, dest.port, exc)
@@ -532,11 +532,15 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             if so_far.remaining:
                 answer(PENDING, so_far, final=False)
 
+        def finished(status: int, failed_uids: list[str]) -> None:
+            self.server.retriever.finished(plan, req.calling_ae, destination_ae, failed_uids, status)
+
         try:
             counts = send_instances(plan.rows, channel, self.server.backends, is_cancelled, progress,
                                     None if is_get else (req.calling_ae, message_id))
         except CorruptObject as exc:
             log.error("%s from %s aborted: %s", kind, req.calling_ae, exc)
+            finished(UNABLE_TO_PERFORM, [r["sop_uid"] for r in plan.rows])  # what arrived is unknown: all count
             if is_get:
                 raise pdu.ProtocolError(f"stored object corrupt: {exc}") from exc  # aborts this association
             channel.abort()
@@ -544,6 +548,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             answer(UNABLE_TO_PERFORM, counts, comment="a stored object is corrupt")
             return
         except Closed as exc:
+            finished(UNABLE_TO_PERFORM, [r["sop_uid"] for r in plan.rows])
             if is_get:
                 raise
             log.warning("C-MOVE from %s: destination %s ended the association: %s", req.calling_ae, destination_ae, exc)
@@ -556,6 +561,8 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                               cancelled and counts.remaining > 0)
         log.info("%s from %s: %d completed, %d failed, %d warning%s", kind, req.calling_ae, counts.completed,
                  counts.failed, counts.warning, " (cancelled)" if status == CANCEL else "")
+        done = {r["sop_uid"] for r in plan.rows[:counts.completed + counts.failed + counts.warning]}
+        finished(status, counts.failed_uids + [r["sop_uid"] for r in plan.rows if r["sop_uid"] not in done])
         answer(status, counts)
 
     def _cancelled(self, message_id: int) -> bool:

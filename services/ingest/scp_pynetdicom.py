@@ -31,7 +31,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_context, evt, t
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
-from services.ingest import metrics
+from services.ingest import metrics, pdu
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
 from services.ingest.retrieve import Retriever
@@ -47,6 +47,8 @@ from shared.storage.reading import Unavailable, locate
 from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
+
+_TOO_MANY_CONNECTIONS = pdu.associate_rj(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT)
 
 _RECV_CHUNK = 256 * 1024
 _HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
@@ -96,6 +98,26 @@ class ReusePortServer(transport.ThreadedAssociationServer):
     """An association server whose port several processes can share."""
 
     request_queue_size = 128  # socketserver's 5 dropped the SYNs of a burst of connections (1 s retries)
+    max_connections: int | None = None  # set by start_scp; None: unbounded
+
+    def verify_request(self, request: socket.socket, client_address) -> bool:
+        """Over ``max_connections`` (each connection holds pynetdicom threads, associated or not): refused from
+        this accepting thread before anything is read, as the lean engine does - A-ASSOCIATE-RJ (transient, local
+        limit exceeded, PS3.8 Table 9-21) in the clear; over TLS, whose handshake must not run here, closed."""
+        if self.max_connections is None or len(self.active_associations) < self.max_connections:
+            return True
+        metrics.rejected_associations.labels(reason="too many connections").inc()
+        log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
+                    self.max_connections)
+        if not self.ssl_context:
+            try:
+                request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer
+                request.send(_TOO_MANY_CONNECTIONS)
+                while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
+                    pass
+            except OSError:
+                pass
+        return False
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
@@ -148,8 +170,9 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
         req = event.request
         identifier = req.Identifier.getvalue() if req.Identifier is not None else b""
         destination = str(req.MoveDestination or "").strip() if move else None
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
         plan = retriever.plan(identifier, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID or ""),
-                              str(event.assoc.requestor.ae_title).strip(), destination)
+                              calling_ae, destination)
         if move:
             if plan.status == UNKNOWN_DESTINATION:
                 yield None, None  # pynetdicom answers 0xA801
@@ -157,18 +180,31 @@ def _retrieve_handler(retriever: Retriever, backends: Backends, move: bool):
             dest = plan.destination
             contexts = [build_context(c, t) for c, t in dict.fromkeys(
                 (r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows)][:128]
-            yield (dest.host, dest.port, {"contexts": contexts}) if dest else (None, None)
+            options = {"contexts": contexts}
+            if plan.tls is not None:
+                options["tls_args"] = (plan.tls, dest.host)
+            yield (dest.host, dest.port, options) if dest else (None, None)
         if plan.status is not None:
             yield 1
             yield _status(plan.status, plan.comment), None
             return
         yield len(plan.rows)
-        for _row, ds in _instance_datasets(plan.rows, backends):
-            if event.is_cancelled:
-                yield CANCEL, None
-                return
-            if ds is not None:
-                yield PENDING, ds
+        # pynetdicom keeps each sub-operation's status to itself: the audit's end record counts as not delivered
+        # what could not be read or was cancelled, and as delivered what was handed to pynetdicom to send
+        undelivered = []
+        try:
+            for handed, (row, ds) in enumerate(_instance_datasets(plan.rows, backends)):
+                if event.is_cancelled:
+                    undelivered += [r["sop_uid"] for r in plan.rows[handed:]]
+                    yield CANCEL, None
+                    return
+                if ds is None:
+                    undelivered.append(row["sop_uid"])
+                else:
+                    yield PENDING, ds
+        finally:
+            retriever.finished(plan, calling_ae, destination, undelivered,
+                               CANCEL if event.is_cancelled else SUCCESS if not undelivered else 0xB000)
     return on_retrieve
 
 
@@ -317,15 +353,18 @@ def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int,
               retriever: Retriever | None = None, backends: Backends | None = None,
               private_sop_classes: list[str] | tuple[str, ...] | str = (), artim_timeout: float = 10.0,
               tls: ssl.SSLContext | None = None,
-              may_act_as: Callable[[str, str], bool] | None = None) -> ReusePortServer:
+              may_act_as: Callable[[str, str], bool] | None = None,
+              max_connections: int | None = None) -> ReusePortServer:
     """Bind and serve in background threads; returns the server (``.stop(timeout)`` stops it).
 
-    ``tls``: DICOM over TLS (the handshake in each association's thread, not the accepting one)."""
+    ``tls``: DICOM over TLS (the handshake in each association's thread, not the accepting one);
+    ``max_connections``: connections held at once, associated or not (None: unbounded)."""
     ae = make_ae(ae_title, max_pdu, max_associations, network_timeout, allowed_calling_aes, find=finder is not None,
                  retrieve=retriever is not None, private_sop_classes=private_sop_classes, artim_timeout=artim_timeout)
     server = ae.make_server((host, port), ae_title, ae.supported_contexts, tls,
                             make_handlers(intake, finder, retriever, backends, artim_timeout, may_act_as),
                             ReusePortServer)
+    server.max_connections = max_connections
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     ae._servers.append(server)
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)

@@ -54,7 +54,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
 
         server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
                                   private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
-                                  tls=tls, may_act_as=may_act_as)
+                                  tls=tls, may_act_as=may_act_as, max_connections=ing.max_connections)
     else:
         server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
                            private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,

@@ -40,6 +40,8 @@ EVENTS: dict[str, tuple[Code, tuple[Code, ...]]] = {
     "query": (_dcm("110112", "Query"), ()),
     # "Begin Transferring DICOM Instances" (action E): a C-GET, C-MOVE or WADO answer starts sending what it names.
     "retrieve": (_dcm("110102", "Begin Transferring DICOM Instances"), ()),
+    # a C-GET's or C-MOVE's end: what the sub-operations sent (action R: read from the archive)
+    "retrieved": (_dcm("110104", "DICOM Instances Transferred"), ()),
     "export": (_dcm("110106", "Export"), ()),                                      # "Data Export"
     "deletion": (_dcm("110105", "DICOM Study Deleted"), ()),
     # A DLQ replay sends dead-lettered instances to a target again: a transfer an operator started.

@@ -152,6 +152,25 @@ def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None,
         tenant=tenant)
 
 
+def retrieved(requestor: AuditParticipant, destination: AuditParticipant | None, our_ae: str, rows: Iterable[dict],
+              failed_uids: Iterable[str], via: str, status: int, tenant: str = "") -> AuditRecord:
+    """The end of a C-GET or C-MOVE that began with :func:`retrieval`: PS3.15 DICOM Instances Transferred, action
+    R, with the studies of the instances the sub-operations delivered; those that failed counted in the outcome."""
+    failed = set(failed_uids)
+    rows = list(rows)
+    sent = [r for r in rows if r.get("sop_uid") not in failed]
+    participants = [dicom_peer(our_ae, "", False, "source"),
+                    requestor.model_copy(update={"role": "destination" if destination is None else "other"})]
+    if destination is not None:
+        participants.append(destination)
+    return AuditRecord(
+        audit_id=_id(), kind="retrieved", action="R", outcome=_outcome(len(sent), len(rows) - len(sent)),
+        outcome_description="" if status == SUCCESS else f"0x{status:04X}: {len(rows) - len(sent)} of {len(rows)} "
+                                                         "not delivered",
+        event_time=utcnow(), participants=participants, studies=studies_of(sent),
+        detail={"via": via, "instances": str(len(rows)), "delivered": str(len(sent))}, tenant=tenant)
+
+
 def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int, error: str = "") -> AuditRecord:
     """``dicomflow export``: a study's instances written as files to a folder (PS3.15 Data Export)."""
     rows = list(rows)
@@ -164,7 +183,7 @@ def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int
 
 
 def deletion(user: str, host: str, rows: Iterable[dict], deleted: int, error: str = "") -> AuditRecord:
-    """Studies deleted (PS3.15 DICOM Study Deleted). Nothing deletes studies yet; the record is ready for what will."""
+    """Studies deleted (PS3.15 DICOM Study Deleted): a DICOMweb DELETE, `dicomflow delete`, a rejection note, retention."""
     rows = list(rows)
     return AuditRecord(
         audit_id=_id(), kind="deletion", action="D", outcome=_outcome(deleted, len(rows) - deleted),

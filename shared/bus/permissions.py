@@ -77,12 +77,15 @@ def grants(config: Config) -> dict[str, Grants]:
     # every service that declares the events stream declares the change feed it fills (ensure_streams)
     events_and_feed = declare(events).add(declare(names["changes"]))
     intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(events_and_feed)
+    # deletions (DICOMweb DELETE by the web, rejection notes by the store) announce each instance deleted
+    deleted = Grants(publish=[f"{subjects.DELETED_PREFIX}.>"])
     out, dlq = names["forward"], names["dlq"]
     return {
         "ingest": Grants().add(common).add(intake),
         # the web reads the change feed (GET /changefeed) with its own ephemeral consumers
-        "web": Grants().add(common).add(intake).add(consume(names["changes"])).add(read_messages(names["changes"])),
-        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common)
+        "web": Grants().add(common).add(intake).add(deleted).add(consume(names["changes"]))
+        .add(read_messages(names["changes"])),
+        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common).add(deleted)
         .add(declare(instances)).add(events_and_feed).add(consume(instances)).add(bucket("members_store")),
         "router": Grants(publish=["dicom.study.>", "dicom.forward.>", f"{subjects.OUT_PREFIX}.>",
                                   f"{subjects.DLQ_PREFIX}.>"]).add(common)
@@ -101,7 +104,8 @@ def grants(config: Config) -> dict[str, Grants]:
         # event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
-                                         "dicom.study.>", "dicom.forward.>"]).add(Grants(subscribe=["_INBOX.>"]))
+                                         "dicom.study.>", "dicom.forward.>", f"{subjects.DELETED_PREFIX}.>"])
+        .add(Grants(subscribe=["_INBOX.>"]))
         .add(consume(events)).add(consume(names["changes"])).add(read_messages(names["changes"])),
     }
 

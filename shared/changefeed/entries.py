@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from shared.config import AccessConfig
 from shared.contract import subjects as s
-from shared.contract.events import InstanceStored, StudyComplete
+from shared.contract.events import InstanceDeleted, InstanceStored, StudyComplete
 from shared.tenancy import tenant_of_instance
 
 Action = Literal["create", "update", "delete"]
@@ -73,36 +73,19 @@ def _study(sequence: int, data: bytes, access: AccessConfig) -> Change:
                   None, ev.completed_at)
 
 
-class _Deletion(BaseModel):
-    """The fields of a ``dicom.deleted.<study>.<sop>`` event (InstanceDeleted, published by the delete
-    service) that the feed needs: read by name, so the feed takes that event as soon as its subject is in
-    subjects.CHANGE_SUBJECTS."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    tenant: str
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    digest: str
-    deleted_at: datetime
-
-
 def _deleted(sequence: int, data: bytes, access: AccessConfig) -> Change:
-    ev = _Deletion.model_validate_json(data)
+    ev = InstanceDeleted.model_validate_json(data)
     return Change(sequence, "instance-deleted", "delete", ev.tenant, ev.study_uid, ev.series_uid, ev.sop_uid,
                   ev.deleted_at, ev.digest)
 
 
-DELETED_PREFIX = "dicom.deleted"  # subjects.DELETED_PREFIX where the delete service's subjects are merged
-
 #: How to read each change subject's body: the first token(s) of the subject -> the reader of its model.
-#: A new kind of change adds its subject to subjects.CHANGE_SUBJECTS and its reader here (deletions have theirs
-#: already: adding f"{DELETED_PREFIX}.>" to CHANGE_SUBJECTS is all they need).
+#: A new kind of change adds its subject to subjects.CHANGE_SUBJECTS and its reader here.
 READERS: dict[str, Callable[[int, bytes, AccessConfig], Change]] = {
     s.STORED_PREFIX: _stored,
     s.STUDY_COMPLETE_PREFIX: _study,
     s.STUDY_UPDATED_PREFIX: _study,
-    DELETED_PREFIX: _deleted,
+    s.DELETED_PREFIX: _deleted,
 }
 
 

@@ -23,6 +23,7 @@ FORWARD_FAILED_PREFIX = "dicom.forward.failed"
 OUT_PREFIX = "router.out"
 DLQ_PREFIX = "dicom.dlq"
 AUDIT_PREFIX = "dicom.audit"
+DELETED_PREFIX = "dicom.deleted"
 
 OUT_STREAM = "ROUTER_OUT"
 DLQ_STREAM = "DICOM_DLQ"
@@ -60,6 +61,11 @@ def instance_stored(study_uid: str, sop_uid: str) -> str:
 def instance_rejected(study_uid: str, sop_uid: str) -> str:
     """Subject of :class:`~shared.contract.events.InstanceRejected`."""
     return f"{REJECTED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
+
+
+def instance_deleted(study_uid: str, sop_uid: str) -> str:
+    """Subject of :class:`~shared.contract.events.InstanceDeleted`."""
+    return f"{DELETED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
 
 
 def forward_job(target: str, study_uid: str, sop_uid: str) -> str:
@@ -119,13 +125,13 @@ def audit_filter(event: str | None = None, outcome: str | None = None) -> str:
 
 #: The event subjects that are changes to the archive, each copied from the events stream into the change
 #: feed (DICOM_CHANGES) by the server, in its order. A new kind of change is one more line here (its subject
-#: must be in the events stream) and a reader for its model in :mod:`shared.changefeed.entries`; deletions
-#: (``dicom.deleted.>``, the delete service's InstanceDeleted) have their reader already: one line. Each subject is its own source of the feed, so
+#: must be in the events stream) and a reader for its model in :mod:`shared.changefeed.entries`. Each subject is its own source of the feed, so
 #: adding one neither copies the others again nor moves their cursors.
 CHANGE_SUBJECTS: tuple[str, ...] = (
     f"{STORED_PREFIX}.>",
     f"{STUDY_COMPLETE_PREFIX}.>",
     f"{STUDY_UPDATED_PREFIX}.>",
+    f"{DELETED_PREFIX}.>",
 )
 
 
@@ -164,7 +170,8 @@ def instance_stream_config(cfg: StreamConfig) -> dict:
 def events_stream_config(cfg: StreamConfig) -> dict:
     """Raw JetStream config of the integration events stream."""
     return stream_config(cfg.events_name,
-                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>"],
+                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>",
+                          f"{DELETED_PREFIX}.>"],
                          cfg, cfg.events_max_age_days)
 
 

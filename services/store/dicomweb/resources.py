@@ -38,6 +38,7 @@ from shared.web.audit import requestor
 
 from . import metrics
 from .changefeed import add_changefeed
+from .deletion import mount_delete
 from .frames import bulkdata_handler, frames_handler
 from .keys import BACKENDS, CATALOGUE
 from .rendered import instance_handler, multipart_handler, thumbnail_handler, wado_uri
@@ -141,8 +142,14 @@ def read_side(config: Config) -> Mount:
              instance_handler(False, frames=True)),
             (f"{p}/wado", wado_uri),  # WADO-URI (PS3.18 chapter 9), under the same prefix
         ]
+        resources = {}
         for path, handler in routes:
-            app.router.add_resource(path).add_route("GET", handler)
+            resources[path] = app.router.add_resource(path)
+            resources[path].add_route("GET", handler)
+        if config.deletion.web:
+            mount_delete(app, {"study": resources[f"{p}/studies/{study}"],
+                               "series": resources[f"{p}/studies/{study}/series/{series}"],
+                               "instance": resources[f"{p}/studies/{study}/series/{series}/instances/{instance}"]})
         add_changefeed(app, p, config)
 
         async def close_backends(_app: web.Application) -> None:

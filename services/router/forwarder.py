@@ -189,9 +189,11 @@ class Forwarder:
             policies = self.routing.config.storage.policies.values()
             for name in dict.fromkeys(b for p in policies for b in p.placements if b != job.backend):
                 try:
-                    return self.backends.get(name).get(job.digest)
+                    data = self.backends.get(name).get(job.digest)
                 except ObjectMissing:
                     continue
+                log.warning("%s: instance %s read from placement %r: no longer staged", self.target, job.sop_uid, name)
+                return data
             raise
 
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:

@@ -47,8 +47,9 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _epoch(mtime: time.struct_time | float) -> float:
-    """An object's mtime as epoch seconds: python-rados gives a struct_time in local time (``localtime``)."""
-    return float(mtime) if isinstance(mtime, int | float) else time.mktime(mtime)
+    """An object's mtime as epoch seconds: python-rados gives a struct_time in local time (``localtime``), whole
+    seconds only, so it is rounded up: an object must never look older than it is to the staging releaser."""
+    return float(mtime) if isinstance(mtime, int | float) else time.mktime(mtime) + 1.0
 
 
 def import_rados():
@@ -258,7 +259,9 @@ class RadosObjectStore:
         try:
             op = pend.op = self.io.create_write_op()
             fill(op)
-            pend.completion = self.io.operate_aio_write_op(op, oid)
+            # python-rados hands librados a pointer to ``mtime`` whatever its value, and 0 is taken as the epoch:
+            # the object's mtime must be now, since the staging releaser's grace runs from it.
+            pend.completion = self.io.operate_aio_write_op(op, oid, mtime=int(time.time()))
         except BaseException:
             if pend.op is not None:
                 pend.op.release()

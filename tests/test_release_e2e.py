@@ -12,10 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from dicomflow.natsserver import free_port
 from tests.chaos_harness import _ppid_and_argv, children
 from tests.helpers import dataset_bytes, wait_for
-from tests.router_harness import Gateway, make_studies
+from tests.router_harness import Cluster, Gateway, make_studies
 
 RULES = """
 rules:
@@ -162,4 +164,61 @@ def test_kill_9_of_store_router_and_releaser_never_loses_needed_bytes_and_leaves
         # every forward read its bytes from staging: none was released while a job still named it
         assert "no longer staged" not in log and "dead-lettered" not in log, killed
     finally:
+        gw.kill()
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory):
+    from tests.ceph_cluster import CephCluster
+
+    c = CephCluster(tmp_path_factory.mktemp("ceph") / "c", osds=3, op_timeout_s=10).start()
+    c.create_pool("staging")
+    yield c
+    c.stop()
+
+
+def _rados_staged(ceph) -> set[str]:
+    from shared.config import RadosBackendConfig
+    from shared.storage.rados_store import RadosObjectStore
+
+    s = RadosObjectStore("staging", RadosBackendConfig(ceph_conf=str(ceph.conf), pool="staging", op_timeout_s=10))
+    try:
+        return {o.digest for o in s.objects()}
+    finally:
+        s.close()
+
+
+@pytest.mark.ceph
+def test_services_one_by_one_with_a_rados_staging_pool(tmp_path, nats_server, ceph):
+    gw = Gateway(tmp_path, "GW1").start()
+    c = Cluster(tmp_path, nats_server.url, {"targets": {"GW1": gw.target(timeout_s=5)},
+                                            "completion": {"quiet_s": 1}}, RULES)
+    c.tree["storage"] = {"staging": "staging", "default_policy": "default",
+                         "backends": {"staging": {"kind": "rados", "ceph_conf": str(ceph.conf), "pool": "staging",
+                                                  "op_timeout_s": 10},
+                                      "archive": {"kind": "fs", "path": "archive"}},
+                         "policies": {"default": {"placements": ["archive"]}}}
+    c.tree["release"] = {"interval_s": 0.5, "min_age_s": 3}
+    c.write()
+    try:
+        c.start_ingest()
+        c._spawn("store", "store")
+        c.start_router()
+        releaser = c._spawn("releaser", "releaser")
+        first, second = make_studies(tmp_path / "studies", 2, 4).items()
+        c.send([first[1][0].parent])
+        _expect_received(gw, dict([first]))
+        wait_for(lambda: not _rados_staged(ceph), 60, interval=0.5, what="the rados staging pool emptied")
+        gw.kill()
+        c.send([second[1][0].parent])
+        c.kill(releaser)  # kill -9, then a new one: it starts from the streams again
+        releaser = c._spawn("releaser", "releaser")
+        time.sleep(3 + 3)
+        assert len(_rados_staged(ceph)) == 4, c.logs()  # the target is down: its jobs hold the bytes
+        gw.start()
+        _expect_received(gw, dict([first, second]))
+        wait_for(lambda: not _rados_staged(ceph), 60, interval=0.5, what="released once delivered")
+        assert len(objects(Path(c.tree["data_dir"]) / "archive")) == 8
+    finally:
+        c.stop()
         gw.kill()

@@ -39,16 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._support import ensure_netns, log, stop_group  # noqa: E402
-from bench.ingest import (  # noqa: E402
-    SEND_ENV,
-    Dicomflow,
-    Orthanc,
-    Storescp,
-    count_files,
-    dataset,
-    send,
-    warm,
-)
+from bench.ingest import SEND_ENV, Dicomflow, Orthanc, Storescp, count_files, dataset, send, warm  # noqa: E402
 from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 
 RULES = """
@@ -170,7 +161,7 @@ def staging_over_time(args: argparse.Namespace, scratch: Path) -> dict:
         stop.set()
         sampler.join()
         final = staged(rcv.data / "staging")
-        stored = rcv.count()
+        stored = staged(rcv.data / "objects")[0]
     finally:
         stop.set()
         rcv.stop()
@@ -191,14 +182,17 @@ def staging_over_time(args: argparse.Namespace, scratch: Path) -> dict:
             "samples_t_objects_bytes": samples[::step] + ([samples[-1]] if samples and len(samples) % step else [])}
 
 
-class _Released(Dicomflow):
-    """dicomflow with release on: the count is the archive's, which the store fills after the answers."""
+class _Stored(Dicomflow):
+    """dicomflow counted by its placement's objects (not its study index files), waiting for the store: with
+    release on the placement is filled by the store after the answers."""
+
+    expected = 0
 
     def count(self) -> int:
-        expected, deadline, got = self.expected, time.monotonic() + 300, 0
+        deadline, got = time.monotonic() + 300, 0
         while time.monotonic() < deadline:
-            got = super().count()
-            if got >= expected:
+            got = staged(self.data / "objects")[0]
+            if got >= self.expected:
                 break
             time.sleep(0.5)
         return got
@@ -207,12 +201,12 @@ class _Released(Dicomflow):
 def _throughput_pass(kind: str, files: list[Path], args: argparse.Namespace, scratch: Path) -> float:
     """bench/ingest.py's one_pass for the receivers of this benchmark: fresh receiver, warm, sync, settle, send."""
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
-    if kind == "dicomflow-release":
-        rcv = _Released(work, args.workers, overrides=release_settings(min_age_s=args.min_age_s))
+    if kind.startswith("dicomflow"):
+        rcv = _Stored(work, args.workers, overrides=release_settings(min_age_s=args.min_age_s)
+                      if kind == "dicomflow-release" else None)
         rcv.expected = len(files)
     else:
-        rcv = {"dicomflow": lambda: Dicomflow(work, args.workers), "orthanc": lambda: Orthanc(work),
-               "storescp": lambda: Storescp(work)}[kind]()
+        rcv = {"orthanc": lambda: Orthanc(work), "storescp": lambda: Storescp(work)}[kind]()
     try:
         warm(files)
         rcv.start()

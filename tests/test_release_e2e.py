@@ -93,6 +93,7 @@ def test_target_down_keeps_the_studys_staged_bytes_until_it_is_delivered(tmp_pat
     assert len(objects(staging)) == 5
     report = json.loads(stack.cli("releaser", "--once", "--json").stdout)
     assert report["released"] == 0 and report["held"] == {"forward_job": 5}, report
+    assert "stay staged (kept: forward_job 5)" in stack.cli("releaser", "--once").stdout
     gw.start()
     try:
         _expect_received(gw, studies)

@@ -223,3 +223,26 @@ def test_services_one_by_one_with_a_rados_staging_pool(tmp_path, nats_server, ce
     finally:
         c.stop()
         gw.kill()
+
+
+def test_on_complete_forward_after_release_reads_the_stored_copy(tmp_path, stack_factory):
+    """A job made after its instance's staged copy went (a `when: complete` rule whose study completes after the
+    grace) sends the stored copy, byte-identical."""
+    gw = Gateway(tmp_path, "GW1").start()
+    try:
+        tree = sections(tmp_path, gw)
+        (tmp_path / "rules.yaml").write_text("rules:\n  - {name: all, match: {}, action: forward, to: GW1, "
+                                             "when: complete}\n")
+        tree["release"] = {"interval_s": 0.3, "min_age_s": 2.5}
+        tree["router"]["completion"] = {"quiet_s": 10}
+        stack = stack_factory(**tree)
+        studies = make_studies(tmp_path / "studies", 1, 4)
+        (uid, files), = studies.items()
+        assert stack.storescu(files[0].parent).returncode == 0
+        wait_for(lambda: not objects(stack.data_dir / "staging"), 30, interval=0.3,
+                 what="staging released before the study completes")
+        assert not gw.received()
+        _expect_received(gw, studies)
+        assert "no longer staged" in stack.log.read_text()
+    finally:
+        gw.kill()

@@ -82,6 +82,7 @@ class StreamView:
         self.stream = config.stream.name
         self.events: dict[int, tuple[int, str]] = {}  # instance stream seq -> (partition, digest)
         self.read_upto = 0  # every instance event up to here is in ``events`` (or below the floors)
+        self.low = 0  # the lowest floor at the last read
         self.jobs: dict[int, str] = {}  # ROUTER_OUT seq -> digest
         self.letters: dict[int, str | None] = {}  # DICOM_DLQ seq -> digest (None: not a dead letter)
 
@@ -111,6 +112,11 @@ class StreamView:
         """Digests of the instance events some required group may not have acknowledged yet."""
         floors = await self.floors()
         low = min(floors.values(), default=0)
+        if low < self.low:
+            # A floor went back (a group's consumer made afresh, which redelivers from there): what was evicted
+            # below the old floor is pending again, so read it again.
+            self.events, self.read_upto = {}, low
+        self.low = low
         self.events = {s: v for s, v in self.events.items() if s > low}
         seq = max(low, self.read_upto) + 1
         last = await self._last_seq(self.stream)

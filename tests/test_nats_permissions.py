@@ -1,5 +1,5 @@
 """Least privilege on the bus, against a real nats-server configured with `dicomflow nats-permissions`: the
-services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler), each
+services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler, releaser), each
 with its own user, store and route a
 study with no permission violation; the ingest may publish only dicom.in.>, a store credential cannot
 inject an instance, the integration user reads events (and the change feed) and nothing else. compose/ and k8s/ ship that block."""
@@ -97,6 +97,15 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         # the autoscaler reads the lag and the membership as its own user
         asc = _service(tmp_path, config_path, "autoscaler", "autoscaler", "--once")
         assert asc.wait(120) == 0, (tmp_path / "autoscaler.log").read_text()[-2000:]
+        # the staging releaser reads the ack floors and the three streams as its own user (a configuration where
+        # staging is not the placement, or it would have nothing to read)
+        split = {**tree, "storage": {"staging": "local", "backends": {"local": {"path": "objects"},
+                                                                      "archive": {"path": "archive"}},
+                                     "policies": {"default": {"placements": ["archive"]}}}}
+        (tmp_path / "releaser").mkdir()
+        rel = _service(tmp_path, write_config(tmp_path / "releaser", split), "releaser", "releaser", "--once", "--json")
+        assert rel.wait(120) == 0, (tmp_path / "releaser.log").read_text()[-2000:]
+        assert '"blocked": ""' in (tmp_path / "releaser.log").read_text()
         # an operator's command as the admin user
         status = _service(tmp_path, config_path, "admin", "status")
         assert status.wait(60) == 0, (tmp_path / "status.log").read_text()[-2000:]
@@ -110,7 +119,7 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
             except subprocess.TimeoutExpired:
                 p.kill()
     assert _violations(tmp_path) == [], "\n".join(_violations(tmp_path))
-    for name in ("ingest", "store", "router", "web", "autoscaler"):
+    for name in ("ingest", "store", "router", "web", "autoscaler", "releaser"):
         assert "Violation" not in (tmp_path / f"{name}.log").read_text()
 
     # what each credential may not do, answered by the server itself

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from shared.config import Config
 from shared.contract import subjects
 
-ROLES = ("ingest", "web", "store", "router", "autoscaler", "integration", "admin")
+ROLES = ("ingest", "web", "store", "router", "autoscaler", "releaser", "integration", "admin")
 """The NATS users: one per service (``web`` is the DICOMweb service, which publishes STOW-RS instances),
 ``integration`` for systems that consume the integration events, and ``admin`` for operators' commands
 (``dicomflow status``, ``dlq replay``, ``study``): every subject, no service runs as it."""
@@ -100,6 +100,11 @@ def grants(config: Config) -> dict[str, Grants]:
                              f"$JS.API.STREAM.INFO.{instances}"]))
         .add(read_messages(instances)).add(bucket("members_store", write=False))
         .add(bucket("members_router", write=False)),
+        # the staging releaser: the groups' ack floors and the messages that name staged objects, read-only
+        "releaser": Grants().add(common)
+        .add(Grants(publish=[f"$JS.API.CONSUMER.LIST.{instances}", f"$JS.API.STREAM.INFO.{instances}",
+                             f"$JS.API.STREAM.INFO.{out}", f"$JS.API.STREAM.INFO.{dlq}"]))
+        .add(read_messages(instances)).add(read_messages(out)).add(read_messages(dlq)),
         # integration: its own consumers on the events stream or the change feed, or a plain subscription to the
         # event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),

@@ -51,7 +51,7 @@ def arrival_of(event: InstanceReceived, seq: int) -> Arrival:
     """The instance event at stream sequence ``seq`` as the completion logic sees it."""
     t = event.tags
     return Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description, t.modality,
-                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name)
+                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, event.tenant)
 
 
 def plan_instance(matched: Sequence[Rule], event: InstanceReceived, seq: int,

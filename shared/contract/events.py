@@ -268,6 +268,8 @@ class StudyComplete(Event):
     accession_number: str = ""
     calling_ae: str = ""
     institution_name: str = ""
+    tenant: str = Field("", description="the institution the study's instances belong to (see InstanceReceived.tenant; "
+                                        "empty in events of versions before it, and where the ingest named none)")
     first_arrival: datetime
     last_arrival: datetime
     completed_at: datetime

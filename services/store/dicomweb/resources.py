@@ -1,5 +1,5 @@
 """The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve,
-rendered images and thumbnails, WADO-URI.
+rendered images and thumbnails, WADO-URI; and the change feed (Microsoft's /changefeed).
 
 Every handler confines itself to the caller's tenant: another tenant's study is absent (an empty
 search, a 404), never forbidden, so its existence does not leak.
@@ -37,6 +37,7 @@ from shared.web.app import Mount
 from shared.web.audit import requestor
 
 from . import metrics
+from .changefeed import add_changefeed
 from .deletion import mount_delete
 from .frames import bulkdata_handler, frames_handler
 from .keys import BACKENDS, CATALOGUE
@@ -149,6 +150,7 @@ def read_side(config: Config) -> Mount:
             mount_delete(app, {"study": resources[f"{p}/studies/{study}"],
                                "series": resources[f"{p}/studies/{study}/series/{series}"],
                                "instance": resources[f"{p}/studies/{study}/series/{series}/instances/{instance}"]})
+        add_changefeed(app, p, config)
 
         async def close_backends(_app: web.Application) -> None:
             _app[BACKENDS].close()

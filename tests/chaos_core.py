@@ -29,9 +29,11 @@ NATS = "nats"              # the embedded nats-server of `dicomflow run`
 NATS_MEMBER = "nats-member"  # any node of a 3-node NATS cluster
 NATS_LEADER = "nats-leader"  # the node leading the instance stream at that moment
 CATALOGUE = "catalogue"    # the catalogue's PostgreSQL server (its postmaster)
+OSD = "ceph-osd"           # a ceph-osd daemon of the size-2 pool the store places instances in
+WEB = "web"                # a DICOMweb replica of `dicomflow run` (web.replicas > 1) while clients download
 KINDS = (RECEIVER, STORE, ROUTER, NATS)  # what `dicomflow run` on its embedded nats-server has
 CLUSTER_KINDS = (RECEIVER, STORE, ROUTER, NATS_MEMBER, NATS_LEADER, CATALOGUE)  # the services one by one
-ALL_KINDS = (*KINDS, NATS_MEMBER, NATS_LEADER, CATALOGUE)
+ALL_KINDS = (*KINDS, NATS_MEMBER, NATS_LEADER, CATALOGUE, OSD, WEB)
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,13 @@ class Verdict:
 
 def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], stored: Iterable[StoredInstance],
             exported: Mapping[str, str] | None, completions: Iterable[Completion],
-            forwarded: Iterable[str] | None = None) -> Verdict:
+            forwarded: Iterable[str] | None = None, objects: Mapping[str, str] | None = None) -> Verdict:
     """Judge one run.
 
     ``exported``: SOP UID -> digest of the data set bytes read back (``dicomflow export``); None skips the
     byte check. ``forwarded``: the SOP UIDs the router's target received; None when nothing was forwarded.
+    ``objects``: SOP UID -> digest of the bytes read straight from the object store (RADOS, not through the
+    product), judged like ``exported``; None skips it.
     Every study with an acknowledged instance must complete exactly once (one ``dicom.study.complete``), and
     the last completion of a study must count every instance of it the catalogue holds.
     """
@@ -151,9 +155,10 @@ def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], store
     v = Verdict(sent=len(sent), acknowledged=len(acked & set(sent)), stored=len(digests))
     v.phantoms = sorted(s for s in digests if s not in sent)
     v.conflicting = sorted(s for s, d in digests.items() if len(d) > 1)
+    read_backs = [m for m in (exported, objects) if m is not None]
     v.corrupt = sorted({s for s, d in digests.items() if s in sent and any(x != sent[s].digest for x in d)}
-                       | {s for s, d in (exported or {}).items() if s in sent and d != sent[s].digest})
-    v.lost = sorted(s for s in acked if s not in digests or (exported is not None and s not in exported))
+                       | {s for m in read_backs for s, d in m.items() if s in sent and d != sent[s].digest})
+    v.lost = sorted(s for s in acked if s not in digests or any(s not in m for m in read_backs))
     v.stored_unacknowledged = sum(1 for s in digests if s in sent and s not in acked)
     if forwarded is not None:
         got = set(forwarded)

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,7 @@ from tests.chaos_core import (
     NATS,
     NATS_LEADER,
     NATS_MEMBER,
+    OSD,
     RECEIVER,
     ROUTER,
     STORE,
@@ -378,6 +380,90 @@ class Catalogue:
         self.pg.stop()
 
 
+class CephPools:
+    """A 2-OSD Ceph cluster (bluestore: an OSD killed comes back with its data) with two size-2 pools, one for the
+    ingest's staging and one for the store's placements, so each OSD holds a copy of everything and either may
+    die mid-ingest (min_size 1). A killed OSD is started again a second later, as its unit or pod would be, and
+    catches up from its peer."""
+
+    POOL, STAGING = "chaos-instances", "chaos-staging"
+
+    def __init__(self, work: Path):
+        from tests.ceph_cluster import CephCluster
+
+        self.cluster = CephCluster(Path(tempfile.mkdtemp(prefix="dicomflow-chaos-ceph-")), osds=2,
+                                   bluestore={0, 1}, osd_gb=2, op_timeout_s=30).start()
+        for pool in (self.POOL, self.STAGING):
+            self.cluster.create_pool(pool, size=2)
+        self._due: queue.Queue[tuple[float, int] | None] = queue.Queue()
+        self._restarts = threading.Thread(target=self._restarter, name="osd-restarts", daemon=True)
+        self._restarts.start()
+
+    def storage(self) -> dict:
+        """The ``storage`` section: staging and every placement in the size-2 pools."""
+        rados = {"kind": "rados", "ceph_conf": str(self.cluster.conf), "op_timeout_s": 30}
+        return {"staging": "ceph-staging",
+                "backends": {"ceph-staging": {**rados, "pool": self.STAGING}, "ceph": {**rados, "pool": self.POOL}},
+                "policies": {"default": {"placements": ["ceph"]}}, "default_policy": "default"}
+
+    def kill(self, pick: int) -> int | None:
+        """SIGKILL one live OSD without telling the mon (its peer reports it); start it again a second later."""
+        live = sorted(self.cluster.osd_pids())
+        if not live:
+            return None
+        osd = live[pick % len(live)]
+        pid = self.cluster.kill_osd(osd, tell_mon=False)
+        self._due.put((time.time() + 1.0, osd))
+        return pid
+
+    def _restarter(self) -> None:
+        # One thread for every restart, living as long as the cluster: the daemons die with the thread that
+        # started them (PR_SET_PDEATHSIG), so a short-lived thread per restart would take its OSD with it.
+        while (item := self._due.get()) is not None:
+            at, osd = item
+            time.sleep(max(0.0, at - time.time()))
+            try:
+                self.cluster.start_osd(osd, wait=False)
+            except Exception as exc:
+                log.error("osd.%s did not start again: %s", osd, exc)
+
+    def read_back(self, rows: list[StoredInstance]) -> dict[str, str]:
+        """SOP UID -> digest of its object's bytes read straight from the placement pool through librados."""
+        from shared.config import RadosBackendConfig
+        from shared.storage.rados_store import RadosObjectStore
+
+        self._wait_restarts()
+        store = RadosObjectStore("chaos", RadosBackendConfig(ceph_conf=str(self.cluster.conf), pool=self.POOL,
+                                                             op_timeout_s=60))
+        out = {}
+        try:
+            for r in rows:
+                try:
+                    out[r.sop] = content_digest(store.get(r.digest))
+                except Exception as exc:  # missing or corrupt: the verdict names it lost or corrupt
+                    log.warning("rados read of %s (%s): %s", r.sop, r.digest, exc)
+                    if "Corrupt" in type(exc).__name__:
+                        out[r.sop] = "corrupt"
+        finally:
+            store.close()
+        return out
+
+    def _wait_restarts(self, timeout: float = 60) -> None:
+        """Until every OSD killed is running and up again."""
+        deadline = time.time() + timeout
+        while not self._due.empty() and time.time() < deadline:
+            time.sleep(0.2)
+        try:
+            self.cluster.wait_up(set(range(self.cluster.osds)), max(1.0, deadline - time.time()))
+        except (TimeoutError, RuntimeError) as exc:
+            log.error("OSDs after the kills: %s", exc)
+
+    def stop(self) -> None:
+        self._due.put(None)
+        self._restarts.join(30)
+        self.cluster.stop()
+
+
 class ChaosStack:
     """What the killer and the run need of a stack: start, stop, kill a process by kind, run the CLI."""
 
@@ -388,6 +474,7 @@ class ChaosStack:
     ae_title: str
     nats_url: str
     catalogue: Catalogue | None = None
+    ceph: CephPools | None = None
 
     def start(self) -> None: ...
 
@@ -399,6 +486,8 @@ class ChaosStack:
         """SIGKILL one process of ``kind``; its pid, or None when none was alive."""
         if kind == CATALOGUE:
             return self.catalogue.kill(pick) if self.catalogue else None
+        if kind == OSD:
+            return self.ceph.kill(pick) if self.ceph else None
         return _sigkill(self.pids(kind), pick)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -411,9 +500,12 @@ class ChaosStack:
 class EmbeddedStack(ChaosStack):
     """``dicomflow run`` as a user starts it (tests.helpers.Stack): it restarts what the killer kills."""
 
-    def __init__(self, work: Path, tree: dict, catalogue: Catalogue | None = None):
+    def __init__(self, work: Path, tree: dict, catalogue: Catalogue | None = None, ceph: CephPools | None = None):
         if catalogue is not None:
             tree["catalogue"] = {"url": catalogue.url}
+        if ceph is not None:
+            tree["storage"] = ceph.storage()
+        self.ceph = ceph
         self.inner = Stack(work, tree)
         self.tree, self.config_path, self.data_dir = tree, self.inner.config_path, self.inner.data_dir
         self.port, self.ae_title = self.inner.port, self.inner.ae_title
@@ -427,6 +519,8 @@ class EmbeddedStack(ChaosStack):
         self.inner.stop()
         if self.catalogue:
             self.catalogue.stop()
+        if self.ceph:
+            self.ceph.stop()
 
     def pids(self, kind: str) -> list[int]:
         assert self.inner.proc is not None
@@ -439,10 +533,14 @@ class ComposeStack(ChaosStack):
     (streams with 3 replicas), ``dicomflow ingest`` (with its receivers), ``dicomflow store`` workers and
     ``dicomflow router``, the catalogue in PostgreSQL."""
 
-    def __init__(self, work: Path, tree: dict, store_workers: int, catalogue: Catalogue):
+    def __init__(self, work: Path, tree: dict, store_workers: int, catalogue: Catalogue,
+                 ceph: CephPools | None = None):
         from tests.nats_cluster import NatsCluster
 
         self.work = work
+        if ceph is not None:
+            tree["storage"] = ceph.storage()
+        self.ceph = ceph
         self.cluster = NatsCluster(work, 3)
         self.catalogue = catalogue
         tree["nats"]["url"] = self.cluster.url
@@ -491,6 +589,8 @@ class ComposeStack(ChaosStack):
         if self._poller is not None:
             self._poller.join(120)
         self.catalogue.stop()
+        if self.ceph:
+            self.ceph.stop()
 
     def _pid(self, name: str) -> list[int]:
         assert self.supervisor is not None
@@ -575,10 +675,11 @@ class ChaosRun:
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,
                  associations: int = 4, window_s: float = 40.0, kills: int = 4, receivers: int = 2,
                  store_workers: int = 2, group: dict | None = None, quiet_s: float = 6.0, settle_s: float = 150.0,
-                 rows: int = 64, stack: str = "embedded", postgres: bool = False):
+                 rows: int = 64, stack: str = "embedded", postgres: bool = False, ceph: bool = False):
         if stack not in ("embedded", "compose"):
             raise ValueError(f"stack {stack!r}: embedded (dicomflow run) or compose (the services one by one)")
         self.stack_kind, self.postgres = stack, postgres or stack == "compose" or CATALOGUE in kinds
+        self.ceph = ceph or OSD in kinds  # staging and placements in size-2 Ceph pools, else the filesystem
         self.work, self.seed, self.kinds = Path(work), seed, tuple(kinds)
         self.n_studies, self.n_instances, self.associations = studies, instances, associations
         self.window_s, self.kills, self.receivers, self.store_workers = window_s, kills, receivers, store_workers
@@ -618,16 +719,20 @@ class ChaosRun:
                     "targets": {"archive": {"kind": "dicom", "host": "127.0.0.1", "port": archive_port,
                                             "ae_title": "ARCHIVE"}},
                     "forward": {"backoff_initial_s": 0.5, "backoff_max_s": 5}})
-        catalogue = Catalogue(self.work) if self.postgres else None
+        catalogue = ceph = None
         try:
+            catalogue = Catalogue(self.work) if self.postgres else None
+            ceph = CephPools(self.work) if self.ceph else None
             if self.stack_kind == "compose":
                 assert catalogue is not None
-                return ComposeStack(self.work, tree, self.store_workers, catalogue), scp, archive
-            return EmbeddedStack(self.work, tree, catalogue), scp, archive
+                return ComposeStack(self.work, tree, self.store_workers, catalogue, ceph), scp, archive
+            return EmbeddedStack(self.work, tree, catalogue, ceph), scp, archive
         except BaseException:
             scp.kill()
             if catalogue is not None:
                 catalogue.stop()
+            if ceph is not None:
+                ceph.stop()
             raise
 
     def execute(self) -> RunResult:
@@ -666,12 +771,13 @@ class ChaosRun:
             watcher.stop()
             stored = _catalogue_rows(stack, study_uids)
             exported = _export(stack, study_uids, self.work / "export")
+            objects = stack.ceph.read_back(stored) if stack.ceph else None
             forwarded = _forwarded(archive)
         finally:
             stack.stop()
             scp.terminate()
             scp.wait(10)
-        v = verdict(sent, acked, stored, exported, completions, forwarded=forwarded)
+        v = verdict(sent, acked, stored, exported, completions, forwarded=forwarded, objects=objects)
         recoveries = recovery_times([k.at for k in killer.done if k.pid is not None], acked, watcher.seen_at)
         return RunResult(self.seed, self.kinds, v, killer.done, recoveries, dict(sender.log.outcomes),
                          sender.log.attempts, send_s, settle_s)

@@ -76,6 +76,20 @@ def test_lost_corrupt_conflicting_phantom_and_unforwarded_are_named():
     assert "lost: 2" in v.problems()
 
 
+def test_bytes_read_straight_from_the_object_store_are_judged_like_the_export():
+    sent, stored, exported, completions = _run()
+    objects = {s.sop: s.digest for s in sent.values()}
+    assert verdict(sent, sent.keys(), stored, exported, completions, objects=objects).ok
+    objects["1.2"] = "a replica with other bytes"
+    del objects["1.5"]  # catalogued and exported, but the pool has no object
+    v = verdict(sent, sent.keys(), stored, exported, completions, objects=objects)
+    assert (v.corrupt, v.lost) == (["1.2"], ["1.5"])
+    # An unacknowledged instance the pool lacks is not lost.
+    v = verdict(sent, ["1.0", "1.1", "1.2", "1.3", "1.4"], stored, exported, completions,
+                objects={k: d for k, d in objects.items() if k != "1.2"} | {"1.2": sent["1.2"].digest})
+    assert v.ok, v.problems()
+
+
 def test_unacknowledged_instances_may_be_stored_or_not():
     sent, stored, exported, completions = _run()
     v = verdict(sent, ["1.1", "1.2", "1.3", "1.4", "1.5"], stored, exported, completions)

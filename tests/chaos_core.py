@@ -11,6 +11,9 @@ the normal run) and bench/chaos.py (10+ seeds per mode, a table and one JSON lin
   study-complete events: lost, corrupt, conflicting (one SOP stored with two contents), phantoms (stored, never
   sent), studies not completed exactly once (or completed with another instance count than stored).
 - :func:`recovery_times`: per kill, the time until the last instance it delayed was catalogued.
+- :func:`judge_downloads`: the DICOMweb downloads made while web replicas were killed: an attempt may fail only
+  on a connection the killed replica held, every request must succeed when retried, every instance downloaded
+  must have the bytes sent.
 """
 
 from __future__ import annotations
@@ -115,16 +118,19 @@ class Verdict:
     completion_errors: dict[str, str] = field(default_factory=dict)  # study -> why
     stored_unacknowledged: int = 0  # stored though its answer was lost (allowed: the sender retried or gave up)
     reopened: int = 0               # dicom.study.updated events (a study completed, then got more)
+    downloads: int = 0              # DICOMweb requests made while web replicas were killed (web mode)
+    downloads_cut: int = 0          # attempts cut by the kill of the replica serving them (each retried)
+    download_failures: list[str] = field(default_factory=list)  # attempts failed otherwise, requests never served
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.corrupt or self.conflicting or self.phantoms or self.not_forwarded
-                    or self.completion_errors)
+                    or self.completion_errors or self.download_failures)
 
     def problems(self) -> str:
         """One line per kind of failure, with a few examples; empty when ok."""
         lines = []
-        for name in ("lost", "corrupt", "conflicting", "phantoms", "not_forwarded"):
+        for name in ("lost", "corrupt", "conflicting", "phantoms", "not_forwarded", "download_failures"):
             items = getattr(self, name)
             if items:
                 lines.append(f"{name}: {len(items)} e.g. {sorted(items)[:3]}")
@@ -176,6 +182,51 @@ def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], store
         elif last[study].instances != catalogued[study]:
             v.completion_errors[study] = (f"last completion counted {last[study].instances} instances, "
                                           f"the catalogue holds {catalogued[study]}")
+    return v
+
+
+@dataclass(frozen=True)
+class Download:
+    """One attempt of a DICOMweb request (a WADO-RS retrieve of a study) by a downloading client.
+
+    ``request``: the request it is an attempt of (attempts in order); ``client_port``: the local port of its
+    connection (what ties it to the replica that accepted it); ``error``: why it failed, empty when it got the
+    whole answer; ``parts``: SOP UID -> digest of the data set bytes of each instance in the answer."""
+
+    request: int
+    attempt: int
+    client_port: int
+    error: str = ""
+    parts: tuple[tuple[str, str], ...] = ()
+
+
+def judge_downloads(v: Verdict, sent: Mapping[str, SentInstance], downloads: Iterable[Download],
+                    cut_ports: Iterable[int]) -> Verdict:
+    """Add the downloads' verdict to ``v`` (and return it).
+
+    ``cut_ports``: the client ports of the connections a killed web replica held when it died. An attempt
+    that failed on one of them was cut by the kill (allowed, counted); one that failed on any other connection
+    is a failure (another replica, or the shared socket, let a client down); so is a request whose last attempt
+    failed (the retry did not succeed). An instance downloaded with other bytes than sent is corrupt; one never
+    sent is a phantom.
+    """
+    cut = set(cut_ports)
+    last: dict[int, Download] = {}
+    for d in sorted(downloads, key=lambda d: (d.request, d.attempt)):
+        last[d.request] = d
+        if d.error:
+            if d.client_port in cut:
+                v.downloads_cut += 1
+            else:
+                v.download_failures.append(f"request {d.request} attempt {d.attempt} (port {d.client_port}): "
+                                           f"{d.error}")
+        for sop, digest in d.parts:
+            if sop not in sent:
+                v.phantoms = sorted({*v.phantoms, sop})
+            elif digest != sent[sop].digest:
+                v.corrupt = sorted({*v.corrupt, sop})
+    v.downloads = len(last)
+    v.download_failures += [f"request {r} never served: {d.error}" for r, d in sorted(last.items()) if d.error]
     return v
 
 
@@ -232,6 +283,9 @@ def summarise(mode: str, verdicts: Sequence[Verdict], recoveries: Sequence[float
         "not_forwarded": sum(len(v.not_forwarded) for v in verdicts),
         "completion_errors": sum(len(v.completion_errors) for v in verdicts),
         "reopened": sum(v.reopened for v in verdicts),
+        "downloads": sum(v.downloads for v in verdicts),
+        "downloads_cut": sum(v.downloads_cut for v in verdicts),
+        "download_failures": sum(len(v.download_failures) for v in verdicts),
         "unrecovered_kills": len(recoveries) - len(known),
         "recovery_p50_s": _round(percentile(known, 50)),
         "recovery_p95_s": _round(percentile(known, 95)),

@@ -18,12 +18,14 @@ read-back that feeds the verdict of tests/chaos_core.py.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,11 +51,14 @@ from tests.chaos_core import (
     RECEIVER,
     ROUTER,
     STORE,
+    WEB,
     Completion,
+    Download,
     Kill,
     SentInstance,
     StoredInstance,
     Verdict,
+    judge_downloads,
     kill_schedule,
     recovery_times,
     verdict,
@@ -94,6 +99,8 @@ def role(argv: list[str]) -> str | None:
     if argv and Path(argv[0]).name == "nats-server":
         return NATS
     if "dicomflow" in argv and len(argv) > 2:
+        if "web" in argv:
+            return WEB
         if "ingest" in argv:
             return RECEIVER if "--single" in argv else "ingest"
         if "store" in argv:
@@ -225,6 +232,127 @@ class Sender:
     def _note(self, what: str) -> None:
         with self.log.lock:
             self.log.outcomes[what] += 1
+
+
+# --- a DICOMweb client downloading while web replicas are killed -------------------------------------------
+
+
+class _NarrowConnection(http.client.HTTPConnection):
+    """An HTTP connection with a small receive buffer: with the client reading slowly the server is still writing
+    the answer (not done with it into the kernel's buffers) when its process is killed."""
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.settimeout(self.timeout)
+        sock.connect((self.host, self.port))
+        self.sock = sock
+
+
+def _part10_digest(body: bytes) -> tuple[str, str]:
+    """SOP UID and the digest of the data set bytes (after the file meta) of a Part-10 file's bytes."""
+    import io
+
+    ds = dcmread(io.BytesIO(body), stop_before_pixels=True)
+    meta_len = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return str(ds.SOPInstanceUID), content_digest(body[meta_len:])
+
+
+class Downloader:
+    """``clients`` threads, each retrieving whole studies (WADO-RS, as stored) again and again over a fresh
+    connection per attempt, reading slowly; a failed attempt is retried (a fresh connection, up to
+    ``retries`` times) until the request is served. Records every attempt (:class:`Download`)."""
+
+    ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+    def __init__(self, port: int, prefix: str, studies, clients: int = 3, retries: int = 5,
+                 chunk_pause_s: float = 0.01):
+        self.port, self.prefix, self.studies = port, prefix, studies  # studies(): those worth asking for now
+        self.clients, self.retries, self.chunk_pause_s = clients, retries, chunk_pause_s
+        self.downloads: list[Download] = []
+        self._lock = threading.Lock()
+        self._next = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"downloader-{i}", daemon=True)
+                         for i in range(clients)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def _run(self, i: int) -> None:
+        import random
+
+        rng = random.Random(i)
+        while not self._stop.is_set():
+            choices = self.studies()
+            if not choices:
+                self._stop.wait(0.5)
+                continue
+            study = rng.choice(choices)
+            with self._lock:
+                request, self._next = self._next, self._next + 1
+            for attempt in range(self.retries + 1):
+                d = self._attempt(request, attempt, study)
+                with self._lock:
+                    self.downloads.append(d)
+                if not d.error:
+                    break
+                time.sleep(0.2 * (attempt + 1))
+
+    def _attempt(self, request: int, attempt: int, study: str) -> Download:
+        conn = _NarrowConnection("127.0.0.1", self.port, timeout=30)
+        port = 0
+        try:
+            conn.connect()
+            port = conn.sock.getsockname()[1]
+            conn.request("GET", f"{self.prefix}/studies/{study}", headers={"Accept": self.ACCEPT})
+            res = conn.getresponse()
+            if res.status != 200:
+                return Download(request, attempt, port, error=f"HTTP {res.status}: {res.read()[:200]!r}")
+            boundary = res.getheader("Content-Type", "").split("boundary=")[1].split(";")[0].strip('"').encode()
+            body = bytearray()
+            while chunk := res.read(8192):
+                body += chunk
+                time.sleep(self.chunk_pause_s)
+            if not bytes(body).rstrip().endswith(b"--" + boundary + b"--"):
+                return Download(request, attempt, port, error=f"answer cut short after {len(body)} bytes")
+            parts = tuple(_part10_digest(p.partition(b"\r\n\r\n")[2][:-2])
+                          for p in bytes(body).split(b"--" + boundary)[1:-1])
+            return Download(request, attempt, port, parts=parts)
+        except Exception as exc:  # reset, cut short (IncompleteRead), refused, timed out
+            return Download(request, attempt, port, error=f"{type(exc).__name__}: {exc}"[:200])
+        finally:
+            conn.close()
+
+
+def _client_ports(pid: int, server_port: int) -> set[int]:
+    """The remote (client) ports of the TCP connections to ``server_port`` that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            local_port, remote_port = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+            if f[9] in inodes and local_port == server_port and remote_port:
+                ports.add(remote_port)
+    return ports
 
 
 # --- the killer --------------------------------------------------------------------------------------------
@@ -475,6 +603,7 @@ class ChaosStack:
     nats_url: str
     catalogue: Catalogue | None = None
     ceph: CephPools | None = None
+    cut_ports: set[int]  # client ports of the connections killed web replicas held
 
     def start(self) -> None: ...
 
@@ -488,7 +617,26 @@ class ChaosStack:
             return self.catalogue.kill(pick) if self.catalogue else None
         if kind == OSD:
             return self.ceph.kill(pick) if self.ceph else None
+        if kind == WEB:
+            return self._kill_web(pick)
         return _sigkill(self.pids(kind), pick)
+
+    def _kill_web(self, pick: int) -> int | None:
+        """SIGKILL a web replica, noting the client connections it held: stopped first (SIGSTOP), so it accepts
+        none between the note and the kill."""
+        pids = self.pids(WEB)
+        if not pids:
+            return None
+        pid = pids[pick % len(pids)]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            ports = _client_ports(pid, self.tree["web"]["port"])
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        self.cut_ports |= ports
+        log.info("web replica %s held connections from ports %s", pid, sorted(ports))
+        return pid
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_cli(self.config_path, *args, check=check)
@@ -511,6 +659,7 @@ class EmbeddedStack(ChaosStack):
         self.port, self.ae_title = self.inner.port, self.inner.ae_title
         self.nats_url = f"nats://127.0.0.1:{tree['nats']['port']}"
         self.catalogue = catalogue
+        self.cut_ports = set()
 
     def start(self) -> None:
         self.inner.start()
@@ -553,6 +702,7 @@ class ComposeStack(ChaosStack):
         self.port, self.ae_title = tree["ingest"]["port"], tree["ingest"].get("ae_title", "DICOMFLOW")
         self.nats_url = self.cluster.urls[0]
         self.store_workers = store_workers
+        self.cut_ports = set()
         self.supervisor = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -641,6 +791,7 @@ class RunResult:
     attempts: int
     send_s: float
     settle_s: float
+    web_replicas: list[int] = field(default_factory=list)  # the web replicas' pids at the end (web mode)
 
 
 def _events(url: str) -> list[Completion]:
@@ -675,11 +826,15 @@ class ChaosRun:
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,
                  associations: int = 4, window_s: float = 40.0, kills: int = 4, receivers: int = 2,
                  store_workers: int = 2, group: dict | None = None, quiet_s: float = 6.0, settle_s: float = 150.0,
-                 rows: int = 64, stack: str = "embedded", postgres: bool = False, ceph: bool = False):
+                 rows: int = 64, stack: str = "embedded", postgres: bool = False, ceph: bool = False,
+                 web_replicas: int = 2):
         if stack not in ("embedded", "compose"):
             raise ValueError(f"stack {stack!r}: embedded (dicomflow run) or compose (the services one by one)")
         self.stack_kind, self.postgres = stack, postgres or stack == "compose" or CATALOGUE in kinds
         self.ceph = ceph or OSD in kinds  # staging and placements in size-2 Ceph pools, else the filesystem
+        if WEB in kinds and (stack != "embedded" or web_replicas < 2):
+            raise ValueError("web kills need `dicomflow run` with web replicas >= 2 (one must stay to serve)")
+        self.web_replicas = web_replicas if WEB in kinds else 0
         self.work, self.seed, self.kinds = Path(work), seed, tuple(kinds)
         self.n_studies, self.n_instances, self.associations = studies, instances, associations
         self.window_s, self.kills, self.receivers, self.store_workers = window_s, kills, receivers, store_workers
@@ -719,6 +874,8 @@ class ChaosRun:
                     "targets": {"archive": {"kind": "dicom", "host": "127.0.0.1", "port": archive_port,
                                             "ae_title": "ARCHIVE"}},
                     "forward": {"backoff_initial_s": 0.5, "backoff_max_s": 5}})
+        if self.web_replicas:
+            tree["web"] = {"port": free_port(), "replicas": self.web_replicas}
         catalogue = ceph = None
         try:
             catalogue = Catalogue(self.work) if self.postgres else None
@@ -749,11 +906,19 @@ class ChaosRun:
             sender = Sender(stack.port, stack.ae_title, folders, self.associations, self.window_s,
                             deadline_s=self.window_s + 120)
             killer = Killer(stack, schedule)
+            downloader = None
+            if self.web_replicas:
+                downloader = Downloader(stack.tree["web"]["port"], "/dicom-web",
+                                        lambda: sorted({sent[s].study for s in list(watcher.seen_at) if s in sent}))
+                downloader.start()
             sender.start()
             killer.start(sender.t0)
             sender.join()
             send_s = time.time() - sender.t0
             killer.join()
+            if downloader is not None:
+                time.sleep(3.0)  # the retries of what the last kill cut
+                downloader.stop()
             # Settle: every acknowledged instance catalogued and forwarded, every study announced complete.
             t_settle = time.time()
             acked = dict(sender.log.acked_at)
@@ -773,14 +938,17 @@ class ChaosRun:
             exported = _export(stack, study_uids, self.work / "export")
             objects = stack.ceph.read_back(stored) if stack.ceph else None
             forwarded = _forwarded(archive)
+            web_replicas = stack.pids(WEB) if self.web_replicas else []
         finally:
             stack.stop()
             scp.terminate()
             scp.wait(10)
         v = verdict(sent, acked, stored, exported, completions, forwarded=forwarded, objects=objects)
+        if downloader is not None:
+            judge_downloads(v, sent, downloader.downloads, stack.cut_ports)
         recoveries = recovery_times([k.at for k in killer.done if k.pid is not None], acked, watcher.seen_at)
         return RunResult(self.seed, self.kinds, v, killer.done, recoveries, dict(sender.log.outcomes),
-                         sender.log.attempts, send_s, settle_s)
+                         sender.log.attempts, send_s, settle_s, web_replicas)
 
 
 def _wait_events(url: str, expected: dict[str, int], timeout: float) -> list[Completion]:

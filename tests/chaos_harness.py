@@ -317,7 +317,7 @@ class Downloader:
                 return Download(request, attempt, port, error=f"HTTP {res.status}: {res.read()[:200]!r}")
             boundary = res.getheader("Content-Type", "").split("boundary=")[1].split(";")[0].strip('"').encode()
             body = bytearray()
-            while chunk := res.read(8192):
+            while chunk := res.read(32768):
                 body += chunk
                 time.sleep(self.chunk_pause_s)
             if not bytes(body).rstrip().endswith(b"--" + boundary + b"--"):
@@ -826,7 +826,7 @@ class ChaosRun:
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,
                  associations: int = 4, window_s: float = 40.0, kills: int = 4, receivers: int = 2,
                  store_workers: int = 2, group: dict | None = None, quiet_s: float = 6.0, settle_s: float = 150.0,
-                 rows: int = 64, stack: str = "embedded", postgres: bool = False, ceph: bool = False,
+                 rows: int | None = None, stack: str = "embedded", postgres: bool = False, ceph: bool = False,
                  web_replicas: int = 2):
         if stack not in ("embedded", "compose"):
             raise ValueError(f"stack {stack!r}: embedded (dicomflow run) or compose (the services one by one)")
@@ -839,7 +839,11 @@ class ChaosRun:
         self.n_studies, self.n_instances, self.associations = studies, instances, associations
         self.window_s, self.kills, self.receivers, self.store_workers = window_s, kills, receivers, store_workers
         self.group = group or {}
-        self.quiet_s, self.settle_s, self.rows = quiet_s, settle_s, rows
+        # Images of 64x64 (8 KiB), or 256x256 (128 KiB) where web replicas are killed: a study's answer must be
+        # larger than what the kernel's socket buffers hold (about 1.5 MiB on loopback), else a replica killed
+        # mid-answer has already handed all of it to the kernel, which delivers it anyway.
+        self.quiet_s, self.settle_s = quiet_s, settle_s
+        self.rows = rows if rows is not None else 256 if WEB in kinds else 64
 
     # The data: ~n_instances over n_studies, one file each, with the digest of its data set bytes as sent.
     def _write_studies(self) -> tuple[list[list[Path]], dict[str, SentInstance]]:

@@ -1,7 +1,9 @@
 """The chaos suite, short version: `dicomflow run` as users run it (two receivers, two store workers, a router
 forwarding every instance to dcmtk's storescp, the embedded nats-server) while a modality sends and a killer
 SIGKILLs one of each: a receiver, a store worker, the router while it forwards, the nats-server, at the seed's
-moments; the second seed stores in size-2 Ceph pools (2 OSDs) and kills a ceph-osd too. Nothing acknowledged may be lost or changed, nothing stored twice with two contents or never sent, every
+moments; the first seed also kills one of two DICOMweb replicas while clients download studies (a download may
+fail only on a connection the killed replica held, and must succeed when retried), the second stores in size-2
+Ceph pools (2 OSDs) and kills a ceph-osd too. Nothing acknowledged may be lost or changed, nothing stored twice with two contents or never sent, every
 study completes exactly once, and every kill recovers within a bound the 60 s ack wait of old could not meet.
 
 A second test runs the services one by one (as compose does) on a 3-node NATS cluster with a PostgreSQL
@@ -17,7 +19,7 @@ import logging
 
 import pytest
 
-from tests.chaos_core import CLUSTER_KINDS, KINDS, OSD, percentile
+from tests.chaos_core import CLUSTER_KINDS, KINDS, OSD, WEB, percentile
 from tests.chaos_harness import ChaosRun
 
 # With the group defaults (ack_wait_s 10, kept alive by in-progress acks; PinnedTTL 10 s) a killed store
@@ -26,9 +28,10 @@ RECOVERY_BOUND_S = 40.0
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("seed", "kinds"), [(1, KINDS), (2, (*KINDS, OSD))], ids=["seed1", "seed2-ceph"])
+@pytest.mark.parametrize(("seed", "kinds"), [(1, (*KINDS, WEB)), (2, (*KINDS, OSD))], ids=["seed1-web", "seed2-ceph"])
 def test_nothing_acknowledged_is_lost_while_processes_are_killed(tmp_path, seed, kinds):
-    """Seed 2 stores in size-2 Ceph pools and kills a ceph-osd besides (every object also read through rados)."""
+    """Seed 1 runs two DICOMweb replicas with clients downloading studies and kills one of them besides; seed 2
+    stores in size-2 Ceph pools and kills a ceph-osd besides (every object also read straight through rados)."""
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     result = ChaosRun(tmp_path, seed, kinds, studies=4, instances=120, associations=3, window_s=20,
                       kills=len(kinds), settle_s=90).execute()
@@ -39,6 +42,9 @@ def test_nothing_acknowledged_is_lost_while_processes_are_killed(tmp_path, seed,
     assert sorted(k.kind for k in result.kills if k.pid is not None) == sorted(kinds), result.kills
     assert None not in result.recoveries, result.recoveries
     assert percentile(result.recoveries, 100) < RECOVERY_BOUND_S, result.recoveries
+    if WEB in kinds:  # the clients downloaded throughout; the killed replica was restarted beside the other
+        killed = {k.pid for k in result.kills if k.kind == WEB}
+        assert v.downloads > 0 and len(result.web_replicas) == 2 and not killed & set(result.web_replicas)
 
 
 @pytest.mark.timeout(240)

@@ -11,6 +11,12 @@ read-back that feeds the verdict of tests/chaos_core.py.
   nats-server, ``dicomflow ingest`` and its receivers, store workers, the router), at the moments of the seed's
   schedule; ``dicomflow run`` restarts them, as it would in production.
 - A watcher polls the catalogue and notes when each SOP first appears there (for the recovery times).
+- With a Ceph OSD among the kinds, staging and placements are in size-2 pools of a 2-OSD cluster
+  (:class:`CephPools`); an OSD killed is started again a second later, and every stored object is also read
+  straight from its pool through librados.
+- With web replicas among the kinds, ``dicomflow run`` serves DICOMweb from two processes on one socket and
+  clients (:class:`Downloader`) retrieve whole studies throughout; a replica is stopped, the connections it holds
+  noted, then killed, and each download attempt is judged by whether the killed replica held its connection.
 - Afterwards: the catalogue rows (``dicomflow studies --json`` and the catalogue), the bytes through
   ``dicomflow export``, the files storescp received, and the events on ``dicom.study.complete`` / ``updated``.
 """
@@ -820,7 +826,9 @@ class ChaosRun:
     """One run: a stack, a sender, a killer; :meth:`execute` returns the :class:`RunResult`.
 
     ``group``: the store and router consumer-group settings (the defaults of shared/config.py when empty);
-    ``quiet_s``: the router's completion quiet period.
+    ``quiet_s``: the router's completion quiet period; ``ceph``: staging and placements in size-2 Ceph pools
+    (implied by an OSD kind); ``web_replicas``: DICOMweb processes when web replicas are killed; ``rows``: the
+    images' size (default 64, 256 with web kills).
     """
 
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,

@@ -271,7 +271,7 @@ class Downloader:
 
     ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
-    def __init__(self, port: int, prefix: str, studies, clients: int = 3, retries: int = 5,
+    def __init__(self, port: int, prefix: str, studies, clients: int = 6, retries: int = 5,
                  chunk_pause_s: float = 0.01):
         self.port, self.prefix, self.studies = port, prefix, studies  # studies(): those worth asking for now
         self.clients, self.retries, self.chunk_pause_s = clients, retries, chunk_pause_s

@@ -3,8 +3,9 @@ forwarding every instance to dcmtk's storescp, the embedded nats-server) while a
 SIGKILLs one of each: a receiver, a store worker, the router while it forwards, the nats-server, at the seed's
 moments; the first seed also kills one of two DICOMweb replicas while clients download studies (a download may
 fail only on a connection the killed replica held, and must succeed when retried), the second stores in size-2
-Ceph pools (2 OSDs) and kills a ceph-osd too. Nothing acknowledged may be lost or changed, nothing stored twice with two contents or never sent, every
-study completes exactly once, and every kill recovers within a bound the 60 s ack wait of old could not meet.
+Ceph pools (2 OSDs) and kills a ceph-osd too. Nothing acknowledged may be lost or changed, nothing stored twice
+with two contents or never sent, every study completes exactly once, and every kill recovers within a bound the
+60 s ack wait of old could not meet.
 
 A second test runs the services one by one (as compose does) on a 3-node NATS cluster with a PostgreSQL
 catalogue, killing a NATS node, the stream leader's node and the catalogue's postmaster besides.
@@ -28,7 +29,8 @@ RECOVERY_BOUND_S = 40.0
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("seed", "kinds"), [(1, (*KINDS, WEB)), (2, (*KINDS, OSD))], ids=["seed1-web", "seed2-ceph"])
+@pytest.mark.parametrize(("seed", "kinds"), [pytest.param(1, (*KINDS, WEB), id="seed1-web"),
+                                             pytest.param(2, (*KINDS, OSD), id="seed2-ceph", marks=pytest.mark.ceph)])
 def test_nothing_acknowledged_is_lost_while_processes_are_killed(tmp_path, seed, kinds):
     """Seed 1 runs two DICOMweb replicas with clients downloading studies and kills one of them besides; seed 2
     stores in size-2 Ceph pools and kills a ceph-osd besides (every object also read straight through rados)."""

@@ -7,13 +7,18 @@ forwarded, studies not completed exactly once; and per kill the time until the l
 catalogued (recovery).
 
 Modes, under `dicomflow run`: receiver, store, router, nats (the embedded nats-server), all (those four mixed),
-catalogue (its PostgreSQL postmaster, restarted a second later as its unit or pod would be). cluster: the services
+catalogue (its PostgreSQL postmaster, restarted a second later as its unit or pod would be), ceph (staging and
+placements in size-2 Ceph pools on 2 bluestore OSDs: a ceph-osd SIGKILLed, started again a second later; every
+stored object is also read straight from the pool through librados), web (two DICOMweb replicas of `dicomflow run`
+while clients download whole studies over WADO-RS: a replica SIGKILLed mid-answer; a download may fail only on a
+connection the killed replica held and must succeed when retried; 256x256 images so that an answer outgrows the
+kernel's socket buffers). cluster: the services
 started one by one as compose runs them (each restarted when it dies) on a 3-node NATS cluster with R3 streams and
 a PostgreSQL catalogue, killing receivers, store workers, the router, any NATS node, the instance stream's leader
 node and the catalogue's postmaster.
 Prints a table per mode, then ONE JSON line with the figures.
 
-    .venv/bin/python bench/chaos.py [--seeds 10] [--modes receiver,store,router,nats,all,catalogue,cluster] [--instances 1000]
+    .venv/bin/python bench/chaos.py [--seeds 10] [--modes receiver,store,router,nats,all,catalogue,ceph,web,cluster] [--instances 1000]
                                     [--studies 20] [--kills 4] [--window 40] [--ack-wait S] [--pinned-timeout S]
 """
 
@@ -32,22 +37,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._support import log  # noqa: E402
-from tests.chaos_core import CATALOGUE, CLUSTER_KINDS, KINDS, summarise  # noqa: E402
+from tests.chaos_core import CATALOGUE, CLUSTER_KINDS, KINDS, OSD, WEB, summarise  # noqa: E402
 from tests.chaos_harness import ChaosRun  # noqa: E402
 
 # mode -> (the kinds killed, the stack): dicomflow run (embedded nats-server; SQLite, or PostgreSQL when the
 # catalogue is killed), or the services one by one on a 3-node NATS cluster with a PostgreSQL catalogue.
 MODES = {**{k: ((k,), "embedded") for k in KINDS}, "all": (KINDS, "embedded"), "catalogue": ((CATALOGUE,), "embedded"),
-         "cluster": (CLUSTER_KINDS, "compose")}
+         "ceph": ((OSD,), "embedded"), "web": ((WEB,), "embedded"), "cluster": (CLUSTER_KINDS, "compose")}
 COLUMNS = ("mode", "runs", "kills", "acknowledged", "lost", "corrupt", "conflicting", "phantoms", "not_forwarded",
-           "completion_errors", "reopened", "unrecovered_kills", "recovery_p50_s", "recovery_p95_s", "recovery_max_s")
+           "completion_errors", "reopened", "downloads", "downloads_cut", "download_failures", "unrecovered_kills",
+           "recovery_p50_s", "recovery_p95_s", "recovery_max_s")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10, help="runs per mode, seeds 1..N (default 10)")
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--modes", default="receiver,store,router,nats,all,catalogue,cluster", help=f"comma-separated, of {sorted(MODES)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)} (default: all)")
     ap.add_argument("--instances", type=int, default=1000, help="instances per run (default 1000)")
     ap.add_argument("--studies", type=int, default=20, help="studies per run (default 20)")
     ap.add_argument("--associations", type=int, default=4, help="the modality's concurrent associations")

@@ -207,12 +207,20 @@ osd memory target = 1073741824
         if wait:
             self.wait_up({i}, timeout)
 
-    def kill_osd(self, i: int) -> None:
-        """SIGKILL osd.i and tell the mon at once (without that, peers report it only after the heartbeat grace)."""
+    def kill_osd(self, i: int, tell_mon: bool = True) -> int:
+        """SIGKILL osd.i; its pid. With ``tell_mon``, mark it down at once (without that, peers report it only
+        after the heartbeat grace, or at once when its ports refuse them: the chaos suite's realistic crash)."""
         proc = self.procs.pop(f"osd.{i}")
         proc.kill()
         proc.wait()
-        self.mon_command(prefix="osd down", ids=[str(i)])
+        if tell_mon:
+            self.mon_command(prefix="osd down", ids=[str(i)])
+        return proc.pid
+
+    def osd_pids(self) -> dict[int, int]:
+        """The live OSD daemons: id -> pid."""
+        return {int(name[4:]): p.pid for name, p in self.procs.items()
+                if name.startswith("osd.") and p.poll() is None}
 
     def up_osds(self) -> set[int]:
         """The OSD ids the mon's osdmap has up."""

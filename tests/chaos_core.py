@@ -11,6 +11,9 @@ the normal run) and bench/chaos.py (10+ seeds per mode, a table and one JSON lin
   study-complete events: lost, corrupt, conflicting (one SOP stored with two contents), phantoms (stored, never
   sent), studies not completed exactly once (or completed with another instance count than stored).
 - :func:`recovery_times`: per kill, the time until the last instance it delayed was catalogued.
+- :func:`judge_downloads`: the DICOMweb downloads made while web replicas were killed: an attempt may fail only
+  on a connection the killed replica held, every request must succeed when retried, every instance downloaded
+  must have the bytes sent.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ NATS = "nats"              # the embedded nats-server of `dicomflow run`
 NATS_MEMBER = "nats-member"  # any node of a 3-node NATS cluster
 NATS_LEADER = "nats-leader"  # the node leading the instance stream at that moment
 CATALOGUE = "catalogue"    # the catalogue's PostgreSQL server (its postmaster)
+OSD = "ceph-osd"           # a ceph-osd daemon of the size-2 pool the store places instances in
+WEB = "web"                # a DICOMweb replica of `dicomflow run` (web.replicas > 1) while clients download
 KINDS = (RECEIVER, STORE, ROUTER, NATS)  # what `dicomflow run` on its embedded nats-server has
 CLUSTER_KINDS = (RECEIVER, STORE, ROUTER, NATS_MEMBER, NATS_LEADER, CATALOGUE)  # the services one by one
-ALL_KINDS = (*KINDS, NATS_MEMBER, NATS_LEADER, CATALOGUE)
+ALL_KINDS = (*KINDS, NATS_MEMBER, NATS_LEADER, CATALOGUE, OSD, WEB)
 
 
 @dataclass(frozen=True)
@@ -113,16 +118,19 @@ class Verdict:
     completion_errors: dict[str, str] = field(default_factory=dict)  # study -> why
     stored_unacknowledged: int = 0  # stored though its answer was lost (allowed: the sender retried or gave up)
     reopened: int = 0               # dicom.study.updated events (a study completed, then got more)
+    downloads: int = 0              # DICOMweb requests made while web replicas were killed (web mode)
+    downloads_cut: int = 0          # attempts cut by the kill of the replica serving them (each retried)
+    download_failures: list[str] = field(default_factory=list)  # attempts failed otherwise, requests never served
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.corrupt or self.conflicting or self.phantoms or self.not_forwarded
-                    or self.completion_errors)
+                    or self.completion_errors or self.download_failures)
 
     def problems(self) -> str:
         """One line per kind of failure, with a few examples; empty when ok."""
         lines = []
-        for name in ("lost", "corrupt", "conflicting", "phantoms", "not_forwarded"):
+        for name in ("lost", "corrupt", "conflicting", "phantoms", "not_forwarded", "download_failures"):
             items = getattr(self, name)
             if items:
                 lines.append(f"{name}: {len(items)} e.g. {sorted(items)[:3]}")
@@ -133,11 +141,13 @@ class Verdict:
 
 def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], stored: Iterable[StoredInstance],
             exported: Mapping[str, str] | None, completions: Iterable[Completion],
-            forwarded: Iterable[str] | None = None) -> Verdict:
+            forwarded: Iterable[str] | None = None, objects: Mapping[str, str] | None = None) -> Verdict:
     """Judge one run.
 
     ``exported``: SOP UID -> digest of the data set bytes read back (``dicomflow export``); None skips the
     byte check. ``forwarded``: the SOP UIDs the router's target received; None when nothing was forwarded.
+    ``objects``: SOP UID -> digest of the bytes read straight from the object store (RADOS, not through the
+    product), judged like ``exported``; None skips it.
     Every study with an acknowledged instance must complete exactly once (one ``dicom.study.complete``), and
     the last completion of a study must count every instance of it the catalogue holds.
     """
@@ -151,9 +161,10 @@ def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], store
     v = Verdict(sent=len(sent), acknowledged=len(acked & set(sent)), stored=len(digests))
     v.phantoms = sorted(s for s in digests if s not in sent)
     v.conflicting = sorted(s for s, d in digests.items() if len(d) > 1)
+    read_backs = [m for m in (exported, objects) if m is not None]
     v.corrupt = sorted({s for s, d in digests.items() if s in sent and any(x != sent[s].digest for x in d)}
-                       | {s for s, d in (exported or {}).items() if s in sent and d != sent[s].digest})
-    v.lost = sorted(s for s in acked if s not in digests or (exported is not None and s not in exported))
+                       | {s for m in read_backs for s, d in m.items() if s in sent and d != sent[s].digest})
+    v.lost = sorted(s for s in acked if s not in digests or any(s not in m for m in read_backs))
     v.stored_unacknowledged = sum(1 for s in digests if s in sent and s not in acked)
     if forwarded is not None:
         got = set(forwarded)
@@ -171,6 +182,51 @@ def verdict(sent: Mapping[str, SentInstance], acknowledged: Iterable[str], store
         elif last[study].instances != catalogued[study]:
             v.completion_errors[study] = (f"last completion counted {last[study].instances} instances, "
                                           f"the catalogue holds {catalogued[study]}")
+    return v
+
+
+@dataclass(frozen=True)
+class Download:
+    """One attempt of a DICOMweb request (a WADO-RS retrieve of a study) by a downloading client.
+
+    ``request``: the request it is an attempt of (attempts in order); ``client_port``: the local port of its
+    connection (what ties it to the replica that accepted it); ``error``: why it failed, empty when it got the
+    whole answer; ``parts``: SOP UID -> digest of the data set bytes of each instance in the answer."""
+
+    request: int
+    attempt: int
+    client_port: int
+    error: str = ""
+    parts: tuple[tuple[str, str], ...] = ()
+
+
+def judge_downloads(v: Verdict, sent: Mapping[str, SentInstance], downloads: Iterable[Download],
+                    cut_ports: Iterable[int]) -> Verdict:
+    """Add the downloads' verdict to ``v`` (and return it).
+
+    ``cut_ports``: the client ports of the connections a killed web replica held when it died. An attempt
+    that failed on one of them was cut by the kill (allowed, counted); one that failed on any other connection
+    is a failure (another replica, or the shared socket, let a client down); so is a request whose last attempt
+    failed (the retry did not succeed). An instance downloaded with other bytes than sent is corrupt; one never
+    sent is a phantom.
+    """
+    cut = set(cut_ports)
+    last: dict[int, Download] = {}
+    for d in sorted(downloads, key=lambda d: (d.request, d.attempt)):
+        last[d.request] = d
+        if d.error:
+            if d.client_port in cut:
+                v.downloads_cut += 1
+            else:
+                v.download_failures.append(f"request {d.request} attempt {d.attempt} (port {d.client_port}): "
+                                           f"{d.error}")
+        for sop, digest in d.parts:
+            if sop not in sent:
+                v.phantoms = sorted({*v.phantoms, sop})
+            elif digest != sent[sop].digest:
+                v.corrupt = sorted({*v.corrupt, sop})
+    v.downloads = len(last)
+    v.download_failures += [f"request {r} never served: {d.error}" for r, d in sorted(last.items()) if d.error]
     return v
 
 
@@ -227,6 +283,9 @@ def summarise(mode: str, verdicts: Sequence[Verdict], recoveries: Sequence[float
         "not_forwarded": sum(len(v.not_forwarded) for v in verdicts),
         "completion_errors": sum(len(v.completion_errors) for v in verdicts),
         "reopened": sum(v.reopened for v in verdicts),
+        "downloads": sum(v.downloads for v in verdicts),
+        "downloads_cut": sum(v.downloads_cut for v in verdicts),
+        "download_failures": sum(len(v.download_failures) for v in verdicts),
         "unrecovered_kills": len(recoveries) - len(known),
         "recovery_p50_s": _round(percentile(known, 50)),
         "recovery_p95_s": _round(percentile(known, 95)),

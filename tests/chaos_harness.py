@@ -11,6 +11,12 @@ read-back that feeds the verdict of tests/chaos_core.py.
   nats-server, ``dicomflow ingest`` and its receivers, store workers, the router), at the moments of the seed's
   schedule; ``dicomflow run`` restarts them, as it would in production.
 - A watcher polls the catalogue and notes when each SOP first appears there (for the recovery times).
+- With a Ceph OSD among the kinds, staging and placements are in size-2 pools of a 2-OSD cluster
+  (:class:`CephPools`); an OSD killed is started again a second later, and every stored object is also read
+  straight from its pool through librados.
+- With web replicas among the kinds, ``dicomflow run`` serves DICOMweb from two processes on one socket and
+  clients (:class:`Downloader`) retrieve whole studies throughout; a replica is stopped, the connections it holds
+  noted, then killed, and each download attempt is judged by whether the killed replica held its connection.
 - Afterwards: the catalogue rows (``dicomflow studies --json`` and the catalogue), the bytes through
   ``dicomflow export``, the files storescp received, and the events on ``dicom.study.complete`` / ``updated``.
 """
@@ -18,11 +24,14 @@ read-back that feeds the verdict of tests/chaos_core.py.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,14 +53,18 @@ from tests.chaos_core import (
     NATS,
     NATS_LEADER,
     NATS_MEMBER,
+    OSD,
     RECEIVER,
     ROUTER,
     STORE,
+    WEB,
     Completion,
+    Download,
     Kill,
     SentInstance,
     StoredInstance,
     Verdict,
+    judge_downloads,
     kill_schedule,
     recovery_times,
     verdict,
@@ -92,6 +105,8 @@ def role(argv: list[str]) -> str | None:
     if argv and Path(argv[0]).name == "nats-server":
         return NATS
     if "dicomflow" in argv and len(argv) > 2:
+        if "web" in argv:
+            return WEB
         if "ingest" in argv:
             return RECEIVER if "--single" in argv else "ingest"
         if "store" in argv:
@@ -223,6 +238,127 @@ class Sender:
     def _note(self, what: str) -> None:
         with self.log.lock:
             self.log.outcomes[what] += 1
+
+
+# --- a DICOMweb client downloading while web replicas are killed -------------------------------------------
+
+
+class _NarrowConnection(http.client.HTTPConnection):
+    """An HTTP connection with a small receive buffer: with the client reading slowly the server is still writing
+    the answer (not done with it into the kernel's buffers) when its process is killed."""
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.settimeout(self.timeout)
+        sock.connect((self.host, self.port))
+        self.sock = sock
+
+
+def _part10_digest(body: bytes) -> tuple[str, str]:
+    """SOP UID and the digest of the data set bytes (after the file meta) of a Part-10 file's bytes."""
+    import io
+
+    ds = dcmread(io.BytesIO(body), stop_before_pixels=True)
+    meta_len = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return str(ds.SOPInstanceUID), content_digest(body[meta_len:])
+
+
+class Downloader:
+    """``clients`` threads, each retrieving whole studies (WADO-RS, as stored) again and again over a fresh
+    connection per attempt, reading slowly; a failed attempt is retried (a fresh connection, up to
+    ``retries`` times) until the request is served. Records every attempt (:class:`Download`)."""
+
+    ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+    def __init__(self, port: int, prefix: str, studies, clients: int = 6, retries: int = 5,
+                 chunk_pause_s: float = 0.01):
+        self.port, self.prefix, self.studies = port, prefix, studies  # studies(): those worth asking for now
+        self.clients, self.retries, self.chunk_pause_s = clients, retries, chunk_pause_s
+        self.downloads: list[Download] = []
+        self._lock = threading.Lock()
+        self._next = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"downloader-{i}", daemon=True)
+                         for i in range(clients)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def _run(self, i: int) -> None:
+        import random
+
+        rng = random.Random(i)
+        while not self._stop.is_set():
+            choices = self.studies()
+            if not choices:
+                self._stop.wait(0.5)
+                continue
+            study = rng.choice(choices)
+            with self._lock:
+                request, self._next = self._next, self._next + 1
+            for attempt in range(self.retries + 1):
+                d = self._attempt(request, attempt, study)
+                with self._lock:
+                    self.downloads.append(d)
+                if not d.error:
+                    break
+                time.sleep(0.2 * (attempt + 1))
+
+    def _attempt(self, request: int, attempt: int, study: str) -> Download:
+        conn = _NarrowConnection("127.0.0.1", self.port, timeout=30)
+        port = 0
+        try:
+            conn.connect()
+            port = conn.sock.getsockname()[1]
+            conn.request("GET", f"{self.prefix}/studies/{study}", headers={"Accept": self.ACCEPT})
+            res = conn.getresponse()
+            if res.status != 200:
+                return Download(request, attempt, port, error=f"HTTP {res.status}: {res.read()[:200]!r}")
+            boundary = res.getheader("Content-Type", "").split("boundary=")[1].split(";")[0].strip('"').encode()
+            body = bytearray()
+            while chunk := res.read(32768):
+                body += chunk
+                time.sleep(self.chunk_pause_s)
+            if not bytes(body).rstrip().endswith(b"--" + boundary + b"--"):
+                return Download(request, attempt, port, error=f"answer cut short after {len(body)} bytes")
+            parts = tuple(_part10_digest(p.partition(b"\r\n\r\n")[2][:-2])
+                          for p in bytes(body).split(b"--" + boundary)[1:-1])
+            return Download(request, attempt, port, parts=parts)
+        except Exception as exc:  # reset, cut short (IncompleteRead), refused, timed out
+            return Download(request, attempt, port, error=f"{type(exc).__name__}: {exc}"[:200])
+        finally:
+            conn.close()
+
+
+def _client_ports(pid: int, server_port: int) -> set[int]:
+    """The remote (client) ports of the TCP connections to ``server_port`` that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            local_port, remote_port = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+            if f[9] in inodes and local_port == server_port and remote_port:
+                ports.add(remote_port)
+    return ports
 
 
 # --- the killer --------------------------------------------------------------------------------------------
@@ -378,6 +514,90 @@ class Catalogue:
         self.pg.stop()
 
 
+class CephPools:
+    """A 2-OSD Ceph cluster (bluestore: an OSD killed comes back with its data) with two size-2 pools, one for the
+    ingest's staging and one for the store's placements, so each OSD holds a copy of everything and either may
+    die mid-ingest (min_size 1). A killed OSD is started again a second later, as its unit or pod would be, and
+    catches up from its peer."""
+
+    POOL, STAGING = "chaos-instances", "chaos-staging"
+
+    def __init__(self, work: Path):
+        from tests.ceph_cluster import CephCluster
+
+        self.cluster = CephCluster(Path(tempfile.mkdtemp(prefix="dicomflow-chaos-ceph-")), osds=2,
+                                   bluestore={0, 1}, osd_gb=2, op_timeout_s=30).start()
+        for pool in (self.POOL, self.STAGING):
+            self.cluster.create_pool(pool, size=2)
+        self._due: queue.Queue[tuple[float, int] | None] = queue.Queue()
+        self._restarts = threading.Thread(target=self._restarter, name="osd-restarts", daemon=True)
+        self._restarts.start()
+
+    def storage(self) -> dict:
+        """The ``storage`` section: staging and every placement in the size-2 pools."""
+        rados = {"kind": "rados", "ceph_conf": str(self.cluster.conf), "op_timeout_s": 30}
+        return {"staging": "ceph-staging",
+                "backends": {"ceph-staging": {**rados, "pool": self.STAGING}, "ceph": {**rados, "pool": self.POOL}},
+                "policies": {"default": {"placements": ["ceph"]}}, "default_policy": "default"}
+
+    def kill(self, pick: int) -> int | None:
+        """SIGKILL one live OSD without telling the mon (its peer reports it); start it again a second later."""
+        live = sorted(self.cluster.osd_pids())
+        if not live:
+            return None
+        osd = live[pick % len(live)]
+        pid = self.cluster.kill_osd(osd, tell_mon=False)
+        self._due.put((time.time() + 1.0, osd))
+        return pid
+
+    def _restarter(self) -> None:
+        # One thread for every restart, living as long as the cluster: the daemons die with the thread that
+        # started them (PR_SET_PDEATHSIG), so a short-lived thread per restart would take its OSD with it.
+        while (item := self._due.get()) is not None:
+            at, osd = item
+            time.sleep(max(0.0, at - time.time()))
+            try:
+                self.cluster.start_osd(osd, wait=False)
+            except Exception as exc:
+                log.error("osd.%s did not start again: %s", osd, exc)
+
+    def read_back(self, rows: list[StoredInstance]) -> dict[str, str]:
+        """SOP UID -> digest of its object's bytes read straight from the placement pool through librados."""
+        from shared.config import RadosBackendConfig
+        from shared.storage.rados_store import RadosObjectStore
+
+        self._wait_restarts()
+        store = RadosObjectStore("chaos", RadosBackendConfig(ceph_conf=str(self.cluster.conf), pool=self.POOL,
+                                                             op_timeout_s=60))
+        out = {}
+        try:
+            for r in rows:
+                try:
+                    out[r.sop] = content_digest(store.get(r.digest))
+                except Exception as exc:  # missing or corrupt: the verdict names it lost or corrupt
+                    log.warning("rados read of %s (%s): %s", r.sop, r.digest, exc)
+                    if "Corrupt" in type(exc).__name__:
+                        out[r.sop] = "corrupt"
+        finally:
+            store.close()
+        return out
+
+    def _wait_restarts(self, timeout: float = 60) -> None:
+        """Until every OSD killed is running and up again."""
+        deadline = time.time() + timeout
+        while not self._due.empty() and time.time() < deadline:
+            time.sleep(0.2)
+        try:
+            self.cluster.wait_up(set(range(self.cluster.osds)), max(1.0, deadline - time.time()))
+        except (TimeoutError, RuntimeError) as exc:
+            log.error("OSDs after the kills: %s", exc)
+
+    def stop(self) -> None:
+        self._due.put(None)
+        self._restarts.join(30)
+        self.cluster.stop()
+
+
 class ChaosStack:
     """What the killer and the run need of a stack: start, stop, kill a process by kind, run the CLI."""
 
@@ -388,6 +608,8 @@ class ChaosStack:
     ae_title: str
     nats_url: str
     catalogue: Catalogue | None = None
+    ceph: CephPools | None = None
+    cut_ports: set[int]  # client ports of the connections killed web replicas held
 
     def start(self) -> None: ...
 
@@ -399,7 +621,28 @@ class ChaosStack:
         """SIGKILL one process of ``kind``; its pid, or None when none was alive."""
         if kind == CATALOGUE:
             return self.catalogue.kill(pick) if self.catalogue else None
+        if kind == OSD:
+            return self.ceph.kill(pick) if self.ceph else None
+        if kind == WEB:
+            return self._kill_web(pick)
         return _sigkill(self.pids(kind), pick)
+
+    def _kill_web(self, pick: int) -> int | None:
+        """SIGKILL a web replica, noting the client connections it held: stopped first (SIGSTOP), so it accepts
+        none between the note and the kill."""
+        pids = self.pids(WEB)
+        if not pids:
+            return None
+        pid = pids[pick % len(pids)]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            ports = _client_ports(pid, self.tree["web"]["port"])
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        self.cut_ports |= ports
+        log.info("web replica %s held connections from ports %s", pid, sorted(ports))
+        return pid
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_cli(self.config_path, *args, check=check)
@@ -411,14 +654,18 @@ class ChaosStack:
 class EmbeddedStack(ChaosStack):
     """``dicomflow run`` as a user starts it (tests.helpers.Stack): it restarts what the killer kills."""
 
-    def __init__(self, work: Path, tree: dict, catalogue: Catalogue | None = None):
+    def __init__(self, work: Path, tree: dict, catalogue: Catalogue | None = None, ceph: CephPools | None = None):
         if catalogue is not None:
             tree["catalogue"] = {"url": catalogue.url}
+        if ceph is not None:
+            tree["storage"] = ceph.storage()
+        self.ceph = ceph
         self.inner = Stack(work, tree)
         self.tree, self.config_path, self.data_dir = tree, self.inner.config_path, self.inner.data_dir
         self.port, self.ae_title = self.inner.port, self.inner.ae_title
         self.nats_url = f"nats://127.0.0.1:{tree['nats']['port']}"
         self.catalogue = catalogue
+        self.cut_ports = set()
 
     def start(self) -> None:
         self.inner.start()
@@ -427,6 +674,8 @@ class EmbeddedStack(ChaosStack):
         self.inner.stop()
         if self.catalogue:
             self.catalogue.stop()
+        if self.ceph:
+            self.ceph.stop()
 
     def pids(self, kind: str) -> list[int]:
         assert self.inner.proc is not None
@@ -439,10 +688,14 @@ class ComposeStack(ChaosStack):
     (streams with 3 replicas), ``dicomflow ingest`` (with its receivers), ``dicomflow store`` workers and
     ``dicomflow router``, the catalogue in PostgreSQL."""
 
-    def __init__(self, work: Path, tree: dict, store_workers: int, catalogue: Catalogue):
+    def __init__(self, work: Path, tree: dict, store_workers: int, catalogue: Catalogue,
+                 ceph: CephPools | None = None):
         from tests.nats_cluster import NatsCluster
 
         self.work = work
+        if ceph is not None:
+            tree["storage"] = ceph.storage()
+        self.ceph = ceph
         self.cluster = NatsCluster(work, 3)
         self.catalogue = catalogue
         tree["nats"]["url"] = self.cluster.url
@@ -455,6 +708,7 @@ class ComposeStack(ChaosStack):
         self.port, self.ae_title = tree["ingest"]["port"], tree["ingest"].get("ae_title", "DICOMFLOW")
         self.nats_url = self.cluster.urls[0]
         self.store_workers = store_workers
+        self.cut_ports = set()
         self.supervisor = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -491,6 +745,8 @@ class ComposeStack(ChaosStack):
         if self._poller is not None:
             self._poller.join(120)
         self.catalogue.stop()
+        if self.ceph:
+            self.ceph.stop()
 
     def _pid(self, name: str) -> list[int]:
         assert self.supervisor is not None
@@ -541,6 +797,7 @@ class RunResult:
     attempts: int
     send_s: float
     settle_s: float
+    web_replicas: list[int] = field(default_factory=list)  # the web replicas' pids at the end (web mode)
 
 
 def _events(url: str) -> list[Completion]:
@@ -569,21 +826,32 @@ class ChaosRun:
     """One run: a stack, a sender, a killer; :meth:`execute` returns the :class:`RunResult`.
 
     ``group``: the store and router consumer-group settings (the defaults of shared/config.py when empty);
-    ``quiet_s``: the router's completion quiet period.
+    ``quiet_s``: the router's completion quiet period; ``ceph``: staging and placements in size-2 Ceph pools
+    (implied by an OSD kind); ``web_replicas``: DICOMweb processes when web replicas are killed; ``rows``: the
+    images' size (default 64, 256 with web kills).
     """
 
     def __init__(self, work: Path, seed: int, kinds: tuple[str, ...], studies: int = 20, instances: int = 1000,
                  associations: int = 4, window_s: float = 40.0, kills: int = 4, receivers: int = 2,
                  store_workers: int = 2, group: dict | None = None, quiet_s: float = 6.0, settle_s: float = 150.0,
-                 rows: int = 64, stack: str = "embedded", postgres: bool = False):
+                 rows: int | None = None, stack: str = "embedded", postgres: bool = False, ceph: bool = False,
+                 web_replicas: int = 2):
         if stack not in ("embedded", "compose"):
             raise ValueError(f"stack {stack!r}: embedded (dicomflow run) or compose (the services one by one)")
         self.stack_kind, self.postgres = stack, postgres or stack == "compose" or CATALOGUE in kinds
+        self.ceph = ceph or OSD in kinds  # staging and placements in size-2 Ceph pools, else the filesystem
+        if WEB in kinds and (stack != "embedded" or web_replicas < 2):
+            raise ValueError("web kills need `dicomflow run` with web replicas >= 2 (one must stay to serve)")
+        self.web_replicas = web_replicas if WEB in kinds else 0
         self.work, self.seed, self.kinds = Path(work), seed, tuple(kinds)
         self.n_studies, self.n_instances, self.associations = studies, instances, associations
         self.window_s, self.kills, self.receivers, self.store_workers = window_s, kills, receivers, store_workers
         self.group = group or {}
-        self.quiet_s, self.settle_s, self.rows = quiet_s, settle_s, rows
+        # Images of 64x64 (8 KiB), or 256x256 (128 KiB) where web replicas are killed: a study's answer must be
+        # larger than what the kernel's socket buffers hold (about 1.5 MiB on loopback), else a replica killed
+        # mid-answer has already handed all of it to the kernel, which delivers it anyway.
+        self.quiet_s, self.settle_s = quiet_s, settle_s
+        self.rows = rows if rows is not None else 256 if WEB in kinds else 64
 
     # The data: ~n_instances over n_studies, one file each, with the digest of its data set bytes as sent.
     def _write_studies(self) -> tuple[list[list[Path]], dict[str, SentInstance]]:
@@ -618,16 +886,22 @@ class ChaosRun:
                     "targets": {"archive": {"kind": "dicom", "host": "127.0.0.1", "port": archive_port,
                                             "ae_title": "ARCHIVE"}},
                     "forward": {"backoff_initial_s": 0.5, "backoff_max_s": 5}})
-        catalogue = Catalogue(self.work) if self.postgres else None
+        if self.web_replicas:
+            tree["web"] = {"port": free_port(), "replicas": self.web_replicas}
+        catalogue = ceph = None
         try:
+            catalogue = Catalogue(self.work) if self.postgres else None
+            ceph = CephPools(self.work) if self.ceph else None
             if self.stack_kind == "compose":
                 assert catalogue is not None
-                return ComposeStack(self.work, tree, self.store_workers, catalogue), scp, archive
-            return EmbeddedStack(self.work, tree, catalogue), scp, archive
+                return ComposeStack(self.work, tree, self.store_workers, catalogue, ceph), scp, archive
+            return EmbeddedStack(self.work, tree, catalogue, ceph), scp, archive
         except BaseException:
             scp.kill()
             if catalogue is not None:
                 catalogue.stop()
+            if ceph is not None:
+                ceph.stop()
             raise
 
     def execute(self) -> RunResult:
@@ -644,11 +918,19 @@ class ChaosRun:
             sender = Sender(stack.port, stack.ae_title, folders, self.associations, self.window_s,
                             deadline_s=self.window_s + 120)
             killer = Killer(stack, schedule)
+            downloader = None
+            if self.web_replicas:
+                downloader = Downloader(stack.tree["web"]["port"], "/dicom-web",
+                                        lambda: sorted({sent[s].study for s in list(watcher.seen_at) if s in sent}))
+                downloader.start()
             sender.start()
             killer.start(sender.t0)
             sender.join()
             send_s = time.time() - sender.t0
             killer.join()
+            if downloader is not None:
+                time.sleep(3.0)  # the retries of what the last kill cut
+                downloader.stop()
             # Settle: every acknowledged instance catalogued and forwarded, every study announced complete.
             t_settle = time.time()
             acked = dict(sender.log.acked_at)
@@ -666,15 +948,19 @@ class ChaosRun:
             watcher.stop()
             stored = _catalogue_rows(stack, study_uids)
             exported = _export(stack, study_uids, self.work / "export")
+            objects = stack.ceph.read_back(stored) if stack.ceph else None
             forwarded = _forwarded(archive)
+            web_replicas = stack.pids(WEB) if self.web_replicas else []
         finally:
             stack.stop()
             scp.terminate()
             scp.wait(10)
-        v = verdict(sent, acked, stored, exported, completions, forwarded=forwarded)
+        v = verdict(sent, acked, stored, exported, completions, forwarded=forwarded, objects=objects)
+        if downloader is not None:
+            judge_downloads(v, sent, downloader.downloads, stack.cut_ports)
         recoveries = recovery_times([k.at for k in killer.done if k.pid is not None], acked, watcher.seen_at)
         return RunResult(self.seed, self.kinds, v, killer.done, recoveries, dict(sender.log.outcomes),
-                         sender.log.attempts, send_s, settle_s)
+                         sender.log.attempts, send_s, settle_s, web_replicas)
 
 
 def _wait_events(url: str, expected: dict[str, int], timeout: float) -> list[Completion]:

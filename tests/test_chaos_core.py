@@ -10,8 +10,10 @@ from tests.chaos_core import (
     RECEIVER,
     STORE,
     Completion,
+    Download,
     SentInstance,
     StoredInstance,
+    judge_downloads,
     kill_schedule,
     percentile,
     recovery_times,
@@ -74,6 +76,40 @@ def test_lost_corrupt_conflicting_phantom_and_unforwarded_are_named():
     assert v.phantoms == ["7.7"]
     assert v.not_forwarded == ["1.3", "1.4", "1.5"]
     assert "lost: 2" in v.problems()
+
+
+def test_bytes_read_straight_from_the_object_store_are_judged_like_the_export():
+    sent, stored, exported, completions = _run()
+    objects = {s.sop: s.digest for s in sent.values()}
+    assert verdict(sent, sent.keys(), stored, exported, completions, objects=objects).ok
+    objects["1.2"] = "a replica with other bytes"
+    del objects["1.5"]  # catalogued and exported, but the pool has no object
+    v = verdict(sent, sent.keys(), stored, exported, completions, objects=objects)
+    assert (v.corrupt, v.lost) == (["1.2"], ["1.5"])
+    # An unacknowledged instance the pool lacks is not lost.
+    v = verdict(sent, ["1.0", "1.1", "1.2", "1.3", "1.4"], stored, exported, completions,
+                objects={k: d for k, d in objects.items() if k != "1.2"} | {"1.2": sent["1.2"].digest})
+    assert v.ok, v.problems()
+
+
+def test_a_download_may_fail_only_where_a_killed_replica_held_it_and_must_succeed_when_retried():
+    sent, stored, exported, completions = _run()
+    whole = tuple((s.sop, s.digest) for s in sent.values())
+    ok = [Download(1, 0, 40001, parts=whole),
+          Download(2, 0, 40002, error="IncompleteRead"), Download(2, 1, 40003, parts=whole[:3])]
+    v = judge_downloads(verdict(sent, sent.keys(), stored, exported, completions), sent, ok, cut_ports={40002})
+    assert v.ok, v.problems()
+    assert (v.downloads, v.downloads_cut) == (2, 1)
+    # Cut on a connection the killed replica did not hold; a retry that fails too; flipped bytes; a stranger.
+    bad = [Download(1, 0, 40001, error="ConnectionResetError"), Download(1, 1, 40004, parts=whole),
+           Download(2, 0, 40002, error="IncompleteRead"), Download(2, 1, 40005, error="503"),
+           Download(3, 0, 40006, parts=(("1.0", "flipped"), ("8.8", "x")))]
+    v = judge_downloads(verdict(sent, sent.keys(), stored, exported, completions), sent, bad, cut_ports={40002})
+    assert not v.ok and v.downloads == 3 and v.downloads_cut == 1
+    assert [f.split(":")[0] for f in v.download_failures] == [
+        "request 1 attempt 0 (port 40001)", "request 2 attempt 1 (port 40005)", "request 2 never served"]
+    assert v.corrupt == ["1.0"] and v.phantoms == ["8.8"]
+    assert "download_failures: 3" in v.problems()
 
 
 def test_unacknowledged_instances_may_be_stored_or_not():

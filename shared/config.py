@@ -94,7 +94,7 @@ class StreamConfig(_Section):
     partitions: int = Field(64, ge=1, le=1024, description="Number of partitions. Fixed at stream creation: changing it remaps in-flight studies.")
     replicas: int = Field(1, ge=1, le=5, description="Stream replicas (3 on a NATS cluster).")
     max_age_days: float = Field(7, gt=0, description="How long instance events are kept in the stream.")
-    duplicate_window_s: float = Field(600, gt=0, description="Nats-Msg-Id de-duplication window.")
+    duplicate_window_s: float = Field(600, gt=0, description="Nats-Msg-Id de-duplication window: absorbs a retried publish of one receipt or one stored event. A resend of an instance, however late, is told from a new version by the catalogue and the router, not by this window.")
     events_name: str = Field("DICOM_EVENTS", description="Stream for integration events (dicom.stored.>, dicom.study.>, dicom.forward.>).")
     events_max_age_days: float = Field(30, gt=0, description="How long integration events are kept.")
 

@@ -47,20 +47,21 @@ def forwarding(matched: Iterable[Rule], when: str) -> list[Rule]:
     return [r for r in matched if r.action == "forward" and r.when == when]
 
 
-def arrival_of(event: InstanceReceived, seq: int) -> Arrival:
-    """The instance event at stream sequence ``seq`` as the completion logic sees it."""
+def arrival_of(event: InstanceReceived, seq: int, replaces: bool = False) -> Arrival:
+    """The instance event at stream sequence ``seq`` as the completion logic sees it (``replaces``: it
+    brings another version of an instance received before)."""
     t = event.tags
     return Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description, t.modality,
-                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name)
+                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, replaces)
 
 
 def plan_instance(matched: Sequence[Rule], event: InstanceReceived, seq: int,
-                  default_completion: CompletionConfig) -> InstancePlan:
+                  default_completion: CompletionConfig, replaces: bool = False) -> InstancePlan:
     """What the rules ``matched`` by an instance event ask for (``drop`` asks for nothing)."""
     forwards = tuple(Forward(dest, r.name) for r in forwarding(matched, "instance") for dest in r.to)
     quarantines = tuple(r.name for r in matched if r.action == "quarantine")
     return InstancePlan(forwards, quarantines, completion_for(matched, default_completion),
-                        bool(forwarding(matched, "complete")), arrival_of(event, seq))
+                        bool(forwarding(matched, "complete")), arrival_of(event, seq, replaces))
 
 
 class Routed(NamedTuple):

@@ -37,7 +37,7 @@ from shared.catalogue.attributes import (
 from shared.catalogue.entry import CatalogueEntry
 from shared.catalogue.query import ALL, Match, Query, like_pattern
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: instances.source_seq
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS catalogue_schema (version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS studies (tenant TEXT NOT NULL, study_uid TEXT NOT NULL, "
@@ -57,7 +57,7 @@ SCHEMA = [
     + ", ".join(f"{c} {'TEXT' if c == 'sop_class_uid' else 'INTEGER'}" for c in INSTANCE_COLUMNS)
     + ", transfer_syntax_uid TEXT NOT NULL, digest TEXT NOT NULL, size BIGINT NOT NULL, policy TEXT NOT NULL,"
     " placements TEXT NOT NULL, calling_ae TEXT, received_at TEXT, stored_at TEXT NOT NULL, metadata TEXT NOT NULL,"
-    " PRIMARY KEY (tenant, sop_uid))",
+    " source_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (tenant, sop_uid))",
     "CREATE INDEX IF NOT EXISTS instances_by_series ON instances (tenant, study_uid, series_uid, instance_number)",
 ]
 # The study columns matched by value or by "prefix*" (LIKE 'prefix%'), indexed after the study table is created.
@@ -89,15 +89,40 @@ _ALIAS = {STUDY: "s", SERIES: "se", INSTANCE: "i"}
 _LIST_SEPARATOR = "|"  # in modalities / sop_classes: "|CT|SR|" (not "\\", the LIKE escape character)
 _WORDS = {"patient_name": "patient_name_words", "referring_physician_name": "referring_physician_words"}
 _INSTANCE_FIELDS = ("transfer_syntax_uid", "digest", "size", "policy", "placements", "calling_ae", "received_at",
-                    "stored_at", "metadata")
+                    "stored_at", "metadata", "source_seq")
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """What recording an instance did."""
+    """What recording an instance did (:func:`version_outcome`)."""
 
-    outcome: str  # "new", "same" or "replaced"
+    outcome: str  # "new", "replaced", "same", "resent" or "stale"
     replaced_digest: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the catalogue now holds this version where it held none or another."""
+        return self.outcome in ("new", "replaced")
+
+
+def version_outcome(current: tuple[str, int] | None, digest: str, seq: int) -> Recorded:
+    """What an instance version (``digest``, received at stream sequence ``seq``) does to the version the
+    catalogue holds (``current``: its digest and sequence; None: none).
+
+    The last version answered with success wins: that is the one with the highest sequence, since the
+    ingest answers only after JetStream stored its event. So an older version redelivered after a newer
+    one was recorded is *stale* and changes nothing; the same bytes again are *same* (a redelivery of
+    the event that recorded them) or *resent* (another receipt of them: recorded once). Sequence 0 (an
+    event of a version before sequences were kept, or a row recorded then) is older than any other.
+    """
+    if current is None:
+        return Recorded("new")
+    held, held_seq = current
+    if held == digest:
+        return Recorded("same" if seq == held_seq or not seq or not held_seq else "resent")
+    if seq and seq < held_seq:
+        return Recorded("stale")
+    return Recorded("replaced", held)
 
 
 @dataclass(frozen=True)
@@ -176,8 +201,12 @@ class SqlCatalogue:
             for statement in [*SCHEMA, *prefix_indexes(self.dialect.pattern_ops)]:
                 cur.execute(statement)
             cur.execute("SELECT version FROM catalogue_schema")
-            if cur.fetchone() is None:
+            row = cur.fetchone()
+            if row is None:
                 cur.execute(self._sql("INSERT INTO catalogue_schema VALUES (?)"), (SCHEMA_VERSION,))
+            elif row[0] < 2:  # a catalogue of version 1: its versions have no sequence (0: older than any event)
+                cur.execute("ALTER TABLE instances ADD COLUMN source_seq BIGINT NOT NULL DEFAULT 0")
+                cur.execute(self._sql("UPDATE catalogue_schema SET version = ?"), (SCHEMA_VERSION,))
         self._transaction(create)
 
     def close(self) -> None:
@@ -205,10 +234,10 @@ class SqlCatalogue:
 
     def _record(self, cur, entries: list[CatalogueEntry]) -> list[Recorded]:
         q = self._sql
-        known: dict[tuple[str, str], tuple[str, str, str]] = {}
+        known: dict[tuple[str, str], tuple[str, str, str, int]] = {}
         for entry in entries:
-            cur.execute(q("SELECT digest, study_uid, series_uid FROM instances WHERE tenant = ? AND sop_uid = ?"),
-                        (entry.tenant, entry.sop_uid))
+            cur.execute(q("SELECT digest, study_uid, series_uid, source_seq FROM instances WHERE tenant = ?"
+                          " AND sop_uid = ?"), (entry.tenant, entry.sop_uid))
             row = cur.fetchone()
             if row is not None:
                 known[(entry.tenant, entry.sop_uid)] = row
@@ -217,19 +246,21 @@ class SqlCatalogue:
         for entry in entries:
             key = (entry.tenant, entry.sop_uid)
             earlier = writes.get(key)
-            previous = (earlier.facts.digest,) if earlier is not None else known.get(key)
-            if previous is not None and previous[0] == entry.facts.digest:
-                results.append(Recorded("same"))
-                continue
-            results.append(Recorded("replaced", previous[0]) if previous is not None else Recorded("new"))
-            writes[key] = entry
+            if earlier is not None:
+                current = (earlier.facts.digest, earlier.facts.source_seq)
+            else:
+                current = (known[key][0], known[key][3]) if key in known else None
+            recorded = version_outcome(current, entry.facts.digest, entry.facts.source_seq)
+            results.append(recorded)
+            if recorded.changed:
+                writes[key] = entry
         if not writes:
             return results
         touched_studies = {(e.tenant, e.study_uid): e for e in writes.values()}
         touched_series = {(e.tenant, e.study_uid, e.series_uid): e for e in writes.values()}
         for key, entry in writes.items():  # an instance that moves leaves a series and a study to recount
-            if key in known and known[key][1:] != (entry.study_uid, entry.series_uid):
-                _, old_study, old_series = known[key]
+            if key in known and known[key][1:3] != (entry.study_uid, entry.series_uid):
+                _, old_study, old_series, _ = known[key]
                 touched_studies.setdefault((entry.tenant, old_study), None)
                 touched_series.setdefault((entry.tenant, old_study, old_series), None)
         study_cols = ("tenant", "study_uid", *STUDY_COLUMNS, "patient_name_words", "referring_physician_words",
@@ -257,7 +288,7 @@ class SqlCatalogue:
             values = (entry.tenant, entry.sop_uid, entry.study_uid, entry.series_uid,
                       *(entry.instance[c] for c in INSTANCE_COLUMNS), f.transfer_syntax_uid, f.digest, f.size,
                       f.policy, json.dumps(list(f.placements)), f.calling_ae, f.received_at, f.stored_at,
-                      entry.metadata)
+                      entry.metadata, f.source_seq)
             cur.execute(q(_upsert("instances", instance_cols, ("tenant", "sop_uid"))), values)
         for tenant, study, series in sorted(touched_series):
             cur.execute(q("UPDATE series SET n_instances = (SELECT COUNT(*) FROM instances i WHERE i.tenant = ?"
@@ -282,6 +313,18 @@ class SqlCatalogue:
         return results
 
     # -- reading -----------------------------------------------------------------------------
+
+    def versions(self, tenant: str, sop_uids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """(digest, source sequence) of the version held of each of ``sop_uids`` that the catalogue has."""
+        out: dict[str, tuple[str, int]] = {}
+        uids = list(dict.fromkeys(sop_uids))
+        for start in range(0, len(uids), 500):
+            part = uids[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            for sop, digest, seq in self._read(f"SELECT sop_uid, digest, source_seq FROM instances WHERE tenant = ?"
+                                               f" AND sop_uid IN ({marks})", (tenant, *part)):
+                out[sop] = (digest, int(seq))
+        return out
 
     def search(self, query: Query, tenant: str | None, max_results: int, base_url: str = "") -> list[dict]:
         """The DICOM JSON objects matching ``query`` within ``tenant`` (None: every tenant, for administrators).

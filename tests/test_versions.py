@@ -1,0 +1,251 @@
+"""Versions of an instance: a resend is stored and forwarded once whatever the time since the first receipt, and
+the last version answered with success is the one held (A, then B, then A again: A)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+from pydicom import dcmread
+
+from services.router.completion import (
+    RECENT,
+    Arrival,
+    StudyState,
+    latest_versions,
+    recent_verdict,
+    record_arrival,
+    summarize,
+    verdict_from_history,
+)
+from shared.catalogue.entry import InstanceFacts, entry_from_model
+from shared.catalogue.sql import Recorded, version_outcome
+from shared.catalogue.sqlite import open_sqlite
+from shared.config import CompletionConfig
+from shared.contract.events import ForwardJob, InstanceReceived, InstanceStored, InstanceTags
+from shared.contract.uids import uid_token
+from shared.dicom.json_model import json_model
+from tests.helpers import dataset_bytes, encode, wait_for
+from tests.router_harness import Gateway, events_on, last_event, make_studies
+
+# --- the pure decisions -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("current, digest, seq, expected", [
+    (None, "a", 5, Recorded("new")),
+    (("a", 5), "a", 5, Recorded("same")),  # the event that recorded it, redelivered
+    (("a", 5), "a", 9, Recorded("resent")),  # the same bytes received again, later
+    (("a", 5), "b", 9, Recorded("replaced", "a")),
+    (("b", 9), "a", 5, Recorded("stale")),  # an older version redelivered after the newer was recorded
+    (("a", 0), "b", 3, Recorded("replaced", "a")),  # a row of before sequences: older than any event
+    (("a", 0), "a", 3, Recorded("same")),
+    (("a", 5), "b", 0, Recorded("replaced", "a")),  # an event of before sequences: taken as it comes
+])
+def test_version_outcome(current, digest, seq, expected):
+    assert version_outcome(current, digest, seq) == expected
+
+
+def _arrival(sop: str, digest: str, seq: int, replaces: bool = False) -> Arrival:
+    return Arrival("1.2", "1.2.1", sop, digest, seq, replaces=replaces)
+
+
+def test_router_memory_tells_a_resend_from_a_new_version():
+    policy = CompletionConfig()
+    st, _ = record_arrival(None, _arrival("1.2.3", "aaaa1111", 1), 0.0, policy, False)
+    assert recent_verdict(st, "1.2.3", "aaaa1111") == "duplicate"
+    assert recent_verdict(st, "1.2.3", "bbbb2222") == "replaces"
+    assert recent_verdict(st, "1.2.4", "aaaa1111") == "new"
+    st, changed = record_arrival(st, _arrival("1.2.3", "bbbb2222", 2), 1.0, policy, False)
+    assert changed and st.count == 1 and st.series["1.2.1"].n == 1  # another version, not another instance
+    assert recent_verdict(st, "1.2.3", "bbbb2222") == "duplicate"
+    assert recent_verdict(st, "1.2.3", "aaaa1111") == "replaces"  # A again after B: a change, forwarded
+
+
+def test_router_memory_defers_to_the_stream_where_it_cannot_tell():
+    assert recent_verdict(None, "1.2.3", "aaaa") == "unknown"  # no state: expired, or the first of a study
+    closed = StudyState(study_uid="1.2", gen=1, completed_gen=1, count=1)
+    assert recent_verdict(closed, "1.2.3", "aaaa") == "unknown"
+    big = StudyState(study_uid="1.2", count=RECENT)
+    assert recent_verdict(big, "1.2.3", "aaaa") == "unknown"
+    assert verdict_from_history([], "a") == "new"
+    assert verdict_from_history(["a"], "a") == "duplicate"
+    assert verdict_from_history(["a", "b"], "a") == "replaces"
+    assert verdict_from_history(["b", "a"], "a") == "duplicate"
+
+
+def test_a_new_version_reopens_a_completed_study_without_counting_an_instance():
+    st = StudyState(study_uid="1.2", gen=1, completed_gen=1, count=1, seq_at_complete=1)
+    after, changed = record_arrival(st, _arrival("1.2.3", "bbbb", 7, replaces=True), 5.0, CompletionConfig(), False)
+    assert changed and after.gen == 2 and after.is_open and after.count == 1
+
+
+def test_study_walks_take_each_instance_s_last_version_once():
+    events = [(1, "s1", "A", "e1"), (2, "s2", "C", "e2"), (3, "s1", "B", "e3"), (4, "s1", "A", "e4"),
+              (5, "s2", "C", "e5")]  # s1: A, B, A again; s2: C, then C resent
+    assert latest_versions(events) == [(2, "e2"), (4, "e4")]
+    summary = summarize([(seq, "se", sop, d, "", "") for seq, sop, d, _ in events])
+    assert summary.instances == 2 and summary.last_seq == 5
+
+
+def test_message_ids_make_every_receipt_and_version_an_event():
+    tags = InstanceTags(study_uid="1.2", series_uid="1.2.1", sop_uid="1.2.3")
+    common = dict(tags=tags, transfer_syntax_uid="1.2.840.10008.1.2.1", size=1, backend="local", calling_ae="M",
+                  called_ae="D", received_at="2026-12-06T00:00:00Z", tenant="t")
+    first = InstanceReceived(digest="a" * 64, receipt="r1", **common)
+    again = InstanceReceived(digest="a" * 64, receipt="r3", **common)
+    assert first.msg_id() != again.msg_id()  # A, B, A: the third is not a duplicate of the first
+    assert first.msg_id() == first.model_copy().msg_id()  # a retried publish of one receipt is one message
+    stored = dict(tags=tags, transfer_syntax_uid="x", digest="a" * 64, size=1, policy="p", placements=["local"],
+                  calling_ae="M", stored_at="2026-12-06T00:00:00Z", tenant="t")
+    assert InstanceStored(source_seq=1, **stored).msg_id() != InstanceStored(source_seq=3, **stored).msg_id()
+    job = dict(target="GW", rule="r", study_uid="1.2", series_uid="1.2.1", sop_uid="1.2.3", sop_class_uid="c",
+               transfer_syntax_uid="x", digest="a" * 64, size=1, backend="local")
+    assert ForwardJob(source_seq=1, **job).msg_id() != ForwardJob(source_seq=3, **job).msg_id()
+
+
+# --- the catalogue ----------------------------------------------------------------------------------------------
+
+
+def _entry(ds, digest: str, seq: int):
+    raw = encode(ds)
+    facts = InstanceFacts("t", "1.2.840.10008.1.2.1", digest, len(raw), "default", ("local",), "M", "2026",
+                          "2026", seq)
+    return entry_from_model(json_model(raw, "1.2.840.10008.1.2.1"), facts)
+
+
+def test_catalogue_keeps_the_version_received_last(tmp_path):
+    uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
+    ds = dcmread(files[0])
+    cat = open_sqlite(tmp_path / "c.sqlite")
+    sop = ds.SOPInstanceUID
+    assert cat.record_batch([_entry(ds, "A", 1)]) == [Recorded("new")]
+    assert cat.record_batch([_entry(ds, "B", 2), _entry(ds, "A", 3)]) == [Recorded("replaced", "A"),
+                                                                          Recorded("replaced", "B")]
+    assert cat.record_batch([_entry(ds, "B", 2)]) == [Recorded("stale")]  # B redelivered late
+    assert cat.record_batch([_entry(ds, "A", 8)]) == [Recorded("resent")]
+    assert cat.versions("t", [sop, "9.9"]) == {sop: ("A", 3)}
+    assert cat.versions("other", [sop]) == {}
+    assert cat.count("t") == 1
+    cat.close()
+
+
+def test_a_catalogue_of_schema_1_gains_the_sequence_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "c.sqlite"
+    cat = open_sqlite(path)
+    cat.close()
+    conn = sqlite3.connect(path)  # back to what version 1 wrote
+    conn.execute("ALTER TABLE instances DROP COLUMN source_seq")
+    conn.execute("UPDATE catalogue_schema SET version = 1")
+    conn.commit()
+    conn.close()
+    uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
+    cat = open_sqlite(path)
+    assert cat.record_batch([_entry(dcmread(files[0]), "A", 4)]) == [Recorded("new")]
+    assert cat.versions("t", [dcmread(files[0]).SOPInstanceUID]) == {dcmread(files[0]).SOPInstanceUID: ("A", 4)}
+    cat.close()
+
+
+# --- against the real services ----------------------------------------------------------------------------------
+
+
+class CountingGateway(Gateway):
+    """A storescp keeping every reception as a file of its own (+uf), so a second forward shows."""
+
+    def start(self) -> CountingGateway:
+        import os
+        import subprocess
+
+        from dicomflow.natsserver import wait_port
+
+        self.proc = subprocess.Popen(["storescp", "-aet", self.name, "+B", "+uf", "-od", str(self.dir),
+                                      str(self.port)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "TCP_NODELAY": "1"})
+        wait_port("127.0.0.1", self.port, 15)
+        return self
+
+    def receptions(self) -> list[tuple[str, bytes]]:
+        """(SOP Instance UID, data set bytes) of each complete reception, oldest first."""
+        out = []
+        for f in sorted((f for f in self.dir.iterdir() if f.is_file()), key=lambda f: f.stat().st_mtime_ns):
+            try:
+                out.append((dcmread(f, stop_before_pixels=True).SOPInstanceUID, dataset_bytes(f)))
+            except Exception:
+                continue  # being written
+        return out
+
+
+def _drained(url: str) -> bool:
+    """Whether every consumer of the instance stream has handled everything (nothing pending or unacknowledged)."""
+    from shared.bus.jetstream import api
+
+    async def go() -> bool:
+        nc = await nats.connect(url)
+        try:
+            listing = await api(nc, "CONSUMER.LIST.DICOM", {})
+            return all(c["num_pending"] == 0 and c["num_ack_pending"] == 0 for c in listing["consumers"])
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+FORWARD_ALL = "rules:\n  - {name: all, action: forward, to: GW}\n"
+
+
+@pytest.fixture
+def versions_stack(tmp_path, nats_server, stack_factory):
+    gw = CountingGateway(tmp_path, "GW").start()
+    (tmp_path / "rules.yaml").write_text(FORWARD_ALL)
+    stack = stack_factory(nats_server.url, stream={"duplicate_window_s": 1},
+                          router={"rules_file": str(tmp_path / "rules.yaml"), "targets": {"GW": gw.target()},
+                                  "completion": {"quiet_s": 1.5}, "scan_interval_s": 0.2})
+    yield stack, gw, nats_server.url
+    gw.kill()
+
+
+def test_a_study_resent_after_the_duplicate_window_is_stored_and_forwarded_once(tmp_path, versions_stack):
+    stack, gw, url = versions_stack
+    uid, files = make_studies(tmp_path / "s", 1, 4).popitem()
+    token = uid_token(uid)
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: len(gw.receptions()) == 4, 60, interval=0.2, what="the study forwarded")
+    wait_for(lambda: events_on(url, f"dicom.study.complete.{token}") == 1, 60, what="study.complete")
+    wait_for(lambda: events_on(url, f"dicom.stored.{token}.>") == 4, 30, what="4 stored events")
+    time.sleep(1.5)  # past the 1 s duplicate window: JetStream keeps the resend as new events
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: events_on(url, "dicom.part.>", stream="DICOM") == 8, 30, what="the resend's 4 events")
+    wait_for(lambda: _drained(url), 60, what="the store and the router to handle the resend")
+    time.sleep(2.5)  # a completion scan (quiet 1.5 s) would have re-opened and announced it by now
+    assert len(gw.receptions()) == 4, "a resent instance was forwarded again"
+    assert events_on(url, f"dicom.stored.{token}.>") == 4, "a resent instance was stored again"
+    assert events_on(url, f"dicom.study.updated.{token}") == 0, "the resend re-opened the completed study"
+    assert stack.instances_of(uid) == 4
+
+
+def test_version_a_then_b_then_a_again_keeps_a(tmp_path, versions_stack):
+    stack, gw, url = versions_stack
+    uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
+    token = uid_token(uid)
+    version_a = files[0]
+    ds = dcmread(version_a)
+    ds.ImageComments = "version B"
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    ds.save_as(b_dir / "b.dcm", enforce_file_format=True)
+    bytes_a, bytes_b = dataset_bytes(version_a), dataset_bytes(b_dir / "b.dcm")
+    for folder in (version_a.parent, b_dir, version_a.parent):  # all three within one second
+        assert stack.storescu(folder).returncode == 0
+    wait_for(lambda: events_on(url, f"dicom.stored.{token}.>") == 3, 30, what="three stored events")
+    last = last_event(url, f"dicom.stored.{token}.>")
+    assert last["replaced_digest"] and last["source_seq"] > 0
+    out = tmp_path / "export"
+    stack.cli("export", "--study", uid, "--out", str(out))
+    exported, = [f for f in out.rglob("*") if f.is_file()]
+    assert dataset_bytes(exported) == bytes_a, "the archive holds B, not the version answered last"
+    wait_for(lambda: len(gw.receptions()) == 3, 60, interval=0.2, what="each version forwarded")
+    assert [data for _, data in gw.receptions()].count(bytes_a) == 2
+    assert bytes_b in [data for _, data in gw.receptions()]

@@ -326,6 +326,7 @@ class RouterConfig(_Section):
     group: GroupConfig = Field(default_factory=GroupConfig)
     reload_interval_s: float = Field(5, gt=0, description="How often the config and rules files are checked for changes (targets, groups and rules reload without a restart).")
     scan_interval_s: float = Field(0.5, gt=0, description="How often study states are checked for completion.")
+    recent_instances: int = Field(512, ge=1, le=4096, description="Instances of a study whose version (SOP UID and digest hashes, 16 bytes each) its state remembers, so a redelivery or a resend forwards nothing and counts nothing. Beyond them (a bigger or a completed study, or a state gone) each arrival is checked against the instance's earlier events in the stream (one lookup).")
     study_ttl_days: float = Field(30, gt=0, description="How long a study's state is kept after its last change.")
 
     @model_validator(mode="after")

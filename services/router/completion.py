@@ -2,7 +2,7 @@
 
 The state lives in a JetStream KV bucket (the service's shell), so any router member can take a
 study over. It stays small whatever the study's size (it is rewritten on every arrival): the live
-counts skip redeliveries of the last RECENT instances (a short hash of SOP UID and of digest each), and
+counts skip redeliveries of the last ``router.recent_instances`` (a short hash of SOP UID and of digest each), and
 the exact figures of a completion event are recounted from the instance stream (:func:`summarize`).
 Each receipt of an instance is an event of its own, so the same bytes received again (a resend) are
 told from a new version here: by the recent hashes, and beyond them by the instance's earlier events
@@ -39,7 +39,7 @@ class StudyState(BaseModel):
     count_at_complete: int = 0
     seq_at_complete: int = 0
     max_seq: int = 0
-    recent: list[str] = Field(default_factory=list, description="short hashes of the last RECENT instances (redelivery filter)")
+    recent: list[str] = Field(default_factory=list, description="short hashes of the last router.recent_instances instances (redelivery filter)")
     series: dict[str, SeriesState] = Field(default_factory=dict)
     first_arrival: float = 0.0
     gen_started: float = 0.0
@@ -84,32 +84,34 @@ class Decision:
     discard: bool = False
 
 
-RECENT = 512  # redeliveries come from a partition's in-flight batch; 512 keys are ~8 KiB of state
+RECENT = 512  # the default of router.recent_instances: 512 keys are ~10 KiB of state
 
 
-_SOP_KEY = 8  # hex characters of an instance key that name the SOP instance; the other 4 name its bytes
+_SOP_KEY = 8  # hex characters of an instance key that name the SOP instance; the other 8 name its bytes
 
 
 def instance_key(sop_uid: str, digest: str) -> str:
     """The short, fixed-size memory of one version of an instance: 8 hex characters of its SOP Instance UID's
-    hash, then 4 of its bytes' (so another version of the same instance is recognised as one)."""
-    return blake3.blake3(sop_uid.encode()).hexdigest()[:_SOP_KEY] + digest[:4]
+    hash, then 8 of its bytes' (so another version of the same instance is recognised as one, and two
+    versions are taken for one another once in 4 billion)."""
+    return blake3.blake3(sop_uid.encode()).hexdigest()[:_SOP_KEY] + digest[:8]
 
 
 Verdict = str  # "duplicate" (the version held, again), "new", "replaces" (another version), "unknown"
 
 
-def recent_verdict(state: StudyState | None, sop_uid: str, digest: str) -> Verdict:
-    """What the study's recent memory says of an arrival: "unknown" where it cannot tell a new instance
-    from one received before it remembers (a study bigger than RECENT, a completed one, or none in KV:
-    expired, or never seen), and the shell must look at the instance's earlier events."""
+def recent_verdict(state: StudyState | None, sop_uid: str, digest: str, recent: int = RECENT) -> Verdict:
+    """What the study's recent memory (of ``recent`` instances) says of an arrival: "unknown" where it cannot
+    tell a new instance from one received before it remembers (a study of ``recent`` instances or more, a
+    completed one, or none in KV: expired, or never seen), and the shell must look at the instance's
+    earlier events."""
     if state is not None:
         key = instance_key(sop_uid, digest)
         if key in state.recent:
             return "duplicate"
         if any(k.startswith(key[:_SOP_KEY]) for k in state.recent):
             return "replaces"
-    if state is None or not state.is_open or state.count >= RECENT:
+    if state is None or not state.is_open or state.count >= recent:
         return "unknown"
     return "new"
 
@@ -123,8 +125,9 @@ def verdict_from_history(earlier_digests: list[str], digest: str) -> Verdict:
 
 
 def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: CompletionConfig,
-                   on_complete: bool) -> tuple[StudyState, bool]:
-    """The state after an arrival, and whether anything changed (False for a redelivered instance).
+                   on_complete: bool, recent: int = RECENT) -> tuple[StudyState, bool]:
+    """The state after an arrival, and whether anything changed (False for a redelivered instance); the
+    state remembers the last ``recent`` instances.
 
     A new version of an instance (``a.replaces``, or another version in the recent memory) re-opens a
     completed study but counts no second instance.
@@ -143,7 +146,7 @@ def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: Com
     replaces = a.replaces or bool(older)
     st.recent = [k for k in st.recent if k not in older]
     st.recent.append(key)
-    del st.recent[:-RECENT]
+    del st.recent[:-recent]
     st.max_seq = max(st.max_seq, a.seq)
     series = st.series.setdefault(a.series_uid, SeriesState())
     if not replaces:

@@ -17,7 +17,7 @@ from shared.config import CompletionConfig, ForwardConfig
 from shared.contract.events import InstanceReceived
 
 from .assignment import choose
-from .completion import Arrival, StudyState, record_arrival
+from .completion import RECENT, Arrival, StudyState, record_arrival
 from .rules import Rule, completion_for
 
 # --- route planning: the rules matched by one instance -> what to do ---------------------------------------------
@@ -83,13 +83,14 @@ def newly_routed(before: StudyState | None, routed: Iterable[Routed]) -> list[Ro
     return out
 
 
-def record_instance(state: StudyState | None, plan: InstancePlan, now: float, routed: Sequence[Routed]
-                    ) -> tuple[StudyState | None, list[Routed]]:
-    """The study state after the instance (None: nothing to write) and the destinations to announce.
+def record_instance(state: StudyState | None, plan: InstancePlan, now: float, routed: Sequence[Routed],
+                    recent: int = RECENT) -> tuple[StudyState | None, list[Routed]]:
+    """The study state after the instance (None: nothing to write) and the destinations to announce
+    (``recent``: how many instances the state remembers).
 
     Without side effects, so a compare-and-set loop can run it again on the state it re-read.
     """
-    after, changed = record_arrival(state, plan.arrival, now, plan.policy, plan.on_complete)
+    after, changed = record_arrival(state, plan.arrival, now, plan.policy, plan.on_complete, recent)
     fresh = newly_routed(state, routed)
     after.targets.extend(r.target for r in fresh)
     return (after if changed or fresh else None), fresh

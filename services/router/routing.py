@@ -130,9 +130,10 @@ class Router:
         span.set_attribute("router.rules", ",".join(r.name for r in matched))
         for rule in matched:
             metrics.actions.labels(rule.name, rule.action).inc()
-        verdict = await self.verdict(event, seq)
+        recent = self.config.router.recent_instances
+        verdict = await self.verdict(event, seq, recent)
         span.set_attribute("router.verdict", verdict)
-        if verdict == "duplicate":
+        if verdict == "duplicate":  # a resend of the version held: nothing to forward, nothing re-opens
             metrics.instances.labels("duplicate").inc()
             return
         plan = plan_instance(matched, event, seq, self.config.router.completion, replaces=verdict == "replaces")
@@ -143,22 +144,24 @@ class Router:
         for rule_name in plan.quarantines:
             await self.quarantine(rule_name, event)
         now = time.time()
-        before, after = await self.book.update(t.study_uid, lambda st: record_instance(st, plan, now, routed)[0])
+        before, after = await self.book.update(t.study_uid,
+                                               lambda st: record_instance(st, plan, now, routed, recent)[0])
         metrics.instances.labels("new" if after is not None else "duplicate").inc()
         for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
             await self.announce_routed(t.study_uid, target, group, rule_name)
 
-    async def verdict(self, event: InstanceReceived, seq: int) -> str:
+    async def verdict(self, event: InstanceReceived, seq: int, recent: int) -> str:
         """Whether the event brings a new instance ("new"), another version of one ("replaces"), or the bytes
-        the study holds for it again ("duplicate"): the study's recent memory first, the stream where that
-        cannot tell."""
+        the study holds for it again ("duplicate"): the study's memory of ``recent`` instances first, the
+        instance's earlier events in the stream where that cannot tell."""
         t = event.tags
         state, _ = await self.book.get(t.study_uid)
-        verdict = recent_verdict(state, t.sop_uid, event.digest)
+        verdict, source = recent_verdict(state, t.sop_uid, event.digest, recent), "memory"
         if verdict == "unknown":
             digests = await earlier_digests(self.nc, self.config.stream.name, self.config.stream.partitions,
                                             t.study_uid, t.sop_uid, seq) if seq else []
-            verdict = verdict_from_history(digests, event.digest)
+            verdict, source = verdict_from_history(digests, event.digest), "stream"
+        metrics.verdicts.labels(verdict, source).inc()
         return verdict
 
     async def enqueue(self, dest: str, rule: str, event: InstanceReceived, seq: int = 0) -> tuple[str, str]:

@@ -4,9 +4,13 @@ the last version answered with success is the one held (A, then B, then A again:
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sqlite3
 import time
 
+import blake3
 import nats
+import psycopg
 import pytest
 from pydicom import dcmread
 
@@ -21,8 +25,8 @@ from services.router.completion import (
     verdict_from_history,
 )
 from shared.catalogue.entry import InstanceFacts, entry_from_model
+from shared.catalogue.open import open_catalogue
 from shared.catalogue.sql import Recorded, version_outcome
-from shared.catalogue.sqlite import open_sqlite
 from shared.config import CompletionConfig
 from shared.contract.events import ForwardJob, InstanceReceived, InstanceStored, InstanceTags
 from shared.contract.uids import uid_token
@@ -69,6 +73,13 @@ def test_router_memory_defers_to_the_stream_where_it_cannot_tell():
     assert recent_verdict(closed, "1.2.3", "aaaa") == "unknown"
     big = StudyState(study_uid="1.2", count=RECENT)
     assert recent_verdict(big, "1.2.3", "aaaa") == "unknown"
+    small = StudyState(study_uid="1.2", count=3)
+    assert recent_verdict(small, "1.2.3", "aaaa", recent=3) == "unknown"  # router.recent_instances: 3
+    assert recent_verdict(small, "1.2.3", "aaaa", recent=4) == "new"
+    st = None
+    for i in range(5):
+        st, _ = record_arrival(st, _arrival(f"1.2.{i}", "aaaa", i + 1), float(i), CompletionConfig(), False, recent=3)
+    assert st.count == 5 and len(st.recent) == 3
     assert verdict_from_history([], "a") == "new"
     assert verdict_from_history(["a"], "a") == "duplicate"
     assert verdict_from_history(["a", "b"], "a") == "replaces"
@@ -115,10 +126,21 @@ def _entry(ds, digest: str, seq: int):
     return entry_from_model(json_model(raw, "1.2.840.10008.1.2.1"), facts)
 
 
-def test_catalogue_keeps_the_version_received_last(tmp_path):
+_db = itertools.count()
+
+
+def _catalogue_url(request, tmp_path, backend: str) -> str:
+    """A fresh catalogue of ``backend``: "" (SQLite in tmp_path) or a new database on the suite's PostgreSQL."""
+    if backend == "sqlite":
+        return ""
+    return request.getfixturevalue("pg_cluster").new_database(f"versions{next(_db)}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_catalogue_keeps_the_version_received_last(tmp_path, request, backend):
     uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
     ds = dcmread(files[0])
-    cat = open_sqlite(tmp_path / "c.sqlite")
+    cat = open_catalogue(_catalogue_url(request, tmp_path, backend), tmp_path)
     sop = ds.SOPInstanceUID
     assert cat.record_batch([_entry(ds, "A", 1)]) == [Recorded("new")]
     assert cat.record_batch([_entry(ds, "B", 2), _entry(ds, "A", 3)]) == [Recorded("replaced", "A"),
@@ -131,21 +153,33 @@ def test_catalogue_keeps_the_version_received_last(tmp_path):
     cat.close()
 
 
-def test_a_catalogue_of_schema_1_gains_the_sequence_column(tmp_path):
-    import sqlite3
-
-    path = tmp_path / "c.sqlite"
-    cat = open_sqlite(path)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_catalogue_of_schema_1_gains_the_sequence_column(tmp_path, request, backend):
+    url = _catalogue_url(request, tmp_path, backend)
+    uid, files = make_studies(tmp_path / "s", 1, 2).popitem()
+    old, new = (dcmread(f) for f in files)
+    cat = open_catalogue(url, tmp_path)
+    assert cat.record_batch([_entry(old, "A", 0)]) == [Recorded("new")]
     cat.close()
-    conn = sqlite3.connect(path)  # back to what version 1 wrote
-    conn.execute("ALTER TABLE instances DROP COLUMN source_seq")
-    conn.execute("UPDATE catalogue_schema SET version = 1")
-    conn.commit()
-    conn.close()
-    uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
-    cat = open_sqlite(path)
-    assert cat.record_batch([_entry(dcmread(files[0]), "A", 4)]) == [Recorded("new")]
-    assert cat.versions("t", [dcmread(files[0]).SOPInstanceUID]) == {dcmread(files[0]).SOPInstanceUID: ("A", 4)}
+    statements = ["ALTER TABLE instances DROP COLUMN source_seq", "UPDATE catalogue_schema SET version = 1"]
+    if backend == "sqlite":  # back to what version 1 wrote, its row kept
+        conn = sqlite3.connect(tmp_path / "catalogue.sqlite")
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+        conn.close()
+    else:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    cat = open_catalogue(url, tmp_path)
+    assert cat.versions("t", [old.SOPInstanceUID]) == {old.SOPInstanceUID: ("A", 0)}  # older than any event
+    assert cat.record_batch([_entry(old, "B", 4), _entry(new, "C", 5)]) == [Recorded("replaced", "A"), Recorded("new")]
+    assert cat.versions("t", [old.SOPInstanceUID, new.SOPInstanceUID]) == {old.SOPInstanceUID: ("B", 4),
+                                                                           new.SOPInstanceUID: ("C", 5)}
+    cat.close()
+    cat = open_catalogue(url, tmp_path)  # opened again: version 2 already, nothing to migrate
+    assert cat.count("t") == 2
     cat.close()
 
 
@@ -196,13 +230,16 @@ def _drained(url: str) -> bool:
 FORWARD_ALL = "rules:\n  - {name: all, action: forward, to: GW}\n"
 
 
-@pytest.fixture
-def versions_stack(tmp_path, nats_server, stack_factory):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def versions_stack(request, tmp_path, nats_server, stack_factory):
+    """The embedded stack with a 1 s duplicate window, a router forwarding everything to a counting gateway,
+    a study state remembering 3 instances (router.recent_instances), on each catalogue backend."""
     gw = CountingGateway(tmp_path, "GW").start()
     (tmp_path / "rules.yaml").write_text(FORWARD_ALL)
     stack = stack_factory(nats_server.url, stream={"duplicate_window_s": 1},
+                          catalogue={"url": _catalogue_url(request, tmp_path, request.param)},
                           router={"rules_file": str(tmp_path / "rules.yaml"), "targets": {"GW": gw.target()},
-                                  "completion": {"quiet_s": 1.5}, "scan_interval_s": 0.2})
+                                  "completion": {"quiet_s": 1.5}, "scan_interval_s": 0.2, "recent_instances": 3})
     yield stack, gw, nats_server.url
     gw.kill()
 
@@ -249,3 +286,64 @@ def test_version_a_then_b_then_a_again_keeps_a(tmp_path, versions_stack):
     wait_for(lambda: len(gw.receptions()) == 3, 60, interval=0.2, what="each version forwarded")
     assert [data for _, data in gw.receptions()].count(bytes_a) == 2
     assert bytes_b in [data for _, data in gw.receptions()]
+
+
+def _version_b(original, folder, comment: str = "version B"):
+    """Another version of ``original``'s instance (same SOP Instance UID, other bytes), alone in ``folder``."""
+    ds = dcmread(original)
+    ds.ImageComments = comment
+    folder.mkdir()
+    ds.save_as(folder / "b.dcm", enforce_file_format=True)
+    return folder / "b.dcm"
+
+
+def test_a_completed_study_bigger_than_the_router_memory_resent_late_then_changed(tmp_path, versions_stack):
+    """6 instances, a memory of 3: the router tells the resend (and the later instances) by the stream, the
+    store by the catalogue. Then one instance changes: the new version is stored, announced, forwarded, and
+    re-opens the study once; that version resent late is again nothing."""
+    stack, gw, url = versions_stack
+    uid, files = make_studies(tmp_path / "s", 1, 6).popitem()
+    token = uid_token(uid)
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: len(gw.receptions()) == 6, 60, interval=0.2, what="the study forwarded")
+    wait_for(lambda: events_on(url, f"dicom.study.complete.{token}") == 1, 60, what="study.complete")
+    complete = last_event(url, f"dicom.study.complete.{token}")
+    assert complete["instances"] == 6
+    time.sleep(1.5)  # past the duplicate window
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: events_on(url, "dicom.part.>", stream="DICOM") == 12, 30, what="the resend's 6 events")
+    wait_for(lambda: _drained(url), 60, what="the store and the router to handle the resend")
+    time.sleep(2.5)  # a completion scan (quiet 1.5 s) would have re-opened and announced it by now
+    assert len(gw.receptions()) == 6, "a resent instance was forwarded again"
+    assert events_on(url, f"dicom.stored.{token}.>") == 6, "a resent instance was stored again"
+    assert events_on(url, f"dicom.study.updated.{token}") == 0, "the resend re-opened the completed study"
+
+    changed = files[2]
+    sop = dcmread(changed, stop_before_pixels=True).SOPInstanceUID
+    b_file = _version_b(changed, tmp_path / "b")
+    bytes_a, bytes_b = dataset_bytes(changed), dataset_bytes(b_file)
+    assert stack.storescu(b_file.parent).returncode == 0
+    # The replacement is an event: a subscriber of dicom.stored sees which version it replaces.
+    wait_for(lambda: events_on(url, f"dicom.stored.{token}.>") == 7, 30, what="the new version's stored event")
+    stored = last_event(url, f"dicom.stored.{token}.{uid_token(sop)}")
+    assert stored["digest"] == blake3.blake3(bytes_b).hexdigest()
+    assert stored["replaced_digest"] == blake3.blake3(bytes_a).hexdigest()
+    wait_for(lambda: len(gw.receptions()) == 7, 60, interval=0.2, what="the new version forwarded")
+    assert gw.receptions()[-1] == (sop, bytes_b)
+    wait_for(lambda: events_on(url, f"dicom.study.updated.{token}") == 1, 30, what="study.updated")
+    updated = last_event(url, f"dicom.study.updated.{token}")
+    assert updated["instances"] == 6  # another version, not another instance
+    assert stack.instances_of(uid) == 6
+    out = tmp_path / "export"
+    stack.cli("export", "--study", uid, "--out", str(out))
+    held = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in out.rglob("*") if f.is_file()}
+    assert len(held) == 6 and held[sop] == bytes_b
+
+    time.sleep(1.5)  # the new version resent after the window: nothing again
+    assert stack.storescu(b_file.parent).returncode == 0
+    wait_for(lambda: events_on(url, "dicom.part.>", stream="DICOM") == 14, 30, what="the second receipt of B")
+    wait_for(lambda: _drained(url), 60, what="the store and the router to handle it")
+    time.sleep(2.5)
+    assert len(gw.receptions()) == 7
+    assert events_on(url, f"dicom.stored.{token}.>") == 7
+    assert events_on(url, f"dicom.study.updated.{token}") == 1

@@ -230,18 +230,29 @@ def _drained(url: str) -> bool:
 FORWARD_ALL = "rules:\n  - {name: all, action: forward, to: GW}\n"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def versions_stack(request, tmp_path, nats_server, stack_factory):
-    """The embedded stack with a 1 s duplicate window, a router forwarding everything to a counting gateway,
-    a study state remembering 3 instances (router.recent_instances), on each catalogue backend."""
+def _versions_stack(request, tmp_path, nats_server, stack_factory, window_s: float):
+    """The embedded stack with a ``window_s`` duplicate window, a router forwarding everything to a counting
+    gateway, a study state remembering 3 instances (router.recent_instances), on the catalogue ``request.param``."""
     gw = CountingGateway(tmp_path, "GW").start()
+    request.addfinalizer(gw.kill)
     (tmp_path / "rules.yaml").write_text(FORWARD_ALL)
-    stack = stack_factory(nats_server.url, stream={"duplicate_window_s": 1},
+    stack = stack_factory(nats_server.url, stream={"duplicate_window_s": window_s},
                           catalogue={"url": _catalogue_url(request, tmp_path, request.param)},
                           router={"rules_file": str(tmp_path / "rules.yaml"), "targets": {"GW": gw.target()},
                                   "completion": {"quiet_s": 1.5}, "scan_interval_s": 0.2, "recent_instances": 3})
-    yield stack, gw, nats_server.url
-    gw.kill()
+    return stack, gw, nats_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def versions_stack(request, tmp_path, nats_server, stack_factory):
+    """A 1 s duplicate window: a resend after it is a new message to JetStream."""
+    return _versions_stack(request, tmp_path, nats_server, stack_factory, 1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def long_window_stack(request, tmp_path, nats_server, stack_factory):
+    """A 120 s duplicate window: every send of a test falls within it."""
+    return _versions_stack(request, tmp_path, nats_server, stack_factory, 120)
 
 
 def test_a_study_resent_after_the_duplicate_window_is_stored_and_forwarded_once(tmp_path, versions_stack):
@@ -263,8 +274,8 @@ def test_a_study_resent_after_the_duplicate_window_is_stored_and_forwarded_once(
     assert stack.instances_of(uid) == 4
 
 
-def test_version_a_then_b_then_a_again_keeps_a(tmp_path, versions_stack):
-    stack, gw, url = versions_stack
+def test_version_a_then_b_then_a_again_keeps_a(tmp_path, long_window_stack):
+    stack, gw, url = long_window_stack
     uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
     token = uid_token(uid)
     version_a = files[0]
@@ -274,7 +285,7 @@ def test_version_a_then_b_then_a_again_keeps_a(tmp_path, versions_stack):
     b_dir.mkdir()
     ds.save_as(b_dir / "b.dcm", enforce_file_format=True)
     bytes_a, bytes_b = dataset_bytes(version_a), dataset_bytes(b_dir / "b.dcm")
-    for folder in (version_a.parent, b_dir, version_a.parent):  # all three within one second
+    for folder in (version_a.parent, b_dir, version_a.parent):  # all three within the duplicate window
         assert stack.storescu(folder).returncode == 0
     wait_for(lambda: events_on(url, f"dicom.stored.{token}.>") == 3, 30, what="three stored events")
     last = last_event(url, f"dicom.stored.{token}.>")

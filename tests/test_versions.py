@@ -51,6 +51,11 @@ def test_version_outcome(current, digest, seq, expected):
     assert version_outcome(current, digest, seq) == expected
 
 
+def test_a_redelivered_replacement_says_again_what_it_replaced():
+    assert version_outcome(("b", 9), "b", 9, held_replaced="a") == Recorded("same", "a")
+    assert version_outcome(("b", 9), "b", 12, held_replaced="a") == Recorded("resent")  # a resend replaces nothing
+
+
 def _arrival(sop: str, digest: str, seq: int, replaces: bool = False) -> Arrival:
     return Arrival("1.2", "1.2.1", sop, digest, seq, replaces=replaces)
 
@@ -146,6 +151,8 @@ def test_catalogue_keeps_the_version_received_last(tmp_path, request, backend):
     assert cat.record_batch([_entry(ds, "B", 2), _entry(ds, "A", 3)]) == [Recorded("replaced", "A"),
                                                                           Recorded("replaced", "B")]
     assert cat.record_batch([_entry(ds, "B", 2)]) == [Recorded("stale")]  # B redelivered late
+    # A's event redelivered (a store killed before it published): its stored event again names what A replaced.
+    assert cat.record_batch([_entry(ds, "A", 3)]) == [Recorded("same", "B")]
     assert cat.record_batch([_entry(ds, "A", 8)]) == [Recorded("resent")]
     assert cat.versions("t", [sop, "9.9"]) == {sop: ("A", 3)}
     assert cat.versions("other", [sop]) == {}
@@ -161,7 +168,8 @@ def test_a_catalogue_of_schema_1_gains_the_sequence_column(tmp_path, request, ba
     cat = open_catalogue(url, tmp_path)
     assert cat.record_batch([_entry(old, "A", 0)]) == [Recorded("new")]
     cat.close()
-    statements = ["ALTER TABLE instances DROP COLUMN source_seq", "UPDATE catalogue_schema SET version = 1"]
+    statements = ["ALTER TABLE instances DROP COLUMN source_seq", "ALTER TABLE instances DROP COLUMN replaced_digest",
+                  "UPDATE catalogue_schema SET version = 1"]
     if backend == "sqlite":  # back to what version 1 wrote, its row kept
         conn = sqlite3.connect(tmp_path / "catalogue.sqlite")
         for statement in statements:
@@ -175,6 +183,7 @@ def test_a_catalogue_of_schema_1_gains_the_sequence_column(tmp_path, request, ba
     cat = open_catalogue(url, tmp_path)
     assert cat.versions("t", [old.SOPInstanceUID]) == {old.SOPInstanceUID: ("A", 0)}  # older than any event
     assert cat.record_batch([_entry(old, "B", 4), _entry(new, "C", 5)]) == [Recorded("replaced", "A"), Recorded("new")]
+    assert cat.record_batch([_entry(old, "B", 4)]) == [Recorded("same", "A")]
     assert cat.versions("t", [old.SOPInstanceUID, new.SOPInstanceUID]) == {old.SOPInstanceUID: ("B", 4),
                                                                            new.SOPInstanceUID: ("C", 5)}
     cat.close()

@@ -9,7 +9,7 @@ ARGS   ?=
 # Ceph backend and its tests, docker-compose (validates compose/), postgresql (the shared catalogue; the
 # suite starts its own server), orthanc and its DICOMweb plugin (a real peer in the tests, benchmark baselines).
 RUN_DEBS  := dcmtk
-TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose postgresql orthanc orthanc-dicomweb
+TEST_DEBS := dcmtk ceph-mon ceph-osd ceph-common python3-rados docker-compose postgresql orthanc orthanc-dicomweb rsyslog rsyslog-gnutls libxml2-utils
 BENCH_DEBS := dcmtk orthanc orthanc-dicomweb
 
 .PHONY: run test lint bench-ingest bench-retrieve venv venv-test venv-bench rados-link debs-run debs-test debs-bench clean

@@ -11,6 +11,8 @@ from pathlib import Path
 from shared.config import Config, ConfigError, describe, load_config
 from shared.telemetry import setup_logging
 
+from .audit_cli import add_parser as add_audit_parser
+from .audit_cli import cmd_audit
 from .routing_cli import add_parsers as add_router_parsers
 from .routing_cli import cmd_dlq, cmd_router, cmd_rules
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--tenant", help="the study of this tenant (two tenants may use one StudyInstanceUID)")
     exp.add_argument("--json", action="store_true")
+    add_audit_parser(sub, common)
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
     aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     rei.add_argument("--out", help="write the rebuilt catalogue to this SQLite file instead of the configured catalogue")
     rei.add_argument("--backend", action="append", help="only this backend (repeatable; default: every backend that keeps study indexes)")
     rei.add_argument("--json", action="store_true")
+    sub.add_parser("nats-permissions", parents=[common],
+                   help="the nats-server authorization block: one user per service, only the subjects it needs")
     key = sub.add_parser("apikey", parents=[common], help="a new random API key and the SHA-256 the configuration keeps")
     key.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", parents=[common], help="configuration")
@@ -130,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicomflow: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.telemetry.log_level)
-    return COMMANDS[args.command](config, args)
+    from shared.bus.nats_auth import Refused
+
+    try:
+        return COMMANDS[args.command](config, args)
+    except Refused as exc:  # a configuration error found at start-up: no restart or retry would fix it
+        print(f"dicomflow {args.command}: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
@@ -325,11 +336,21 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     if not rows:
         print(f"dicomflow export: study {study} is not stored", file=sys.stderr)
         return 1
+    from shared.audit.records import export
+
+    from .audit_cli import operator, record_command
+
     backends = Backends(config)
+    written: list[Path] = []
     try:
         written = export_study(backends, rows, Path(args.out))
+    except Exception as exc:
+        record_command(config, export(*operator(), str(Path(args.out).resolve()), rows, 0, f"{type(exc).__name__}: "
+                                      f"{exc}"), "export")
+        raise
     finally:
         backends.close()
+    record_command(config, export(*operator(), str(Path(args.out).resolve()), rows, len(written)), "export")
     if args.json:
         print(json.dumps({"study_uid": study, "files": [str(p) for p in written]}))
     else:
@@ -406,6 +427,13 @@ def cmd_policies(config: Config, args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_nats_permissions(config: Config, args: argparse.Namespace) -> int:
+    from shared.bus.permissions import authorization_block
+
+    print(authorization_block(config), end="")
+    return 0
+
+
 def cmd_apikey(config: Config, args: argparse.Namespace) -> int:
     import secrets
 
@@ -432,4 +460,5 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
-            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey}
+            "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
+            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit}

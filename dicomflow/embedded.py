@@ -13,12 +13,14 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from pathlib import Path
 
 from dicomflow.natsserver import NatsServer, accepts, port_taken
+from shared.bus.connection import check_credentials
 from shared.config import Config
 from shared.supervisor import ChildSpec, Supervisor, listening_socket
 
@@ -61,6 +63,10 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
     # Left by a run that was killed: nobody must take it for this one's.
     (data / "run" / "ready").unlink(missing_ok=True)
     nats_url = config.nats_servers()[0]
+    if config.nats.url:
+        # An external NATS that refuses the credentials: said once here (the command exits 78 naming the
+        # setting), not by every service restarted forever.
+        check_credentials(config)
     # Children are started from this (the calling) thread: they end with it (PR_SET_PDEATHSIG).
     supervisor = Supervisor(logger=log)
     services: list[str] = []
@@ -89,9 +95,10 @@ def run(config: Config, config_path: str | None, stop: threading.Event | None = 
         if config.web.port:
             web_host = config.web.host if config.web.host != "0.0.0.0" else "127.0.0.1"
             # The socket accepts from the start (into its backlog): wait for a replica's first answer.
-            if not _wait_answering(supervisor, web_host, config.web.port, 60, stop):
+            if not _wait_answering(supervisor, web_host, config.web.port, 60, stop, tls=bool(config.web.tls_cert)):
                 return _stopped_or_failed(stop, f"the DICOMweb port {config.web.port} did not answer in 60 s")
-            log.info("DICOMweb (QIDO-RS, metadata, WADO-RS) on http://%s:%d%s, %d process(es)", web_host,
+            log.info("DICOMweb (QIDO-RS, metadata, WADO-RS) on %s://%s:%d%s, %d process(es)",
+                     "https" if config.web.tls_cert else "http", web_host,
                      config.web.port, config.web.path_prefix, config.web.replicas)
         log.info("ready: send studies with  storescu -aec %s %s %d +sd DIR", config.ingest.ae_title,
                  config.ingest.host, config.ingest.port)
@@ -119,20 +126,27 @@ def _wait_accepting(supervisor: Supervisor, host: str, port: int, timeout: float
     return True
 
 
-def _answers_http(host: str, port: int) -> bool:
-    """Whether an HTTP request to host:port gets a status line (any status: 401 too) within 2 s."""
+def _answers_http(host: str, port: int, tls: bool = False) -> bool:
+    """Whether an HTTP request to host:port gets a status line (any status: 401 too) within 2 s; over TLS
+    (certificate not checked: this asks whether our own replica answers, not who it is) when ``tls``."""
     try:
-        with socket.create_connection((host, port), timeout=2) as conn:
+        with socket.create_connection((host, port), timeout=2) as raw:
+            conn = raw
+            if tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                conn = ctx.wrap_socket(raw, server_hostname=host)
             conn.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
             return conn.recv(5) == b"HTTP/"
     except OSError:
         return False
 
 
-def _wait_answering(supervisor: Supervisor, host: str, port: int, timeout: float, stop: threading.Event) -> bool:
+def _wait_answering(supervisor: Supervisor, host: str, port: int, timeout: float, stop: threading.Event,
+                    tls: bool = False) -> bool:
     """Supervise until an HTTP server answers on host:port; False after ``timeout`` or once ``stop`` is set."""
     deadline = time.monotonic() + timeout
-    while not _answers_http(host, port):
+    while not _answers_http(host, port, tls):
         if time.monotonic() > deadline or stop.wait(min(0.2, supervisor.poll())):
             return False
     return True

@@ -68,7 +68,7 @@ class NatsServer:
 
     def __init__(self, store_dir: Path, port: int, monitor_port: int = 0, host: str = "127.0.0.1",
                  name: str = "dicomflow", cluster_port: int = 0, routes: list[int] | None = None,
-                 cluster_name: str = "dicomflow", log_file: Path | None = None):
+                 cluster_name: str = "dicomflow", log_file: Path | None = None, extra_config: str = ""):
         self.store_dir = Path(store_dir)
         self.port = port
         self.monitor_port = monitor_port
@@ -78,6 +78,7 @@ class NatsServer:
         self.routes = routes or []
         self.cluster_name = cluster_name
         self.log_file = log_file
+        self.extra_config = extra_config  # appended to the config file: tls { }, authorization { } ...
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -94,6 +95,8 @@ class NatsServer:
         if self.cluster_port:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             lines.append(f"cluster {{ name: {self.cluster_name}, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         path = self.store_dir / "nats-server.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -170,6 +170,19 @@ async def _dlq_entries(nc, args: argparse.Namespace) -> list[dict]:
         out.append({"seq": int(msg["seq"]), "subject": msg["subject"], "entry": dl})
 
 
+def _audit_replay(config: Config, args: argparse.Namespace, entries: list[dict]) -> None:
+    """The audit record of a replay: which dead-lettered instances went to which target again."""
+    from shared.audit.records import dlq_replay
+
+    from .audit_cli import operator, record_command
+
+    replayed = [e for e in entries if "replayed_to" in e]
+    target = args.to or ",".join(sorted({e["replayed_to"] for e in replayed})) or "-"
+    rows = [{"study_uid": e["entry"].job.study_uid, "sop_class_uid": e["entry"].job.sop_class_uid} for e in replayed]
+    record_command(config, dlq_replay(*operator(), target, rows, len(replayed), len(entries) - len(replayed)),
+                   "dlq")
+
+
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
     from shared.bus.connection import connect_once, publish_event
     from shared.bus.jetstream import api
@@ -208,6 +221,8 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"dicomflow dlq: {exc}", file=sys.stderr)
         return 1
+    if args.action == "replay" and entries:
+        _audit_replay(config, args, entries)
     rows = [{"seq": e["seq"], "target": e["entry"].job.target, "study_uid": e["entry"].job.study_uid,
              "sop_uid": e["entry"].job.sop_uid, "attempts": e["entry"].attempts, "reason": e["entry"].reason,
              "failed_at": e["entry"].failed_at.isoformat(),

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from shared.contract.uids import InvalidUID, validate_uid
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -87,6 +89,25 @@ class NatsConfig(_Section):
     monitor_port: int = Field(8222, description="HTTP monitoring port of the embedded nats-server (/jsz, /varz); 0 disables.")
     connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection.")
     publish_timeout_s: float = Field(5.0, description="Seconds to wait for a JetStream PubAck before answering 0xA700.")
+    tls_ca: str = Field("", description="CA certificate file (PEM) the NATS server's certificate must chain to; setting it (or tls_cert, or a tls:// URL) makes every connection TLS 1.2+, the server's certificate and host name verified (without it: against the system's CAs). Never unverified.")
+    tls_cert: str = Field("", description="Client certificate (PEM) for a NATS server that verifies its clients (`tls { verify: true }`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    user: str = Field("", description="This process's NATS user (with password). Give each service its own (k8s: a Secret per Deployment, as DICOMFLOW__NATS__USER / DICOMFLOW__NATS__PASSWORD) so the server's permissions confine it (`dicomflow nats-permissions`). A refused credential stops the service at start-up naming this setting.")
+    password: str = Field("", description="Password of nats.user.")
+    token: str = Field("", description="NATS authorization token (instead of user/password).")
+    nkey_seed_file: str = Field("", description="File holding this process's NATS nkey seed (SU...): the server's nonce is signed with it (instead of user/password).")
+    creds_file: str = Field("", description="NATS credentials file (user JWT and nkey seed, as `nsc` writes it) for servers in operator mode.")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> NatsConfig:
+        given = [n for n in ("user", "token", "nkey_seed_file", "creds_file") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one NATS credential, not {' and '.join(given)}")
+        if self.password and not self.user:
+            raise ValueError("nats.password without nats.user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("nats.tls_cert and nats.tls_key go together")
+        return self
 
 
 class StreamConfig(_Section):
@@ -103,6 +124,19 @@ class MoveDestinationConfig(_Section):
     host: str = Field(..., description="Host of the C-MOVE destination's storage SCP.")
     port: int = Field(..., ge=1, le=65535, description="Its port.")
     tenants: list[str] = Field(default_factory=list, description="Tenants whose studies may be moved there (empty: any caller's own studies).")
+    tls: bool = Field(False, description="Open the association to this destination over DICOM TLS (PS3.15 B.1, TLS 1.2+; a storescp +tls).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the destination's certificate must chain to (empty: the system's CAs, /etc/ssl/certs). The certificate is always verified; its host name too unless tls_check_hostname is false.")
+    tls_check_hostname: bool = Field(True, description="with tls, check that the destination's certificate names host. False for a destination whose certificate names none of its addresses (dcmtk checks none): the chain is still verified.")
+    tls_cert: str = Field("", description="with tls, our client certificate (PEM) for a destination that asks for one; empty: none.")
+    tls_key: str = Field("", description="with tls, the private key (PEM) of tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MoveDestinationConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if (self.tls_ca or self.tls_cert) and not self.tls:
+            raise ValueError("tls_ca, tls_cert and tls_key need tls: true")
+        return self
 
 
 class IngestConfig(_Section):
@@ -117,7 +151,32 @@ class IngestConfig(_Section):
     max_associations: int = Field(32, ge=1, description="Concurrent associations per receiver process.")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
+    artim_timeout_s: float = Field(10, gt=0, description="The ARTIM timer (PS3.8 9.1.5): a connection whose whole A-ASSOCIATE-RQ has not arrived this long after it opened is closed (a deadline, not an idle timeout, so a peer trickling bytes cannot hold it), and after an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver waits at most this long for the peer to close. Both engines.")
+    max_connections: int = Field(64, ge=1, description="TCP connections a receiver process holds at once, associated or not (each is a thread). One more is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed before anything of it is read, so a flood of idle connections costs no thread. Keep it at or above max_associations. Both engines (the pynetdicom engine closes one over the bound without the RJ when TLS is on: its handshake must not run in the accepting thread).")
+    tls_cert: str = Field("", description="Server certificate (PEM) of DICOM over TLS (PS3.15 B.1, TLS 1.2+). Set with tls_key: the SCP accepts only TLS connections, on both engines (`storescu +tls`).")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
+    tls_ca: str = Field("", description="With TLS: CA certificate file client certificates must chain to. Set: every client must present one (a client without is refused in the handshake), and its subject's common name must be the calling AE title or be listed in the tls_subjects of the tenant that owns the calling AE (else the association is rejected: calling AE not recognised). Empty: no client certificate is asked for.")
     move_destinations: dict[str, MoveDestinationConfig] = Field(default_factory=dict, description="C-MOVE destinations by AE title: where the AE sends the instances a C-MOVE names (an unknown destination is answered 0xA801). The caller's tenant decides which instances; a destination's tenants list limits who may send there.")
+    private_sop_classes: list[str] | Literal["any"] = Field(default_factory=list, description="Storage SOP classes accepted beyond the standard ones (which are all accepted, retired ones included): a list of private SOP Class UIDs a site's modalities send (e.g. Siemens CSA Non-Image 1.3.12.2.1107.5.9.1), or any: every abstract syntax a modality proposes that is not a known non-storage SOP class is taken as storage (dcmtk storescp --promiscuous, pynetdicom's unrestricted storage service). Both engines accept the same.")
+    strict_uids: bool = Field(False, description="Refuse (0xC001) a Study, Series or SOP Instance UID that breaks PS3.5 9.1 (only digits and dots, at most 64 characters, no leading zero in a component). Off: such UIDs are stored, as storescp and Orthanc store them (an anonymiser's hex digests, 65+ characters, 0123 components), and only what no encoding makes safe is refused: / * > \\ and comma (separators and wildcards), whitespace, control and non-ASCII characters, an empty value, no digit or letter, over 128 characters. Either way a UID is encoded injectively wherever it becomes a subject token, a file or object name, a key or a URL.")
+
+    @field_validator("private_sop_classes")
+    @classmethod
+    def _sop_class_uids(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        try:
+            return [validate_uid(uid, "private_sop_classes entry") for uid in v]
+        except InvalidUID as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> IngestConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("ingest.tls_cert and ingest.tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("ingest.tls_ca (client certificates) needs ingest.tls_cert and tls_key (TLS)")
+        return self
 
 
 class FsBackendConfig(_Section):
@@ -178,8 +237,8 @@ class StorageConfig(_Section):
 
 
 class GroupConfig(_Section):
-    ack_wait_s: float = Field(60, gt=0, description="Seconds before an unacknowledged event is redelivered.")
-    pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this.")
+    ack_wait_s: float = Field(10, gt=0, description="Seconds before an unacknowledged event is redelivered: after a member is killed, how long the events it held wait for their new owner. A handler that runs longer keeps its events with in-progress acknowledgements every ack_wait_s / 3, so this need not cover the longest batch.")
+    pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this. A member that left the membership without unpinning (killed) loses its pins earlier: the partition's new owner takes them two heartbeats after the member's key expired.")
     member_ttl_s: float = Field(3, gt=0, description="Membership heartbeat TTL: a crashed member is forgotten after this.")
     heartbeat_s: float = Field(1, gt=0, description="Seconds between a member's heartbeats (and its reading of the membership); below member_ttl_s.")
     elastic: bool = Field(True, description="Members share the partitions by rendezvous hashing over the live membership; false: every member pulls every partition (the pinned consumers still serialise them).")
@@ -268,7 +327,8 @@ class DicomTargetConfig(_Section):
     port: int = Field(104, ge=1, le=65535, description="port of the SCP.")
     ae_title: str = Field("ANY-SCP", max_length=16, description="called AE title of the SCP.")
     tls: bool = Field(False, description="DICOM over TLS (storescu +tls).")
-    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: accept any).")
+    tls_ca: str = Field("", description="with tls, the CA certificate file the peer's certificate must chain to (empty: the system's CAs, /etc/ssl/certs).")
+    tls_verify: bool = Field(True, description="with tls, verify the peer's certificate (against tls_ca); false accepts any certificate (storescu -ic): an explicit opt-out, logged at start-up.")
     tls_cert: str = Field("", description="with tls, our client certificate (PEM); empty: anonymous TLS.")
     tls_key: str = Field("", description="with tls, our private key (PEM).")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
@@ -280,6 +340,7 @@ class DicomwebTargetConfig(_Section):
     kind: Literal["dicomweb"] = Field("dicomweb", description="a STOW-RS endpoint")
     url: str = Field(..., min_length=1, description="base URL of the DICOMweb service; instances are POSTed to URL/studies.")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers (e.g. Authorization).")
+    tls_ca: str = Field("", description="for an https:// URL, the CA certificate file the server's certificate must chain to (empty: the system's CAs). The certificate and host name are always verified.")
     timeout_s: float = Field(60, gt=0, description=_TARGET_TIMEOUT)
 
 
@@ -348,6 +409,26 @@ class RouterConfig(_Section):
         return self
 
 
+class SyslogConfig(_Section):
+    host: str = Field("", description="Audit repository (syslog server) that receives every audit record as RFC 5424 over TLS (RFC 5425, as IHE ATNA). Empty: audit records are only kept in the DICOM_AUDIT stream.")
+    port: int = Field(6514, ge=1, le=65535, description="Its port (6514: syslog over TLS).")
+    ca: str = Field("", description="CA certificate file (PEM) the server's certificate must chain to; empty: the system's CAs. The server's name is always verified.")
+    server_name: str = Field("", description="Name the server's certificate must carry (empty: host).")
+    cert: str = Field("", description="Our client certificate (PEM), for a repository that requires mutual TLS (ATNA does); empty: none.")
+    key: str = Field("", description="Its private key (PEM).")
+    app_name: str = Field("dicomflow", max_length=48, description="APP-NAME of the syslog messages.")
+    timeout_s: float = Field(5.0, gt=0, description="Seconds to connect or send before the record is counted as not forwarded (dicomflow_audit_syslog_total{result=\"failed\"}); after a failure the repository is tried again after 1 s, doubling up to 30 s, and records meanwhile are counted as not forwarded (they stay in DICOM_AUDIT).")
+
+
+class AuditConfig(_Section):
+    enabled: bool = Field(True, description="Record audit messages (PS3.15 A.5: associations with what they stored, queries, retrievals, exports, DLQ replays, authentication failures, service starts) into the DICOM_AUDIT stream. Recording never blocks or fails a DICOM or HTTP request: records beyond `queue` are dropped and counted (dicomflow_audit_records_total{result=\"dropped\"}).")
+    max_age_days: float = Field(2192, gt=0, description="How long audit records are kept in the DICOM_AUDIT stream (default 6 years).")
+    queue: int = Field(10000, ge=1, description="Audit records a process holds while NATS (or the syslog server) is slow or away; more are dropped and counted.")
+    source_id: str = Field("", description="AuditSourceID of our records (empty: dicomflow@<host name>).")
+    site_id: str = Field("", description="AuditEnterpriseSiteID (the hospital), empty: none.")
+    syslog: SyslogConfig = Field(default_factory=SyslogConfig)
+
+
 class TelemetryConfig(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     metrics_port: int = Field(9400, ge=0, description="Port of /metrics; `dicomflow run` gives each process the next free one from here. 0 disables.")
@@ -359,6 +440,7 @@ class TelemetryConfig(_Section):
 class TenantConfig(_Section):
     aes: list[str] = Field(default_factory=list, description="Calling AE titles of this institution's modalities and systems: what they store is this tenant's, what they query is confined to it.")
     policy: str | None = Field(None, description="Placement policy of this tenant's instances (a name under storage.policies). Null: storage.institutions by AE title or InstitutionName, else storage.default_policy.")
+    tls_subjects: list[str] = Field(default_factory=list, description="Common names of the client certificates (DICOM over TLS with ingest.tls_ca) that may act as this tenant's AEs. A certificate whose name is listed nowhere may act only as the AE title equal to its name.")
     api_keys_sha256: list[str] = Field(default_factory=list, description="SHA-256 (hex) of the API keys that act for this tenant over HTTP (`Authorization: Bearer <key>` or `X-API-Key: <key>`). The keys themselves are never stored: `dicomflow apikey` makes one and prints its hash.")
 
     @field_validator("api_keys_sha256")
@@ -417,8 +499,16 @@ class WebConfig(_Section):
     threads: int = Field(8, ge=1, le=256, description="Catalogue connections (and threads) per HTTP service process.")
     stow: bool = Field(True, description="Serve STOW-RS (POST /studies) through the same intake as the DICOM SCP: staged, published to NATS and acknowledged before the answer. false: the service is read-only (405 on POST).")
     render_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest object (data set bytes) the rendered, thumbnail and WADO-URI image resources decode; a larger one is refused with 413 (it would be read whole into memory).")
+    tls_cert: str = Field("", description="Server certificate (PEM) for HTTPS. Set with tls_key: the DICOMweb service speaks only HTTPS (TLS 1.2+), and the RetrieveURLs it writes are https://.")
+    tls_key: str = Field("", description="Private key (PEM) of tls_cert.")
     replicas: int = Field(1, ge=1, le=64, description="`dicomflow run`: DICOMweb processes sharing the one port (stateless; each has its own /metrics at telemetry.metrics_port + 80 + N). Elsewhere scale the `dicomflow web` deployment instead.")
     drain_s: float = Field(20.0, ge=0, le=3600, description="On SIGTERM a DICOMweb process stops accepting and waits this long for the requests in flight (a long WADO-RS stream) to finish before it cancels them and exits. Keep a deployment's grace period above preStop + this.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("web.tls_cert and web.tls_key go together")
+        return self
 
 
 class Config(_Section):
@@ -434,6 +524,7 @@ class Config(_Section):
     access: AccessConfig = Field(default_factory=AccessConfig)
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -50,6 +50,15 @@ def tenant_of_instance(access: AccessConfig, calling_ae: str, institution_name: 
     return tenant_of_ae(access, calling_ae)
 
 
+def certificate_may_act_as(access: AccessConfig, common_name: str, calling_ae: str) -> bool:
+    """Whether a peer whose verified client certificate names ``common_name`` may associate as ``calling_ae``:
+    the name is the AE title itself, or it is among the tls_subjects of the tenant whose AEs include it."""
+    ae = calling_ae.strip()
+    if common_name == ae:
+        return True
+    return any(ae in tenant.aes and common_name in tenant.tls_subjects for tenant in access.tenants.values())
+
+
 def api_key_hash(key: str) -> str:
     """The SHA-256 hex digest the configuration keeps instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()

@@ -104,6 +104,9 @@ class Gated:
         self.open = self.open or os.path.exists(self.gate)
         return self.inner.owned() if self.open else set()
 
+    async def live_pins(self) -> set[str] | None:
+        return await self.inner.live_pins()
+
     async def stop(self) -> None:
         await self.inner.stop()
 

@@ -67,6 +67,17 @@ def write_config(tmp: Path, tree: dict) -> Path:
     return path
 
 
+def run_cli(config_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a dicomflow subcommand against ``config_path`` (no DICOMFLOW_* variables of the test's own environment);
+    with ``check`` it must succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
+    res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(config_path), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
+    return res
+
+
 class Stack:
     """``dicomflow run`` as a user starts it, in a subprocess, with a test config file."""
 
@@ -102,12 +113,7 @@ class Stack:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a dicomflow subcommand against this stack's config."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMFLOW")}
-        res = subprocess.run([sys.executable, "-m", "dicomflow", "--config", str(self.config_path), *args],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        if check:
-            assert res.returncode == 0, f"dicomflow {args} failed: {res.stderr}"
-        return res
+        return run_cli(self.config_path, *args, check=check)
 
     def studies(self) -> list[dict]:
         return json.loads(self.cli("studies", "--json").stdout)
@@ -120,6 +126,20 @@ class Stack:
         return subprocess.run(["storescu", "-aet", calling_ae, "-aec", self.ae_title, "127.0.0.1", str(self.port),
                                "+sd", str(folder)], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def send_c_store(assoc, dataset):
+    """``assoc.send_c_store(dataset)``, safe to call back to back on a starved CPU.
+
+    pynetdicom 3.0's requestor pauses its reactor thread for each request by clearing a checkpoint and waiting
+    until the reactor says it is paused, but that flag still says "paused" from the previous request when the
+    reactor has not yet run since being woken: the reactor then wakes, takes our response off the queue as an
+    "unexpected C-STORE service message" and the request waits out its DIMSE timeout (seen in CI under load).
+    Marking the reactor running after each request makes the next one wait for a real pause.
+    """
+    status = assoc.send_c_store(dataset)
+    assoc._is_paused = False
+    return status
 
 
 def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "TESTSCU",
@@ -139,7 +159,7 @@ def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "T
     statuses = []
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            status = send_c_store(assoc, ds)
             statuses.append(int(status.Status) if status else -1)
             if comments is not None:
                 comments.append(str(status.get("ErrorComment", "")) if status else "")

@@ -153,6 +153,12 @@ class _PacedFinder(Finder):
 
 @pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 def test_c_cancel_while_matches_are_still_found(engine, tmp_path):
+    cancel_mid_find(engine, tmp_path)
+
+
+def cancel_mid_find(engine: str, tmp_path: Path, tls=None, tls_args=None) -> None:
+    """Send a C-CANCEL after the first of 100 slowly found matches of a C-FIND (through TLS with ``tls``, the
+    server's context, and ``tls_args``, pynetdicom's client side): the operation ends 0xFE00, the association lives."""
     cfg = load_config(None, environ={}, overrides={
         "data_dir": str(tmp_path), "access": {"default_tenant": None, "tenants": {"a": {"aes": ["FIND_A"]}}}})
     catalogue = open_catalogue("", tmp_path)
@@ -162,14 +168,16 @@ def test_c_cancel_while_matches_are_still_found(engine, tmp_path):
     port = free_port()
     args = (intake, "127.0.0.1", port, "DICOMFLOW", 16384, 4, 30, ["FIND_A"])
     finder = _PacedFinder(lambda: catalogue, cfg.access, "DICOMFLOW", 1000)
-    server = start_pynetdicom(*args, finder=finder) if engine == "pynetdicom" else start_scp(*args, finder=finder)
+    start = start_pynetdicom if engine == "pynetdicom" else start_scp
+    server = start(*args, finder=finder, tls=tls)
     ae = AE(ae_title="FIND_A")
     ae.add_requested_context(StudyRootFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW", tls_args=tls_args)
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = ""
     try:
+        assert assoc.is_established
         statuses = []
         for status, _ in assoc.send_c_find(q, StudyRootFind, msg_id=9):
             statuses.append(status.Status)

@@ -57,6 +57,8 @@ def test_subjects_fit_their_channel_templates():
         (job, "router.out.pacs.1_2_3.1_2_3_4_5"),
         (events.DeadLetter(job=job, reason="x", attempts=3, failed_at=now, job_sequence=7),
          "dicom.dlq.pacs.1_2_3.1_2_3_4_5"),
+        (events.AuditRecord(audit_id="ab12", kind="dlq-replay", action="E", outcome="minor-failure", event_time=now),
+         "dicom.audit.dlq-replay.minor-failure"),
     ]
     for event, subject in cases:
         assert event.subject() == subject

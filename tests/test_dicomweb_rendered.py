@@ -354,7 +354,7 @@ def test_wado_uri(service):
     # the errors name what is wrong
     for params, named in (({}, "requestType"), ({"requestType": "RENDER"}, "requestType"),
                           ({"requestType": "WADO", "objectUID": None}, "objectUID"),
-                          ({"requestType": "WADO", "studyUID": "1.2.x"}, "studyUID"),
+                          ({"requestType": "WADO", "studyUID": "1.2.*"}, "studyUID"),
                           ({"requestType": "WADO", "windowCenter": "40"}, "windowWidth"),
                           ({"requestType": "WADO", "rows": "-1"}, "rows"),
                           ({"requestType": "WADO", "frameNumber": "two"}, "frame"),

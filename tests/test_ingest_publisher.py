@@ -1,4 +1,4 @@
-"""The blocking JetStream publishers (sockets, and the event-loop fallback for TLS), against a real nats-server."""
+"""The blocking JetStream publishers (sockets, and the event-loop fallback), against a real nats-server."""
 
 from __future__ import annotations
 
@@ -122,6 +122,8 @@ def test_socket_publisher_fails_over_to_the_next_server(tmp_path, nats_server):
     pub.close()
 
 
-def test_socket_publisher_refuses_tls_urls_so_the_loop_publisher_takes_over():
+def test_socket_publisher_refuses_websocket_urls_so_the_loop_publisher_takes_over():
+    """What the sockets do not speak (ws://) is refused at construction: blocking_publisher then picks the loop.
+    TLS and credentials they do speak (tests/test_nats_security.py)."""
     with pytest.raises(Unsupported):
-        SocketPublisher(["tls://nats.example:4222"], "test", 1.0, 1.0)
+        SocketPublisher(["ws://nats.example:8080"], "test", 1.0, 1.0)

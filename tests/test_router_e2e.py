@@ -331,6 +331,26 @@ def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):
         assert [r["replayed_to"] for r in released] == ["DOWN"]
         wait_for(lambda: len(down.received()) == 4, 60, interval=0.3, what="the released instance delivered")
         assert json.loads(cli("dlq", "list", "--json")) == []
+        # each replay is in the audit trail: who replayed what to where
+        replays = json.loads(cli("audit", "--json", "--event", "dlq-replay"))
+        assert [(r["detail"]["target"], r["detail"]["replayed"], r["detail"]["skipped"], r["outcome"])
+                for r in replays] == [("DOWN", "3", "0", "success"), ("-", "0", "1", "serious-failure"),
+                                      ("DOWN", "1", "0", "success")]
+        assert [s["study_uid"] for s in replays[0]["studies"]] == [uid]
+        assert [s["study_uid"] for s in replays[2]["studies"]] == [held_uid]
+        # a configuration the router re-reads is audited: applied with its new digest, or refused and why
+        cluster.tree["router"]["forward"]["max_attempts"] = 5
+        cluster.write()
+        wait_for(lambda: json.loads(cli("audit", "--json", "--event", "configuration-change")), 30,
+                 what="the reload audited")
+        cluster.rules_path.write_text("rules: [{name: broken, action: teleport}]\n")
+        wait_for(lambda: len(json.loads(cli("audit", "--json", "--event", "configuration-change"))) == 2, 30,
+                 what="the refused reload audited")
+        applied, refused = json.loads(cli("audit", "--json", "--event", "configuration-change"))
+        assert applied["outcome"] == "success" and applied["detail"]["applied"] == "true"
+        assert applied["detail"]["configuration_sha256"] != applied["detail"]["previous_sha256"]
+        assert refused["outcome"] == "minor-failure" and refused["outcome_description"].startswith("not applied")
+        assert refused["detail"]["configuration_sha256"] == applied["detail"]["configuration_sha256"]  # kept
     finally:
         down.kill()
 

@@ -91,3 +91,54 @@ def test_router_without_storescu_refuses_to_start(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "cannot send to configured targets" in res.stderr
     assert "target 'pacs' (dicom) needs dcmtk's storescu, which is not on PATH" in res.stderr
+
+
+def _storescp_tls(tmp_path, pair, ca):
+    from dicomflow.natsserver import free_port, wait_port
+
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "+tls", str(pair.key), str(pair.cert), "+cf", str(ca.path), "-vc",
+                             "-od", str(out), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port("127.0.0.1", port, 10)
+    return proc, port, out
+
+
+def test_a_tls_dicom_target_verifies_its_peer_by_default(tmp_path):
+    """Against a real `storescp +tls`: verified against the target's CA it sends; with no CA it is verified against
+    the system's CAs, which do not know a private CA's certificate, so the send fails; only an explicit
+    tls_verify: false accepts any certificate."""
+    from pydicom import dcmread
+
+    from dicomflow.synthetic import write_study
+    from tests.helpers import dataset_bytes
+    from tests.tls_certs import CA
+
+    ca = CA(tmp_path / "pki")
+    proc, port, out = _storescp_tls(tmp_path, ca.server(), ca)
+    try:
+        path = write_study(tmp_path / "study", 1)[1][0]
+        ds = dcmread(path, stop_before_pixels=True)
+        job = ForwardJob(target="pacs", study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                         sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                         transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, backend="local", digest="0" * 64,
+                         size=1, rule="r")
+        batch = [(job, dataset_bytes(path))]
+
+        def target(**tls) -> DicomTarget:
+            return DicomTarget(DicomTargetConfig(host="127.0.0.1", port=port, ae_title="STORESCP", timeout_s=10,
+                                                 tls=True, **tls), "DICOMFLOW")
+
+        with pytest.raises(SendError):
+            target().send(batch)  # the system CAs do not vouch for the private CA's server certificate
+        assert not list(out.iterdir())
+        other = CA(tmp_path / "other", "another CA")
+        with pytest.raises(SendError):
+            target(tls_ca=str(other.path)).send(batch)  # a CA that did not sign it
+        target(tls_ca=str(ca.path)).send(batch)
+        assert len(list(out.iterdir())) == 1
+        target(tls_verify=False).send(batch)  # the explicit opt-out
+        assert len(list(out.iterdir())) == 1  # the same SOP instance, stored again under its name
+    finally:
+        proc.kill()
+        proc.wait()

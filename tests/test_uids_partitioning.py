@@ -16,8 +16,16 @@ from shared.contract.uids import InvalidUID, token_uid, uid_token, validate_uid
 
 
 @pytest.mark.parametrize("bad", [None, "", "1.2.", ".1.2", "1..2", "1.2.3/../x", "1.2.*", "1.2.>", "1 2", "1.2.a",
-                                 "1." + "2" * 70])
-def test_invalid_uids_are_rejected_with_a_reason(bad):
+                                 "1." + "2" * 70, "1.02.3"])
+def test_strict_validation_wants_ps3_5_9_1(bad):
+    with pytest.raises(InvalidUID) as exc:
+        validate_uid(bad, "StudyInstanceUID", strict=True)
+    assert "StudyInstanceUID" in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", [None, "", "1.2.3/../x", "1.2.*", "1.2.>", "1 2", "1.2\t3", "1.2\\3.4", "1.2\x00.3",
+                                 "..", "1.2.é", "1." + "2" * 128])
+def test_lenient_validation_refuses_only_what_cannot_be_made_safe(bad):
     with pytest.raises(InvalidUID) as exc:
         validate_uid(bad, "StudyInstanceUID")
     assert "StudyInstanceUID" in str(exc.value)

@@ -34,7 +34,8 @@ class ConnectedIntake:
         staging.prepare_writer()  # before the first instance: killed writers' leftovers gone, log segments made
         self.intake = Intake(staging, self.publisher, config.ingest.max_instance_bytes,
                              config.ingest.stream_above_bytes,
-                             tenant_of=functools.partial(tenant_of_instance, config.access))
+                             tenant_of=functools.partial(tenant_of_instance, config.access),
+                             strict_uids=config.ingest.strict_uids)
 
     def close(self) -> None:
         """Drain the NATS connection (a dead NATS does not keep the caller from going on), close the rest."""

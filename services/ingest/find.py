@@ -13,6 +13,7 @@ database, and a search that fails answers 0xC000 rather than dropping the associ
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -24,7 +25,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from shared.audit import records as audit_records
+from shared.audit import trail as audit
 from shared.catalogue.find import (
+    CANCEL,
     PENDING,
     SUCCESS,
     UNABLE_TO_PROCESS,
@@ -46,6 +50,14 @@ log = logging.getLogger("dicomflow.ingest.find")
 T = TypeVar("T")
 
 FIND_TRANSFER_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def identifier_text(identifier: bytes, transfer_syntax: str) -> str:
+    """A C-FIND/C-GET/C-MOVE identifier as DICOM JSON text, for the audit record of the request."""
+    try:
+        return json.dumps(json_model(identifier, transfer_syntax), sort_keys=True)
+    except Exception:  # noqa: BLE001 - an unreadable identifier is audited as such, never raised
+        return f"<unreadable identifier of {len(identifier)} bytes>"
 
 
 def encode(model: dict, transfer_syntax: str) -> bytes:
@@ -81,7 +93,24 @@ class Finder:
 
     def results(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str
                 ) -> Iterator[tuple[int, dict | None, str]]:
-        """(status, response identifier as DICOM JSON or None, error comment) of each response."""
+        """(status, response identifier as DICOM JSON or None, error comment) of each response.
+
+        The query is audited with its final status (0xFE00 when the SCU cancelled or went away first).
+        """
+        final: tuple[int, str] = (CANCEL, "cancelled by the SCU")
+        try:
+            for status, model, comment in self._results(identifier, transfer_syntax, sop_class, calling_ae):
+                if status != PENDING:
+                    final = (status, comment)
+                yield status, model, comment
+        finally:
+            audit.emit(audit_records.query(
+                audit_records.dicom_peer(calling_ae, "", True, "source"), self.ae_title, sop_class,
+                identifier_text(identifier, transfer_syntax), transfer_syntax, *final,
+                tenant=tenant_of_ae(self.access, calling_ae) or ""))
+
+    def _results(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str
+                 ) -> Iterator[tuple[int, dict | None, str]]:
         try:
             request = parse_identifier(json_model(identifier, transfer_syntax), sop_class, self.max_results)
         except JsonModelError as exc:

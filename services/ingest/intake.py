@@ -20,7 +20,8 @@ from opentelemetry import trace
 
 from services.ingest import metrics
 from shared.bus.publish import Publisher
-from shared.contract.events import InstanceReceived, InstanceTags, utcnow
+from shared.contract.events import InstanceReceived, utcnow
+from shared.contract.uids import MAX_UID_LEN
 from shared.dicom.statuses import (
     NAMES,
     OUT_OF_RESOURCES,
@@ -32,7 +33,7 @@ from shared.dicom.statuses import (
     Rejection,
     failure_cause,
 )
-from shared.dicom.tags import read_tags
+from shared.dicom.tags import file_meta_length, read_tags
 from shared.storage.objectstore import ObjectStore, ObjectWriter, content_digest
 
 log = logging.getLogger("dicomflow.ingest")
@@ -114,8 +115,10 @@ class Intake:
 
     def __init__(self, staging: ObjectStore, publisher: Publisher, max_instance_bytes: int,
                  stream_above_bytes: int = 256 * 1024,
-                 tenant_of: Callable[[str, str], str | None] = lambda calling_ae, institution: ""):
+                 tenant_of: Callable[[str, str], str | None] = lambda calling_ae, institution: "",
+                 strict_uids: bool = False):
         self.staging = staging
+        self.strict_uids = strict_uids  # PS3.5 9.1 UIDs only (ingest.strict_uids)
         self.publisher = publisher
         self.tenant_of = tenant_of  # (calling AE, InstitutionName) -> tenant: shared.tenancy.tenant_of_instance
         self.max_instance_bytes = max_instance_bytes
@@ -134,7 +137,7 @@ class Intake:
     def admit(self, rcv: Received) -> Admission:
         """Handle one instance; returns its status, error comment and, where they could be read, its UIDs."""
         start = time.perf_counter()
-        seen: dict[str, InstanceTags] = {}
+        seen: dict = {}  # what admit needs back: "tags", and "writer" where _accept opened one
         with tracer.start_as_current_span("ingest.c_store", kind=trace.SpanKind.SERVER) as span:
             span.set_attribute("dicom.calling_ae", rcv.calling_ae)
             span.set_attribute("dicom.size", _size(rcv.data))
@@ -143,8 +146,9 @@ class Intake:
             except Rejection as rej:
                 status, comment = rej.status, rej.reason
             finally:
-                if (writer := _writer(rcv.data)) is not None:
-                    writer.close()  # discards what was not committed
+                for writer in (_writer(rcv.data), seen.get("writer")):
+                    if writer is not None:
+                        writer.close()  # discards what was not committed
             span.set_attribute("dicom.status", f"0x{status:04X}")
             if status != SUCCESS:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, comment))
@@ -155,7 +159,20 @@ class Intake:
         tags = seen.get("tags")
         return Admission(status, comment, tags.study_uid if tags else "", tags.series_uid if tags else "")
 
-    def _accept(self, rcv: Received, span: trace.Span, seen: dict[str, InstanceTags]) -> tuple[int, str]:
+    def _without_head(self, writer: ObjectWriter, skip: int) -> ObjectWriter:
+        """A new staging writer holding what ``writer`` holds after its first ``skip`` bytes (``writer`` closed)."""
+        rest = self.open_writer()
+        try:
+            with memoryview(writer.contents()) as whole, whole[skip:] as tail:  # released before writer closes
+                rest.write(tail)
+        except BaseException:
+            rest.close()
+            raise
+        finally:
+            writer.close()
+        return rest
+
+    def _accept(self, rcv: Received, span: trace.Span, seen: dict) -> tuple[int, str]:
         data = rcv.data
         size = _size(data)
         if size > self.max_instance_bytes:
@@ -163,11 +180,21 @@ class Intake:
         writer = _writer(data)
         if writer is not None and writer.failure is not None:
             return _not_durable(writer.failure)
-        tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax)
+        if skip := file_meta_length(data if writer is None else writer.contents()):
+            # the sender sent its file after the preamble: what is stored is the data set after the meta
+            metrics.tolerated.labels(kind="file_meta_in_data_set").inc()
+            if writer is None:
+                data = bytes(memoryview(data)[skip:])
+            else:
+                data = writer = seen["writer"] = self._without_head(writer, skip)  # admit closes it
+                if writer.failure is not None:
+                    return _not_durable(writer.failure)
+            size = _size(data)
+        tags = read_tags(data if writer is None else writer.contents(), rcv.transfer_syntax, self.strict_uids)
         seen["tags"] = tags
         span.set_attribute("dicom.study_uid", tags.study_uid)
         span.set_attribute("dicom.sop_uid", tags.sop_uid)
-        if tags.sop_uid != rcv.sop_instance_uid.strip():
+        if not _same_instance(tags.sop_uid, rcv.sop_instance_uid.strip()):
             raise Rejection(SOP_INSTANCE_MISMATCH,
                             f"data set SOPInstanceUID {tags.sop_uid} differs from the request's {rcv.sop_instance_uid[:64]}")
         if tags.sop_class_uid and rcv.sop_class_uid and tags.sop_class_uid != rcv.sop_class_uid.strip():
@@ -202,6 +229,13 @@ class Intake:
         metrics.publish_latency.observe(time.perf_counter() - t0)
         metrics.bytes_received.inc(size)
         return SUCCESS, ""
+
+
+def _same_instance(data_set_uid: str, request_uid: str) -> bool:
+    """Whether the request names the data set's SOP instance. dcmtk keeps a command's UIDs in 64 characters
+    (DIC_UI_LEN): its storescu sends a longer SOP Instance UID cut there, which its storescp takes."""
+    return data_set_uid == request_uid or (len(request_uid) == MAX_UID_LEN < len(data_set_uid)
+                                           and data_set_uid.startswith(request_uid))
 
 
 def _not_durable(exc: BaseException) -> tuple[int, str]:

@@ -5,6 +5,14 @@ calls these; the association decision (:func:`negotiate`) is plain data too. Onl
 does is implemented: A-ASSOCIATE-RQ/AC/RJ (with SCP/SCU role selection, which C-GET needs),
 P-DATA-TF, A-RELEASE, A-ABORT, C-STORE, C-ECHO, C-FIND, C-GET and C-MOVE as an SCP, and the C-STORE
 requestor side of C-GET and C-MOVE sub-operations (an outbound association for C-MOVE).
+
+What a hostile or broken peer gets is decided here too, as plain functions the shell obeys:
+:func:`check_pdu_header` (which PDU may come in which state, and how long it may be: the negotiated
+maximum for a P-DATA-TF, PS3.8 9.3.1 and D.1), :func:`parse_associate_rq` (context IDs, item
+lengths), :func:`screen_associate_rq` (protocol version, application context name, AE title
+characters: the A-ASSOCIATE-RJ reasons of PS3.8 9.3.4 / Table 9-21) and :class:`DimseAssembler`
+(which PDV may follow which, PS3.8 9.3.5 and Annex E). Each :class:`ProtocolError` carries the
+A-ABORT reason of PS3.8 9.3.8 / Table 9-26 it ends in.
 """
 
 from __future__ import annotations
@@ -22,11 +30,24 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://dicomflow.invalid/implementation").int)
 IMPLEMENTATION_VERSION = "DICOMFLOW_1"
 
-# A-ASSOCIATE-RJ: result, source, reason (PS3.8 9.3.4)
+# A-ASSOCIATE-RJ: result, source, reason (PS3.8 9.3.4, Table 9-21)
 RJ_PERMANENT, RJ_TRANSIENT = 1, 2
-RJ_SOURCE_USER, RJ_SOURCE_PRESENTATION = 1, 3
-RJ_NO_REASON, RJ_CALLING_AE, RJ_CALLED_AE = 1, 3, 7
+RJ_SOURCE_USER, RJ_SOURCE_ACSE, RJ_SOURCE_PRESENTATION = 1, 2, 3
+RJ_NO_REASON, RJ_APPLICATION_CONTEXT, RJ_CALLING_AE, RJ_CALLED_AE = 1, 2, 3, 7  # with RJ_SOURCE_USER
+RJ_PROTOCOL_VERSION = 2  # with RJ_SOURCE_ACSE
 RJ_LOCAL_LIMIT = 2  # with RJ_SOURCE_PRESENTATION
+
+# A-ABORT: source and reason/diagnostic (PS3.8 9.3.8, Table 9-26); the reason is significant only when the
+# source is the service provider, and is sent as 0 otherwise
+ABORT_SOURCE_USER, ABORT_SOURCE_PROVIDER = 0, 2
+ABORT_NOT_SPECIFIED, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0, 1, 2
+ABORT_UNRECOGNIZED_PARAMETER, ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 4, 5, 6
+
+# The largest A-ASSOCIATE-RQ read: 128 presentation contexts (odd IDs 1-255) with a dozen transfer syntaxes
+# each come to about 120 KiB; PS3.8 bounds it only by its items' 2-byte lengths (some 8 MiB)
+MAX_ASSOCIATE_RQ = 1024 * 1024
+# The largest P-DATA-TF read when our own maximum is 0 ("unlimited", PS3.8 D.1): a PDU is held whole
+MAX_PDU_UNLIMITED = 16 * 1024 * 1024
 
 # Presentation context results (PS3.8 9.3.3.2)
 PC_ACCEPT, PC_ABSTRACT_NOT_SUPPORTED, PC_TS_NOT_SUPPORTED = 0, 3, 4
@@ -41,7 +62,14 @@ UNRECOGNIZED_OPERATION = 0x0211
 
 
 class ProtocolError(Exception):
-    """The peer sent something that is not valid upper-layer protocol; the association is aborted."""
+    """The peer sent something that is not valid upper-layer protocol; the association is aborted.
+
+    ``reason``: the A-ABORT reason/diagnostic (PS3.8 Table 9-26) sent with the service-provider source.
+    """
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -53,6 +81,10 @@ class AssociateRequest:
     contexts: list[tuple[int, str, list[str]]]  # (id, abstract syntax, transfer syntaxes)
     max_pdu: int = 0  # the largest P-DATA-TF the requestor accepts; 0: unlimited
     roles: dict[str, tuple[int, int]] = field(default_factory=dict)  # abstract syntax -> proposed (SCU, SCP) role
+    protocol_version: int = 1  # a bit per version; bit 0: version 1 (PS3.8 9.3.2)
+    application_context: str = APPLICATION_CONTEXT
+    calling_ae_raw: bytes = b""  # the calling AE title field as sent (screened for control characters)
+    user_identity: tuple[int, bool] | None = None  # (identity type, positive response requested), PS3.7 D.3.3.7
 
 
 @dataclass
@@ -88,21 +120,36 @@ def _items(body: bytes | memoryview, pos: int, end: int):
 
 
 def parse_associate_rq(body: bytes) -> AssociateRequest:
-    """The A-ASSOCIATE-RQ PDU's body (after the 6-byte PDU header)."""
+    """The A-ASSOCIATE-RQ PDU's body (after the 6-byte PDU header).
+
+    Raises :class:`ProtocolError` (invalid PDU parameter value, PS3.8 Table 9-26) for what makes it an
+    invalid PDU (Evt19 of PS3.8 9.2): an item running past its parent, a presentation context ID that
+    is even, 0 or repeated (PS3.8 9.3.2.2: odd integers 1-255, unique), so more than 128 contexts too.
+    Item types it does not know are skipped (PS3.8 9.3.1: reserved and unknown items are ignored).
+    """
     if len(body) < 68:
         raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
-    req = AssociateRequest(called_ae=_ae(body[4:20]), calling_ae=_ae(body[20:36]), contexts=[])
+    (version,) = struct.unpack_from(">H", body, 0)
+    req = AssociateRequest(called_ae=_ae(body[4:20]), calling_ae=_ae(body[20:36]), contexts=[],
+                           protocol_version=version, application_context="", calling_ae_raw=bytes(body[20:36]))
+    seen: set[int] = set()
     for kind, value in _items(body, 68, len(body)):
-        if kind == 0x20:
+        if kind == 0x10:
+            req.application_context = _uid(value)
+        elif kind == 0x20:
             if len(value) < 4:
                 raise ProtocolError("truncated presentation context item")
+            cid = value[0]
+            if cid % 2 == 0 or cid in seen:
+                raise ProtocolError(f"presentation context ID {cid} is {'repeated' if cid in seen else 'even'}")
+            seen.add(cid)
             abstract, syntaxes = "", []
             for sub, sval in _items(value, 4, len(value)):
                 if sub == 0x30:
                     abstract = _uid(sval)
                 elif sub == 0x40:
                     syntaxes.append(_uid(sval))
-            req.contexts.append((value[0], abstract, syntaxes))
+            req.contexts.append((cid, abstract, syntaxes))
         elif kind == 0x50:
             for sub, sval in _items(value, 0, len(value)):
                 if sub == 0x51 and len(sval) == 4:
@@ -111,7 +158,133 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
                     (n,) = struct.unpack_from(">H", sval)
                     if len(sval) >= 2 + n + 2:
                         req.roles[_uid(sval[2:2 + n])] = (sval[2 + n], sval[3 + n])
+                elif sub == 0x58:  # user identity negotiation (PS3.7 D.3.3.7.1)
+                    req.user_identity = _user_identity(sval)
     return req
+
+
+def _user_identity(value: bytes) -> tuple[int, bool]:
+    """(identity type, positive response requested) of a user identity sub-item, its fields checked to fit."""
+    if len(value) < 4:
+        raise ProtocolError("truncated user identity sub-item")
+    (primary,) = struct.unpack_from(">H", value, 2)
+    if 4 + primary + 2 > len(value):
+        raise ProtocolError("user identity primary field runs past its sub-item")
+    (secondary,) = struct.unpack_from(">H", value, 4 + primary)
+    if 4 + primary + 2 + secondary > len(value):
+        raise ProtocolError("user identity secondary field runs past its sub-item")
+    return value[0], value[1] == 1
+
+
+def _is_ae_text(raw: bytes) -> bool:
+    """An AE title field in the default repertoire (PS3.5 6.2, VR AE): printable ASCII but backslash."""
+    return all(0x20 <= b < 0x7F and b != 0x5C for b in raw.rstrip(b"\0"))
+
+
+def screen_associate_rq(req: AssociateRequest) -> tuple[int, int, int] | None:
+    """The A-ASSOCIATE-RJ (result, source, reason) for a well-formed request the upper layer does not take,
+    or None; checked before :func:`negotiate`.
+
+    * protocol version without bit 0 (version 1): permanent, service-provider (ACSE), protocol version not
+      supported (PS3.8 9.3.2: a version-1 receiver tests only that bit; Table 9-21);
+    * an application context name other than the DICOM one (PS3.7 A.2.1): permanent, service-user,
+      application context name not supported;
+    * a calling AE title with control characters, a backslash or non-ASCII bytes (VR AE, PS3.5 6.2): it
+      names no AE we could know and would be written to logs and events: calling AE title not recognised.
+    """
+    if not req.protocol_version & 1:
+        return RJ_PERMANENT, RJ_SOURCE_ACSE, RJ_PROTOCOL_VERSION
+    if req.application_context != APPLICATION_CONTEXT:
+        return RJ_PERMANENT, RJ_SOURCE_USER, RJ_APPLICATION_CONTEXT
+    if not _is_ae_text(req.calling_ae_raw) or not req.calling_ae:
+        return RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLING_AE
+    return None
+
+
+_FIXED_LENGTH = {ASSOCIATE_RJ: 4, RELEASE_RQ: 4, RELEASE_RP: 4, ABORT: 4}
+
+
+def check_pdu_header(kind: int, length: int, associated: bool, max_pdu: int) -> None:
+    """Whether a PDU of type ``kind`` and ``length`` (its header's length field) may be read now; raises
+    :class:`ProtocolError` with the A-ABORT reason before a byte of its body is read or held.
+
+    ``associated``: the association is established (PS3.8 state Sta6), else an A-ASSOCIATE-RQ is awaited
+    (Sta2); ``max_pdu``: the maximum length we announced in our A-ASSOCIATE-AC (0: unlimited).
+
+    * a type PS3.8 9.3.1 does not define: unrecognised PDU (Evt19);
+    * a defined type out of place (a P-DATA-TF before the association, an A-ASSOCIATE-RQ/AC/RJ or
+      A-RELEASE-RP during it, Evt3/4/6/13 of Table 9-10): unexpected PDU;
+    * a P-DATA-TF longer than our maximum (PS3.8 D.1: the requestor "shall not" exceed it) or too short
+      for one PDV item (9.3.5), an
+      A-ASSOCIATE-RQ over :data:`MAX_ASSOCIATE_RQ`, or an A-RELEASE/A-ABORT whose length is not the fixed
+      4 of PS3.8 9.3.6-9.3.8: invalid PDU parameter value.
+    """
+    if not ASSOCIATE_RQ <= kind <= ABORT:
+        raise ProtocolError(f"unrecognised PDU type 0x{kind:02X}", ABORT_UNRECOGNIZED_PDU)
+    expected = (P_DATA_TF, RELEASE_RQ, ABORT) if associated else (ASSOCIATE_RQ, ABORT)
+    if kind not in expected:
+        state = "during the association" if associated else "before an A-ASSOCIATE-RQ"
+        raise ProtocolError(f"PDU type {kind} {state}", ABORT_UNEXPECTED_PDU)
+    if kind in _FIXED_LENGTH and length != _FIXED_LENGTH[kind]:
+        raise ProtocolError(f"PDU type {kind} of length {length}, not {_FIXED_LENGTH[kind]}")
+    if kind == ASSOCIATE_RQ and length > MAX_ASSOCIATE_RQ:
+        raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, over {MAX_ASSOCIATE_RQ}")
+    limit = max_pdu or MAX_PDU_UNLIMITED
+    if kind == P_DATA_TF and length > limit:
+        raise ProtocolError(f"P-DATA-TF of {length} bytes, over the negotiated maximum of {limit}")
+    if kind == P_DATA_TF and length < 6:  # one PDV item at least (PS3.8 9.3.5): 4-byte length, ID, header
+        raise ProtocolError(f"P-DATA-TF of {length} bytes holds no PDV item")
+
+
+class DimseAssembler:
+    """Which PDV may follow which during the association (PS3.8 9.3.5, PS3.7 6.3.1 and Annex E), as state.
+
+    A message is its command's fragments on one presentation context, then, if the command announces one,
+    its data set's fragments on the same context. :meth:`pdv` returns what a PDV completes, or raises
+    :class:`ProtocolError` (the A-ABORT the association ends in): a PDV on a context that was not accepted
+    (invalid PDU parameter value), a data fragment with no command before it or on another context than
+    its command, a command fragment on another context than the command it continues, a new command while
+    a data set is awaited or arriving (unexpected PDU parameter).
+    """
+
+    __slots__ = ("accepted", "command", "command_cid", "pending")
+
+    def __init__(self, accepted: set[int] | frozenset[int] | dict):
+        self.accepted = accepted
+        self.command: list[bytes | memoryview] = []  # fragments of a command still arriving
+        self.command_cid: int | None = None
+        self.pending: tuple[int, dict[int, bytes]] | None = None  # (context, command) awaiting its data set
+
+    def pdv(self, cid: int, is_command: bool, last: bool, fragment: bytes | memoryview):
+        """One PDV: ``("command", cid, cmd)`` for a command without a data set, ``("dataset", cid, cmd)`` for
+        a command whose data set follows (its fragments then come as ``("data", cid, last)``), or None."""
+        if cid not in self.accepted:
+            raise ProtocolError(f"PDV on presentation context {cid}, which was not accepted")
+        if is_command:
+            if self.pending is not None:
+                raise ProtocolError(f"a command on context {cid} while the data set of the command on context "
+                                    f"{self.pending[0]} is awaited", ABORT_UNEXPECTED_PARAMETER)
+            if self.command_cid is not None and cid != self.command_cid:
+                raise ProtocolError(f"a command fragment on context {cid} continues one on {self.command_cid}",
+                                    ABORT_UNEXPECTED_PARAMETER)
+            self.command.append(fragment)
+            self.command_cid = cid
+            if not last:
+                return None
+            cmd = parse_command(b"".join(self.command))
+            self.command, self.command_cid = [], None
+            if command_us(cmd, 0x0800, NO_DATA_SET) == NO_DATA_SET:
+                return "command", cid, cmd
+            self.pending = (cid, cmd)
+            return "dataset", cid, cmd
+        if self.pending is None:
+            raise ProtocolError("a data set fragment without a command", ABORT_UNEXPECTED_PARAMETER)
+        if cid != self.pending[0]:
+            raise ProtocolError(f"a data set fragment on context {cid}, its command's is {self.pending[0]}",
+                                ABORT_UNEXPECTED_PARAMETER)
+        if last:
+            self.pending = None
+        return "data", cid, last
 
 
 def negotiate(req: AssociateRequest, ae_title: str, allowed_calling: list[str], supported: dict[str, frozenset[str]],
@@ -165,6 +338,11 @@ def associate_ac(req: AssociateRequest, neg: Negotiated, max_pdu: int) -> bytes:
     # storage SCP of its sub-operations, which this AE sends.
     accepted = {ab for _, res, _, ab in neg.results if res == PC_ACCEPT}
     user += _role_items({abstract: role for abstract, role in req.roles.items() if abstract in accepted})
+    if req.user_identity is not None and req.user_identity[1]:
+        # The AE authenticates by AE title and takes the identity as asserted; a requestor that asked for a
+        # positive response gets one (PS3.7 D.3.3.7.2), with an empty server response (no Kerberos ticket,
+        # SAML or JWT response to give; zero length is what types 1 and 2 require).
+        user += _item(0x59, struct.pack(">H", 0))
     items.append(_item(0x50, user))
     head = struct.pack(">HH", 1, 0) + _ae_field(req.called_ae) + _ae_field(req.calling_ae) + bytes(32)
     return _pdu(ASSOCIATE_AC, head + b"".join(items))

@@ -10,8 +10,11 @@ the lean engine sends the sub-operations itself (:mod:`.suboperations`), pynetdi
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 
+from shared.audit import records as audit_records
+from shared.audit import trail as audit
 from shared.catalogue.find import FindError
 from shared.catalogue.retrieve import (
     UNABLE_TO_PROCESS,
@@ -23,6 +26,7 @@ from shared.config import AccessConfig, MoveDestinationConfig
 from shared.dicom.json_model import JsonModelError, json_model
 from shared.dicom.statuses import failure_cause
 from shared.tenancy import tenant_of_ae
+from shared.tls import client_context
 
 from . import metrics
 from .find import Finder
@@ -38,6 +42,7 @@ class Plan:
 
     rows: list[dict] = field(default_factory=list)
     destination: MoveDestinationConfig | None = None
+    tls: ssl.SSLContext | None = None  # the destination's, when it takes DICOM over TLS
     status: int | None = None
     comment: str = ""
 
@@ -49,10 +54,28 @@ class Retriever:
         self.finder = finder
         self.access = access
         self.destinations = destinations
+        # built once: a bad CA or key file fails the start-up, not the first C-MOVE
+        self.tls = {ae: client_context(d.tls_ca, d.tls_cert, d.tls_key, d.tls_check_hostname)
+                    for ae, d in destinations.items() if d.tls}
 
     def plan(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str,
              move_destination: str | None = None) -> Plan:
-        """The instances the request names for ``calling_ae``'s tenant (and the destination of a C-MOVE)."""
+        """The instances the request names for ``calling_ae``'s tenant (and the destination of a C-MOVE).
+
+        Audited as the start of a transfer of those instances (or its refusal).
+        """
+        plan = self._plan(identifier, transfer_syntax, sop_class, calling_ae, move_destination)
+        dest = plan.destination
+        audit.emit(audit_records.retrieval(
+            audit_records.dicom_peer(calling_ae, "", True, "source"),
+            None if move_destination is None else audit_records.dicom_peer(
+                move_destination, dest.host if dest else "", False, "destination"),
+            self.finder.ae_title, plan.rows, "C-GET" if move_destination is None else "C-MOVE", plan.status,
+            plan.comment, tenant_of_ae(self.access, calling_ae) or ""))
+        return plan
+
+    def _plan(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str,
+              move_destination: str | None) -> Plan:
         kind = "C-GET" if move_destination is None else "C-MOVE"
         try:
             request = parse_retrieve_identifier(json_model(identifier, transfer_syntax), sop_class)
@@ -77,7 +100,20 @@ class Retriever:
             return self._refuse(kind, calling_ae, UNABLE_TO_CALCULATE, f"catalogue unavailable: {failure_cause(exc)}")
         log.info("%s %s from %s (tenant %s)%s: %d instances", kind, request.level, calling_ae, tenant,
                  f" to {move_destination.strip()}" if move_destination else "", len(rows))
-        return Plan(rows=rows, destination=destination)
+        return Plan(rows=rows, destination=destination,
+                    tls=None if move_destination is None else self.tls.get(move_destination.strip()))
+
+    def finished(self, plan: Plan, calling_ae: str, move_destination: str | None, failed_uids: list[str],
+                 status: int) -> None:
+        """Audit the end of a retrieval :meth:`plan` began: which instances reached the requestor (C-GET) or
+        the destination (C-MOVE), and which did not."""
+        dest = plan.destination
+        audit.emit(audit_records.retrieved(
+            audit_records.dicom_peer(calling_ae, "", True, "source"),
+            None if move_destination is None else audit_records.dicom_peer(
+                move_destination, dest.host if dest else "", False, "destination"),
+            self.finder.ae_title, plan.rows, failed_uids, "C-GET" if move_destination is None else "C-MOVE",
+            status, tenant_of_ae(self.access, calling_ae) or ""))
 
     @staticmethod
     def _refuse(kind: str, calling_ae: str, status: int, comment: str) -> Plan:

@@ -13,6 +13,31 @@ receivers, measured). A receiver started alone binds its own socket, with SO_REU
 larger than ``ingest.stream_above_bytes`` goes to the staging backend fragment by fragment as it
 arrives (:class:`~services.ingest.intake.Incoming`), not assembled in memory. With a :class:`~services.ingest.find.Finder` the same AE
 answers C-FIND (Patient and Study Root) from the catalogue, and a C-CANCEL between its pending responses.
+
+Hostile and broken peers (PS3.8; the decisions are pure functions of :mod:`.pdu`, this shell obeys them):
+
+* at most ``max_connections`` TCP connections per receiver, associated or not, each one thread: one more is
+  answered A-ASSOCIATE-RJ (transient, local limit exceeded) from the accepting thread and closed, before
+  any of its bytes is read, so a flood of idle connections costs no threads;
+* the ARTIM timer (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must arrive within ``artim_timeout`` of the
+  connection (a deadline, not an idle timeout: a peer trickling a byte at a time is cut off, AA-2); after
+  an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the receiver closes its side, and waits for the peer's
+  close for at most as long, discarding what arrives (Sta13), so the answer is not lost to a reset;
+* every PDU header is checked before its body is read (:func:`.pdu.check_pdu_header`): a P-DATA-TF longer
+  than the maximum we announced, an unknown or misplaced PDU type, an A-ASSOCIATE-RQ over 1 MiB end in an
+  A-ABORT without the body being held; so a receiver holds at most ``max_pdu`` per association;
+* an invalid A-ASSOCIATE-RQ (items past their parent, even or repeated context IDs) is answered with the
+  A-ABORT of AA-1 (service-user source, PS3.8 Table 9-10); a well-formed one with a protocol version, an
+  application context or a calling AE title we do not take gets the A-ASSOCIATE-RJ of Table 9-21;
+* during the association an invalid PDU or PDV order (:class:`.pdu.DimseAssembler`: a data fragment on
+  another context than its command, a new command while a data set is pending) ends in the A-ABORT of
+  AA-8: service-provider source, with the reason of Table 9-26;
+* a user identity negotiation (PS3.7 D.3.3.7) that asks for a positive response gets one.
+
+Not implemented (a peer proposing them gets the association without them, as PS3.7 D.3.3 allows):
+asynchronous operations window (one operation at a time, PS3.7 D.3.3.3), SOP class extended and common
+extended negotiation (D.3.3.5, D.3.3.6), verification of the user identity (taken as asserted: the AE
+title is the credential), TLS, C-STORE as an SCU outside C-GET/C-MOVE sub-operations, N-services.
 """
 
 from __future__ import annotations
@@ -21,18 +46,22 @@ import functools
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from services.ingest import metrics, pdu
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder, encode
-from services.ingest.intake import Incoming, Intake, Received
+from services.ingest.intake import Admission, Incoming, Intake, Received
 from services.ingest.retrieve import Retriever
+from services.ingest.sop_classes import ALL_TS, StorageContexts, storage_contexts
 from services.ingest.suboperations import Channel, Closed, Counts, Outbound, send_instances
+from shared.audit import trail as audit
+from shared.audit.records import AssociationTally, association_rejected
 from shared.catalogue.find import CANCEL, FIND_SOP_CLASSES, PENDING, UNABLE_TO_PROCESS
 from shared.catalogue.retrieve import (
     GET_SOP_CLASSES,
@@ -43,22 +72,28 @@ from shared.catalogue.retrieve import (
 )
 from shared.dicom.statuses import CANNOT_UNDERSTAND
 from shared.storage.objectstore import Backends, CorruptObject, ObjectWriter
+from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
 
 _RECV_BUFFER = 256 * 1024
 _HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
 _HEADER = struct.Struct(">BxI")
-# A PDU longer than this is not a PDU we negotiated (our maximum is at most a few MiB): refuse it
-# instead of allocating whatever a garbage length field says.
-_MAX_PDU_ACCEPTED = 64 * 1024 * 1024
 
-_ALL_TS = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
-SUPPORTED: dict[str, frozenset[str]] = {str(cx.abstract_syntax): _ALL_TS for cx in AllStoragePresentationContexts}
-SUPPORTED[str(Verification)] = _ALL_TS
+# Every standard storage SOP class (retired ones included) and Verification, in every transfer syntax.
+SUPPORTED: StorageContexts = storage_contexts([], {str(Verification): ALL_TS})
 
-_REJECT_REASONS = {pdu.RJ_CALLED_AE: "called AE title not recognised", pdu.RJ_CALLING_AE: "calling AE title not recognised",
-                   pdu.RJ_LOCAL_LIMIT: "too many associations", pdu.RJ_NO_REASON: "no presentation context accepted"}
+_REJECT_REASONS = {
+    (pdu.RJ_SOURCE_USER, pdu.RJ_CALLED_AE): "called AE title not recognised",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_CALLING_AE): "calling AE title not recognised",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_APPLICATION_CONTEXT): "application context name not supported",
+    (pdu.RJ_SOURCE_ACSE, pdu.RJ_PROTOCOL_VERSION): "protocol version not supported",
+    (pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT): "too many associations",
+    (pdu.RJ_SOURCE_USER, pdu.RJ_NO_REASON): "no presentation context accepted"}
+_ABORT_REASONS = {pdu.ABORT_NOT_SPECIFIED: "not specified", pdu.ABORT_UNRECOGNIZED_PDU: "unrecognised PDU",
+                  pdu.ABORT_UNEXPECTED_PDU: "unexpected PDU", pdu.ABORT_UNEXPECTED_PARAMETER: "unexpected PDU parameter",
+                  pdu.ABORT_INVALID_PARAMETER: "invalid PDU parameter value"}
+_TOO_MANY_CONNECTIONS = pdu.associate_rj(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT)
 
 
 class StorageServer(socketserver.ThreadingTCPServer):
@@ -67,23 +102,35 @@ class StorageServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = 128  # as the supervisor's socket: socketserver's 5 dropped a burst's SYNs (1 s retries)
 
     def __init__(self, address: tuple[str, int], intake: Intake, ae_title: str, max_pdu: int, max_associations: int,
                  network_timeout: float, allowed_calling_aes: list[str], listen_socket: socket.socket | None = None,
-                 finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None):
+                 finder: Finder | None = None, retriever: Retriever | None = None, backends: Backends | None = None,
+                 private_sop_classes: list[str] | str = (), artim_timeout: float = 10.0,
+                 max_connections: int | None = None, tls: ssl.SSLContext | None = None,
+                 may_act_as: Callable[[str, str], bool] | None = None):
         self.intake = intake
+        # DICOM over TLS: each accepted connection's handshake runs in its own association thread (never in
+        # the accepting one, where a slow peer would hold up every other); may_act_as(certificate name,
+        # calling AE) binds a verified client certificate to the AE titles it may use.
+        self.tls = tls
+        self.may_act_as = may_act_as
         self.finder = finder
         self.retriever = retriever
         self.backends = backends
-        self.supported = dict(SUPPORTED)
+        extra = {str(Verification): ALL_TS}
         if finder is not None:
-            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
+            extra.update({c: FIND_TRANSFER_SYNTAXES for c in FIND_SOP_CLASSES})
         if retriever is not None:
-            self.supported.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
+            extra.update({c: FIND_TRANSFER_SYNTAXES for c in RETRIEVE_SOP_CLASSES})
+        self.supported = storage_contexts(private_sop_classes, extra)
         self.ae_title = ae_title.strip()
         self.max_pdu = max_pdu
         self.max_associations = max_associations
         self.network_timeout = network_timeout
+        self.artim_timeout = artim_timeout
+        self.max_connections = max_connections if max_connections is not None else 2 * max_associations
         self.allowed_calling = [a.strip() for a in allowed_calling_aes]
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -107,6 +154,23 @@ class StorageServer(socketserver.ThreadingTCPServer):
         conn, addr = self.socket.accept()
         self._count("_connections", 1)
         return conn, addr
+
+    def verify_request(self, request: socket.socket, client_address) -> bool:
+        """Over ``max_connections``: A-ASSOCIATE-RJ (transient, local limit exceeded, PS3.8 Table 9-21) from this
+        accepting thread and close, no handler thread, nothing of the peer's read."""
+        if self._connections <= self.max_connections:
+            return True
+        metrics.rejected_associations.labels(reason="too many connections").inc()
+        log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
+                    self._connections - 1)
+        try:
+            request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer here
+            request.send(_TOO_MANY_CONNECTIONS)
+            while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
+                pass
+        except OSError:
+            pass
+        return False
 
     def shutdown_request(self, request: socket.socket) -> None:
         self._count("_connections", -1)
@@ -171,32 +235,91 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.server.network_timeout)
+        sock.settimeout(self.server.artim_timeout)  # the handshake is part of the ARTIM time
+        self.peer_name: str | None = None  # the verified client certificate's common name
+        if self.server.tls is not None:
+            try:
+                sock = self.server.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:  # no or an untrusted client certificate, not TLS at all, gone
+                metrics.rejected_associations.labels(reason="TLS handshake failed").inc()
+                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                return
+            self.peer_name = common_name(sock.getpeercert())
         self.sock = sock
-        self.reader = sock.makefile("rb", buffering=_RECV_BUFFER)
+        self.associated = False
+        self.reader = None
         try:
             self._associate()
         except pdu.ProtocolError as exc:
-            log.warning("aborting association from %s: %s", self.client_address[0], exc)
-            self._send_quietly(pdu.abort(2, 0))
+            metrics.aborts.labels(reason=_ABORT_REASONS.get(exc.reason, "not specified")).inc()
+            if self.associated:  # AA-8 (PS3.8 Table 9-10, Sta6): service-provider source, with the reason
+                log.warning("aborting association from %s: %s", self.client_address[0], exc)
+                self._end(pdu.abort(pdu.ABORT_SOURCE_PROVIDER, exc.reason))
+            else:  # AA-1 (Sta2: an invalid or unexpected PDU instead of an A-ASSOCIATE-RQ): service-user source
+                log.warning("aborting connection from %s before association: %s", self.client_address[0], exc)
+                self._end(pdu.abort(pdu.ABORT_SOURCE_USER, pdu.ABORT_NOT_SPECIFIED))
+        except TimeoutError:
+            if not self.associated:
+                metrics.aborts.labels(reason="ARTIM expired").inc()
+                log.warning("connection from %s closed: no A-ASSOCIATE-RQ within %.0f s (ARTIM)",
+                            self.client_address[0], self.server.artim_timeout)
         except (Closed, OSError):
             pass  # peer gone or network timeout: nothing to answer to
         finally:
-            self.reader.close()
+            if self.reader is not None:
+                self.reader.close()
+            if sock is not self.request:  # the TLS socket took over the connection: closing it ends it
+                sock.close()
 
-    def _send_quietly(self, data: bytes) -> None:
+    def _end(self, last_pdu: bytes | None = None) -> None:
+        """Send ``last_pdu`` (an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT), close our side and wait, at most the
+        ARTIM time, for the peer to close (PS3.8 Sta13), discarding what it still sends: a socket closed
+        with unread bytes resets the connection, and the peer may never read the answer."""
+        sock = self.sock
         try:
-            self.sock.sendall(data)
+            if last_pdu is not None:
+                sock.sendall(last_pdu)
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.server.artim_timeout
+            sink = bytearray(_RECV_BUFFER)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv_into(sink):
+                    return
         except OSError:
-            pass
+            pass  # reset, gone or ARTIM expired: the socket is closed either way
+
+    def _read_associate_rq(self) -> memoryview:
+        """The A-ASSOCIATE-RQ, all of it within the ARTIM time of the connection (PS3.8 9.1.5, AE-5/AE-6);
+        read exactly, so nothing that follows it is taken from the socket here."""
+        deadline = time.monotonic() + self.server.artim_timeout
+        head = self._recv_exactly(6, deadline)
+        kind, length = _HEADER.unpack(head)
+        pdu.check_pdu_header(kind, length, False, self.server.max_pdu)
+        if kind == pdu.ABORT:
+            raise Closed("aborted before the association")  # AA-2: close, nothing to answer
+        return memoryview(self._recv_exactly(length, deadline))
+
+    def _recv_exactly(self, n: int, deadline: float) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("ARTIM expired")
+            self.sock.settimeout(left)
+            got_now = self.sock.recv_into(view[got:])
+            if not got_now:
+                raise Closed("the peer closed the connection")
+            got += got_now
+        return buf
 
     def _read_pdu(self) -> tuple[int, memoryview]:
         head = self.reader.read(6)
         if len(head) < 6:
             raise Closed("the peer closed the connection")
         kind, length = _HEADER.unpack(head)
-        if length > _MAX_PDU_ACCEPTED:
-            raise pdu.ProtocolError(f"PDU of {length} bytes")
+        pdu.check_pdu_header(kind, length, True, self.server.max_pdu)
         body = self.reader.read(length) if length else b""
         if _HAS_QUICKACK:
             try:
@@ -209,74 +332,76 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
 
     def _associate(self) -> None:
         srv = self.server
-        kind, body = self._read_pdu()
-        if kind != pdu.ASSOCIATE_RQ:
-            raise pdu.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
-        req = pdu.parse_associate_rq(bytes(body))
+        req = pdu.parse_associate_rq(bytes(self._read_associate_rq()))
+        self.sock.settimeout(srv.network_timeout)
+        self.reader = self.sock.makefile("rb", buffering=_RECV_BUFFER)
         opened = srv._count("_open", 1)
         try:
-            neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
-                                busy=opened > srv.max_associations or srv.stopping.is_set())
-            if neg.reject:
-                reason = _REJECT_REASONS.get(neg.reject[2], "rejected")
+            neg = None
+            reject = pdu.screen_associate_rq(req)
+            if reject is None:
+                neg = pdu.negotiate(req, srv.ae_title, srv.allowed_calling, srv.supported,
+                                    busy=opened > srv.max_associations or srv.stopping.is_set())
+                reject = neg.reject
+            if (not reject and self.peer_name is not None and srv.may_act_as is not None
+                    and not srv.may_act_as(self.peer_name, req.calling_ae)):
+                log.warning("client certificate %r of %s may not act as calling AE %s", self.peer_name,
+                            self.client_address[0], req.calling_ae)
+                reject = (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_USER, pdu.RJ_CALLING_AE)
+            if reject:
+                reason = _REJECT_REASONS.get(reject[1:], "rejected")
                 metrics.rejected_associations.labels(reason=reason).inc()
-                log.warning("association from %s (calling %s, called %s) rejected: %s", self.client_address[0],
+                log.warning("association from %s (calling %r, called %r) rejected: %s", self.client_address[0],
                             req.calling_ae, req.called_ae, reason)
-                self.sock.sendall(pdu.associate_rj(*neg.reject))
+                if reject[2] in (pdu.RJ_CALLED_AE, pdu.RJ_CALLING_AE):
+                    audit.emit(association_rejected(req.calling_ae, req.called_ae, self.client_address[0], reason))
+                self._end(pdu.associate_rj(*reject))
                 return
             self.sock.sendall(pdu.associate_ac(req, neg, srv.max_pdu))
+            self.associated = True
             metrics.associations.inc()
+            self.tally = AssociationTally(req.calling_ae, req.called_ae, self.client_address[0])
             try:
-                self._data_phase(req, neg.accepted())
+                if self._data_phase(req, neg.accepted()):
+                    self._end(pdu.release_rp())
             finally:
                 metrics.associations.dec()
+                audit.emit(self.tally.record())  # one record per association: what it stored, of which studies
         finally:
             srv._count("_open", -1)
 
-    def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> None:
+    def _data_phase(self, req: pdu.AssociateRequest, contexts: dict[int, tuple[str, str]]) -> bool:
+        """Serve DIMSE messages until the peer releases (True: answer with A-RELEASE-RP) or aborts (False)."""
         self._contexts, self._cancels = contexts, set()
-        command: list[memoryview] = []
+        messages = pdu.DimseAssembler(contexts)
         data: Incoming | _Identifier | None = None  # the data set of the pending command, as it arrives
         # How each context collects a data set, chosen once per association (nothing more per C-STORE):
         # a storage context's may be staged as it arrives, a FIND context's is held in memory.
         intake = self.server.intake
         collector = {cid: _Identifier if abstract in _QUERY_RETRIEVE else functools.partial(Incoming, intake)
                      for cid, (abstract, _) in contexts.items()}
-        pending: tuple[int, dict[int, bytes]] | None = None  # a command that awaits its data set
+        pending: dict[int, bytes] = {}  # the command that awaits its data set
         try:
             while True:
-                kind, body = self._read_pdu()
-                if kind == pdu.P_DATA_TF:
-                    for cid, is_command, last, fragment in pdu.pdvs(body):
-                        if cid not in contexts:
-                            raise pdu.ProtocolError(f"PDV on presentation context {cid}, which was not accepted")
-                        if is_command:
-                            command.append(fragment)
-                            if last:
-                                cmd = pdu.parse_command(b"".join(command))
-                                command = []
-                                if pdu.command_us(cmd, 0x0800, pdu.NO_DATA_SET) == pdu.NO_DATA_SET:
-                                    self._dispatch(req, cid, contexts[cid], cmd, None)
-                                else:
-                                    if data is not None:  # a command that never got its data set
-                                        data.discard()
-                                    pending = (cid, cmd)
-                                    data = collector[cid]()
-                        else:
-                            if pending is None or data is None:
-                                raise pdu.ProtocolError("data set fragment without a command")
-                            data.add(fragment)
-                            if last:
-                                cid, cmd = pending
-                                dataset, data, pending = data.take(), None, None
-                                self._dispatch(req, cid, contexts[cid], cmd, dataset)
-                elif kind == pdu.RELEASE_RQ:
-                    self.sock.sendall(pdu.release_rp())
-                    return
-                elif kind == pdu.ABORT:
-                    return
-                else:
-                    raise pdu.ProtocolError(f"unexpected PDU type {kind} during the association")
+                kind, body = self._read_pdu()  # a PDU type out of place was refused there
+                if kind == pdu.RELEASE_RQ:
+                    return True
+                if kind == pdu.ABORT:
+                    return False
+                for cid, is_command, last, fragment in pdu.pdvs(body):
+                    event = messages.pdv(cid, is_command, last, fragment)
+                    if event is None:
+                        continue
+                    what, cid, value = event
+                    if what == "command":
+                        self._dispatch(req, cid, contexts[cid], value, None)
+                    elif what == "dataset":
+                        pending, data = value, collector[cid]()
+                    else:
+                        data.add(fragment)
+                        if value:  # its last fragment
+                            dataset, data = data.take(), None
+                            self._dispatch(req, cid, contexts[cid], pending, dataset)
         finally:
             if data is not None:  # the association ended inside a data set: nothing of it is kept
                 data.discard()
@@ -300,11 +425,13 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             srv._count("_inflight", 1)
             try:
                 if dataset is None:
-                    status, comment = CANNOT_UNDERSTAND, "C-STORE without a data set"
+                    admitted = Admission(CANNOT_UNDERSTAND, "C-STORE without a data set")
                 else:
-                    status, comment = srv.intake.accept(Received(
+                    admitted = srv.intake.admit(Received(
                         data=dataset, transfer_syntax=context[1], sop_class_uid=sop_class,
                         sop_instance_uid=sop_instance, calling_ae=req.calling_ae, called_ae=req.called_ae))
+                status, comment = admitted.status, admitted.comment
+                self.tally.add(status, admitted.study_uid, sop_class, comment)
                 reply = pdu.response(pdu.C_STORE_RSP, message_id, status, sop_class, sop_instance, comment)
                 self._send_command(cid, reply, req.max_pdu)
             finally:
@@ -386,7 +513,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             try:
                 channel = Outbound.open(dest.host, dest.port, self.server.ae_title, destination_ae,
                                         [(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in plan.rows],
-                                        self.server.max_pdu, self.server.network_timeout)
+                                        self.server.max_pdu, self.server.network_timeout, plan.tls)
             except (OSError, Closed, pdu.ProtocolError) as exc:
                 log.warning("C-MOVE from %s: destination %s (%s:%d) unreachable: %s", req.calling_ae, destination_ae,
                             dest.host, dest.port, exc)
@@ -405,11 +532,15 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             if so_far.remaining:
                 answer(PENDING, so_far, final=False)
 
+        def finished(status: int, failed_uids: list[str]) -> None:
+            self.server.retriever.finished(plan, req.calling_ae, destination_ae, failed_uids, status)
+
         try:
             counts = send_instances(plan.rows, channel, self.server.backends, is_cancelled, progress,
                                     None if is_get else (req.calling_ae, message_id))
         except CorruptObject as exc:
             log.error("%s from %s aborted: %s", kind, req.calling_ae, exc)
+            finished(UNABLE_TO_PERFORM, [r["sop_uid"] for r in plan.rows])  # what arrived is unknown: all count
             if is_get:
                 raise pdu.ProtocolError(f"stored object corrupt: {exc}") from exc  # aborts this association
             channel.abort()
@@ -417,6 +548,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
             answer(UNABLE_TO_PERFORM, counts, comment="a stored object is corrupt")
             return
         except Closed as exc:
+            finished(UNABLE_TO_PERFORM, [r["sop_uid"] for r in plan.rows])
             if is_get:
                 raise
             log.warning("C-MOVE from %s: destination %s ended the association: %s", req.calling_ae, destination_ae, exc)
@@ -429,6 +561,8 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
                               cancelled and counts.remaining > 0)
         log.info("%s from %s: %d completed, %d failed, %d warning%s", kind, req.calling_ae, counts.completed,
                  counts.failed, counts.warning, " (cancelled)" if status == CANCEL else "")
+        done = {r["sop_uid"] for r in plan.rows[:counts.completed + counts.failed + counts.warning]}
+        finished(status, counts.failed_uids + [r["sop_uid"] for r in plan.rows if r["sop_uid"] not in done])
         answer(status, counts)
 
     def _cancelled(self, message_id: int) -> bool:
@@ -438,7 +572,7 @@ class _AssociationHandler(socketserver.BaseRequestHandler):
         self.sock.setblocking(False)
         try:
             waiting = self.reader.peek(1)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             waiting = b""
         finally:
             self.sock.settimeout(self.server.network_timeout)
@@ -495,15 +629,22 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def start_scp(intake: Intake, host: str, port: int, ae_title: str, max_pdu: int, max_associations: int,
               network_timeout: float, allowed_calling_aes: list[str], listen_fd: int | None = None,
               finder: Finder | None = None, retriever: Retriever | None = None,
-              backends: Backends | None = None) -> StorageServer:
+              backends: Backends | None = None, private_sop_classes: list[str] | str = (),
+              artim_timeout: float = 10.0, max_connections: int | None = None,
+              tls: ssl.SSLContext | None = None,
+              may_act_as: Callable[[str, str], bool] | None = None) -> StorageServer:
     """Bind (or adopt the inherited ``listen_fd``) and serve in background threads; returns the server.
 
     With a ``finder`` the AE also answers C-FIND (Patient and Study Root) from the catalogue; with a
-    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE.
+    ``retriever`` (and the ``backends`` it reads from) C-GET and C-MOVE. ``private_sop_classes``: the
+    storage SOP classes taken beyond the standard ones, or ``any`` (:mod:`.sop_classes`). ``artim_timeout``:
+    the ARTIM timer (PS3.8 9.1.5); ``max_connections``: TCP connections held at once (None: twice
+    ``max_associations``).
     """
     listen = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     server = StorageServer((host, port), intake, ae_title, max_pdu, max_associations, network_timeout,
-                           allowed_calling_aes, listen, finder, retriever, backends)
+                           allowed_calling_aes, listen, finder, retriever, backends, private_sop_classes,
+                           artim_timeout, max_connections, tls, may_act_as)
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
-    log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
+    log.info("DICOM SCP %s listening on %s:%d%s", ae_title, host, port, " (TLS)" if tls is not None else "")
     return server

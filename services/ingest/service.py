@@ -13,11 +13,15 @@ from services.ingest.connected import ConnectedIntake
 from services.ingest.find import Finder
 from services.ingest.retrieve import Retriever
 from services.ingest.scp import listening_socket, start_scp
+from shared.audit import trail as audit
+from shared.bus.connection import check_credentials
 from shared.catalogue.open import open_catalogue
 from shared.config import Config
 from shared.lifecycle import settle_after_startup
 from shared.supervisor import ChildSpec, Supervisor
 from shared.telemetry import add_health_check, setup_tracing, start_metrics
+from shared.tenancy import certificate_may_act_as
+from shared.tls import server_context
 
 log = logging.getLogger("dicomflow.ingest")
 
@@ -30,6 +34,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     """
     setup_tracing("ingest", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "ingest")
     connected = ConnectedIntake(config, f"dicomflow-ingest-{os.getpid()}")
     intake, backends = connected.intake, connected.backends
     ing = config.ingest
@@ -41,12 +46,19 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
                     ing.ae_title, config.web.max_results)
     # ... and C-GET and C-MOVE, reading the objects from their placements
     retriever = Retriever(finder, config.access, ing.move_destinations)
+    # DICOM over TLS: only TLS connections; with a client CA, a verified certificate bound to the calling AE
+    tls = server_context(ing.tls_cert, ing.tls_key, ing.tls_ca) if ing.tls_cert else None
+    may_act_as = functools.partial(certificate_may_act_as, config.access)
     if ing.engine == "pynetdicom":
         from .scp_pynetdicom import start_scp as start_pynetdicom
 
-        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends)
+        server = start_pynetdicom(*args, finder=finder, retriever=retriever, backends=backends,
+                                  private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
+                                  tls=tls, may_act_as=may_act_as, max_connections=ing.max_connections)
     else:
-        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends)
+        server = start_scp(*args, listen_fd=listen_fd, finder=finder, retriever=retriever, backends=backends,
+                           private_sop_classes=ing.private_sop_classes, artim_timeout=ing.artim_timeout_s,
+                           max_connections=ing.max_connections, tls=tls, may_act_as=may_act_as)
     stop = stop or threading.Event()
     # Ready while connected and accepting associations; not ready from SIGTERM on, so the Service stops sending.
     add_health_check("nats", lambda: connected.nc.is_connected)
@@ -60,6 +72,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first
     finder.close()
     connected.close()
+    audit.close(2)
 
 
 def allowed_calling_aes(config: Config) -> list[str]:
@@ -82,6 +95,9 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
     if n == 1:
         serve(config, metrics_port)
         return 0
+    # Credentials or TLS that NATS refuses are a configuration error: found once here, before any receiver
+    # starts (each would be refused and restarted forever), and raised to the command, which names the setting.
+    check_credentials(config)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

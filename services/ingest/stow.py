@@ -27,6 +27,8 @@ from aiohttp.multipart import MultipartReader
 from services.ingest.connected import ConnectedIntake
 from services.ingest.intake import Admission, Incoming, Intake, Received
 from services.ingest.stow_response import PartOutcome, stow_answer
+from shared.audit import trail as audit
+from shared.audit.records import AssociationTally
 from shared.config import Config
 from shared.dicom.part10 import NotPart10, read_file_meta
 from shared.dicom.statuses import CANNOT_UNDERSTAND, TOO_LARGE
@@ -136,6 +138,7 @@ async def _store(request: web.Request) -> web.StreamResponse:
                     request.headers.get("Content-Type"))
         return error(400, "the request has no parts")
     status, body = stow_answer(outcomes, base_url(request))
+    audit.emit(_audit_record(request, principal, outcomes))
     failed = [o for o in outcomes if o.status]
     log.info("STOW-RS from %s (tenant %s): %d stored, %d failed%s", principal.name, tenant,
              len(outcomes) - len(failed), len(failed),
@@ -144,6 +147,14 @@ async def _store(request: web.Request) -> web.StreamResponse:
     # no "; charset=" parameter: dicomweb-client reads the answer only when the media type is exactly this
     return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
                         content_type=DICOM_JSON, headers=headers)
+
+
+def _audit_record(request: web.Request, principal: Principal, outcomes: list[PartOutcome]):
+    """The request's audit record: like an association's, what it stored of which studies (or why not)."""
+    tally = AssociationTally(principal.name, "STOW-RS", request.remote or "", via="STOW-RS")
+    for o in outcomes:
+        tally.add(o.status, o.study_uid, o.sop_class_uid, o.reason)
+    return tally.record()
 
 
 async def _drain(part: BodyPartReader | MultipartReader) -> None:

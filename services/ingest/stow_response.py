@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.contract.uids import uid_url
 from shared.dicom.statuses import OUT_OF_RESOURCES, SUCCESS
 
 
@@ -39,7 +40,7 @@ def stow_answer(outcomes: list[PartOutcome], base_url: str) -> tuple[int, dict]:
     body: dict = {}
     studies = {o.study_uid for o in stored}
     if len(studies) == 1 and stored[0].study_uid:
-        body["00081190"] = {"vr": "UR", "Value": [f"{base_url}/studies/{stored[0].study_uid}"]}
+        body["00081190"] = {"vr": "UR", "Value": [f"{base_url}/studies/{uid_url(stored[0].study_uid)}"]}
     if failed:
         body["00081198"] = {"vr": "SQ", "Value": [
             {**_uid("00081150", o.sop_class_uid), **_uid("00081155", o.sop_uid),
@@ -48,7 +49,7 @@ def stow_answer(outcomes: list[PartOutcome], base_url: str) -> tuple[int, dict]:
         body["00081199"] = {"vr": "SQ", "Value": [
             {**_uid("00081150", o.sop_class_uid), **_uid("00081155", o.sop_uid),
              "00081190": {"vr": "UR", "Value": [
-                 f"{base_url}/studies/{o.study_uid}/series/{o.series_uid}/instances/{o.sop_uid}"]}}
+                 f"{base_url}/studies/{uid_url(o.study_uid)}/series/{uid_url(o.series_uid)}/instances/{uid_url(o.sop_uid)}"]}}
             for o in stored]}
     if not failed:
         return 200, body

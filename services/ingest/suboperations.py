@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,13 +171,16 @@ class Outbound(Channel):
 
     @classmethod
     def open(cls, host: str, port: int, calling_ae: str, called_ae: str, needed: list[tuple[str, str]],
-             our_max_pdu: int, timeout: float) -> Outbound:
-        """Associate (raises OSError, :class:`Closed` on a rejection, ProtocolError)."""
+             our_max_pdu: int, timeout: float, tls: ssl.SSLContext | None = None) -> Outbound:
+        """Associate, over TLS when ``tls`` is given (raises OSError - ssl.SSLError for a refused certificate -,
+        :class:`Closed` on a rejection, ProtocolError)."""
         wanted = list(dict.fromkeys(needed))[:128]  # context ids are odd numbers 1..255
         proposed = [(2 * i + 1, abstract, [ts]) for i, (abstract, ts) in enumerate(wanted)]
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
             sock.sendall(pdu.associate_rq(calling_ae, called_ae, proposed, our_max_pdu))
             channel = cls(sock, 0, {})
             kind, body = channel.read_pdu()

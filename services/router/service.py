@@ -10,6 +10,8 @@ import os
 import time
 from collections.abc import Callable
 
+from shared.audit import records as audit_records
+from shared.audit import trail as audit
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.bus.jetstream import ensure_stream
@@ -142,7 +144,11 @@ class RouterService:
             rules = rules_of(config)
         except (ConfigError, RulesError, OSError) as exc:
             log.error("configuration change not applied (keeping the running one): %s", exc)
+            audit.emit(audit_records.configuration_changed("router", _effective(self.config, self.rules), None,
+                                                           f"not applied: {exc}"))
             return
+        audit.emit(audit_records.configuration_changed("router", _effective(self.config, self.rules),
+                                                       _effective(config, rules)))
         self.config, self.rules = config, rules
         self.router.reconfigure(config, rules)
         await self._sync_forwarders()
@@ -159,6 +165,11 @@ class RouterService:
         self.backends.close()
 
 
+def _effective(config: Config, rules: RuleSet) -> dict:
+    """What the router runs with, for the audit record of a reload: the configuration and the rules."""
+    return {**config.model_dump(mode="json"), "rules": repr(rules.rules)}
+
+
 async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.Event | None = None,
                 ownership: Ownership | None = None, reload: Callable[[], Config] | None = None,
                 config_path: str | None = None) -> None:
@@ -171,6 +182,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     check_targets(config)
     setup_tracing("router", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "router")
     service = RouterService(config, rules, reload, config_path)
     await service.start(ownership)
     stop = stop or asyncio.Event()
@@ -181,3 +193,4 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     await stop.wait()
     log.info("router member %s leaving after %.0fs: finishing in-flight work", service.member, time.monotonic() - t0)
     await service.stop()
+    await asyncio.to_thread(audit.close, 2)

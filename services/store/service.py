@@ -6,6 +6,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from shared.audit import trail as audit
 from shared.bus.connection import connect, ensure_streams
 from shared.bus.consumer_group import AllPartitions, Ownership, PartitionedConsumer
 from shared.bus.membership import ElasticOwnership, default_member_name
@@ -31,6 +32,7 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     """
     setup_tracing("store", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "store")
     # Placement writes block one thread each; the default pool (cores + 4) would cap concurrent object
     # writes well below the RADOS aio window and the number of partitions handled at once.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="store-io"))
@@ -61,3 +63,4 @@ async def serve(config: Config, metrics_port: int | None = None, stop: asyncio.E
     await nc.drain()
     catalogue.close()
     backends.close()
+    await asyncio.to_thread(audit.close, 2)

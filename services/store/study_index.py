@@ -17,7 +17,7 @@ import json
 
 from shared.contract.events import InstanceReceived, InstanceTags
 from shared.storage.objectstore import StudyIndex
-from shared.storage.rados_layout import STUDY_INDEX_PREFIX, study_index_name
+from shared.storage.rados_layout import STUDY_INDEX_PREFIX, study_index_name, study_of_index
 
 
 def encode_entry(event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> bytes:
@@ -66,4 +66,4 @@ def study_entries(store: StudyIndex, study_uid: str) -> dict[str, bytes]:
 
 def studies_in(store: StudyIndex) -> list[str]:
     """The StudyInstanceUIDs that have an index object in ``store`` (lists the pool/namespace)."""
-    return sorted(name[len(STUDY_INDEX_PREFIX):] for name in store.object_names(STUDY_INDEX_PREFIX))
+    return sorted(study_of_index(name) for name in store.object_names(STUDY_INDEX_PREFIX))

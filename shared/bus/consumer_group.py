@@ -41,7 +41,15 @@ from pydantic import BaseModel
 
 from shared.backoff import backoff_delay
 from shared.bus.delivery import DeliveryHandler, decode, finish
-from shared.bus.jetstream import PinnedPuller, consumer_info, ensure_consumer, pinned_consumer_config, unpin
+from shared.bus.jetstream import (
+    PRIORITY_GROUP,
+    PinnedPuller,
+    consumer_info,
+    ensure_consumer,
+    pinned_consumer_config,
+    unpin,
+)
+from shared.bus.pin_takeover import Suspect, judge_pin
 from shared.config import GroupConfig
 from shared.contract import subjects
 from shared.contract.events import InstanceReceived
@@ -64,6 +72,8 @@ handover_seconds = Histogram(
     "Partition handover as this member sees it: release = stop pulling until unpinned (graceful); "
     "acquire = owning a partition with a backlog until its first message arrives",
     ["group", "phase"], buckets=LATENCY_BUCKETS)
+pin_takeovers = Counter("dicomflow_group_pin_takeovers_total",
+                        "Pins taken from a member that left the membership without unpinning (killed)", ["group"])
 
 
 def durable_name(group: str, partition: int) -> str:
@@ -83,6 +93,9 @@ class Ownership(Protocol):
     def set_reporter(self, report: Callable[[], dict]) -> None:
         """Where the member's own report (owned partitions, pins) comes from, for a membership that publishes it."""
 
+    async def live_pins(self) -> set[str] | None:
+        """Every pin the live members report holding; None when this ownership cannot tell."""
+
 
 class AllPartitions:
     """A lone worker owns every partition."""
@@ -98,6 +111,9 @@ class AllPartitions:
 
     def owned(self) -> set[int]:
         return set(self._all)
+
+    async def live_pins(self) -> set[str] | None:
+        return None  # no membership: a pin is only ever released by its holder or by PinnedTTL
 
     async def stop(self) -> None:
         pass
@@ -210,6 +226,8 @@ class PartitionedConsumer:
         puller = PinnedPuller(self.nc, self.stream, durable_name(self.group, p))
         self._pullers[p] = puller
         gained_at = time.monotonic() if await self._backlog(p) else None
+        # For PinnedTTL after gaining a partition, a pin held by a member that is gone is taken over.
+        orphan_watch = _OrphanWatch(time.monotonic() + self.cfg.pinned_timeout_s)
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -231,6 +249,8 @@ class PartitionedConsumer:
                 if result.status in ("400", "409") and not result.messages:
                     log.warning("%s p%d pull refused: %s %s", self.group, p, result.status, result.description)
                     await asyncio.sleep(1.0)
+                if not result.messages and puller.pin_id is None and orphan_watch.due(time.monotonic()):
+                    await self._take_orphaned_pin(p, orphan_watch)
                 if result.messages and gained_at is not None:
                     handover_seconds.labels(self.group, "acquire").observe(time.monotonic() - gained_at)
                     gained_at = None
@@ -247,6 +267,27 @@ class PartitionedConsumer:
             stop_wait.cancel()
             self._pullers.pop(p, None)
             await _nak_all(await puller.close())
+
+    async def _take_orphaned_pin(self, p: int, watch: _OrphanWatch) -> None:
+        """Unpin partition ``p`` if its pin belongs to a member that left without unpinning (see pin_takeover)."""
+        watch.next_at = time.monotonic() + self.cfg.heartbeat_s
+        try:
+            ci = await consumer_info(self.nc, self.stream, durable_name(self.group, p))
+            pinned = next((g.get("pinned_client_id") for g in ci.get("priority_groups") or []
+                           if g.get("group") == PRIORITY_GROUP), None)
+            if not pinned:
+                watch.until = 0.0  # nobody holds it: our next pull is pinned
+                return
+            take, watch.suspect = judge_pin(pinned, await self.ownership.live_pins(), watch.suspect,
+                                            time.monotonic(), 2 * self.cfg.heartbeat_s)
+            if take:
+                await unpin(self.nc, self.stream, durable_name(self.group, p))
+                pin_takeovers.labels(self.group).inc()
+                watch.until = 0.0
+                log.warning("%s/%s: partition %d was pinned to a member that left without unpinning (pin %s): "
+                            "taken over", self.group, self.member, p, pinned)
+        except Exception as exc:  # NATS busy or reconnecting: PinnedTTL still ends it
+            log.debug("%s p%d orphaned-pin check: %s", self.group, p, exc)
 
     async def _keep_pin(self, puller: PinnedPuller) -> None:
         """While a batch is being handled, pull at a third of PinnedTTL so the pin cannot lapse."""
@@ -305,6 +346,18 @@ class PartitionedConsumer:
         per_message = (time.perf_counter() - t0) / len(deliveries)
         for _ in deliveries:
             handle_seconds.labels(self.group).observe(per_message)
+
+
+class _OrphanWatch:
+    """A partition's look-out for an orphaned pin: until when to look, when next, what was seen."""
+
+    def __init__(self, until: float):
+        self.until = until
+        self.next_at = 0.0
+        self.suspect: Suspect | None = None
+
+    def due(self, now: float) -> bool:
+        return now < self.until and now >= self.next_at
 
 
 class _InProgress:

@@ -123,6 +123,11 @@ class ElasticOwnership:
             return set()
         return owned_by(self.member, self._members, self.partitions)
 
+    async def live_pins(self) -> set[str] | None:
+        """Every pin the live members reported in their last heartbeat (ours included)."""
+        reports = await member_reports(self.nc, self.group)
+        return {str(pin) for report in reports.values() for pin in (report.get("pins") or {}).values()}
+
     async def start(self) -> None:
         """Create the bucket if needed, join, and read the membership once before returning."""
         delay = 0.1

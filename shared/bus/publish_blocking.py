@@ -1,4 +1,4 @@
-"""The blocking publishers (:class:`shared.bus.publish.Publisher`): sockets, or nats-py's loop for TLS.
+"""The blocking publishers (:class:`shared.bus.publish.Publisher`): sockets, or nats-py's loop as the fallback.
 
 :class:`SocketPublisher`: JetStream publishes over blocking sockets, one NATS connection per busy
 calling thread.
@@ -9,7 +9,8 @@ one path every instance waits for. Publishing to JetStream needs very little of 
 (CONNECT, SUB to a reply inbox, HPUB, read the reply, answer PING), so each thread that publishes
 borrows a connection of its own from a pool and talks to the server directly. Measured against a
 local nats-server: 72 us wall and 21 us of CPU per publish, against 150 us and 100 us through the
-event loop (:class:`LoopPublisher`, which stays the fallback for what this does not speak: TLS).
+event loop (:class:`LoopPublisher`, which stays the fallback for what this does not speak: websocket URLs).
+It speaks TLS (verified as nats-py does) and every credential of :mod:`shared.bus.nats_auth`.
 
 :class:`LoopPublisher`: nats-py's ``js.publish`` runs as a task on the event loop: a request future, a
 ``wait_for`` timer and a PubAck object per call, plus a cross-thread future for the thread that waits.
@@ -28,6 +29,7 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from urllib.parse import unquote, urlsplit
@@ -37,8 +39,9 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from nats.nuid import NUID
 
+from shared.bus.nats_auth import Refused, connect_fields, refusal, tls_context, uses_tls
 from shared.bus.publish import Publisher, PublishError, event_headers, parse_pub_ack
-from shared.config import Config
+from shared.config import Config, NatsConfig
 from shared.contract.events import Event
 
 log = logging.getLogger("dicomflow.bus")
@@ -47,16 +50,18 @@ _IDLE_REUSE_S = 60.0  # the server PINGs idle clients (every 2 min) and drops th
 
 
 class Unsupported(Exception):
-    """The server or URL needs something this publisher does not speak (TLS)."""
+    """The server or URL needs something this publisher does not speak (a scheme other than nats:// or tls://)."""
 
 
 class _Server:
     def __init__(self, url: str):
         parts = urlsplit(url if "://" in url else f"nats://{url}")
-        if parts.scheme not in ("nats", ""):
+        if parts.scheme not in ("nats", "tls", ""):
             raise Unsupported(f"{parts.scheme}:// URLs")
+        self.url = url
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 4222
+        self.tls = parts.scheme == "tls"
         self.auth: dict[str, str] = {}
         if parts.username and parts.password is not None:
             self.auth = {"user": unquote(parts.username), "pass": unquote(parts.password)}
@@ -65,9 +70,13 @@ class _Server:
 
 
 class _Connection:
-    """One blocking NATS connection with its reply inbox; used by one thread at a time."""
+    """One blocking NATS connection with its reply inbox; used by one thread at a time.
 
-    def __init__(self, server: _Server, name: str, connect_timeout: float):
+    TLS as nats-py does it: the server's INFO in the clear, then the handshake (certificate and host name
+    verified), then CONNECT with this process's credentials (an nkey signs the INFO's nonce).
+    """
+
+    def __init__(self, server: _Server, name: str, connect_timeout: float, nats: NatsConfig):
         self.sock = socket.create_connection((server.host, server.port), timeout=connect_timeout)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -76,10 +85,18 @@ class _Connection:
             if not line.startswith(b"INFO "):
                 raise ConnectionError(f"unexpected greeting from NATS: {line[:80]!r}")
             info = json.loads(line[5:])
-            if info.get("tls_required"):
-                raise Unsupported("a server that requires TLS")
+            wants_tls = server.tls or uses_tls(nats, [server.url])
+            if info.get("tls_required") or wants_tls:
+                if not info.get("tls_available", info.get("tls_required")):
+                    raise Refused(f"NATS at {server.url} does not offer TLS, which nats.tls_ca/tls_cert ask for")
+                # the server sends nothing after INFO until the handshake: the plain reader holds no bytes
+                self.reader.close()
+                self.sock = tls_context(nats).wrap_socket(self.sock, server_hostname=server.host)
+                self.reader = self.sock.makefile("rb")
             connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
-                       "name": name, "lang": "python-dicomflow-sync", "version": "1", **server.auth}
+                       "name": name, "lang": "python-dicomflow-sync", "version": "1",
+                       "tls_required": bool(info.get("tls_required") or wants_tls),
+                       **connect_fields(nats, info, server.auth)}
             self.inbox = f"_INBOX.{NUID().next().decode()}"
             self.sock.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n"
                               + f"SUB {self.inbox}.* 1\r\n".encode())
@@ -88,7 +105,12 @@ class _Connection:
                 if line.startswith(b"PONG"):
                     break
                 if not line or line.startswith(b"-ERR"):
-                    raise ConnectionError(f"NATS refused the connection: {line.strip().decode(errors='replace')}")
+                    text = line.strip().decode(errors="replace")
+                    error = ConnectionError(f"NATS refused the connection: {text or 'closed'}")
+                    raise refusal(error, nats, server.url) or error
+        except ssl.SSLError as exc:  # in TLS 1.3 a missing client certificate is only told at the first read
+            self.sock.close()
+            raise refusal(exc, nats, server.url) or exc from exc
         except BaseException:
             self.sock.close()
             raise
@@ -146,8 +168,10 @@ def _clean(value: str) -> str:
 class SocketPublisher:
     """A pool of blocking NATS connections; :meth:`publish` is safe from any number of threads."""
 
-    def __init__(self, servers: list[str], name: str, connect_timeout: float, timeout: float):
+    def __init__(self, servers: list[str], name: str, connect_timeout: float, timeout: float,
+                 nats: NatsConfig | None = None):
         self.timeout = timeout
+        self.nats = nats or NatsConfig()  # TLS and credentials
         self.servers = [_Server(u) for u in servers]
         if not self.servers:
             raise ValueError("no NATS server to publish to")
@@ -158,7 +182,8 @@ class SocketPublisher:
         self._lock = threading.Lock()
 
     def check(self) -> None:
-        """Connect once now: raises :class:`Unsupported` or a connection error at start-up, not per instance."""
+        """Connect once now: raises :class:`Unsupported`, :class:`~shared.bus.nats_auth.Refused` or a connection
+        error at start-up, not per instance."""
         self._idle.put(self._connect())
 
     def _connect(self) -> _Connection:
@@ -169,8 +194,8 @@ class SocketPublisher:
         for i in range(len(self.servers)):
             index = (start + i) % len(self.servers)
             try:
-                conn = _Connection(self.servers[index], self.name, self.connect_timeout)
-            except Unsupported:
+                conn = _Connection(self.servers[index], self.name, self.connect_timeout, self.nats)
+            except (Unsupported, Refused):
                 raise
             except (OSError, ValueError) as exc:
                 error = exc
@@ -305,16 +330,17 @@ class LoopPublisher:
 
 
 def blocking_publisher(config: Config, name: str, nc: NATS, loop: asyncio.AbstractEventLoop) -> Publisher:
-    """The publisher for blocking callers: sockets where NATS allows them, else ``nc`` on ``loop`` (TLS).
+    """The publisher for blocking callers: sockets (plain or TLS, any credential), else ``nc`` on ``loop``
+    (a URL scheme the sockets do not speak, such as ws://).
 
     ``loop`` runs in another thread than the callers (and than this call); each publish is bounded by
     ``nats.publish_timeout_s``.
     """
     timeout = config.nats.publish_timeout_s
     try:
-        sockets = SocketPublisher(config.nats_servers(), name, config.nats.connect_timeout_s, timeout)
+        sockets = SocketPublisher(config.nats_servers(), name, config.nats.connect_timeout_s, timeout, config.nats)
         try:
-            sockets.check()
+            sockets.check()  # Refused (credentials, TLS) goes up: a start-up error, never a 0xA700 per instance
         except OSError as exc:  # NATS went away since the process connected: the pool connects on the next publish
             log.warning("NATS publisher connection: %s (will retry per publish)", exc)
         return sockets

@@ -22,4 +22,5 @@ def open_postgres(dsn: str) -> SqlCatalogue:
     # together: a unique violation on pg_type): one transaction-scoped advisory lock serialises them.
     return SqlCatalogue(Dialect("postgresql", connect, "%s",
                                 retryable=(errors.DeadlockDetected, errors.SerializationFailure),
-                                schema_lock="SELECT pg_advisory_xact_lock(7364201)", pattern_ops="text_pattern_ops"))
+                                schema_lock="SELECT pg_advisory_xact_lock(7364201)", pattern_ops="text_pattern_ops",
+                                broken=lambda conn: conn.closed or conn.broken))

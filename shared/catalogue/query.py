@@ -28,11 +28,11 @@ from shared.catalogue.attributes import (
     Attribute,
     resolve,
 )
+from shared.contract.uids import InvalidUID, validate_uid
 
 ALL = "all"
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_UID = re.compile(r"^[0-9.]{1,64}$")
 _INT = re.compile(r"^[+-]?\d+$")
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 # Ignored as QIDO parameters: a cache buster some clients add, and the standard's own
@@ -101,13 +101,15 @@ def match_for(attribute: Attribute, value: str, name: str) -> Match:
     if vr == "UI":
         uids = tuple(u.strip() for u in re.split(r"[\\,]", value) if u.strip())
         for uid in uids:
-            if not _UID.match(uid):
-                raise QueryError(f"{name}: {uid!r} is not a UID")
+            try:
+                validate_uid(uid, name)
+            except InvalidUID as exc:
+                raise QueryError(f"{name}: {uid!r} is not a UID ({exc})") from None
         return Match(attribute, "list" if len(uids) > 1 else "single", uids)
     if vr in ("IS", "US"):
         if not _INT.match(value.strip()):
             raise QueryError(f"{name}: {value!r} is not an integer")
-        return Match(attribute, "single", (str(int(value)),))
+        return Match(attribute, "single", (str(int(value.strip())),))  # strip: what _INT matched (fuzzed: "1\x1d")
     if vr == "CS" and "\\" in value:
         return Match(attribute, "list", tuple(v.strip() for v in value.split("\\") if v.strip()))
     text = value.strip() if vr != "PN" else value.strip().lower()
@@ -126,9 +128,10 @@ def _flag(name: str, value: str) -> bool:
 
 
 def _count(name: str, value: str, maximum: int | None = None) -> int:
-    if not value.strip().isdigit():
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):  # isdigit alone takes "²", which int() refuses (fuzzed)
         raise QueryError(f"{name}: {value!r} is not a non-negative integer")
-    number = int(value)
+    number = int(text)  # int() strips less than str.strip() ("1\x1d", fuzzed)
     if maximum is not None and number > maximum:
         raise QueryError(f"{name}: {number} is above the largest this server allows ({maximum})")
     return number

@@ -18,6 +18,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from shared.catalogue.attributes import (
 )
 from shared.catalogue.entry import CatalogueEntry
 from shared.catalogue.query import ALL, Match, Query, like_pattern
+from shared.contract.uids import uid_url
+
+log = logging.getLogger("dicomflow.catalogue")
 
 SCHEMA_VERSION = 2  # 2: instances.source_seq and replaced_digest (versions of an instance)
 SCHEMA = [
@@ -144,6 +148,9 @@ class Dialect:
     schema_lock: str | None = None  # taken before creating the schema: processes starting together would race
     retryable: tuple[type[BaseException], ...] = ()  # errors after which the whole transaction is retried
     pattern_ops: str = ""  # the operator class with which LIKE 'prefix%' can use an index ("": a plain index can)
+    # Whether a connection is dead (the server restarted or the network cut it): it is replaced at the next use,
+    # so a database that comes back is used again instead of every later call failing on the lost connection.
+    broken: Callable[[Any], bool] = lambda conn: False
 
 
 class SqlCatalogue:
@@ -161,6 +168,16 @@ class SqlCatalogue:
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self.dialect.broken(conn):
+            log.warning("catalogue: the %s connection was lost; connecting again", self.dialect.name)
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+            conn = None
         if conn is None:
             conn = self.dialect.connect()
             self._local.conn = conn
@@ -617,14 +634,14 @@ def respond(query: Query, row: tuple, base_url: str = "") -> dict:
         elements["00201206"] = _int_element(n_series)
         elements["00201208"] = _int_element(n_instances)
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
-        url = f"{base_url}/studies/{study_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}"
     elif query.level == SERIES:
         study_uid, series_uid, study_attrs, series_attrs, n_instances = row
         elements = {**json.loads(study_attrs), **json.loads(series_attrs)}
         elements["00201209"] = _int_element(n_instances)
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
         elements["0020000E"] = {"vr": "UI", "Value": [series_uid]}
-        url = f"{base_url}/studies/{study_uid}/series/{series_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}/series/{uid_url(series_uid)}"
     else:
         study_uid, series_uid, sop_uid, study_attrs, series_attrs, *columns, metadata = row
         elements = {**json.loads(study_attrs), **json.loads(series_attrs)}
@@ -634,7 +651,7 @@ def respond(query: Query, row: tuple, base_url: str = "") -> dict:
         elements["0020000D"] = {"vr": "UI", "Value": [study_uid]}
         elements["0020000E"] = {"vr": "UI", "Value": [series_uid]}
         elements["00080018"] = {"vr": "UI", "Value": [sop_uid]}
-        url = f"{base_url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+        url = f"{base_url}/studies/{uid_url(study_uid)}/series/{uid_url(series_uid)}/instances/{uid_url(sop_uid)}"
     if base_url:
         elements["00081190"] = {"vr": "UR", "Value": [url]}
     selected = _select(query, query.level, elements)

@@ -21,7 +21,7 @@ from shared.contract import subjects as s
 
 SCHEMA_VERSION = 1
 
-StreamRole = Literal["instances", "events", "forward", "dlq"]
+StreamRole = Literal["instances", "events", "forward", "dlq", "audit"]
 
 
 def utcnow() -> datetime:
@@ -89,7 +89,8 @@ class InstanceReceived(Event):
         f"by the ingest before it answers the modality; stored partitioned as {s.PART_PREFIX}.{{partition}}.{{study}}"
         ".{sop}. Nats-Msg-Id = in:<tenant>:<SOPInstanceUID>:<digest prefix>:<receipt>: every receipt of an instance "
         "is an event (the consumers tell a resend from a new version), a retried publish of one receipt is one. "
-        "UIDs appear in subjects with '.' replaced by '_'."),)
+        "UIDs appear in subjects with '.' replaced by '_' (and any character other than a letter or digit as '-' "
+        "and its two hex digits)."),)
     tags: InstanceTags
     transfer_syntax_uid: str
     digest: str = Field(description="blake3 hex digest of the data set bytes as received (no file meta)")
@@ -308,6 +309,84 @@ class ForwardFailed(Event):
         return f"failed:{self.target}:{self.sop_uid}:{self.job_sequence}"
 
 
+AuditEventKind = Literal["association", "query", "retrieve", "retrieved", "export", "deletion", "dlq-replay",
+                         "authentication", "application-start", "configuration-change"]
+"""What an audit record is about; each maps to a PS3.15 A.5.3 event (:mod:`shared.audit.message` has the codes)."""
+
+AuditOutcome = Literal["success", "minor-failure", "serious-failure", "major-failure"]
+"""EventOutcomeIndicator 0, 4, 8 and 12 of PS3.15 A.5.1 (RFC 3881), as words for subjects and filters."""
+
+AuditRole = Literal["source", "destination", "destination-media", "application", "other"]
+"""RoleIDCode of an active participant (PS3.15 A.5.2: 110153 Source, 110152 Destination, 110155 Destination
+Media, 110150 Application); ``other``: none."""
+
+
+class AuditParticipant(BaseModel):
+    """ActiveParticipant: who took part (a modality's AE, an HTTP caller, an operator, this application)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    user_id: str = Field(description="AE title, API key's tenant, OS user, a folder (export) or the process")
+    alternative_user_id: str = Field("", description="e.g. AETITLES=<ae> for DICOM peers, or the process id")
+    user_name: str = Field("", description="a person's or system's name where known (a JWT's subject)")
+    requestor: bool = Field(description="UserIsRequestor: this participant asked for the action")
+    host: str = Field("", description="NetworkAccessPointID: IP address or host name (empty: none)")
+    role: AuditRole = "other"
+
+
+class AuditStudy(BaseModel):
+    """ParticipantObjectIdentification of one study: its UID and the SOP classes and instances concerned."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    study_uid: str
+    sop_classes: dict[str, int] = Field(default_factory=dict, description="SOP Class UID -> number of instances")
+    patient_id: str = ""
+
+
+class AuditQuery(BaseModel):
+    """ParticipantObjectIdentification of a query: the SOP class (or QIDO level) and the query itself."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    sop_class_uid: str = Field(description="C-FIND SOP Class UID; for QIDO-RS the resource searched")
+    query: str = Field(description="the query as sent (a C-FIND identifier's keys, a QIDO-RS query string)")
+    transfer_syntax_uid: str = ""
+
+
+class AuditRecord(Event):
+    """``dicom.audit.<kind>.<outcome>``: one audited action, the fields of a PS3.15 A.5.1 AuditMessage.
+
+    Rendered as the DICOM audit message XML by :func:`shared.audit.message.audit_message` (and sent as
+    such to a syslog audit repository); kept in the ``DICOM_AUDIT`` stream for ``audit.max_age_days``.
+    """
+
+    channels = (Channel("audit", f"{s.AUDIT_PREFIX}.{{kind}}.{{outcome}}", "audit",
+                        "One audited action (PS3.15 A.5 audit message fields): an association's stores, a query, "
+                        "a retrieval, an export, a deletion, a DLQ replay, an authentication failure, a service "
+                        "start with its configuration digest, a configuration reloaded. kind is one of association, query, "
+                        "retrieve, export, deletion, dlq-replay, authentication, application-start, "
+                        "configuration-change; outcome one of success, "
+                        "minor-failure, serious-failure, major-failure. Nats-Msg-Id = audit:<audit_id>."),)
+    audit_id: str = Field(description="unique id of this record (a uuid4, hex)")
+    kind: AuditEventKind
+    action: Literal["C", "R", "U", "D", "E"] = Field(description="EventActionCode: create, read, update, delete, execute")
+    outcome: AuditOutcome
+    outcome_description: str = Field("", description="why it failed (EventOutcomeDescription)")
+    event_time: datetime = Field(description="when the action ended (an association: its end)")
+    started_at: datetime | None = Field(None, description="when it began (an association's A-ASSOCIATE-AC)")
+    source_id: str = Field("", description="AuditSourceID: the dicomflow service and host that saw the action")
+    participants: list[AuditParticipant] = Field(default_factory=list)
+    studies: list[AuditStudy] = Field(default_factory=list)
+    query: AuditQuery | None = None
+    detail: dict[str, str] = Field(default_factory=dict, description="ParticipantObjectDetail-like facts: counts, "
+                                   "reasons, a configuration digest, a replay's target")
+    tenant: str = ""
+
+    def subject(self) -> str:
+        return s.audit(self.kind, self.outcome)
+
+    def msg_id(self) -> str:
+        return f"audit:{self.audit_id}"
+
+
 #: Every published event model, in the order the AsyncAPI document lists them.
 EVENT_MODELS: tuple[type[Event], ...] = (InstanceReceived, InstanceStored, InstanceRejected, StudyComplete,
-                                         StudyRouted, ForwardFailed, ForwardJob, DeadLetter)
+                                         StudyRouted, ForwardFailed, ForwardJob, DeadLetter, AuditRecord)

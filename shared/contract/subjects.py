@@ -1,7 +1,8 @@
 """Every NATS subject, stream and KV bucket dicomflow uses, in one place.
 
-UIDs travel as subject tokens with ``.`` replaced by ``_`` (:func:`shared.contract.uids.uid_token`),
-after validation, so no UID can inject a wildcard or an extra token. Target names are
+UIDs travel as subject tokens with ``.`` replaced by ``_`` and any other character than a letter or digit
+as ``-`` and two hex digits (:func:`shared.contract.uids.uid_token`), after validation, so no UID can inject
+a wildcard or an extra token, and two UIDs never share a token. Target names are
 configuration-validated tokens (letters, digits, ``-``, ``_``). The event models of
 :mod:`shared.contract.events` build their subjects here, and the AsyncAPI document its addresses.
 """
@@ -21,9 +22,11 @@ STUDY_ROUTED_PREFIX = "dicom.study.routed"
 FORWARD_FAILED_PREFIX = "dicom.forward.failed"
 OUT_PREFIX = "router.out"
 DLQ_PREFIX = "dicom.dlq"
+AUDIT_PREFIX = "dicom.audit"
 
 OUT_STREAM = "ROUTER_OUT"
 DLQ_STREAM = "DICOM_DLQ"
+AUDIT_STREAM = "DICOM_AUDIT"
 QUARANTINE = "_quarantine"  # pseudo-target of quarantined instances in the DLQ
 
 STUDIES_BUCKET = "router-studies"
@@ -103,9 +106,20 @@ def forward_failed(target: str, study_uid: str) -> str:
     return f"{FORWARD_FAILED_PREFIX}.{target}.{uid_token(study_uid)}"
 
 
+def audit(event: str, outcome: str) -> str:
+    """Subject of an :class:`~shared.contract.events.AuditRecord`: its kind and its outcome (both fixed words)."""
+    return f"{AUDIT_PREFIX}.{event}.{outcome}"
+
+
+def audit_filter(event: str | None = None, outcome: str | None = None) -> str:
+    """Filter over the audit stream: one kind and/or one outcome of audit record, or all of them."""
+    return f"{AUDIT_PREFIX}.{event or '*'}.{outcome or '*'}"
+
+
 def stream_names(cfg: StreamConfig) -> dict[str, str]:
     """The JetStream stream of each stream role (the instance and events streams are named in the configuration)."""
-    return {"instances": cfg.name, "events": cfg.events_name, "forward": OUT_STREAM, "dlq": DLQ_STREAM}
+    return {"instances": cfg.name, "events": cfg.events_name, "forward": OUT_STREAM, "dlq": DLQ_STREAM,
+            "audit": AUDIT_STREAM}
 
 
 def stream_config(name: str, subjects: list[str], cfg: StreamConfig, max_age_days: float,
@@ -149,3 +163,8 @@ def out_stream_config(cfg: StreamConfig) -> dict:
 def dlq_stream_config(cfg: StreamConfig) -> dict:
     """The dead-letter stream: kept until replayed (deleted then) or aged out with the events."""
     return stream_config(DLQ_STREAM, [f"{DLQ_PREFIX}.>"], cfg, cfg.events_max_age_days)
+
+
+def audit_stream_config(cfg: StreamConfig, max_age_days: float) -> dict:
+    """The audit trail: every audit record, kept ``audit.max_age_days`` (years, not the events' days)."""
+    return stream_config(AUDIT_STREAM, [f"{AUDIT_PREFIX}.>"], cfg, max_age_days)

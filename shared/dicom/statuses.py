@@ -10,8 +10,8 @@ OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 # Permanent: the data set cannot be parsed (truncated, bad element lengths, bad deflate stream).
 CANNOT_UNDERSTAND = 0xC000
-# Permanent: StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID missing, empty or not a valid UID
-# (digits and dots, at most 64 characters) - e.g. one containing "../" or "*".
+# Permanent: StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID missing, empty or one no encoding makes
+# safe (shared.contract.uids: e.g. one containing "../" or "*"); with ingest.strict_uids, any not PS3.5 9.1.
 INVALID_UID = 0xC001
 # Permanent: the data set's SOPInstanceUID differs from the request's Affected SOP Instance UID.
 SOP_INSTANCE_MISMATCH = 0xC002

@@ -14,6 +14,7 @@ import zlib
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from shared.contract.events import InstanceTags
 from shared.contract.uids import InvalidUID, validate_uid
@@ -40,35 +41,43 @@ _CHARSET = 0x00080005
 _WANTED = frozenset(_TAGS.values()) | {_CHARSET}
 
 
-_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
-        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
-        b"UR", b"US", b"UT", b"UV"}
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+# The VRs an explicit-VR header may name, and those with a 4-byte length: pydicom's tables, not a copy.
+_VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+_LONG_VRS = frozenset(vr.value.encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 class _Walker:
-    """Walks element headers (and sequence items) of a whole data set without decoding values."""
+    """Walks element headers (and sequence items) of a whole data set without decoding values.
 
-    def __init__(self, raw: bytes, implicit: bool, little: bool, partial: bool):
-        self.raw, self.implicit, self.partial = raw, implicit, partial
-        self.o = "<" if little else ">"
+    As tolerant as dcmtk's storescp (and pydicom) where a real sender strays and the bytes stay
+    unambiguous: a UN element of undefined length, whose content is Implicit VR Little Endian (PS3.5
+    6.2.2, CP-246), and elements out of ascending order. A routing tag met twice is refused: which one
+    would route the instance is a guess. A data set in the other VR encoding than the negotiated
+    transfer syntax, or with implicit VR items in an explicit sequence, is refused as storescp refuses
+    it (pydicom would guess; what we store must read the same everywhere).
+    """
+
+    def __init__(self, raw: bytes, little: bool, partial: bool):
+        self.raw, self.partial = raw, partial
+        self.little = little
         self.end = len(raw)
         self.found: dict[int, bytes] = {}  # top-level routing tags met on the way: tag -> value bytes
+        self.in_order = True  # whether every level's elements came in ascending order
 
     def fail(self, msg: str) -> None:
         raise Rejection(CANNOT_UNDERSTAND, msg)
 
-    def header(self, pos: int) -> tuple[int, bytes, int, int]:
+    def header(self, pos: int, implicit: bool, o: str) -> tuple[int, bytes, int, int]:
         """(tag, vr, length, value offset) of the element at ``pos``."""
         if self.end - pos < 8:
             self.fail(f"truncated element header at offset {pos}")
-        group, elem = struct.unpack_from(self.o + "HH", self.raw, pos)
+        group, elem = struct.unpack_from(o + "HH", self.raw, pos)
         tag = group << 16 | elem
-        if self.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 4)
+        if implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(o + "L", self.raw, pos + 4)
             return tag, b"", length, pos + 8
         vr = self.raw[pos + 4: pos + 6]
         if vr not in _VRS:
@@ -76,25 +85,33 @@ class _Walker:
         if vr in _LONG_VRS:
             if self.end - pos < 12:
                 self.fail(f"truncated element header at offset {pos}")
-            (length,) = struct.unpack_from(self.o + "L", self.raw, pos + 8)
+            (length,) = struct.unpack_from(o + "L", self.raw, pos + 8)
             return tag, vr, length, pos + 12
-        (length,) = struct.unpack_from(self.o + "H", self.raw, pos + 6)
+        (length,) = struct.unpack_from(o + "H", self.raw, pos + 6)
         return tag, vr, length, pos + 8
 
-    def elements(self, pos: int, stop_at_item_end: bool, top: bool = False) -> int:
+    def elements(self, pos: int, implicit: bool, o: str, stop_at_item_end: bool, top: bool = False) -> int:
         """Walk elements from ``pos``; returns the offset after them (or after the item delimiter)."""
         last = -1
         while pos < self.end:
             if self.partial and self.end - pos < 12:
                 return self.end
-            tag, vr, length, value = self.header(pos)
+            tag, vr, length, value = self.header(pos, implicit, o)
             if tag == _ITEM_END and stop_at_item_end:
                 return value
             if tag <= last:
-                self.fail(f"elements out of order at offset {pos} ({tag:08X} after {last:08X})")
+                if tag == last or tag >> 16 == 0xFFFE:
+                    self.fail(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) at offset {pos} "
+                              + ("repeated" if tag == last else "out of place"))
+                self.in_order = False
             last = tag
+            if top and tag in _WANTED:
+                if tag in self.found:
+                    self.fail(f"routing element ({tag >> 16:04X},{tag & 0xFFFF:04X}) appears twice")
+                self.found[tag] = b""
             if length == 0xFFFFFFFF:
-                pos = self.items(value)
+                # A UN of undefined length holds an Implicit VR Little Endian sequence (PS3.5 6.2.2).
+                pos = self.items(value, True, "<") if vr == b"UN" else self.items(value, implicit, o)
                 continue
             if value + length > self.end:
                 if self.partial:
@@ -110,24 +127,56 @@ class _Walker:
             self.fail("data set ends inside a sequence item")
         return pos
 
-    def items(self, pos: int) -> int:
+    def items(self, pos: int, implicit: bool, o: str) -> int:
         """Walk the items of an undefined-length sequence or encapsulated pixel data."""
         while True:
             if self.partial and self.end - pos < 8:
                 return self.end
-            tag, _, length, value = self.header(pos)
+            tag, _, length, value = self.header(pos, implicit, o)
             if tag == _SEQ_END:
                 return value
             if tag != _ITEM:
                 self.fail(f"expected an item at offset {pos}, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
             if length == 0xFFFFFFFF:
-                pos = self.elements(value, stop_at_item_end=True)
+                pos = self.elements(value, implicit, o, stop_at_item_end=True)
             else:
                 if value + length > self.end:
                     if self.partial:
                         return self.end
                     self.fail(f"item at offset {pos} claims {length} bytes, {self.end - value} remain")
                 pos = value + length
+
+    def walk(self, implicit: bool) -> None:
+        """Walk the whole data set."""
+        self.elements(0, implicit, "<" if self.little else ">", stop_at_item_end=False, top=True)
+
+
+def file_meta_length(data: bytes | bytearray | memoryview | mmap.mmap) -> int:
+    """How many bytes of file meta information (group 0002) open a received data set; 0: none.
+
+    Some senders send a file as it is after its preamble, file meta included. The meta is always
+    Explicit VR Little Endian (PS3.10 7.1), whatever the negotiated transfer syntax, so under Implicit
+    VR it is the other encoding; dcmtk's storescp takes such a data set and stores the data set after
+    the meta, and so does the intake (the meta is no part of a data set, PS3.7 9.3.1). 0 as well when
+    the group does not walk cleanly: the data set is then judged as it came.
+    """
+    pos, end = 0, len(data)
+    while end - pos >= 8 and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        vr = bytes(data[pos + 4: pos + 6])
+        if vr not in _VRS:
+            return 0
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                return 0
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            value = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value = pos + 8
+        if length == 0xFFFFFFFF or value + length > end:
+            return 0
+        pos = value + length
+    return pos
 
 
 def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = False) -> dict[int, bytes]:
@@ -138,9 +187,25 @@ def check_structure(raw: bytes, implicit: bool, little: bool, partial: bool = Fa
     is only the head of the data set (deflated input), running off its end is not an error.
     Returns the raw values of the top-level routing tags (and Specific Character Set) it passed.
     """
-    walker = _Walker(raw, implicit, little, partial)
-    walker.elements(0, stop_at_item_end=False, top=True)
-    return walker.found
+    return _walk(raw, implicit, little, partial).found
+
+
+def _walk(raw: bytes, implicit: bool, little: bool, partial: bool) -> _Walker:
+    walker = _Walker(raw, little, partial)
+    try:
+        walker.walk(implicit)
+    except Rejection as rej:
+        raise Rejection(rej.status, _encoding_hint(raw, implicit) + rej.reason) from None
+    return walker
+
+
+def _encoding_hint(raw: bytes, implicit: bool) -> str:
+    """Why a data set does not walk, where its first element shows the other VR encoding (the sender's error)."""
+    if len(raw) < 6 or (bytes(raw[4:6]) in _VRS) != implicit:
+        return ""
+    # short: the start of an Error Comment (64 characters) must say it
+    return ("Explicit VR data set on an Implicit VR context: " if implicit
+            else "Implicit VR data set on an Explicit VR context: ")
 
 
 def _ascii_values(found: dict[int, bytes]) -> dict[str, str] | None:
@@ -185,8 +250,12 @@ def _int(text: str) -> int | None:
         return None
 
 
-def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> InstanceTags:
-    """The routing tags of a data set encoded in ``transfer_syntax`` (no file meta)."""
+def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str, strict_uids: bool = False) -> InstanceTags:
+    """The routing tags of a data set encoded in ``transfer_syntax`` (no file meta).
+
+    ``strict_uids``: refuse UIDs that break PS3.5 9.1 (0xC001); otherwise only those no encoding makes
+    safe (:func:`~shared.contract.uids.validate_uid`).
+    """
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     try:
@@ -199,10 +268,12 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
             raw = data if isinstance(data, (bytes, mmap.mmap)) else bytes(data)
         if not raw:
             raise Rejection(CANNOT_UNDERSTAND, "empty data set")
-        found = check_structure(raw, implicit, little, partial)
-        texts = None if partial else _ascii_values(found)
+        walked = _walk(raw, implicit, little, partial)
+        texts = None if partial else _ascii_values(walked.found)
         if texts is None:
-            ds = read_dataset(io.BytesIO(raw), implicit, little, stop_when=_stop, specific_tags=_SPECIFIC)
+            # pydicom stops after the routing tags only where the elements come in order
+            ds = read_dataset(io.BytesIO(raw), implicit, little,
+                              stop_when=_stop if walked.in_order else None, specific_tags=_SPECIFIC)
             texts = {k: _text(ds, k) for k in _TAGS}
         values = {k: v for k, v in texts.items() if k not in ("series_number", "instance_number")}
     except Rejection:
@@ -212,7 +283,7 @@ def read_tags(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Ins
     try:
         for key, name in (("study_uid", "StudyInstanceUID"), ("series_uid", "SeriesInstanceUID"),
                           ("sop_uid", "SOPInstanceUID")):
-            values[key] = validate_uid(values[key] or None, name)
+            values[key] = validate_uid(values[key] or None, name, strict=strict_uids)
     except InvalidUID as exc:
         raise Rejection(INVALID_UID, str(exc)) from exc
     return InstanceTags(**values, series_number=_int(texts["series_number"]),

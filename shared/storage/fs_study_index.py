@@ -21,7 +21,7 @@ from pathlib import Path
 from shared.storage.fs_wal import fsync_dir
 
 _HEAD = struct.Struct(">II")  # key length, value length; then key, value, CRC-32 of both
-_NAME = re.compile(r"^[0-9A-Za-z._-]{1,200}$")
+_NAME = re.compile(r"^[0-9A-Za-z._-]{1,255}$")  # NAME_MAX; a study index name is a prefix and uid_name's 200 at most
 
 
 def _checked(oid: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from shared.contract.uids import name_uid, uid_name
+
 XATTR_PREFIX = "dicomflow."
 LAYOUT_WHOLE = "whole"
 LAYOUT_CHUNKED = "chunked"
@@ -80,4 +82,9 @@ def xattrs_for(digest: str, size: int, layout: str, meta: dict[str, str] | None)
 
 def study_index_name(study_uid: str) -> str:
     """The RADOS object whose omap lists one study's instances (SOPInstanceUID -> entry)."""
-    return f"{STUDY_INDEX_PREFIX}{study_uid}"
+    return f"{STUDY_INDEX_PREFIX}{uid_name(study_uid)}"
+
+
+def study_of_index(name: str) -> str:
+    """The StudyInstanceUID of an index object named by :func:`study_index_name`."""
+    return name_uid(name[len(STUDY_INDEX_PREFIX):])

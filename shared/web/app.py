@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from opentelemetry import trace
 
+from shared.audit import trail as audit
+from shared.audit.records import authentication_failed
 from shared.config import Config
 from shared.telemetry import extract_context
 
@@ -79,6 +81,7 @@ async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
     try:
         request[PRINCIPAL] = await request.app[AUTHENTICATOR].principal(request.headers)
     except Unauthorized as exc:
+        audit.emit(authentication_failed("", request.remote or "", str(exc), "HTTP"))
         return error(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="dicomflow"'})
     return await handler(request)
 

@@ -19,9 +19,11 @@ import socket
 
 from aiohttp import web
 
+from shared.audit import trail as audit
 from shared.config import Config
 from shared.lifecycle import stop_on_signals
 from shared.telemetry import setup_tracing, start_metrics
+from shared.tls import server_context
 
 from .app import Mount, make_app
 
@@ -37,16 +39,19 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
     """
     setup_tracing("web", config.telemetry)
     start_metrics(config.telemetry, metrics_port)
+    audit.install(config, "web")
     app = make_app(config, mounts)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.web.drain_s)
     await runner.setup()
+    # HTTPS where a certificate is configured (the handshake in the event loop, never blocking other requests)
+    tls = server_context(config.web.tls_cert, config.web.tls_key) if config.web.tls_cert else None
     if listen_fd is not None:
         sock = socket.socket(fileno=listen_fd)
         sock.setblocking(False)
-        site: web.BaseSite = web.SockSite(runner, sock)
+        site: web.BaseSite = web.SockSite(runner, sock, ssl_context=tls)
     else:
         site = web.TCPSite(runner, config.web.host, config.web.port if port is None else port, backlog=1024,
-                           reuse_address=True)
+                           reuse_address=True, ssl_context=tls)
     await site.start()
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
@@ -55,12 +60,13 @@ async def serve(config: Config, mounts: list[Mount], port: int | None = None, me
                     "access.anonymous_tenant: null where the network reaches it", config.web.host,
                     config.access.anonymous_tenant)
     host, bound = site._server.sockets[0].getsockname()[:2]
-    log.info("DICOMweb on http://%s:%d%s%s", host, bound, config.web.path_prefix,
+    log.info("DICOMweb on %s://%s:%d%s%s", "https" if tls else "http", host, bound, config.web.path_prefix,
              " (inherited socket)" if listen_fd is not None else "")
     if ready is not None:
         ready.set()
     await stop.wait()
     await drain(runner, config.web.drain_s)
+    await asyncio.to_thread(audit.close, 2)
     log.info("DICOMweb stopped")
 
 

@@ -7,6 +7,7 @@ the file's own transfer syntax, so nothing is transcoded), is 3-4x faster, and a
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -14,12 +15,27 @@ import tempfile
 from pathlib import Path
 
 from shared.config import DicomTargetConfig
-from shared.contract.uids import validate_uid
+from shared.contract.uids import uid_name, validate_uid
 from shared.dicom.part10 import part10
 
 from .base import Batch, SendError, Target
 
 PROGRAM = "storescu"
+
+log = logging.getLogger("dicomflow.router.targets")
+
+
+# Where the system keeps its trusted CAs (Debian's ca-certificates): the peer is verified against them when
+# the target names no CA of its own.
+SYSTEM_CA_DIR = "/etc/ssl/certs"
+
+
+def _peer_verification(target: DicomTargetConfig) -> list[str]:
+    """storescu's options for the peer's certificate: verified by default (dcmtk requires it once a CA is
+    given), against the target's CA or the system's; ``-ic`` only where the configuration opts out."""
+    if not target.tls_verify:
+        return ["-ic"]
+    return ["+cf", target.tls_ca] if target.tls_ca else ["+cd", SYSTEM_CA_DIR]
 
 
 class DicomTarget(Target[DicomTargetConfig]):
@@ -33,14 +49,14 @@ class DicomTarget(Target[DicomTargetConfig]):
             files = []
             for i, (job, data) in enumerate(batch):
                 # Numbered: two versions of one instance in a batch (A, B, A) are two files, sent in order.
-                path = Path(tmp) / f"{i:05d}-{validate_uid(job.sop_uid, 'SOPInstanceUID')}.dcm"
+                path = Path(tmp) / f"{i:05d}-{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
                 path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
                 files.append(str(path))
             t = str(max(1, int(target.timeout_s)))
             argv = [PROGRAM, "-R", "-aet", self.calling_ae, "-aec", target.ae_title, "-to", t, "-ta", t, "-td", t]
             if target.tls:
                 argv += ["+tls", target.tls_key, target.tls_cert] if target.tls_cert else ["+tla"]
-                argv += ["+cf", target.tls_ca] if target.tls_ca else ["-ic"]
+                argv += _peer_verification(target)
             argv += [target.host, str(target.port), *files]
             try:
                 res = subprocess.run(argv, capture_output=True, text=True, timeout=target.timeout_s + 30,
@@ -54,10 +70,17 @@ class DicomTarget(Target[DicomTargetConfig]):
             if res.returncode != 0 or errors:
                 raise SendError(f"{PROGRAM} exit {res.returncode}: {' | '.join(errors)[:400]}")
 
+    def check(self) -> str | None:
+        problem = self._check_program()
+        if problem is None and self.config.tls and not self.config.tls_verify:
+            log.warning("DICOM target %s:%d: TLS without verifying its certificate (tls_verify: false)",
+                        self.config.host, self.config.port)
+        return problem
+
     def probe_address(self) -> tuple[str, int]:
         return self.config.host, self.config.port
 
-    def check(self) -> str | None:
+    def _check_program(self) -> str | None:
         program = shutil.which(PROGRAM)
         if program is None:
             return f"needs dcmtk's {PROGRAM}, which is not on PATH ({os.environ.get('PATH', '')})"

@@ -36,6 +36,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
 from shared.storage.reading import CHUNK, Unavailable
 from shared.web.answers import PRINCIPAL, base_url, error, in_thread, path_uid
+from shared.web.audit import audit_retrieval
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
@@ -261,6 +262,8 @@ class Source:
 async def _instance(request: web.Request) -> dict | web.Response:
     study, series, sop = path_uid(request, "study"), path_uid(request, "series"), path_uid(request, "instance")
     rows = await in_thread(request, request.app[CATALOGUE].instances, request[PRINCIPAL].scope, study, series, sop)
+    if rows:
+        audit_retrieval(request, rows[:1], "WADO-RS bulkdata" if "/bulkdata" in request.path else "WADO-RS frames")
     return rows[0] if rows else error(404, "no such instance")
 
 

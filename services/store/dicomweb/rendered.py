@@ -19,6 +19,7 @@ from shared.contract.uids import InvalidUID, validate_uid
 from shared.storage.objectstore import Backends, CorruptObject, ObjectMissing
 from shared.storage.reading import Unavailable
 from shared.web.answers import CONFIG, EXECUTOR, PRINCIPAL, error, in_thread, path_uid, warning
+from shared.web.audit import audit_retrieval
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
@@ -71,6 +72,7 @@ def is_image(row: dict) -> bool:
 
 async def _answer_one(request: web.Request, row: dict, frame: int, params: RenderParams) -> web.StreamResponse:
     """One instance's frame as one image, or the error that stopped it."""
+    audit_retrieval(request, [row], "WADO-URI" if request.path.endswith("/wado") else "WADO-RS rendered")
     frames = int(row.get("number_of_frames") or 1)
     if frame > frames and is_image(row):
         return error(404, f"no frame {frame}: the instance has {frames}")
@@ -268,6 +270,7 @@ async def _wado_uri_file(request: web.Request, row: dict, asked: str | None) -> 
     """The instance as a Part-10 file: in ``transferSyntax`` when given (406 when it cannot be met), else Explicit
     VR Little Endian when the stored syntax transcodes to it (the default of PS3.18 chapter 9), else as stored
     (a compressed object: it is not decompressed here)."""
+    audit_retrieval(request, [row], "WADO-URI")
     stored = row["transfer_syntax_uid"]
     if asked:
         if asked != AS_STORED:

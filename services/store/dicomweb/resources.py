@@ -14,9 +14,12 @@ import logging
 
 from aiohttp import web
 
+from shared.audit import records as audit_records
+from shared.audit import trail as audit
 from shared.catalogue.open import open_catalogue
 from shared.catalogue.query import INSTANCE, SERIES, STUDY, QueryError, parse_qido
 from shared.config import Config
+from shared.contract.uids import uid_url
 from shared.storage.objectstore import Backends
 from shared.telemetry import add_health_check
 from shared.web.answers import (
@@ -31,6 +34,7 @@ from shared.web.answers import (
     warning,
 )
 from shared.web.app import Mount
+from shared.web.audit import requestor
 
 from . import metrics
 from .frames import bulkdata_handler, frames_handler
@@ -64,6 +68,8 @@ def _search_handler(level: str):
                 headers["Warning"] = warning(f"The number of results exceeded the maximum supported by the server"
                                               f" ({cfg.max_results}). Additional results can be requested.")
         metrics.results.labels(level=level).inc(len(found))
+        audit.emit(audit_records.query(requestor(request), "DICOMweb", f"QIDO-RS {level}", request.query_string,
+                                       "", 0, tenant=principal.tenant or ""))
         return web.json_response(found, content_type=DICOM_JSON, headers=headers,
                                  dumps=_dumps)
     return handle
@@ -91,7 +97,8 @@ def _metadata_handler(scope: str):
         base = base_url(request)
         parts = []
         for series, sop, _, _, text in rows:
-            prefix = f'"BulkDataURI":"{base}/studies/{study_uid}/series/{series}/instances/{sop}/'
+            prefix = (f'"BulkDataURI":"{base}/studies/{uid_url(study_uid)}/series/{uid_url(series)}'
+                      f'/instances/{uid_url(sop)}/')
             parts.append(text.replace('"BulkDataURI":"', prefix))
         body = ("[" + ",".join(parts) + "]").encode()
         return web.Response(body=body, content_type=DICOM_JSON, headers={"ETag": etag})

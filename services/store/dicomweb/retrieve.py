@@ -25,6 +25,7 @@ from shared.dicom.part10 import part10
 from shared.storage.objectstore import Backends, CorruptObject, ObjectStore
 from shared.storage.reading import Unavailable, locate, open_verified
 from shared.web.answers import EXECUTOR, PRINCIPAL, error, path_uid
+from shared.web.audit import audit_retrieval
 
 from . import metrics
 from .keys import BACKENDS, CATALOGUE
@@ -143,6 +144,7 @@ def retrieve_handler(level: str):
             stored = sorted({r["transfer_syntax_uid"] for r in rows})
             return error(406, f"cannot answer in the transfer syntax asked for: stored as {', '.join(stored)}; "
                                f"ask for transfer-syntax=* to get it as stored")
+        audit_retrieval(request, rows, "WADO-RS")
         return await _stream(request, rows, choice, request.app[BACKENDS], executor)
     return handle
 

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of the parsers that take bytes or text from the network."""

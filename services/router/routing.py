@@ -131,7 +131,8 @@ class Router:
         for rule in matched:
             metrics.actions.labels(rule.name, rule.action).inc()
         recent = self.config.router.recent_instances
-        verdict = await self.verdict(event, seq, recent)
+        state, rev = await self.book.get(t.study_uid)
+        verdict = await self.verdict(event, seq, state, recent)
         span.set_attribute("router.verdict", verdict)
         if verdict == "duplicate":  # a resend of the version held: nothing to forward, nothing re-opens
             metrics.instances.labels("duplicate").inc()
@@ -145,17 +146,17 @@ class Router:
             await self.quarantine(rule_name, event)
         now = time.time()
         before, after = await self.book.update(t.study_uid,
-                                               lambda st: record_instance(st, plan, now, routed, recent)[0])
+                                               lambda st: record_instance(st, plan, now, routed, recent)[0],
+                                               read=(state, rev))
         metrics.instances.labels("new" if after is not None else "duplicate").inc()
         for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
             await self.announce_routed(t.study_uid, target, group, rule_name)
 
-    async def verdict(self, event: InstanceReceived, seq: int, recent: int) -> str:
+    async def verdict(self, event: InstanceReceived, seq: int, state: StudyState | None, recent: int) -> str:
         """Whether the event brings a new instance ("new"), another version of one ("replaces"), or the bytes
-        the study holds for it again ("duplicate"): the study's memory of ``recent`` instances first, the
-        instance's earlier events in the stream where that cannot tell."""
+        the study holds for it again ("duplicate"): the study's memory (``state``, of ``recent`` instances)
+        first, the instance's earlier events in the stream where that cannot tell."""
         t = event.tags
-        state, _ = await self.book.get(t.study_uid)
         verdict, source = recent_verdict(state, t.sop_uid, event.digest, recent), "memory"
         if verdict == "unknown":
             digests = await earlier_digests(self.nc, self.config.stream.name, self.config.stream.partitions,

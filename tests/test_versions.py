@@ -367,3 +367,32 @@ def test_a_completed_study_bigger_than_the_router_memory_resent_late_then_change
     assert len(gw.receptions()) == 7
     assert events_on(url, f"dicom.stored.{token}.>") == 7
     assert events_on(url, f"dicom.study.updated.{token}") == 1
+
+
+def test_stow_rs_a_then_b_then_a_again_is_served_as_a(tmp_path, nats_server, stack_factory):
+    """The same over STOW-RS (one request each, within the duplicate window): WADO-RS serves A, and each send
+    was a version stored, the last one naming B as what it replaced."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from dicomflow.natsserver import free_port
+    from shared.tenancy import api_key_hash
+    from tests.test_dicomweb_wado import data_set_of
+    from tests.test_stow import KEY_A, part10_file, post
+
+    stack = stack_factory(nats_server.url, web={"port": free_port()},
+                          access={"default_tenant": None, "anonymous_tenant": None,
+                                  "tenants": {"a": {"api_keys_sha256": [api_key_hash(KEY_A)]}}})
+    url = f"http://127.0.0.1:{stack.tree['web']['port']}/dicom-web"
+    uid, files = make_studies(tmp_path / "s", 1, 1).popitem()
+    version_a = dcmread(files[0])
+    version_b = dcmread(files[0])
+    version_b.ImageComments = "version B"
+    for ds in (version_a, version_b, version_a):
+        assert post(f"{url}/studies", [part10_file(ds)]).status_code == 200
+    token = uid_token(uid)
+    wait_for(lambda: events_on(nats_server.url, f"dicom.stored.{token}.>") == 3, 30, what="three stored events")
+    last = last_event(nats_server.url, f"dicom.stored.{token}.>")
+    assert last["digest"] == blake3.blake3(encode(version_a)).hexdigest()
+    assert last["replaced_digest"] == blake3.blake3(encode(version_b)).hexdigest()
+    [served] = DICOMwebClient(url, headers={"X-API-Key": KEY_A}).retrieve_study(uid)
+    assert data_set_of(served) == encode(version_a)

@@ -396,3 +396,58 @@ def test_stow_rs_a_then_b_then_a_again_is_served_as_a(tmp_path, nats_server, sta
     assert last["replaced_digest"] == blake3.blake3(encode(version_b)).hexdigest()
     [served] = DICOMwebClient(url, headers={"X-API-Key": KEY_A}).retrieve_study(uid)
     assert data_set_of(served) == encode(version_a)
+
+
+def _forget_study(url: str, study_uid: str) -> None:
+    """Purge the router's KV state of a study, as its expiry would."""
+    from shared.contract import subjects
+
+    async def go() -> None:
+        nc = await nats.connect(url)
+        try:
+            kv = await nc.jetstream().key_value(subjects.STUDIES_BUCKET)
+            await kv.purge(uid_token(study_uid))
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def test_router_killed_and_the_study_state_gone_a_late_resend_forwards_and_completes_nothing(tmp_path, nats_server):
+    """kill -9 of the router after the study completed, its KV state purged (as if expired), a new router, then
+    the study resent after the duplicate window: the new router finds every instance's earlier event in the
+    stream, so nothing is forwarded again and no new state, completion or update appears."""
+    from tests.router_harness import Cluster, study_state
+
+    gw = CountingGateway(tmp_path, "GW").start()
+    cluster = Cluster(tmp_path, nats_server.url, {"targets": {"GW": gw.target()}}, FORWARD_ALL)
+    cluster.tree["stream"]["duplicate_window_s"] = 1
+    cluster.write()
+    url = nats_server.url
+    try:
+        cluster.start_ingest()
+        router = cluster.start_router()
+        uid, files = make_studies(tmp_path / "s", 1, 5).popitem()
+        token = uid_token(uid)
+        cluster.send([files[0].parent])
+        wait_for(lambda: len(gw.receptions()) == 5, 60, interval=0.2, what="the study forwarded")
+        wait_for(lambda: events_on(url, f"dicom.study.complete.{token}") == 1, 60, what="study.complete")
+        cluster.kill(router)
+        _forget_study(url, uid)
+        assert study_state(url, uid) is None
+        cluster.start_router()
+        time.sleep(1.5)  # past the duplicate window
+        cluster.send([files[0].parent])
+        wait_for(lambda: events_on(url, "dicom.part.>", stream="DICOM") == 10, 30, what="the resend's 5 events")
+        wait_for(lambda: _drained(url), 60, what="the new router to handle the resend")
+        time.sleep(2.5)  # a completion scan (quiet 1.5 s) would have announced a new state by now
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        gw.kill()
+    assert len(gw.receptions()) == 5, "a resent instance was forwarded again"
+    assert study_state(url, uid) is None, "the resend started the study again"
+    assert events_on(url, f"dicom.study.complete.{token}") == 1
+    assert events_on(url, f"dicom.study.updated.{token}") == 0

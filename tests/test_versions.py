@@ -72,6 +72,16 @@ def test_router_memory_tells_a_resend_from_a_new_version():
     assert recent_verdict(st, "1.2.3", "aaaa1111") == "replaces"  # A again after B: a change, forwarded
 
 
+def test_two_tenants_instances_with_one_uid_are_not_versions_of_one_another():
+    policy = CompletionConfig()
+    st, _ = record_arrival(None, Arrival("1.2", "1.2.1", "1.2.3", "aaaa1111", 1, tenant="a"), 0.0, policy, False)
+    assert recent_verdict(st, "1.2.3", "aaaa1111", tenant="a") == "duplicate"
+    assert recent_verdict(st, "1.2.3", "aaaa1111", tenant="b") == "new"  # forwarded for b too
+    assert recent_verdict(st, "1.2.3", "bbbb2222", tenant="b") == "new"
+    st, _ = record_arrival(st, Arrival("1.2", "1.2.1", "1.2.3", "aaaa1111", 2, tenant="b"), 1.0, policy, False)
+    assert st.count == 2 and len(st.recent) == 2
+
+
 def test_router_memory_defers_to_the_stream_where_it_cannot_tell():
     assert recent_verdict(None, "1.2.3", "aaaa") == "unknown"  # no state: expired, or the first of a study
     closed = StudyState(study_uid="1.2", gen=1, completed_gen=1, count=1)
@@ -451,3 +461,28 @@ def test_router_killed_and_the_study_state_gone_a_late_resend_forwards_and_compl
     assert study_state(url, uid) is None, "the resend started the study again"
     assert events_on(url, f"dicom.study.complete.{token}") == 1
     assert events_on(url, f"dicom.study.updated.{token}") == 0
+
+
+def test_two_tenants_send_one_study_each_copy_is_stored_and_forwarded(tmp_path, nats_server, stack_factory):
+    """The same UIDs and bytes from two tenants' AEs are two instances to the store and the router, not a
+    resend: each is catalogued in its tenant and forwarded."""
+    gw = CountingGateway(tmp_path, "GW").start()
+    try:
+        (tmp_path / "rules.yaml").write_text(FORWARD_ALL)
+        stack = stack_factory(nats_server.url, stream={"duplicate_window_s": 1},
+                              access={"default_tenant": None, "anonymous_tenant": None,
+                                      "tenants": {"a": {"aes": ["MOD_A"]}, "b": {"aes": ["MOD_B"]}}},
+                              # a memory of 1: the router tells most of them apart by the stream
+                              router={"rules_file": str(tmp_path / "rules.yaml"), "targets": {"GW": gw.target()},
+                                      "completion": {"quiet_s": 1.5}, "scan_interval_s": 0.2, "recent_instances": 1})
+        uid, files = make_studies(tmp_path / "s", 1, 3).popitem()
+        assert stack.storescu(files[0].parent, calling_ae="MOD_A").returncode == 0
+        wait_for(lambda: len(gw.receptions()) == 3, 60, interval=0.2, what="tenant a's study forwarded")
+        time.sleep(1.5)  # past the duplicate window: only the tenant tells the second send from a resend
+        assert stack.storescu(files[0].parent, calling_ae="MOD_B").returncode == 0
+        wait_for(lambda: len(gw.receptions()) == 6, 60, interval=0.2, what="tenant b's study forwarded too")
+        wait_for(lambda: events_on(nats_server.url, f"dicom.stored.{uid_token(uid)}.>") == 6, 30,
+                 what="six stored events")
+        assert sorted(s["tenant"] for s in stack.studies() if s["study_uid"] == uid) == ["a", "b"]
+    finally:
+        gw.kill()

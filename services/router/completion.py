@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import blake3
+from blake3 import blake3
 from pydantic import BaseModel, Field
 
 from shared.config import CompletionConfig
@@ -73,6 +73,7 @@ class Arrival:
     calling_ae: str = ""
     institution_name: str = ""
     replaces: bool = False  # another version of this SOP instance arrived before (found in the stream)
+    tenant: str = ""  # two tenants' instances with one UID are two instances, never versions of one
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,24 @@ RECENT = 512  # the default of router.recent_instances: 512 keys are ~10 KiB of 
 _SOP_KEY = 8  # hex characters of an instance key that name the SOP instance; the other 8 name its bytes
 
 
-def instance_key(sop_uid: str, digest: str) -> str:
-    """The short, fixed-size memory of one version of an instance: 8 hex characters of its SOP Instance UID's
-    hash, then 8 of its bytes' (so another version of the same instance is recognised as one, and two
-    versions are taken for one another once in 4 billion)."""
-    return blake3.blake3(sop_uid.encode()).hexdigest()[:_SOP_KEY] + digest[:8]
+def instance_key(sop_uid: str, digest: str, tenant: str = "") -> str:
+    """The short, fixed-size memory of one version of an instance: 8 hex characters of the hash of its tenant
+    and SOP Instance UID, then 8 of its bytes' (so another version of the same instance is recognised as
+    one, and two versions are taken for one another once in 4 billion)."""
+    return blake3(f"{tenant}\0{sop_uid}".encode()).hexdigest()[:_SOP_KEY] + digest[:8]
 
 
 Verdict = str  # "duplicate" (the version held, again), "new", "replaces" (another version), "unknown"
 
 
-def recent_verdict(state: StudyState | None, sop_uid: str, digest: str, recent: int = RECENT) -> Verdict:
+def recent_verdict(state: StudyState | None, sop_uid: str, digest: str, recent: int = RECENT,
+                   tenant: str = "") -> Verdict:
     """What the study's recent memory (of ``recent`` instances) says of an arrival: "unknown" where it cannot
     tell a new instance from one received before it remembers (a study of ``recent`` instances or more, a
     completed one, or none in KV: expired, or never seen), and the shell must look at the instance's
     earlier events."""
     if state is not None:
-        key = instance_key(sop_uid, digest)
+        key = instance_key(sop_uid, digest, tenant)
         if key in state.recent:
             return "duplicate"
         if any(k.startswith(key[:_SOP_KEY]) for k in state.recent):
@@ -134,7 +136,7 @@ def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: Com
     """
     st = state.model_copy(deep=True) if state is not None else StudyState(study_uid=a.study_uid, first_arrival=now,
                                                                            gen_started=now, policy=policy)
-    key = instance_key(a.sop_uid, a.digest)
+    key = instance_key(a.sop_uid, a.digest, a.tenant)
     if key in st.recent:
         return st, False
     if not st.is_open:

@@ -39,14 +39,15 @@ async def study_events(nc: NATS, stream: str, partitions: int, study_uid: str,
 
 
 async def earlier_digests(nc: NATS, stream: str, partitions: int, study_uid: str, sop_uid: str,
-                          before_seq: int) -> list[str]:
-    """The digests of the instance's events stored before ``before_seq``, oldest first (usually none: one
-    stream lookup by the subject index)."""
+                          before_seq: int, tenant: str = "") -> list[str]:
+    """The digests of the instance's events of ``tenant`` stored before ``before_seq``, oldest first (usually
+    none: one stream lookup by the subject index)."""
     out = []
     async for seq, event in _events(nc, stream, instance_filter(study_uid, sop_uid, partitions), 0):
         if seq >= before_seq:
             break
-        out.append(event.digest)
+        if event.tenant == tenant:
+            out.append(event.digest)
     return out
 
 

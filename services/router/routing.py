@@ -157,10 +157,10 @@ class Router:
         the study holds for it again ("duplicate"): the study's memory (``state``, of ``recent`` instances)
         first, the instance's earlier events in the stream where that cannot tell."""
         t = event.tags
-        verdict, source = recent_verdict(state, t.sop_uid, event.digest, recent), "memory"
+        verdict, source = recent_verdict(state, t.sop_uid, event.digest, recent, event.tenant), "memory"
         if verdict == "unknown":
             digests = await earlier_digests(self.nc, self.config.stream.name, self.config.stream.partitions,
-                                            t.study_uid, t.sop_uid, seq) if seq else []
+                                            t.study_uid, t.sop_uid, seq, event.tenant) if seq else []
             verdict, source = verdict_from_history(digests, event.digest), "stream"
         metrics.verdicts.labels(verdict, source).inc()
         return verdict

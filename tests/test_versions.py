@@ -87,6 +87,8 @@ def test_router_memory_defers_to_the_stream_where_it_cannot_tell():
     closed = StudyState(study_uid="1.2", gen=1, completed_gen=1, count=1)
     assert recent_verdict(closed, "1.2.3", "aaaa") == "unknown"
     big = StudyState(study_uid="1.2", count=RECENT)
+    before_versions = StudyState(study_uid="1.2", count=1, recent=["0123456789ab"])  # a key of the old format
+    assert recent_verdict(before_versions, "1.2.3", "aaaa") == "unknown"
     assert recent_verdict(big, "1.2.3", "aaaa") == "unknown"
     small = StudyState(study_uid="1.2", count=3)
     assert recent_verdict(small, "1.2.3", "aaaa", recent=3) == "unknown"  # router.recent_instances: 3

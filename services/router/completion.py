@@ -89,13 +89,14 @@ RECENT = 512  # the default of router.recent_instances: 512 keys are ~10 KiB of 
 
 
 _SOP_KEY = 8  # hex characters of an instance key that name the SOP instance; the other 8 name its bytes
+_KEY_LENGTH = 16
 
 
 def instance_key(sop_uid: str, digest: str, tenant: str = "") -> str:
     """The short, fixed-size memory of one version of an instance: 8 hex characters of the hash of its tenant
     and SOP Instance UID, then 8 of its bytes' (so another version of the same instance is recognised as
     one, and two versions are taken for one another once in 4 billion)."""
-    return blake3(f"{tenant}\0{sop_uid}".encode()).hexdigest()[:_SOP_KEY] + digest[:8]
+    return blake3(f"{tenant}\0{sop_uid}".encode()).hexdigest()[:_SOP_KEY] + digest[:_KEY_LENGTH - _SOP_KEY]
 
 
 Verdict = str  # "duplicate" (the version held, again), "new", "replaces" (another version), "unknown"
@@ -115,6 +116,8 @@ def recent_verdict(state: StudyState | None, sop_uid: str, digest: str, recent: 
             return "replaces"
     if state is None or not state.is_open or state.count >= recent:
         return "unknown"
+    if any(len(k) != _KEY_LENGTH for k in state.recent):
+        return "unknown"  # a state written before versions (12-character keys of SOP + digest): it cannot tell
     return "new"
 
 

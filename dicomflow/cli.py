@@ -13,6 +13,10 @@ from shared.telemetry import setup_logging
 
 from .audit_cli import add_parser as add_audit_parser
 from .audit_cli import cmd_audit
+from .deletion_cli import add_parsers as add_deletion_parsers
+from .deletion_cli import cmd_delete, cmd_retention
+from .events_cli import add_parser as add_events_parser
+from .events_cli import cmd_events
 from .routing_cli import add_parsers as add_router_parsers
 from .routing_cli import cmd_dlq, cmd_router, cmd_rules
 
@@ -48,11 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", parents=[common], help="one store worker (a consumer group member)")
     st.add_argument("--metrics-port", type=int)
+    rel = sub.add_parser("releaser", parents=[common],
+                         help="remove staged objects (claim-checks) once every consumer is done with them")
+    rel.add_argument("--metrics-port", type=int)
+    rel.add_argument("--once", action="store_true", help="one sweep, then print what it saw and released")
+    rel.add_argument("--json", action="store_true", help="with --once: as JSON")
     web = sub.add_parser("web", parents=[common], help="the DICOMweb HTTP service (QIDO-RS, metadata): stateless")
     web.add_argument("--web-port", type=int, help="port (default web.port)")
     web.add_argument("--metrics-port", type=int)
     web.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # from `dicomflow run`
     add_router_parsers(sub, common)
+    add_deletion_parsers(sub, common)
     asc = sub.add_parser("autoscaler", parents=[common], help="scale the store/router groups from JetStream lag")
     asc.add_argument("--metrics-port", type=int)
     asc.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
@@ -80,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tenant", help="the study of this tenant (two tenants may use one StudyInstanceUID)")
     exp.add_argument("--json", action="store_true")
     add_audit_parser(sub, common)
+    add_events_parser(sub, common)
     status = sub.add_parser("status", parents=[common], help="stream, partitions, consumers, lag")
     status.add_argument("--json", action="store_true")
     aa = sub.add_parser("asyncapi", parents=[common], help="the AsyncAPI document of every NATS subject")
@@ -171,6 +182,29 @@ def cmd_store(config: Config, args: argparse.Namespace) -> int:
 
     tune_allocator()
     asyncio.run(serve(config, args.metrics_port))
+    return 0
+
+
+def cmd_releaser(config: Config, args: argparse.Namespace) -> int:
+    from services.releaser.service import run_once, serve
+
+    if not args.once:
+        asyncio.run(serve(config, args.metrics_port))
+        return 0
+    report = asyncio.run(run_once(config))
+    if report is None:
+        print("dicomflow releaser: the streams changed under every read; nothing released, try again",
+              file=sys.stderr)
+        return 1
+    r = report.as_dict()
+    if args.json:
+        print(json.dumps(r))
+    elif r["blocked"]:
+        print(f"nothing released: {r['blocked']}; {r['objects']} objects ({r['bytes']} bytes) staged")
+    else:
+        held = ", ".join(f"{k} {v}" for k, v in r["held"].items()) or "none"
+        print(f"released {r['released']} objects ({r['released_bytes']} bytes); {r['objects']} objects "
+              f"({r['bytes']} bytes) stay staged (kept: {held})")
     return 0
 
 
@@ -458,7 +492,9 @@ def cmd_reindex(config: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"asyncapi": cmd_asyncapi, "run": cmd_run, "ingest": cmd_ingest, "store": cmd_store, "router": cmd_router,
+            "releaser": cmd_releaser,
             "autoscaler": cmd_autoscaler, "web": cmd_web, "studies": cmd_studies, "study": cmd_study,
             "export": cmd_export, "status": cmd_status, "config": cmd_config, "policies": cmd_policies,
             "reindex": cmd_reindex, "rules": cmd_rules, "dlq": cmd_dlq, "apikey": cmd_apikey,
-            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit}
+            "nats-permissions": cmd_nats_permissions, "audit": cmd_audit,
+            "events": cmd_events, "delete": cmd_delete, "retention": cmd_retention}

@@ -30,7 +30,7 @@ log = logging.getLogger("dicomflow.run")
 BACKGROUND_NICE = 10
 
 # Offsets from telemetry.metrics_port for each service's /metrics, so they never collide.
-METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60, "web": 80}
+METRICS_OFFSETS = {"ingest": 0, "store": 20, "router": 40, "autoscaler": 60, "web": 80, "releaser": 100}
 
 
 def _env(config: Config, nats_url: str) -> dict[str, str]:
@@ -204,6 +204,9 @@ def _service_specs(config: Config, config_path: str | None, nats_url: str,
     if config.router.rules_file:  # without rules there is nothing to route
         port = mport + METRICS_OFFSETS["router"] if mport else 0
         specs.append(ChildSpec("router", [*base, "router", "--metrics-port", str(port)], **background))
+    if releasing(config):
+        port = mport + METRICS_OFFSETS["releaser"] if mport else 0
+        specs.append(ChildSpec("releaser", [*base, "releaser", "--metrics-port", str(port)], **background))
     if config.web.port:
         # SIGTERM: they drain for web.drain_s before they exit; the supervisor waits a little longer.
         web_stop = {**background, "stop_timeout_s": config.web.drain_s + 10}
@@ -214,6 +217,14 @@ def _service_specs(config: Config, config_path: str | None, nats_url: str,
             specs.append(ChildSpec(name, [*base, "web", "--metrics-port", str(port), *inherit],
                                    pass_fds=(web_fd,) if web_fd is not None else (), **web_stop))
     return specs
+
+
+def releasing(config: Config) -> bool:
+    """Whether a staging releaser has anything to do: enabled, and staging is not itself a placement."""
+    from services.releaser.decision import staging_is_placement
+
+    policies = {n: p.placements for n, p in config.storage.policies.items()}
+    return config.release.enabled and staging_is_placement(config.storage.staging, policies) is None
 
 
 def _autoscaled(config: Config) -> bool:
@@ -234,6 +245,8 @@ def _write_targets(data: Path, config: Config, mport: int) -> None:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['autoscaler']}"], "labels": {"service": "autoscaler"}})
     if config.router.rules_file:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['router']}"], "labels": {"service": "router"}})
+    if releasing(config):
+        targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['releaser']}"], "labels": {"service": "releaser"}})
     if config.web.port:
         targets.append({"targets": [f"{host}:{mport + METRICS_OFFSETS['web'] + i}" for i in range(config.web.replicas)],
                         "labels": {"service": "web"}})

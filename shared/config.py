@@ -409,6 +409,12 @@ class RouterConfig(_Section):
         return self
 
 
+class ReleaseConfig(_Section):
+    enabled: bool = Field(True, description="Remove a staged object (the claim-check) once nothing needs it: every instance event naming its digest is acknowledged by the store and router groups, no forward job or dead letter names it, and it is in a placement. Does nothing while the staging backend is itself a placement of a policy (its objects are stored copies then). `dicomflow run` starts the releaser when it has something to do; elsewhere run `dicomflow releaser`.")
+    interval_s: float = Field(5, gt=0, description="Seconds between two sweeps of the staging backend.")
+    min_age_s: float = Field(60, gt=0, description="Grace: an object written or touched (a resend of the same bytes) less than this long before a sweep began is kept, so bytes whose event is still being published are never removed. Must exceed nats.publish_timeout_s.")
+
+
 class SyslogConfig(_Section):
     host: str = Field("", description="Audit repository (syslog server) that receives every audit record as RFC 5424 over TLS (RFC 5425, as IHE ATNA). Empty: audit records are only kept in the DICOM_AUDIT stream.")
     port: int = Field(6514, ge=1, le=65535, description="Its port (6514: syslog over TLS).")
@@ -427,6 +433,22 @@ class AuditConfig(_Section):
     source_id: str = Field("", description="AuditSourceID of our records (empty: dicomflow@<host name>).")
     site_id: str = Field("", description="AuditEnterpriseSiteID (the hospital), empty: none.")
     syslog: SyslogConfig = Field(default_factory=SyslogConfig)
+
+
+class DeletionConfig(_Section):
+    web: bool = Field(True, description="Serve DICOMweb DELETE of a study, series or instance (204 when deleted, 404 when the caller's tenant has nothing there). False: 405 for DELETE, reading stays.")
+    rejection_notes: bool = Field(True, description="A stored Key Object Selection Document whose title is a rejection (rejection titles of CID 7010 Key Object Selection Document Title: 113001 Rejected for Quality Reasons, 113037 Rejected for Patient Safety Reasons, 113038 Incorrect Modality Worklist Entry, 113039 Data Retention Policy Expired) deletes the instances it references, of its sender's tenant, as dcm4chee does; the note itself is kept. False: it is stored as any other instance.")
+    retention_days: dict[str, float] = Field(default_factory=dict, description="Retention per tenant: tenant -> days a study is kept after its last instance was stored; `dicomflow retention` deletes older studies. A tenant not listed keeps its studies forever.")
+    holds: dict[str, list[str]] = Field(default_factory=dict, description="Legal or clinical holds: tenant -> StudyInstanceUIDs that retention never deletes (an explicit delete still can).")
+    retention_interval_s: float = Field(3600.0, gt=0, description="Seconds between two passes of `dicomflow retention --every` (the periodic job).")
+
+    @field_validator("retention_days")
+    @classmethod
+    def _positive_days(cls, v: dict[str, float]) -> dict[str, float]:
+        for tenant, days in v.items():
+            if days <= 0:
+                raise ValueError(f"tenant {tenant!r}: retention of {days} days; leave the tenant out to keep forever")
+        return v
 
 
 class TelemetryConfig(_Section):
@@ -511,6 +533,11 @@ class WebConfig(_Section):
         return self
 
 
+class ChangeFeedConfig(_Section):
+    max_age_days: float = Field(3650, gt=0, description="How long the change feed (the DICOM_CHANGES stream: every instance stored, replaced or deleted and every study completed or updated, with its sequence) is kept; older entries age out, and a cursor before the first kept sequence starts at it. Keep it at or above the longest time an integration may be away. The feed is filled from the events stream, which needs to keep an event only until it is copied (seconds).")
+    max_limit: int = Field(200, ge=1, le=10000, description="Most entries one GET /changefeed page returns (a larger limit is refused with 400, as the Microsoft DICOM service does); the default page is 100 or this, whichever is smaller.")
+
+
 class Config(_Section):
     data_dir: str = Field("var", description="Where the embedded default keeps NATS data, objects and the index.")
     nats: NatsConfig = Field(default_factory=NatsConfig)
@@ -525,6 +552,16 @@ class Config(_Section):
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    changefeed: ChangeFeedConfig = Field(default_factory=ChangeFeedConfig)
+    deletion: DeletionConfig = Field(default_factory=DeletionConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+
+    @model_validator(mode="after")
+    def _release_grace(self) -> Config:
+        if self.release.min_age_s <= self.nats.publish_timeout_s:
+            raise ValueError(f"release.min_age_s ({self.release.min_age_s:g}) must exceed nats.publish_timeout_s "
+                             f"({self.nats.publish_timeout_s:g}): an event still being published needs its bytes")
+        return self
 
     @field_validator("data_dir")
     @classmethod

@@ -28,6 +28,11 @@ def test_asyncapi_document_lists_every_channel_with_its_schema():
     # Stream names come from the configuration, not literals.
     stored = by_address[f"{subjects.STORED_PREFIX}.{{study}}.{{sop}}"]
     assert "HOSPITAL_EVENTS" in json.dumps(stored)
+    # the change subjects say they are in the change feed too; the others do not
+    for address, channel in by_address.items():
+        in_feed = subjects.CHANGES_STREAM in json.dumps(channel)
+        assert in_feed == any(address.startswith(s.removesuffix(">")) for s in subjects.CHANGE_SUBJECTS), address
+    assert subjects.CHANGES_STREAM in json.dumps(by_address[f"{subjects.STUDY_UPDATED_PREFIX}.{{study}}"])
 
 
 def test_every_event_model_declares_channels_subject_and_id():

@@ -64,7 +64,7 @@ def test_layout_three_nats_two_routers_two_stores(compose):
     nats = [n for n, s in services.items() if s.get("entrypoint", [None])[0] == "nats-server"]
     assert sorted(nats) == ["nats-1", "nats-2", "nats-3"]
     cmds = [s["command"][0] for s in dicomflow_services(compose).values()]
-    assert sorted(cmds) == ["autoscaler", "ingest", "router", "router", "store", "store", "web"]
+    assert sorted(cmds) == ["autoscaler", "ingest", "releaser", "router", "router", "store", "store", "web"]
     assert {"prometheus", "grafana", "postgres"} <= set(services)
     assert services["ingest"]["ports"][0]["target"] == 11112
     assert services["web"]["ports"][0]["target"] == load_config(COMPOSE / "dicomflow.yaml", environ={}).web.port

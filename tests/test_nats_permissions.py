@@ -1,11 +1,12 @@
 """Least privilege on the bus, against a real nats-server configured with `dicomflow nats-permissions`: the
-services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler), each
+services started one by one (as compose and Kubernetes run them: ingest, store, router, web, autoscaler, releaser), each
 with its own user, store and route a
 study with no permission violation; the ingest may publish only dicom.in.>, a store credential cannot
-inject an instance, the integration user reads events and nothing else. compose/ and k8s/ ship that block."""
+inject an instance, the integration user reads events (and the change feed) and nothing else. compose/ and k8s/ ship that block."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -83,6 +84,7 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         nc = await nats.connect(server.url, user="integration", password=PASSWORDS["integration"])
         await nc.subscribe("dicom.stored.>", cb=on_event)
         await nc.subscribe("dicom.study.>", cb=on_event)
+        await nc.subscribe("dicom.deleted.>", cb=on_event)
         return nc
 
     procs = [_service(tmp_path, config_path, role, role) for role in ("ingest", "store", "router", "web")]
@@ -95,6 +97,15 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
         # the autoscaler reads the lag and the membership as its own user
         asc = _service(tmp_path, config_path, "autoscaler", "autoscaler", "--once")
         assert asc.wait(120) == 0, (tmp_path / "autoscaler.log").read_text()[-2000:]
+        # the staging releaser reads the ack floors and the three streams as its own user (a configuration where
+        # staging is not the placement, or it would have nothing to read)
+        split = {**tree, "storage": {"staging": "local", "backends": {"local": {"path": "objects"},
+                                                                      "archive": {"path": "archive"}},
+                                     "policies": {"default": {"placements": ["archive"]}}}}
+        (tmp_path / "releaser").mkdir()
+        rel = _service(tmp_path, write_config(tmp_path / "releaser", split), "releaser", "releaser", "--once", "--json")
+        assert rel.wait(120) == 0, (tmp_path / "releaser.log").read_text()[-2000:]
+        assert '"blocked": ""' in (tmp_path / "releaser.log").read_text()
         # an operator's command as the admin user
         status = _service(tmp_path, config_path, "admin", "status")
         assert status.wait(60) == 0, (tmp_path / "status.log").read_text()[-2000:]
@@ -108,7 +119,7 @@ def test_each_service_works_with_only_its_own_subjects_and_nothing_else(tmp_path
             except subprocess.TimeoutExpired:
                 p.kill()
     assert _violations(tmp_path) == [], "\n".join(_violations(tmp_path))
-    for name in ("ingest", "store", "router", "web", "autoscaler"):
+    for name in ("ingest", "store", "router", "web", "autoscaler", "releaser"):
         assert "Violation" not in (tmp_path / f"{name}.log").read_text()
 
     # what each credential may not do, answered by the server itself
@@ -163,13 +174,41 @@ async def _send_and_watch(subscribe, events: list[str], tmp_path: Path, tree: di
         assert any(s.startswith("dicom.study.complete.") for s in events), events
         # STOW-RS through the DICOMweb service, which publishes as the web user
         other = tmp_path / "other"
-        _, paths = write_study(other, 1)
+        other_uid, paths = write_study(other, 1)
         assert await asyncio.to_thread(_stow, paths[0], f"http://127.0.0.1:{tree['web']['port']}/dicom-web") == 200
         await _until(lambda: sum(s.startswith("dicom.stored.") for s in events) >= 4, 30)
         assert sum(s.startswith("dicom.stored.") for s in events) == 4, events
+        # the change feed: over HTTP, read by the DICOMweb service as the web user; over NATS as the integration user
+        base = f"http://127.0.0.1:{tree['web']['port']}/dicom-web"
+        for _ in range(100):  # the server copies the events into the feed a moment after they are stored
+            feed = await asyncio.to_thread(_changefeed, base)
+            if len(feed) >= 5:
+                break
+            await asyncio.sleep(0.1)
+        assert [e["Kind"] for e in feed][:4] == ["instance-stored"] * 3 + ["study-complete"], feed
+        assert feed[4]["Kind"] == "instance-stored" and feed[4]["State"] == "current", feed
+        from shared.changefeed import reading
+        from shared.config import AccessConfig
+        page = await reading.read(nc, AccessConfig(), None, 10)
+        assert [c.sequence for c in page.changes] == [e["Sequence"] for e in feed]
+        # DICOMweb DELETE of that study: the web user publishes its dicom.deleted event
+        assert await asyncio.to_thread(_delete, f"http://127.0.0.1:{tree['web']['port']}/dicom-web/studies/"
+                                                f"{other_uid}") == 204
+        await _until(lambda: any(s.startswith("dicom.deleted.") for s in events), 30)
+        assert sum(s.startswith("dicom.deleted.") for s in events) == 1, events
     finally:
         await nc.close()
     return True
+
+
+def _changefeed(base_url: str) -> list[dict]:
+    """GET /changefeed (as the anonymous default tenant)."""
+    with urllib.request.urlopen(f"{base_url}/changefeed?includeMetadata=false", timeout=30) as resp:
+        return json.loads(resp.read())
+def _delete(url: str) -> int:
+    """DELETE a DICOMweb resource; the HTTP status."""
+    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30) as resp:
+        return resp.status
 
 
 def _stow(path: Path, base_url: str) -> int:

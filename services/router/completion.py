@@ -48,6 +48,7 @@ class StudyState(BaseModel):
     accession_number: str = ""
     calling_ae: str = ""
     institution_name: str = ""
+    tenant: str = ""
     policy: CompletionConfig | None = None
     on_complete: bool = Field(False, description="some instance matched a forward rule with when: complete")
     targets: list[str] = Field(default_factory=list, description="destinations already announced (study.routed)")
@@ -72,8 +73,8 @@ class Arrival:
     accession_number: str = ""
     calling_ae: str = ""
     institution_name: str = ""
-    replaces: bool = False  # another version of this SOP instance arrived before (found in the stream)
     tenant: str = ""  # two tenants' instances with one UID are two instances, never versions of one
+    replaces: bool = False  # another version of this SOP instance arrived before (found in the stream)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def record_arrival(state: StudyState | None, a: Arrival, now: float, policy: Com
     series.description = series.description or a.series_description
     series.modality = series.modality or a.modality
     st.last_arrival = max(st.last_arrival, now)
-    for attr in ("patient_id", "accession_number", "calling_ae", "institution_name"):
+    for attr in ("patient_id", "accession_number", "calling_ae", "institution_name", "tenant"):
         if not getattr(st, attr) and getattr(a, attr):
             setattr(st, attr, getattr(a, attr))
     if st.policy is None:

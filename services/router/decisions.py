@@ -52,7 +52,7 @@ def arrival_of(event: InstanceReceived, seq: int, replaces: bool = False) -> Arr
     brings another version of an instance received before)."""
     t = event.tags
     return Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description, t.modality,
-                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, replaces, event.tenant)
+                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, event.tenant, replaces)
 
 
 def plan_instance(matched: Sequence[Rule], event: InstanceReceived, seq: int,

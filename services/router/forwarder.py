@@ -147,7 +147,7 @@ class Forwarder:
         for d in jobs:
             job = d.event
             try:
-                data = await asyncio.to_thread(self.backends.get(job.backend).get, job.digest)
+                data = await asyncio.to_thread(self._read, job)
             except (ObjectMissing, KeyError) as exc:  # permanent: retrying cannot bring the bytes back
                 outcomes[id(d)] = exc
                 await self._dead_letter(d.msg, job, f"instance bytes unavailable: {exc}", 1)
@@ -178,6 +178,23 @@ class Forwarder:
             await d.msg.ack()
             metrics.forwarded.labels(self.target).inc()
             metrics.forwarded_bytes.labels(self.target).inc(d.event.size)
+
+    def _read(self, job: ForwardJob) -> bytes:
+        """The job's bytes: from staging, else from a placement. The staging releaser removes a staged object
+        only once it is placed and no job names it, but a job made later (an on-complete rule, a study moved
+        whole to another gateway) reads the stored copy."""
+        try:
+            return self.backends.get(job.backend).get(job.digest)
+        except ObjectMissing:
+            policies = self.routing.config.storage.policies.values()
+            for name in dict.fromkeys(b for p in policies for b in p.placements if b != job.backend):
+                try:
+                    data = self.backends.get(name).get(job.digest)
+                except ObjectMissing:
+                    continue
+                log.warning("%s: instance %s read from placement %r: no longer staged", self.target, job.sop_uid, name)
+                return data
+            raise
 
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
         """The study lives on another member now: queue the job there, and drop it here."""

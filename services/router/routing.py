@@ -339,6 +339,6 @@ class Router:
         return StudyComplete(study_uid=st.study_uid, generation=st.gen, reason=decision.reason,
                              incomplete=decision.incomplete, discarded=decision.discard, instances=summary.instances,
                              series=series, patient_id=st.patient_id, accession_number=st.accession_number,
-                             calling_ae=st.calling_ae, institution_name=st.institution_name,
+                             calling_ae=st.calling_ae, institution_name=st.institution_name, tenant=st.tenant,
                              first_arrival=_ts(st.first_arrival), last_arrival=_ts(st.last_arrival),
                              completed_at=utcnow())

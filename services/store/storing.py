@@ -34,6 +34,7 @@ from .cataloguing import catalogue_entry
 from .index import GroupCommit, Recorded
 from .placement import choose_policy, placements_of, tenant_of_event
 from .placement_plan import BackendPlan, Check, plan_placements
+from .rejection_notes import handle_note, may_be_note
 
 log = logging.getLogger("dicomflow.store")
 
@@ -105,6 +106,7 @@ class Storer:
         await self._place_batch(work, outcomes)
         await self._index_batch(work, outcomes)
         await self._publish_batch(work, outcomes)
+        await self._apply_rejection_notes(work, outcomes)
         return outcomes
 
     async def _current_versions(self, work: list[_Item], outcomes: list[BaseException | None]) -> list[_Item]:
@@ -137,6 +139,18 @@ class Storer:
             held[key] = (it.event.digest, it.seq)
             keep.append(it)
         return keep
+
+    async def _apply_rejection_notes(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
+        """Stored rejection notes (KOS titled with a rejection code of CID 7010) delete what they reference, after the note is stored."""
+        for it in work:
+            if outcomes[it.index] is None and may_be_note(self.config, it.event):
+                try:
+                    await handle_note(self.config, self.js, self.catalogue, self.backends, it.event, it.tenant,
+                                      it.placements)
+                except Exception as exc:
+                    log.exception("rejection note %s not applied", it.event.tags.sop_uid)
+                    metrics.failures.labels("rejection_note").inc()
+                    outcomes[it.index] = exc
 
     async def _place_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
         t0 = time.perf_counter()

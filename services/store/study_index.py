@@ -7,6 +7,8 @@ Only backends that declare ``Capability.STUDY_INDEX`` keep these objects (RADOS:
 study; the filesystem store: an append-only file per study, :mod:`shared.storage.fs_study_index`). A key is
 ``<tenant>/<SOPInstanceUID>`` (the bare UID for the empty tenant, as versions before tenants wrote it), so two
 tenants that send the same UIDs keep two entries.
+A deleted instance's key holds a tombstone (an empty value, ``rados_layout.TOMBSTONE``; librados reads it
+back as None) that readers skip.
 Writing an entry is idempotent (same key, same value); it happens after the object is placed and before
 the catalogue rows, so a catalogued instance always has its entry in every placement that keeps an index.
 """
@@ -17,7 +19,7 @@ import json
 
 from shared.contract.events import InstanceReceived, InstanceTags
 from shared.storage.objectstore import StudyIndex
-from shared.storage.rados_layout import STUDY_INDEX_PREFIX, study_index_name, study_of_index
+from shared.storage.rados_layout import STUDY_INDEX_PREFIX, index_key, study_index_name, study_of_index
 
 
 def encode_entry(event: InstanceReceived, policy: str, placements: list[str], stored_at: str) -> bytes:
@@ -43,7 +45,7 @@ def decode_entry(raw: bytes) -> tuple[InstanceReceived, str, list[str], str]:
 
 def entry_key(event: InstanceReceived) -> str:
     """The index key of an instance: its SOP Instance UID, qualified by its tenant."""
-    return f"{event.tenant}/{event.tags.sop_uid}" if event.tenant else event.tags.sop_uid
+    return index_key(event.tenant, event.tags.sop_uid)
 
 
 def record_studies(store: StudyIndex, studies: list[list[tuple[InstanceReceived, str, list[str], str]]]) -> list[Exception | None]:
@@ -60,8 +62,8 @@ def record_studies(store: StudyIndex, studies: list[list[tuple[InstanceReceived,
 
 
 def study_entries(store: StudyIndex, study_uid: str) -> dict[str, bytes]:
-    """Index key (see :func:`entry_key`) -> raw entry for one study."""
-    return store.omap_get(study_index_name(study_uid))
+    """Index key (see :func:`entry_key`) -> raw entry for one study (deleted instances' tombstones left out)."""
+    return {k: v for k, v in store.omap_get(study_index_name(study_uid)).items() if v}
 
 
 def studies_in(store: StudyIndex) -> list[str]:

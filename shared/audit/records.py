@@ -183,7 +183,7 @@ def export(user: str, host: str, folder: str, rows: Iterable[dict], written: int
 
 
 def deletion(user: str, host: str, rows: Iterable[dict], deleted: int, error: str = "") -> AuditRecord:
-    """Studies deleted (PS3.15 DICOM Study Deleted). Nothing deletes studies yet; the record is ready for what will."""
+    """Studies deleted (PS3.15 DICOM Study Deleted): a DICOMweb DELETE, `dicomflow delete`, a rejection note, retention."""
     rows = list(rows)
     return AuditRecord(
         audit_id=_id(), kind="deletion", action="D", outcome=_outcome(deleted, len(rows) - deleted),

@@ -124,9 +124,11 @@ def check_credentials(config: Config) -> None:
 
 
 async def ensure_streams(nc: NATS, config: Config) -> None:
-    """Declare the instance stream and the events stream (idempotent; every service calls it)."""
+    """Declare the instance stream, the events stream and the change feed it fills (idempotent; every service
+    calls it)."""
     await ensure_stream(nc, subjects.instance_stream_config(config.stream), fixed=("subject_transform",))
     await ensure_stream(nc, subjects.events_stream_config(config.stream))
+    await ensure_stream(nc, subjects.changes_stream_config(config.stream, config.changefeed.max_age_days))
 
 
 async def publish_event(js: JetStreamContext, event: Event, timeout: float, msg_id: str | None = None) -> PubAck:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from shared.config import Config
 from shared.contract import subjects
 
-ROLES = ("ingest", "web", "store", "router", "autoscaler", "integration", "admin")
+ROLES = ("ingest", "web", "store", "router", "autoscaler", "releaser", "integration", "admin")
 """The NATS users: one per service (``web`` is the DICOMweb service, which publishes STOW-RS instances),
 ``integration`` for systems that consume the integration events, and ``admin`` for operators' commands
 (``dicomflow status``, ``dlq replay``, ``study``): every subject, no service runs as it."""
@@ -74,31 +74,44 @@ def grants(config: Config) -> dict[str, Grants]:
     common = Grants(subscribe=["_INBOX.>"])  # request replies, pull deliveries, the publishers' PubAcks
     # every service records audit messages (shared/audit) into their own stream
     common = common.add(Grants(publish=[f"{subjects.AUDIT_PREFIX}.>"])).add(declare(names["audit"]))
-    intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(declare(events))
+    # every service that declares the events stream declares the change feed it fills (ensure_streams)
+    events_and_feed = declare(events).add(declare(names["changes"]))
+    intake = Grants(publish=[f"{subjects.IN_PREFIX}.>"]).add(declare(instances)).add(events_and_feed)
+    # deletions (DICOMweb DELETE by the web, rejection notes by the store) announce each instance deleted
+    deleted = Grants(publish=[f"{subjects.DELETED_PREFIX}.>"])
     out, dlq = names["forward"], names["dlq"]
     return {
         "ingest": Grants().add(common).add(intake),
-        "web": Grants().add(common).add(intake),
-        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common)
-        .add(declare(instances)).add(declare(events)).add(consume(instances)).add(bucket("members_store")),
+        # the web reads the change feed (GET /changefeed) with its own ephemeral consumers
+        "web": Grants().add(common).add(intake).add(deleted).add(consume(names["changes"]))
+        .add(read_messages(names["changes"])),
+        "store": Grants(publish=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>"]).add(common).add(deleted)
+        .add(declare(instances)).add(events_and_feed).add(consume(instances)).add(bucket("members_store")),
         "router": Grants(publish=["dicom.study.>", "dicom.forward.>", f"{subjects.OUT_PREFIX}.>",
                                   f"{subjects.DLQ_PREFIX}.>"]).add(common)
-        .add(declare(instances)).add(declare(events)).add(declare(out)).add(declare(dlq))
+        .add(declare(instances)).add(events_and_feed).add(declare(out)).add(declare(dlq))
         .add(consume(instances)).add(consume(out)).add(consume(dlq)).add(read_messages(instances)).add(read_messages(dlq))
         .add(Grants(publish=[f"$JS.API.STREAM.MSG.DELETE.{dlq}"]))
         .add(bucket("members_router")).add(bucket(subjects.STUDIES_BUCKET)).add(bucket(subjects.ASSIGN_BUCKET))
         .add(bucket(subjects.HEALTH_BUCKET)),
         # lag: consumer lists and the partitions' last messages; membership read-only; scaling is not on the bus
-        "autoscaler": Grants().add(common).add(declare(instances)).add(declare(events))
+        "autoscaler": Grants().add(common).add(declare(instances)).add(events_and_feed)
         .add(Grants(publish=[f"$JS.API.CONSUMER.LIST.{instances}", f"$JS.API.CONSUMER.INFO.{instances}.>",
                              f"$JS.API.STREAM.INFO.{instances}"]))
         .add(read_messages(instances)).add(bucket("members_store", write=False))
         .add(bucket("members_router", write=False)),
-        # integration: its own consumers on the events stream, or a plain subscription to the event subjects
+        # the staging releaser: the groups' ack floors and the messages that name staged objects, read-only
+        "releaser": Grants().add(common)
+        .add(Grants(publish=[f"$JS.API.CONSUMER.LIST.{instances}", f"$JS.API.STREAM.INFO.{instances}",
+                             f"$JS.API.STREAM.INFO.{out}", f"$JS.API.STREAM.INFO.{dlq}"]))
+        .add(read_messages(instances)).add(read_messages(out)).add(read_messages(dlq)),
+        # integration: its own consumers on the events stream or the change feed, or a plain subscription to the
+        # event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),
         "integration": Grants(subscribe=[f"{subjects.STORED_PREFIX}.>", f"{subjects.REJECTED_PREFIX}.>",
-                                         "dicom.study.>", "dicom.forward.>"]).add(Grants(subscribe=["_INBOX.>"]))
-        .add(consume(events)),
+                                         "dicom.study.>", "dicom.forward.>", f"{subjects.DELETED_PREFIX}.>"])
+        .add(Grants(subscribe=["_INBOX.>"]))
+        .add(consume(events)).add(consume(names["changes"])).add(read_messages(names["changes"])),
     }
 
 

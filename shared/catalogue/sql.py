@@ -63,6 +63,8 @@ SCHEMA = [
     " placements TEXT NOT NULL, calling_ae TEXT, received_at TEXT, stored_at TEXT NOT NULL, metadata TEXT NOT NULL,"
     " source_seq BIGINT NOT NULL DEFAULT 0, replaced_digest TEXT, PRIMARY KEY (tenant, sop_uid))",
     "CREATE INDEX IF NOT EXISTS instances_by_series ON instances (tenant, study_uid, series_uid, instance_number)",
+    # A deletion asks which other instances (any tenant) hold the same bytes before an object goes.
+    "CREATE INDEX IF NOT EXISTS instances_by_digest ON instances (digest)",
 ]
 # The study columns matched by value or by "prefix*" (LIKE 'prefix%'), indexed after the study table is created.
 _PREFIX_INDEXES = (("studies_by_patient_name", "patient_name"), ("studies_by_patient_id", "patient_id"),
@@ -318,6 +320,13 @@ class SqlCatalogue:
                       f.policy, json.dumps(list(f.placements)), f.calling_ae, f.received_at, f.stored_at,
                       entry.metadata, f.source_seq, replaced)
             cur.execute(q(_upsert("instances", instance_cols, ("tenant", "sop_uid"))), values)
+        self._recount(cur, touched_series, touched_studies)
+        return results
+
+
+    def _recount(self, cur, touched_series, touched_studies) -> None:
+        """Recount the series and studies whose instances changed; those left without instances go."""
+        q = self._sql
         for tenant, study, series in sorted(touched_series):
             cur.execute(q("UPDATE series SET n_instances = (SELECT COUNT(*) FROM instances i WHERE i.tenant = ?"
                           " AND i.study_uid = ? AND i.series_uid = ?) WHERE tenant = ? AND study_uid = ?"
@@ -338,7 +347,68 @@ class SqlCatalogue:
                 (tenant, study, tenant, study, tenant, study, _joined(modalities), _joined(classes), tenant, study))
             cur.execute(q("DELETE FROM studies WHERE tenant = ? AND study_uid = ? AND n_instances = 0"),
                         (tenant, study))
-        return results
+
+    def delete_instances(self, tenant: str | None, study_uid: str, series_uid: str | None = None,
+                         sop_uid: str | None = None) -> tuple[list[dict], dict[str, set[str]]]:
+        """Remove the instances of a study (or of one series, or one instance) within ``tenant`` (None: every
+        tenant's), recounting what holds them, in one transaction.
+
+        Returns (the rows removed, as :meth:`instances` gives them; for each of their digests, the placements
+        in which another instance, of any tenant, still holds the same bytes). Nothing in scope: ([], {}).
+        """
+        return self._transaction(lambda cur: self._delete(cur, tenant, study_uid, series_uid, sop_uid))
+
+    def _delete(self, cur, tenant, study_uid, series_uid, sop_uid) -> tuple[list[dict], dict[str, set[str]]]:
+        q = self._sql
+        conditions, params = ["study_uid = ?"], [study_uid]
+        for column, value in (("tenant", tenant), ("series_uid", series_uid), ("sop_uid", sop_uid)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        where = " AND ".join(conditions)
+        # the study rows first, as writers take them: a concurrent batch of the study waits, no deadlock
+        cur.execute(q(f"SELECT DISTINCT tenant FROM instances WHERE {where}"), params)
+        tenants = sorted(t for (t,) in cur.fetchall())
+        for t in tenants:
+            cur.execute(q("UPDATE studies SET updated_at = updated_at WHERE tenant = ? AND study_uid = ?"),
+                        (t, study_uid))
+        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
+        cur.execute(q(f"SELECT {', '.join(cols)} FROM instances WHERE {where}"
+                      " ORDER BY series_uid, COALESCE(instance_number, 2147483647), sop_uid"), params)
+        rows = []
+        for row in cur.fetchall():
+            item = dict(zip(cols, row, strict=True))
+            item["placements"] = json.loads(item["placements"])
+            rows.append(item)
+        if not rows:
+            return [], {}
+        cur.execute(q(f"DELETE FROM instances WHERE {where}"), params)
+        touched_series = {(r["tenant"], r["study_uid"], r["series_uid"]): None for r in rows}
+        touched_studies = {(r["tenant"], r["study_uid"]): None for r in rows}
+        self._recount(cur, touched_series, touched_studies)
+        return rows, self._holders(cur, {r["digest"] for r in rows})
+
+    def _holders(self, cur, digests: Iterable[str]) -> dict[str, set[str]]:
+        held: dict[str, set[str]] = {}
+        digests = sorted(set(digests))
+        for start in range(0, len(digests), 500):  # bounded IN lists
+            chunk = digests[start:start + 500]
+            cur.execute(self._sql(f"SELECT digest, placements FROM instances WHERE digest IN"
+                                  f" ({', '.join('?' * len(chunk))})"), chunk)
+            for digest, placements in cur.fetchall():
+                held.setdefault(digest, set()).update(json.loads(placements))
+        return held
+
+    def holders(self, digests: Iterable[str]) -> dict[str, set[str]]:
+        """Digest -> the placements in which catalogued instances (any tenant) hold it, for those held at all."""
+        return self._transaction(lambda cur: self._holders(cur, digests))
+
+    def study_ages(self, tenant: str | None = None) -> list[tuple[str, str, str]]:
+        """(tenant, StudyInstanceUID, when its last instance was stored: ISO 8601) of every study (of one tenant)."""
+        if tenant is None:
+            return self._read("SELECT tenant, study_uid, updated_at FROM studies ORDER BY tenant, updated_at")
+        return self._read("SELECT tenant, study_uid, updated_at FROM studies WHERE tenant = ? ORDER BY updated_at",
+                          (tenant,))
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -166,6 +166,42 @@ class InstanceRejected(Event):
         return f"rejected:{self.tags.sop_uid}:{self.digest[:32]}"
 
 
+DeletionReason = Literal["request", "rejection-note", "retention"]
+"""Why an instance was deleted: a DICOMweb DELETE or ``dicomflow delete``, a rejection note (a Key Object
+Selection Document titled with a rejection code of CID 7010), or the tenant's retention period."""
+
+
+class InstanceDeleted(Event):
+    """``dicom.deleted.<study>.<sop>``: an instance was removed from the catalogue and from its placements."""
+
+    channels = (Channel("instance-deleted", f"{s.DELETED_PREFIX}.{{study}}.{{sop}}", "events",
+                        "An instance was deleted: its catalogue entry is gone, and its object from every placement "
+                        "unless another instance (any tenant) holds the same bytes. reason is request (DICOMweb "
+                        "DELETE, dicomflow delete), rejection-note (a KOS titled with a rejection code of CID 7010) or retention. "
+                        "Nats-Msg-Id = deleted:<tenant>:<sop>:<digest prefix>:<deleted_at>."),)
+    tenant: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str = ""
+    digest: str
+    placements: list[str] = Field(default_factory=list, description="the placements the instance was stored in")
+    objects_removed: list[str] = Field(default_factory=list, description="the placements whose object was removed "
+                                       "(the others still hold bytes another instance shares)")
+    reason: DeletionReason
+    requested_by: str = Field("", description="who asked: an HTTP principal, an OS user, the rejection note's "
+                              "SOP Instance UID, or retention")
+    deleted_at: datetime
+
+    def subject(self) -> str:
+        return s.instance_deleted(self.study_uid, self.sop_uid)
+
+    def msg_id(self) -> str:
+        # deleted_at too: the same bytes stored again and deleted again within the duplicate window are a
+        # second deletion, not a duplicate of the first
+        return f"deleted:{_tenant_part(self.tenant)}{self.sop_uid}:{self.digest[:32]}:{self.deleted_at.isoformat()}"
+
+
 class ForwardJob(Event):
     """``router.out.<target>.<study>.<sop>``: send one instance to one target (a per-target work queue)."""
 
@@ -251,6 +287,8 @@ class StudyComplete(Event):
     accession_number: str = ""
     calling_ae: str = ""
     institution_name: str = ""
+    tenant: str = Field("", description="the institution the study's instances belong to (see InstanceReceived.tenant; "
+                                        "empty in events of versions before it, and where the ingest named none)")
     first_arrival: datetime
     last_arrival: datetime
     completed_at: datetime
@@ -389,4 +427,5 @@ class AuditRecord(Event):
 
 #: Every published event model, in the order the AsyncAPI document lists them.
 EVENT_MODELS: tuple[type[Event], ...] = (InstanceReceived, InstanceStored, InstanceRejected, StudyComplete,
-                                         StudyRouted, ForwardFailed, ForwardJob, DeadLetter, AuditRecord)
+                                         StudyRouted, ForwardFailed, ForwardJob, DeadLetter, AuditRecord,
+                                         InstanceDeleted)

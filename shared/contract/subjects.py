@@ -23,10 +23,12 @@ FORWARD_FAILED_PREFIX = "dicom.forward.failed"
 OUT_PREFIX = "router.out"
 DLQ_PREFIX = "dicom.dlq"
 AUDIT_PREFIX = "dicom.audit"
+DELETED_PREFIX = "dicom.deleted"
 
 OUT_STREAM = "ROUTER_OUT"
 DLQ_STREAM = "DICOM_DLQ"
 AUDIT_STREAM = "DICOM_AUDIT"
+CHANGES_STREAM = "DICOM_CHANGES"
 QUARANTINE = "_quarantine"  # pseudo-target of quarantined instances in the DLQ
 
 STUDIES_BUCKET = "router-studies"
@@ -59,6 +61,11 @@ def instance_stored(study_uid: str, sop_uid: str) -> str:
 def instance_rejected(study_uid: str, sop_uid: str) -> str:
     """Subject of :class:`~shared.contract.events.InstanceRejected`."""
     return f"{REJECTED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
+
+
+def instance_deleted(study_uid: str, sop_uid: str) -> str:
+    """Subject of :class:`~shared.contract.events.InstanceDeleted`."""
+    return f"{DELETED_PREFIX}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
 
 
 def forward_job(target: str, study_uid: str, sop_uid: str) -> str:
@@ -116,10 +123,22 @@ def audit_filter(event: str | None = None, outcome: str | None = None) -> str:
     return f"{AUDIT_PREFIX}.{event or '*'}.{outcome or '*'}"
 
 
+#: The event subjects that are changes to the archive, each copied from the events stream into the change
+#: feed (DICOM_CHANGES) by the server, in its order. A new kind of change is one more line here (its subject
+#: must be in the events stream) and a reader for its model in :mod:`shared.changefeed.entries`. Each subject is its own source of the feed, so
+#: adding one neither copies the others again nor moves their cursors.
+CHANGE_SUBJECTS: tuple[str, ...] = (
+    f"{STORED_PREFIX}.>",
+    f"{STUDY_COMPLETE_PREFIX}.>",
+    f"{STUDY_UPDATED_PREFIX}.>",
+    f"{DELETED_PREFIX}.>",
+)
+
+
 def stream_names(cfg: StreamConfig) -> dict[str, str]:
     """The JetStream stream of each stream role (the instance and events streams are named in the configuration)."""
     return {"instances": cfg.name, "events": cfg.events_name, "forward": OUT_STREAM, "dlq": DLQ_STREAM,
-            "audit": AUDIT_STREAM}
+            "audit": AUDIT_STREAM, "changes": CHANGES_STREAM}
 
 
 def stream_config(name: str, subjects: list[str], cfg: StreamConfig, max_age_days: float,
@@ -151,7 +170,8 @@ def instance_stream_config(cfg: StreamConfig) -> dict:
 def events_stream_config(cfg: StreamConfig) -> dict:
     """Raw JetStream config of the integration events stream."""
     return stream_config(cfg.events_name,
-                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>"],
+                         [f"{STORED_PREFIX}.>", f"{REJECTED_PREFIX}.>", "dicom.study.>", "dicom.forward.>",
+                          f"{DELETED_PREFIX}.>"],
                          cfg, cfg.events_max_age_days)
 
 
@@ -168,3 +188,13 @@ def dlq_stream_config(cfg: StreamConfig) -> dict:
 def audit_stream_config(cfg: StreamConfig, max_age_days: float) -> dict:
     """The audit trail: every audit record, kept ``audit.max_age_days`` (years, not the events' days)."""
     return stream_config(AUDIT_STREAM, [f"{AUDIT_PREFIX}.>"], cfg, max_age_days)
+
+
+def changes_stream_config(cfg: StreamConfig, max_age_days: float) -> dict:
+    """The change feed: no subjects of its own, the server copies every change event of the events stream into
+    it (one source per subject of :data:`CHANGE_SUBJECTS`), so its stream sequence is the feed's Sequence,
+    dense and never reused, and it is kept ``changefeed.max_age_days`` whatever the events stream keeps."""
+    config = stream_config(CHANGES_STREAM, [], cfg, max_age_days,
+                           sources=[{"name": cfg.events_name, "filter_subject": subject} for subject in CHANGE_SUBJECTS])
+    del config["subjects"]  # a stream fed only by its sources has none (an empty list is not the same to the server)
+    return config

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from shared.storage.objectstore import (
     Capability,
     CorruptObject,
     ObjectMissing,
+    StoredObject,
     Write,
     check_digest,
     content_digest,
@@ -43,6 +45,21 @@ WRITEBACK_STEP = 128 * 1024
 # a streamed object is locked by its writer for as long as its association lasts).
 ORPHAN_AGE_S = 60.0
 _SYNC_FILE_RANGE_WRITE = 2
+# An object being released is renamed to this first (see FileObjectStore.remove_unless_touched).
+RELEASING = ".releasing"
+
+
+def _touch(final: str) -> bool:
+    """Refresh an existing object's mtime; False when it does not exist.
+
+    A put of bytes already staged writes nothing, but it claims them for the event it is about to
+    publish: the touch tells the staging releaser not to remove them (its grace runs from the mtime).
+    """
+    try:
+        os.utime(final)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _sync_file_range():
@@ -143,7 +160,7 @@ class IncomingFile:
         folder, final = self._store._final(digest)
         try:
             self._unmap()
-            if not os.path.exists(final):  # content-addressed: the same key holds the same bytes
+            if not _touch(final):  # content-addressed: the same key holds the same bytes
                 os.fsync(self._fd)
                 self._store._rename(self._tmp, folder, final)
                 self._renamed = True
@@ -221,7 +238,7 @@ class FileObjectStore:
     def put(self, digest: str, data: bytes | bytearray | memoryview, meta: dict[str, str] | None = None) -> None:
         check_digest(digest)
         folder, final = self._final(digest)
-        if os.path.exists(final):
+        if _touch(final):
             return  # content-addressed: the same key holds the same bytes
         if len(data) <= self._wal_max:
             ticket = self._log().append(digest, data)  # durable from here on
@@ -250,6 +267,65 @@ class FileObjectStore:
         """Remove an object if present (tests and tools: the store never deletes)."""
         self.path(digest).unlink(missing_ok=True)
         self._legacy_path(digest).unlink(missing_ok=True)
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every object file under the 256 folders (not the legacy ``ab/cd/`` ones), with size and mtime.
+
+        A ``.releasing`` file is a release a crash interrupted: it is put back (when nothing took its
+        place meanwhile), so the next decision is made afresh instead of the bytes being lost or left over.
+        """
+        for i in range(256):
+            folder = f"{self._root}/{i:02x}"
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.endswith(RELEASING):
+                    self._put_back(entry.path, entry.path[:-len(RELEASING)])
+                    name = name[:-len(RELEASING)]
+                    path = f"{folder}/{name}"
+                else:
+                    path = entry.path
+                if len(name) != 64:
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield StoredObject(name, st.st_size, st.st_mtime)
+
+    @staticmethod
+    def _put_back(aside: str, final: str) -> None:
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            os.link(aside, final)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+
+    def remove_unless_touched(self, digest: str, not_after: float) -> bool:
+        """Rename the object aside, then judge the renamed file's mtime: a put's touch (``os.utime``) lands
+        either before the rename (seen here: the object is put back) or after it (the put finds nothing and
+        writes the object again), so a resend's bytes are never removed under it."""
+        _, final = self._final(check_digest(digest))
+        aside = final + RELEASING
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            touched = os.stat(aside).st_mtime > not_after
+        except FileNotFoundError:  # another releaser's listing put it back meanwhile
+            return False
+        if touched:
+            self._put_back(aside, final)
+            return False
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            return False
+        return True
 
     def writer(self, limit: int) -> IncomingFile:
         """A large object streamed in as it arrives (it does not use the write-ahead log)."""

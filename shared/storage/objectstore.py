@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,6 +32,15 @@ class CorruptObject(Exception):
 
 class ObjectMissing(KeyError):
     """No object under that digest."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing sees it: its digest, size and when it was last written or touched (epoch s)."""
+
+    digest: str
+    size: int
+    mtime: float
 
 
 def content_digest(data: bytes | bytearray | memoryview) -> str:
@@ -77,6 +87,20 @@ class ObjectStore(Protocol):
 
     def remove(self, digest: str) -> None:
         """Remove an object if present (tests and tools such as ``policies check``: the store never deletes)."""
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every whole object of the backend (a full listing: for the staging releaser, not for a request path).
+
+        A put of an object that already exists counts as a write: it refreshes ``mtime`` (the releaser's
+        guard against removing bytes a resend of the same instance has just claimed).
+        """
+
+    def remove_unless_touched(self, digest: str, not_after: float) -> bool:
+        """Remove the object only if nothing wrote or touched it after ``not_after`` (epoch s); True if removed.
+
+        Atomic against a concurrent put of the same digest: either the put sees the object gone and writes
+        it again, or this sees the put's touch and keeps it.
+        """
 
     def get(self, digest: str) -> bytes:
         """The object's bytes, verified against the digest (raises CorruptObject / ObjectMissing)."""

@@ -85,6 +85,18 @@ def study_index_name(study_uid: str) -> str:
     return f"{STUDY_INDEX_PREFIX}{uid_name(study_uid)}"
 
 
+# The value of a study index key whose instance was deleted: index objects are only ever written (the
+# filesystem's are append-only files), so a deletion is a tombstone that readers skip, and a reindex does
+# not bring the instance back.
+TOMBSTONE = b""
+
+
+def index_key(tenant: str, sop_uid: str) -> str:
+    """The study index key of an instance: its SOP Instance UID, qualified by its tenant (bare for the empty
+    tenant, as versions before tenants wrote it)."""
+    return f"{tenant}/{sop_uid}" if tenant else sop_uid
+
+
 def study_of_index(name: str) -> str:
     """The StudyInstanceUID of an index object named by :func:`study_index_name`."""
     return name_uid(name[len(STUDY_INDEX_PREFIX):])

@@ -13,7 +13,11 @@ The ``rados`` module is Debian's python3-rados (not on PyPI); ``make rados-link`
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import re
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,6 +28,7 @@ from shared.storage.objectstore import (
     Capability,
     CorruptObject,
     ObjectMissing,
+    StoredObject,
     Write,
     check_digest,
     content_digest,
@@ -37,6 +42,14 @@ from shared.storage.rados_layout import (
     plan_chunks,
     xattrs_for,
 )
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _epoch(mtime: time.struct_time | float) -> float:
+    """An object's mtime as epoch seconds: python-rados gives a struct_time in local time (``localtime``), whole
+    seconds only, so it is rounded up: an object must never look older than it is to the staging releaser."""
+    return float(mtime) if isinstance(mtime, int | float) else time.mktime(mtime) + 1.0
 
 
 def import_rados():
@@ -246,7 +259,9 @@ class RadosObjectStore:
         try:
             op = pend.op = self.io.create_write_op()
             fill(op)
-            pend.completion = self.io.operate_aio_write_op(op, oid)
+            # python-rados hands librados a pointer to ``mtime`` whatever its value, and 0 is taken as the epoch:
+            # the object's mtime must be now, since the staging releaser's grace runs from it.
+            pend.completion = self.io.operate_aio_write_op(op, oid, mtime=int(time.time()))
         except BaseException:
             if pend.op is not None:
                 pend.op.release()
@@ -273,6 +288,8 @@ class RadosObjectStore:
         # Rewriting a whole object is idempotent (same key, same bytes, one atomic op) and cheaper than a stat
         # first; chunked objects are worth the check.
         if chunks and self.exists(digest):
+            # Claimed again: bump the head's version and mtime, so a releaser judging it keeps it.
+            self.io.set_xattr(digest, f"{XATTR_PREFIX}touched", b"")
             return
         mine: deque[_Pending] = deque()
         if not chunks:
@@ -531,6 +548,49 @@ class RadosObjectStore:
             pass
         except self.rados.Error as exc:
             raise self._error(exc, "remove", digest) from None
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every head object (64 hex digits: not chunks, not study index objects) with its size and mtime."""
+        for name in self.object_names():
+            if not _DIGEST.match(name):
+                continue
+            try:
+                size, mtime = self.io.stat(name)
+            except self.rados.ObjectNotFound:
+                continue
+            except self.rados.Error as exc:
+                raise self._error(exc, "stat", name) from None
+            yield StoredObject(name, size, _epoch(mtime))
+
+    def remove_unless_touched(self, digest: str, not_after: float) -> bool:
+        """Remove the head only if its version is still the one whose mtime was judged (a guarded write op:
+        a put or touch in between changes the version and the removal fails), then its chunks."""
+        check_digest(digest)
+        rados = self.rados
+        try:
+            _, mtime = self.io.stat(digest)
+            version = self.io.get_last_version()
+            if _epoch(mtime) > not_after:
+                return False
+            chunks = []
+            if self.io.get_xattr(digest, f"{XATTR_PREFIX}layout").decode() == LAYOUT_CHUNKED:
+                _, chunks = decode_manifest(self._read_whole(digest, self._stat(digest)), digest)
+            with rados.WriteOpCtx() as op:
+                op.assert_version(version)
+                op.remove()
+                self.io.operate_write_op(op, digest)
+        except rados.ObjectNotFound:
+            return False
+        except rados.Error as exc:
+            if getattr(exc, "errno", None) in (errno.ERANGE, errno.EOVERFLOW):
+                return False  # written since it was judged
+            raise self._error(exc, "remove", digest) from None
+        with self._layouts_lock:
+            self._layouts.pop(digest, None)
+        for c in chunks:
+            with contextlib.suppress(rados.ObjectNotFound):
+                self.io.remove_object(c.name)
+        return True
 
     def pool_info(self) -> dict:
         """Pool name, namespace and the librados pool stats (for checks and benchmarks)."""

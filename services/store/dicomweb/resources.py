@@ -1,5 +1,5 @@
 """The DICOMweb resources (PS3.18): QIDO-RS searches and metadata from the catalogue alone, WADO-RS retrieve,
-rendered images and thumbnails, WADO-URI.
+rendered images and thumbnails, WADO-URI; and the change feed (Microsoft's /changefeed).
 
 Every handler confines itself to the caller's tenant: another tenant's study is absent (an empty
 search, a 404), never forbidden, so its existence does not leak.
@@ -37,6 +37,8 @@ from shared.web.app import Mount
 from shared.web.audit import requestor
 
 from . import metrics
+from .changefeed import add_changefeed
+from .deletion import mount_delete
 from .frames import bulkdata_handler, frames_handler
 from .keys import BACKENDS, CATALOGUE
 from .rendered import instance_handler, multipart_handler, thumbnail_handler, wado_uri
@@ -140,8 +142,15 @@ def read_side(config: Config) -> Mount:
              instance_handler(False, frames=True)),
             (f"{p}/wado", wado_uri),  # WADO-URI (PS3.18 chapter 9), under the same prefix
         ]
+        resources = {}
         for path, handler in routes:
-            app.router.add_resource(path).add_route("GET", handler)
+            resources[path] = app.router.add_resource(path)
+            resources[path].add_route("GET", handler)
+        if config.deletion.web:
+            mount_delete(app, {"study": resources[f"{p}/studies/{study}"],
+                               "series": resources[f"{p}/studies/{study}/series/{series}"],
+                               "instance": resources[f"{p}/studies/{study}/series/{series}/instances/{instance}"]})
+        add_changefeed(app, p, config)
 
         async def close_backends(_app: web.Application) -> None:
             _app[BACKENDS].close()

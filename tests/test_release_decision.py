@@ -68,3 +68,13 @@ def test_staging_that_is_a_placement_blocks_release_and_placements_exclude_it():
     assert d.staging_is_placement("local", policies) == "default"
     assert d.staging_is_placement("staging", policies) is None
     assert d.placement_backends("local", policies) == ["archive", "dr"]
+
+
+def test_a_deleted_instances_staged_copy_goes_once_nothing_pending_needs_it():
+    """No placement holds a deleted instance's bytes (the deletion removed them): a deletion event naming the digest
+    lets the staged copy go, after the same reference and grace checks; without one it is kept as the only copy."""
+    assert d.verdict(obj(A, OLD), d.Holds(), NOT_AFTER, placed=False, deleted=True) == d.Release()
+    assert d.verdict(obj(A, OLD), d.Holds(), NOT_AFTER, placed=False, deleted=False) == d.Keep(d.NOT_PLACED)
+    pending = d.Holds(instance_events=frozenset({A}))  # resent since the deletion: the store still needs the bytes
+    assert d.verdict(obj(A, OLD), pending, NOT_AFTER, placed=False, deleted=True) == d.Keep(d.INSTANCE_EVENT)
+    assert d.verdict(obj(A, NOT_AFTER + 1), d.Holds(), NOT_AFTER, placed=False, deleted=True) == d.Keep(d.YOUNG)

@@ -102,6 +102,27 @@ def test_target_down_keeps_the_studys_staged_bytes_until_it_is_delivered(tmp_pat
         gw.kill()
 
 
+def test_a_study_deleted_while_its_forwards_wait_leaves_nothing_staged(tmp_path, stack_factory):
+    """Deleted while its forward jobs wait for a target that is down: the stored copies go at once, the staged ones
+    stay for the jobs, are delivered once the target is back, and then released - no placement holds them any
+    more, but the deletion event names their digests."""
+    gw = Gateway(tmp_path, "GW1", port=free_port())  # configured, not started: down
+    stack = stack_factory(**sections(tmp_path, gw))
+    studies = make_studies(tmp_path / "studies", 1, 4)
+    (uid, files), = studies.items()
+    staging, archive = stack.data_dir / "staging", stack.data_dir / "archive"
+    assert stack.storescu(files[0].parent).returncode == 0
+    wait_for(lambda: stack.instances_of(uid) == 4, 60, what="the study catalogued")
+    assert stack.cli("delete", "--study", uid).returncode == 0
+    assert not objects(archive) and len(objects(staging)) == 4
+    gw.start()
+    try:
+        _expect_received(gw, studies)
+        wait_for(lambda: not objects(staging), 30, interval=0.3, what="the deleted study's staged copies released")
+    finally:
+        gw.kill()
+
+
 def test_staging_that_is_the_placement_is_never_released(tmp_path, stack_factory):
     stack = stack_factory(release={"interval_s": 0.5, "min_age_s": 3})  # the default: staging "local" is the placement
     studies = make_studies(tmp_path / "studies", 1, 3)

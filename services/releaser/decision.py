@@ -13,7 +13,9 @@ Content addressing means two instances, or two sends of one, may share one objec
 when no reference to its digest remains. On top, two guards that need no stream: an object written or
 touched (a resend claims the bytes again) after ``not_after`` is kept, because its event may not be in the
 stream yet; and an object that no placement holds is kept, because then the staged copy is the only one
-(an instance the store rejected, or one it has not placed yet).
+(an instance the store rejected, or one it has not placed yet) - unless a deletion (``dicom.deleted``)
+named its digest: its placements' copies went because the instance was deleted, and nothing pending
+(checked first) needs the staged one.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def held_by(obj: StoredObject, holds: Holds, not_after: float) -> str | None:
     return None
 
 
-def verdict(obj: StoredObject, holds: Holds, not_after: float, placed: bool) -> Keep | Release:
-    """Whether ``obj`` may be released now: nothing references it, it is older than the grace, and it is placed."""
+def verdict(obj: StoredObject, holds: Holds, not_after: float, placed: bool, deleted: bool = False) -> Keep | Release:
+    """Whether ``obj`` may be released now: nothing references it, it is older than the grace, and it is placed
+    or was deleted (``deleted``: a deletion event names its digest, so no placement holding it is expected)."""
     reason = held_by(obj, holds, not_after)
     if reason:
         return Keep(reason)
-    if not placed:
+    if not placed and not deleted:
         return Keep(NOT_PLACED)
     return Release()
 

@@ -24,7 +24,7 @@ from shared.bus.consumer_group import durable_name
 from shared.bus.jetstream import JetStreamAPIError, api
 from shared.config import Config
 from shared.contract import subjects
-from shared.contract.events import DeadLetter, ForwardJob, InstanceReceived
+from shared.contract.events import DeadLetter, ForwardJob, InstanceDeleted, InstanceReceived
 from shared.lifecycle import stop_on_signals
 from shared.storage.objectstore import Backends, ObjectStore
 from shared.telemetry import add_health_check, start_metrics
@@ -81,6 +81,9 @@ class StreamView:
         self.config = config
         self.stream = config.stream.name
         self.events: dict[int, tuple[int, str]] = {}  # instance stream seq -> (partition, digest)
+        self.events_stream = subjects.stream_names(config.stream)["events"]
+        self.deleted: set[str] = set()  # digests of deleted instances
+        self.deleted_upto = 0  # every deletion event up to here is in ``deleted``
         self.read_upto = 0  # every instance event up to here is in ``events`` (or below the floors)
         self.low = 0  # the lowest floor at the last read
         self.jobs: dict[int, str] = {}  # ROUTER_OUT seq -> digest
@@ -134,6 +137,24 @@ class StreamView:
             seq = found + 1
         self.read_upto = max(self.read_upto, last)
         return decision.pending_digests(((s, p, d) for s, (p, d) in self.events.items()), floors)
+
+    async def deleted_digests(self) -> frozenset[str]:
+        """Digests named by the deletion events on the events stream (read once each; kept as long as the
+        stream keeps its messages, ``stream.events_max_age_days``)."""
+        seq = self.deleted_upto + 1
+        last = await self._last_seq(self.events_stream)
+        while seq <= last:
+            msg = await _get(self.nc, self.events_stream, {"seq": seq, "next_by_subj": f"{subjects.DELETED_PREFIX}.>"})
+            if msg is None:
+                break
+            try:
+                self.deleted.add(InstanceDeleted.model_validate_json(_data(msg)).digest)
+            except ValueError:
+                pass  # not a deletion this release understands: it releases nothing
+            self.deleted_upto = seq = int(msg["seq"])
+            seq += 1
+        self.deleted_upto = max(self.deleted_upto, last)
+        return frozenset(self.deleted)
 
     async def _last_seq(self, stream: str) -> int:
         try:
@@ -228,13 +249,16 @@ class Releaser:
         report.objects = len(objects)
         report.bytes = sum(o.size for o in objects)
         held = dict.fromkeys(decision.REASONS, 0)
+        deleted: frozenset[str] | None = None  # read at the first object no placement holds
         for obj in objects:
             if self.blocked:
                 continue
             reason = decision.held_by(obj, holds, not_after)
             if reason is None:
                 placed = await asyncio.to_thread(self._placed, obj.digest)
-                v = decision.verdict(obj, holds, not_after, placed)
+                if not placed and deleted is None:
+                    deleted = await self.view.deleted_digests()
+                v = decision.verdict(obj, holds, not_after, placed, not placed and obj.digest in deleted)
                 if isinstance(v, decision.Release):
                     if await asyncio.to_thread(self.staging.remove_unless_touched, obj.digest, not_after):
                         report.released += 1

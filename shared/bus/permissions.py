@@ -100,11 +100,13 @@ def grants(config: Config) -> dict[str, Grants]:
                              f"$JS.API.STREAM.INFO.{instances}"]))
         .add(read_messages(instances)).add(bucket("members_store", write=False))
         .add(bucket("members_router", write=False)),
-        # the staging releaser: the groups' ack floors and the messages that name staged objects, read-only
+        # the staging releaser: the groups' ack floors and the messages that name staged objects (deletions
+        # too), read-only
         "releaser": Grants().add(common)
         .add(Grants(publish=[f"$JS.API.CONSUMER.LIST.{instances}", f"$JS.API.STREAM.INFO.{instances}",
-                             f"$JS.API.STREAM.INFO.{out}", f"$JS.API.STREAM.INFO.{dlq}"]))
-        .add(read_messages(instances)).add(read_messages(out)).add(read_messages(dlq)),
+                             f"$JS.API.STREAM.INFO.{out}", f"$JS.API.STREAM.INFO.{dlq}",
+                             f"$JS.API.STREAM.INFO.{events}"]))
+        .add(read_messages(instances)).add(read_messages(out)).add(read_messages(dlq)).add(read_messages(events)),
         # integration: its own consumers on the events stream or the change feed, or a plain subscription to the
         # event subjects
         "admin": Grants(publish=[">"], subscribe=[">"]),

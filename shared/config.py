@@ -115,7 +115,7 @@ class StreamConfig(_Section):
     partitions: int = Field(64, ge=1, le=1024, description="Number of partitions. Fixed at stream creation: changing it remaps in-flight studies.")
     replicas: int = Field(1, ge=1, le=5, description="Stream replicas (3 on a NATS cluster).")
     max_age_days: float = Field(7, gt=0, description="How long instance events are kept in the stream.")
-    duplicate_window_s: float = Field(600, gt=0, description="Nats-Msg-Id de-duplication window.")
+    duplicate_window_s: float = Field(600, gt=0, description="Nats-Msg-Id de-duplication window: absorbs a retried publish of one receipt or one stored event. A resend of an instance, however late, is told from a new version by the catalogue and the router, not by this window.")
     events_name: str = Field("DICOM_EVENTS", description="Stream for integration events (dicom.stored.>, dicom.study.>, dicom.forward.>).")
     events_max_age_days: float = Field(30, gt=0, description="How long integration events are kept.")
 
@@ -388,6 +388,7 @@ class RouterConfig(_Section):
     group: GroupConfig = Field(default_factory=GroupConfig)
     reload_interval_s: float = Field(5, gt=0, description="How often the config and rules files are checked for changes (targets, groups and rules reload without a restart).")
     scan_interval_s: float = Field(0.5, gt=0, description="How often study states are checked for completion.")
+    recent_instances: int = Field(512, ge=1, le=4096, description="Instances of a study whose version (SOP UID and digest hashes, 16 bytes each) its state remembers, so a redelivery or a resend forwards nothing and counts nothing. Beyond them (a bigger or a completed study, or a state gone) each arrival is checked against the instance's earlier events in the stream (one lookup).")
     study_ttl_days: float = Field(30, gt=0, description="How long a study's state is kept after its last change.")
 
     @model_validator(mode="after")

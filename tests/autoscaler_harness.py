@@ -171,7 +171,7 @@ async def _stored(config: Config) -> int:
 
 
 def stored_count(config: Config) -> int:
-    """Distinct instances stored (stored events are de-duplicated by SOP + digest)."""
+    """Versions stored (a stored event is de-duplicated by SOP + digest + the sequence of its receipt)."""
     return asyncio.run(_stored(config))
 
 

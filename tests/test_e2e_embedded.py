@@ -27,6 +27,19 @@ def _stream_messages(url: str, stream: str, subject: str | None = None) -> int:
     return asyncio.run(go())
 
 
+def _consumers_drained(url: str, stream: str) -> bool:
+    """Whether every consumer of ``stream`` has handled everything (nothing pending or unacknowledged)."""
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            listing = await api(nc, f"CONSUMER.LIST.{stream}", {})
+            return bool(listing["consumers"]) and all(
+                c["num_pending"] == 0 and c["num_ack_pending"] == 0 for c in listing["consumers"])
+        finally:
+            await nc.close()
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory, engine):
     stack = stack_factory(nats_server.url, ingest={"engine": engine})
@@ -57,11 +70,14 @@ def test_study_round_trip_resend_and_export(tmp_path, nats_server, stack_factory
     assert len(exported) == 50
     assert {blake3.blake3(dataset_bytes(p)).hexdigest() for p in exported} == sent
 
-    # Resending the same study stores nothing new and publishes nothing new (Nats-Msg-Id de-duplication).
+    # Resending the same study: every receipt is an event of its own (so A, B, A keeps A), and the store
+    # tells the resend from a new version by the catalogue: nothing new is stored, no stored event is published.
     res = stack.storescu(tmp_path / "study")
     assert res.returncode == 0
+    wait_for(lambda: _stream_messages(nats_server.url, "DICOM") == 100, 20, what="the resend's 50 receipts")
+    wait_for(lambda: _consumers_drained(nats_server.url, "DICOM"), 30, what="the store to handle the resend")
     assert stack.instances_of(study_uid) == 50
-    assert _stream_messages(nats_server.url, "DICOM") == 50
+    assert _stream_messages(nats_server.url, "DICOM_EVENTS", "dicom.stored.>") == 50
     assert len(list(objects.glob("??/*"))) == 50
 
 
@@ -102,8 +118,12 @@ def test_nats_down_mid_study_answers_a700_and_loses_nothing(tmp_path, stack_fact
         wait_for(lambda: scu_send(stack.port, datasets[:1]) == [0], 30, interval=1, what="ingest reconnected")
         assert scu_send(stack.port, datasets) == [0] * 30
         wait_for(lambda: stack.instances_of(study_uid) == 30, 60, what="all 30 stored after recovery")
+        # Each receipt is an event (15 + the probe(s) + 30), each instance is stored once.
         status = json.loads(stack.cli("status", "--json").stdout)
-        assert status["stream"]["messages"] == 30  # de-duplicated: each instance once
+        assert status["stream"]["messages"] >= 46
+        wait_for(lambda: _consumers_drained(server.url, "DICOM"), 30, what="the store to handle the resend")
+        assert _stream_messages(server.url, "DICOM_EVENTS", "dicom.stored.>") == 30
+        assert stack.instances_of(study_uid) == 30
     finally:
         server.kill()
 

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,6 +216,7 @@ class Intake:
         event = InstanceReceived(tags=tags, transfer_syntax_uid=rcv.transfer_syntax, digest=digest,
                                  size=size, backend=self.staging.name, calling_ae=rcv.calling_ae,
                                  called_ae=rcv.called_ae, received_at=utcnow(), receiver=self.receiver,
+                                 receipt=uuid.uuid4().hex,
                                  tenant=rcv.tenant if rcv.tenant is not None
                                  else self.tenant_of(rcv.calling_ae, tags.institution_name) or "")
         t0 = time.perf_counter()

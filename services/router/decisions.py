@@ -17,7 +17,7 @@ from shared.config import CompletionConfig, ForwardConfig
 from shared.contract.events import InstanceReceived
 
 from .assignment import choose
-from .completion import Arrival, StudyState, record_arrival
+from .completion import RECENT, Arrival, StudyState, record_arrival
 from .rules import Rule, completion_for
 
 # --- route planning: the rules matched by one instance -> what to do ---------------------------------------------
@@ -47,20 +47,21 @@ def forwarding(matched: Iterable[Rule], when: str) -> list[Rule]:
     return [r for r in matched if r.action == "forward" and r.when == when]
 
 
-def arrival_of(event: InstanceReceived, seq: int) -> Arrival:
-    """The instance event at stream sequence ``seq`` as the completion logic sees it."""
+def arrival_of(event: InstanceReceived, seq: int, replaces: bool = False) -> Arrival:
+    """The instance event at stream sequence ``seq`` as the completion logic sees it (``replaces``: it
+    brings another version of an instance received before)."""
     t = event.tags
     return Arrival(t.study_uid, t.series_uid, t.sop_uid, event.digest, seq, t.series_description, t.modality,
-                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, event.tenant)
+                   t.patient_id, t.accession_number, event.calling_ae, t.institution_name, event.tenant, replaces)
 
 
 def plan_instance(matched: Sequence[Rule], event: InstanceReceived, seq: int,
-                  default_completion: CompletionConfig) -> InstancePlan:
+                  default_completion: CompletionConfig, replaces: bool = False) -> InstancePlan:
     """What the rules ``matched`` by an instance event ask for (``drop`` asks for nothing)."""
     forwards = tuple(Forward(dest, r.name) for r in forwarding(matched, "instance") for dest in r.to)
     quarantines = tuple(r.name for r in matched if r.action == "quarantine")
     return InstancePlan(forwards, quarantines, completion_for(matched, default_completion),
-                        bool(forwarding(matched, "complete")), arrival_of(event, seq))
+                        bool(forwarding(matched, "complete")), arrival_of(event, seq, replaces))
 
 
 class Routed(NamedTuple):
@@ -82,13 +83,14 @@ def newly_routed(before: StudyState | None, routed: Iterable[Routed]) -> list[Ro
     return out
 
 
-def record_instance(state: StudyState | None, plan: InstancePlan, now: float, routed: Sequence[Routed]
-                    ) -> tuple[StudyState | None, list[Routed]]:
-    """The study state after the instance (None: nothing to write) and the destinations to announce.
+def record_instance(state: StudyState | None, plan: InstancePlan, now: float, routed: Sequence[Routed],
+                    recent: int = RECENT) -> tuple[StudyState | None, list[Routed]]:
+    """The study state after the instance (None: nothing to write) and the destinations to announce
+    (``recent``: how many instances the state remembers).
 
     Without side effects, so a compare-and-set loop can run it again on the state it re-read.
     """
-    after, changed = record_arrival(state, plan.arrival, now, plan.policy, plan.on_complete)
+    after, changed = record_arrival(state, plan.arrival, now, plan.policy, plan.on_complete, recent)
     fresh = newly_routed(state, routed)
     after.targets.extend(r.target for r in fresh)
     return (after if changed or fresh else None), fresh

@@ -26,10 +26,32 @@ def study_filter(study_uid: str, partitions: int) -> str:
     return f"{subjects.PART_PREFIX}.{partition_of(study_uid, partitions)}.{uid_token(study_uid)}.*"
 
 
+def instance_filter(study_uid: str, sop_uid: str, partitions: int) -> str:
+    """The stored subject of every event of one instance of a study."""
+    return f"{subjects.PART_PREFIX}.{partition_of(study_uid, partitions)}.{uid_token(study_uid)}.{uid_token(sop_uid)}"
+
+
 async def study_events(nc: NATS, stream: str, partitions: int, study_uid: str,
                        after_seq: int = 0) -> AsyncIterator[tuple[int, InstanceReceived]]:
     """(stream sequence, event) of every instance of the study stored after ``after_seq``, in order."""
-    filt = study_filter(study_uid, partitions)
+    async for found in _events(nc, stream, study_filter(study_uid, partitions), after_seq):
+        yield found
+
+
+async def earlier_digests(nc: NATS, stream: str, partitions: int, study_uid: str, sop_uid: str,
+                          before_seq: int, tenant: str = "") -> list[str]:
+    """The digests of the instance's events of ``tenant`` stored before ``before_seq``, oldest first (usually
+    none: one stream lookup by the subject index)."""
+    out = []
+    async for seq, event in _events(nc, stream, instance_filter(study_uid, sop_uid, partitions), 0):
+        if seq >= before_seq:
+            break
+        if event.tenant == tenant:
+            out.append(event.digest)
+    return out
+
+
+async def _events(nc: NATS, stream: str, filt: str, after_seq: int) -> AsyncIterator[tuple[int, InstanceReceived]]:
     seq = after_seq + 1
     while True:
         try:

@@ -5,6 +5,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared.telemetry import LATENCY_BUCKETS
 
 instances = Counter("dicomflow_router_instances_total", "Instance events handled, by outcome (new/duplicate)", ["outcome"])
+verdicts = Counter("dicomflow_router_verdicts_total", "What an instance event brings (new/replaces/duplicate), by where it was told (memory: the study state; stream: the instance's earlier events)", ["verdict", "source"])
 actions = Counter("dicomflow_router_actions_total", "Rule actions taken, by rule and action", ["rule", "action"])
 forwarded = Counter("dicomflow_router_forwarded_total", "Instances sent, by target", ["target"])
 forwarded_bytes = Counter("dicomflow_router_forwarded_bytes_total", "Bytes sent, by target", ["target"])

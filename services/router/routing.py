@@ -7,7 +7,11 @@ Completion: on-complete forwards (the study's events read back from the stream) 
 the generation marked done. Publishing before marking makes a crash in between harmless: the next
 member publishes again and JetStream drops the duplicate.
 
-Every step is idempotent: JetStream redelivers after a crash, out of order.
+Every step is idempotent: JetStream redelivers after a crash, out of order. Every receipt of an
+instance is an event of its own: one that brings the bytes the study already holds for that instance
+(a resend, whenever it comes) is recognised before anything is queued (the study's recent memory, then
+the instance's earlier events in the stream) and forwards nothing, nor re-opens a completed study; a
+new version is forwarded and re-opens it. Study walks forward each instance's last version once.
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ from shared.contract.events import (
 )
 
 from . import metrics
-from .completion import Decision, StudyState, Summary, due, mark_completed, summarize
+from .completion import (
+    Decision,
+    StudyState,
+    Summary,
+    due,
+    latest_versions,
+    mark_completed,
+    recent_verdict,
+    summarize,
+    verdict_from_history,
+)
 from .decisions import (
     Keep,
     Move,
@@ -45,7 +59,7 @@ from .decisions import (
     record_instance,
     resolve_assignment,
 )
-from .history import study_events
+from .history import earlier_digests, study_events
 from .rules import Rule, RuleSet, facts_of
 from .state import Assignments, Health, StudyBook
 
@@ -53,12 +67,12 @@ log = logging.getLogger("dicomflow.router")
 tracer = trace.get_tracer("dicomflow.router")
 
 
-def job_for(event: InstanceReceived, target: str, group: str, rule: str) -> ForwardJob:
-    """The forward job of one instance to one target."""
+def job_for(event: InstanceReceived, target: str, group: str, rule: str, seq: int = 0) -> ForwardJob:
+    """The forward job of one instance (its event at stream sequence ``seq``) to one target."""
     t = event.tags
     return ForwardJob(target=target, group=group, rule=rule, study_uid=t.study_uid, series_uid=t.series_uid,
                       sop_uid=t.sop_uid, sop_class_uid=t.sop_class_uid, transfer_syntax_uid=event.transfer_syntax_uid,
-                      digest=event.digest, size=event.size, backend=event.backend)
+                      digest=event.digest, size=event.size, backend=event.backend, source_seq=seq)
 
 
 def _ts(epoch: float) -> datetime:
@@ -116,24 +130,46 @@ class Router:
         span.set_attribute("router.rules", ",".join(r.name for r in matched))
         for rule in matched:
             metrics.actions.labels(rule.name, rule.action).inc()
-        plan = plan_instance(matched, event, seq, self.config.router.completion)
+        recent = self.config.router.recent_instances
+        state, rev = await self.book.get(t.study_uid)
+        verdict = await self.verdict(event, seq, state, recent)
+        span.set_attribute("router.verdict", verdict)
+        if verdict == "duplicate":  # a resend of the version held: nothing to forward, nothing re-opens
+            metrics.instances.labels("duplicate").inc()
+            return
+        plan = plan_instance(matched, event, seq, self.config.router.completion, replaces=verdict == "replaces")
         routed = []
         for fwd in plan.forwards:
-            target, group = await self.enqueue(fwd.dest, fwd.rule, event)
+            target, group = await self.enqueue(fwd.dest, fwd.rule, event, seq)
             routed.append(Routed(target, group, fwd.rule))
         for rule_name in plan.quarantines:
             await self.quarantine(rule_name, event)
         now = time.time()
-        before, after = await self.book.update(t.study_uid, lambda st: record_instance(st, plan, now, routed)[0])
+        before, after = await self.book.update(t.study_uid,
+                                               lambda st: record_instance(st, plan, now, routed, recent)[0],
+                                               read=(state, rev))
         metrics.instances.labels("new" if after is not None else "duplicate").inc()
         for target, group, rule_name in (newly_routed(before, routed) if after is not None else ()):
             await self.announce_routed(t.study_uid, target, group, rule_name)
 
-    async def enqueue(self, dest: str, rule: str, event: InstanceReceived) -> tuple[str, str]:
+    async def verdict(self, event: InstanceReceived, seq: int, state: StudyState | None, recent: int) -> str:
+        """Whether the event brings a new instance ("new"), another version of one ("replaces"), or the bytes
+        the study holds for it again ("duplicate"): the study's memory (``state``, of ``recent`` instances)
+        first, the instance's earlier events in the stream where that cannot tell."""
+        t = event.tags
+        verdict, source = recent_verdict(state, t.sop_uid, event.digest, recent, event.tenant), "memory"
+        if verdict == "unknown":
+            digests = await earlier_digests(self.nc, self.config.stream.name, self.config.stream.partitions,
+                                            t.study_uid, t.sop_uid, seq, event.tenant) if seq else []
+            verdict, source = verdict_from_history(digests, event.digest), "stream"
+        metrics.verdicts.labels(verdict, source).inc()
+        return verdict
+
+    async def enqueue(self, dest: str, rule: str, event: InstanceReceived, seq: int = 0) -> tuple[str, str]:
         """Put the instance on the queue of ``dest`` (a group resolves to the study's member); returns (target, group)."""
         group = dest if dest in self.config.router.groups else ""
         target = await self.assign(group, event.tags.study_uid) if group else dest
-        job = job_for(event, target, group, rule)
+        job = job_for(event, target, group, rule, seq)
         await publish_event(self.js, job, self.timeout)
         return target, group
 
@@ -220,14 +256,20 @@ class Router:
     async def resend_study(self, study_uid: str, group: str, target: str, after_seq: int = 0) -> int:
         """Queue every instance of the study that a streaming rule sends to ``group`` again, to ``target``."""
         n = 0
-        async for _, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
-                                           study_uid, after_seq):
+        for seq, event in await self._latest_events(study_uid, after_seq):
             for rule in self._forwarding(event, "instance"):
                 if group in rule.to:
-                    job = job_for(event, target, group, rule.name)
+                    job = job_for(event, target, group, rule.name, seq)
                     await publish_event(self.js, job, self.timeout)
                     n += 1
         return n
+
+    async def _latest_events(self, study_uid: str, after_seq: int = 0) -> list[tuple[int, InstanceReceived]]:
+        """(seq, event) of the last version of each instance of the study whose event is after ``after_seq``
+        (the walk starts at the beginning: a resend after ``after_seq`` of a version before it is no version)."""
+        events = [(seq, e.tags.sop_uid, e.digest, e) async for seq, e in study_events(
+            self.nc, self.config.stream.name, self.config.stream.partitions, study_uid)]
+        return [(seq, e) for seq, e in latest_versions(events) if seq > after_seq]
 
     def _forwarding(self, event: InstanceReceived, when: str) -> list[Rule]:
         return forwarding(self.rules.evaluate(facts_of(event.tags, event.calling_ae, event.called_ae)), when)
@@ -274,15 +316,14 @@ class Router:
         items = []
         n = 0
         routed: dict[str, tuple[str, str]] = {}
-        async for seq, event in study_events(self.nc, self.config.stream.name, self.config.stream.partitions,
-                                             st.study_uid):
+        for seq, event in await self._latest_events(st.study_uid):
             t = event.tags
             items.append((seq, t.series_uid, t.sop_uid, event.digest, t.series_description, t.modality))
             if not forward or seq <= st.seq_at_complete:
                 continue
             for rule in self._forwarding(event, "complete"):
                 for dest in rule.to:
-                    target, group = await self.enqueue(dest, rule.name, event)
+                    target, group = await self.enqueue(dest, rule.name, event, seq)
                     routed.setdefault(target, (group, rule.name))
                     n += 1
         for target, (group, rule) in routed.items():

@@ -45,15 +45,17 @@ class StudyBook:
             return None, 0
         return StudyState.model_validate_json(entry.value), entry.revision
 
-    async def update(self, study_uid: str, change: Callable[[StudyState | None], StudyState | None]
-                     ) -> tuple[StudyState | None, StudyState | None]:
+    async def update(self, study_uid: str, change: Callable[[StudyState | None], StudyState | None],
+                     read: tuple[StudyState | None, int] | None = None) -> tuple[StudyState | None, StudyState | None]:
         """Apply ``change`` with compare-and-set, retrying on conflicts; returns (before, after).
 
-        ``change`` returns None for "nothing to write" (after is then None).
+        ``change`` returns None for "nothing to write" (after is then None). ``read``: the state and revision
+        the caller just got, tried first (a conflict re-reads).
         """
         key = self.key(study_uid)
         for _ in range(100):
-            before, rev = await self.get(study_uid)
+            before, rev = read if read is not None else await self.get(study_uid)
+            read = None
             after = change(before)
             if after is None:
                 return before, None

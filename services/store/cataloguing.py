@@ -58,9 +58,10 @@ def _fallback(event: InstanceReceived, why: str) -> dict:
 
 
 def catalogue_entry(store: ObjectStore, event: InstanceReceived, tenant: str, policy: str, placements: list[str],
-                    stored_at: str) -> CatalogueEntry:
-    """The catalogue entry of a placed instance (blocking: reads the object's head)."""
+                    stored_at: str, source_seq: int = 0) -> CatalogueEntry:
+    """The catalogue entry of a placed instance (blocking: reads the object's head); ``source_seq``: the
+    stream sequence of its event (0 where unknown: a reindex)."""
     facts = InstanceFacts(tenant=tenant, transfer_syntax_uid=event.transfer_syntax_uid, digest=event.digest,
                           size=event.size, policy=policy, placements=tuple(placements), calling_ae=event.calling_ae,
-                          received_at=event.received_at.isoformat(), stored_at=stored_at)
+                          received_at=event.received_at.isoformat(), stored_at=stored_at, source_seq=source_seq)
     return entry_from_model(model_of(store, event), facts)

@@ -4,7 +4,7 @@ from prometheus_client import Counter, Histogram
 
 from shared.telemetry import LATENCY_BUCKETS
 
-instances = Counter("dicomflow_store_instances_total", "Instance events handled, by outcome (new/same/replaced/rejected)", ["outcome"])
+instances = Counter("dicomflow_store_instances_total", "Instance events handled, by outcome (new/replaced/same/resent/stale/rejected)", ["outcome"])
 bytes_written = Counter("dicomflow_store_bytes_total", "Bytes written to placements, by backend", ["backend"])
 failures = Counter("dicomflow_store_failures_total", "Failed attempts (retried by redelivery), by stage", ["stage"])
 place_seconds = Histogram("dicomflow_store_place_seconds", "Writing an instance to all placements of its policy", buckets=LATENCY_BUCKETS)

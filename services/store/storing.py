@@ -1,8 +1,14 @@
-"""The store's handling of one instance event: policy -> placements -> catalogue -> stored event.
+"""The store's handling of one instance event: versions -> policy -> placements -> catalogue -> stored event.
 
 Idempotent: a redelivered event finds its objects present (content-addressed) and its catalogue row
 unchanged, and re-publishes the stored event under the same Nats-Msg-Id (de-duplicated). Any
 failure raises, so the event is redelivered rather than acknowledged.
+
+Versions: every receipt of an instance is an event of its own (the ingest's ``receipt``), so the
+catalogue, not JetStream's duplicate window, tells a version from a resend, whatever the time between
+them (:func:`~shared.catalogue.sql.version_outcome`): the same bytes again are recorded once and publish
+no second stored event, and an older version redelivered after a newer one changes nothing (the last
+version answered with success wins). Both are settled before anything is written.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from opentelemetry import trace
 
 from shared.bus.delivery import Delivery
 from shared.bus.publish import AsyncPublisher
-from shared.catalogue.sql import SqlCatalogue
+from shared.catalogue.sql import SqlCatalogue, version_outcome
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, Capability, ObjectMissing
@@ -43,6 +49,7 @@ class _Item:
     policy: str
     placements: list[str]
     span: trace.Span
+    seq: int = 0  # stream sequence of the event: which of two versions was answered last
     stored_at: datetime | None = None
     recorded: Recorded | None = None
 
@@ -93,12 +100,45 @@ class Storer:
                 except Exception as exc:
                     outcomes[i] = exc
                 continue
-            work.append(_Item(i, event, tenant, policy, placements_of(self.config.storage, policy), span))
+            work.append(_Item(i, event, tenant, policy, placements_of(self.config.storage, policy), span,
+                              d.stream_seq))
+        work = await self._current_versions(work, outcomes)
         await self._place_batch(work, outcomes)
         await self._index_batch(work, outcomes)
         await self._publish_batch(work, outcomes)
         await self._apply_rejection_notes(work, outcomes)
         return outcomes
+
+    async def _current_versions(self, work: list[_Item], outcomes: list[BaseException | None]) -> list[_Item]:
+        """The items that bring a version the catalogue does not hold (or a redelivery of the event that
+        brought it); a resend of the held bytes or an older version is acknowledged here and goes no further."""
+        if not work:
+            return work
+        try:
+            held: dict[tuple[str, str], tuple[str, int]] = {}
+            for tenant in {it.tenant for it in work}:
+                sops = [it.event.tags.sop_uid for it in work if it.tenant == tenant]
+                found = await asyncio.to_thread(self.catalogue.versions, tenant, sops)
+                held.update(((tenant, sop), v) for sop, v in found.items())
+        except Exception as exc:
+            metrics.failures.labels("versions").inc()
+            for it in work:
+                outcomes[it.index] = exc
+            return []
+        keep = []
+        for it in work:  # in stream order: a later item of the batch sees the version an earlier one brings
+            key = (it.tenant, it.event.tags.sop_uid)
+            outcome = version_outcome(held.get(key), it.event.digest, it.seq).outcome
+            if outcome in ("resent", "stale"):
+                metrics.instances.labels(outcome).inc()
+                log.info("instance %s (%s, stream sequence %d): %s, nothing to store", it.event.tags.sop_uid,
+                         it.event.digest[:16], it.seq, "the version held, received again" if outcome == "resent"
+                         else f"older than the version held ({held[key][0][:16]}, sequence {held[key][1]})")
+                it.span.set_attribute("store.outcome", outcome)
+                continue
+            held[key] = (it.event.digest, it.seq)
+            keep.append(it)
+        return keep
 
     async def _apply_rejection_notes(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
         """Stored rejection notes (KOS titled with a rejection code of CID 7010) delete what they reference, after the note is stored."""
@@ -222,7 +262,7 @@ class Storer:
     def _entries(self, items: list[_Item]):
         """The catalogue entries of placed instances, each from its object's head in staging (blocking)."""
         return [catalogue_entry(self.backends.get(it.event.backend), it.event, it.tenant, it.policy, it.placements,
-                                it.stored_at.isoformat()) for it in items]
+                                it.stored_at.isoformat(), it.seq) for it in items]
 
     def _keeps_study_index(self, name: str) -> bool:
         return Capability.STUDY_INDEX in self.backends.get(name).capabilities
@@ -251,14 +291,16 @@ class Storer:
         return errors
 
     async def _publish_batch(self, work: list[_Item], outcomes: list[BaseException | None]) -> None:
-        ready = [it for it in work if outcomes[it.index] is None and it.recorded is not None]
+        # A version another writer recorded meanwhile ("resent", "stale") publishes nothing.
+        ready = [it for it in work if outcomes[it.index] is None and it.recorded is not None
+                 and it.recorded.outcome in ("new", "replaced", "same")]
         coros = []
         for it in ready:
             t, e = it.event.tags, it.event
             stored = InstanceStored(tags=t, transfer_syntax_uid=e.transfer_syntax_uid, digest=e.digest, size=e.size,
                                     policy=it.policy, placements=it.placements, calling_ae=e.calling_ae,
                                     stored_at=it.stored_at, replaced_digest=it.recorded.replaced_digest,
-                                    tenant=it.tenant)
+                                    tenant=it.tenant, source_seq=it.seq)
             coros.append(self.publisher.publish(stored, span=it.span))
         # gather starts them in order: the stored events of a partition are published in its order.
         results = await asyncio.gather(*coros, return_exceptions=True)

@@ -36,6 +36,7 @@ class InstanceFacts:
     calling_ae: str
     received_at: str
     stored_at: str
+    source_seq: int = 0  # stream sequence of the InstanceReceived that brought this version (0: unknown)
 
 
 @dataclass(frozen=True)

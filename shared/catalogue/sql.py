@@ -41,7 +41,7 @@ from shared.contract.uids import uid_url
 
 log = logging.getLogger("dicomflow.catalogue")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: instances.source_seq and replaced_digest (versions of an instance)
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS catalogue_schema (version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS studies (tenant TEXT NOT NULL, study_uid TEXT NOT NULL, "
@@ -61,7 +61,7 @@ SCHEMA = [
     + ", ".join(f"{c} {'TEXT' if c == 'sop_class_uid' else 'INTEGER'}" for c in INSTANCE_COLUMNS)
     + ", transfer_syntax_uid TEXT NOT NULL, digest TEXT NOT NULL, size BIGINT NOT NULL, policy TEXT NOT NULL,"
     " placements TEXT NOT NULL, calling_ae TEXT, received_at TEXT, stored_at TEXT NOT NULL, metadata TEXT NOT NULL,"
-    " PRIMARY KEY (tenant, sop_uid))",
+    " source_seq BIGINT NOT NULL DEFAULT 0, replaced_digest TEXT, PRIMARY KEY (tenant, sop_uid))",
     "CREATE INDEX IF NOT EXISTS instances_by_series ON instances (tenant, study_uid, series_uid, instance_number)",
     # A deletion asks which other instances (any tenant) hold the same bytes before an object goes.
     "CREATE INDEX IF NOT EXISTS instances_by_digest ON instances (digest)",
@@ -94,16 +94,49 @@ def prefix_indexes(pattern_ops: str = "") -> list[str]:
 _ALIAS = {STUDY: "s", SERIES: "se", INSTANCE: "i"}
 _LIST_SEPARATOR = "|"  # in modalities / sop_classes: "|CT|SR|" (not "\\", the LIKE escape character)
 _WORDS = {"patient_name": "patient_name_words", "referring_physician_name": "referring_physician_words"}
-_INSTANCE_FIELDS = ("transfer_syntax_uid", "digest", "size", "policy", "placements", "calling_ae", "received_at",
-                    "stored_at", "metadata")
+_ROW_FIELDS = ("transfer_syntax_uid", "digest", "size", "policy", "placements", "calling_ae", "received_at",
+               "stored_at")  # what retrieval and the CLI read of an instance
+_INSTANCE_FIELDS = (*_ROW_FIELDS, "metadata", "source_seq", "replaced_digest")
+# Schema 1 -> 2: the version of each instance (sequence 0: older than any event; what it replaced: unknown).
+_MIGRATE_TO_2 = ("ALTER TABLE instances ADD COLUMN source_seq BIGINT NOT NULL DEFAULT 0",
+                 "ALTER TABLE instances ADD COLUMN replaced_digest TEXT")
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """What recording an instance did."""
+    """What recording an instance did (:func:`version_outcome`)."""
 
-    outcome: str  # "new", "same" or "replaced"
+    outcome: str  # "new", "replaced", "same", "resent" or "stale"
     replaced_digest: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the catalogue now holds this version where it held none or another."""
+        return self.outcome in ("new", "replaced")
+
+
+def version_outcome(current: tuple[str, int] | None, digest: str, seq: int,
+                    held_replaced: str | None = None) -> Recorded:
+    """What an instance version (``digest``, received at stream sequence ``seq``) does to the version the
+    catalogue holds (``current``: its digest and sequence; None: none; ``held_replaced``: the digest that
+    version replaced, so a redelivery of its event says it again).
+
+    The last version answered with success wins: that is the one with the highest sequence, since the
+    ingest answers only after JetStream stored its event. So an older version redelivered after a newer
+    one was recorded is *stale* and changes nothing; the same bytes again are *same* (a redelivery of
+    the event that recorded them) or *resent* (another receipt of them: recorded once). Sequence 0 (an
+    event of a version before sequences were kept, or a row recorded then) is older than any other.
+    """
+    if current is None:
+        return Recorded("new")
+    held, held_seq = current
+    if held == digest:
+        if seq == held_seq or not seq or not held_seq:
+            return Recorded("same", held_replaced)
+        return Recorded("resent")
+    if seq and seq < held_seq:
+        return Recorded("stale")
+    return Recorded("replaced", held)
 
 
 @dataclass(frozen=True)
@@ -195,8 +228,13 @@ class SqlCatalogue:
             for statement in [*SCHEMA, *prefix_indexes(self.dialect.pattern_ops)]:
                 cur.execute(statement)
             cur.execute("SELECT version FROM catalogue_schema")
-            if cur.fetchone() is None:
+            row = cur.fetchone()
+            if row is None:
                 cur.execute(self._sql("INSERT INTO catalogue_schema VALUES (?)"), (SCHEMA_VERSION,))
+            elif row[0] < 2:
+                for statement in _MIGRATE_TO_2:
+                    cur.execute(statement)
+                cur.execute(self._sql("UPDATE catalogue_schema SET version = ?"), (SCHEMA_VERSION,))
         self._transaction(create)
 
     def close(self) -> None:
@@ -224,31 +262,35 @@ class SqlCatalogue:
 
     def _record(self, cur, entries: list[CatalogueEntry]) -> list[Recorded]:
         q = self._sql
-        known: dict[tuple[str, str], tuple[str, str, str]] = {}
+        known: dict[tuple[str, str], tuple[str, str, str, int, str | None]] = {}
         for entry in entries:
-            cur.execute(q("SELECT digest, study_uid, series_uid FROM instances WHERE tenant = ? AND sop_uid = ?"),
-                        (entry.tenant, entry.sop_uid))
+            cur.execute(q("SELECT digest, study_uid, series_uid, source_seq, replaced_digest FROM instances"
+                          " WHERE tenant = ? AND sop_uid = ?"), (entry.tenant, entry.sop_uid))
             row = cur.fetchone()
             if row is not None:
                 known[(entry.tenant, entry.sop_uid)] = row
         results: list[Recorded] = []
-        writes: dict[tuple[str, str], CatalogueEntry] = {}
+        writes: dict[tuple[str, str], tuple[CatalogueEntry, str | None]] = {}  # the entry, the digest it replaces
         for entry in entries:
             key = (entry.tenant, entry.sop_uid)
-            earlier = writes.get(key)
-            previous = (earlier.facts.digest,) if earlier is not None else known.get(key)
-            if previous is not None and previous[0] == entry.facts.digest:
-                results.append(Recorded("same"))
-                continue
-            results.append(Recorded("replaced", previous[0]) if previous is not None else Recorded("new"))
-            writes[key] = entry
+            if key in writes:
+                earlier, replaced = writes[key]
+                current, held_replaced = (earlier.facts.digest, earlier.facts.source_seq), replaced
+            elif key in known:
+                current, held_replaced = (known[key][0], known[key][3]), known[key][4]
+            else:
+                current, held_replaced = None, None
+            recorded = version_outcome(current, entry.facts.digest, entry.facts.source_seq, held_replaced)
+            results.append(recorded)
+            if recorded.changed:
+                writes[key] = (entry, recorded.replaced_digest)
         if not writes:
             return results
-        touched_studies = {(e.tenant, e.study_uid): e for e in writes.values()}
-        touched_series = {(e.tenant, e.study_uid, e.series_uid): e for e in writes.values()}
-        for key, entry in writes.items():  # an instance that moves leaves a series and a study to recount
-            if key in known and known[key][1:] != (entry.study_uid, entry.series_uid):
-                _, old_study, old_series = known[key]
+        touched_studies = {(e.tenant, e.study_uid): e for e, _ in writes.values()}
+        touched_series = {(e.tenant, e.study_uid, e.series_uid): e for e, _ in writes.values()}
+        for key, (entry, _) in writes.items():  # an instance that moves leaves a series and a study to recount
+            if key in known and known[key][1:3] != (entry.study_uid, entry.series_uid):
+                old_study, old_series = known[key][1:3]
                 touched_studies.setdefault((entry.tenant, old_study), None)
                 touched_series.setdefault((entry.tenant, old_study, old_series), None)
         study_cols = ("tenant", "study_uid", *STUDY_COLUMNS, "patient_name_words", "referring_physician_words",
@@ -271,12 +313,12 @@ class SqlCatalogue:
             cur.execute(q(_upsert("series", series_cols, ("tenant", "study_uid", "series_uid"))), values)
         instance_cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS)
         for key in sorted(writes):
-            entry = writes[key]
+            entry, replaced = writes[key]
             f = entry.facts
             values = (entry.tenant, entry.sop_uid, entry.study_uid, entry.series_uid,
                       *(entry.instance[c] for c in INSTANCE_COLUMNS), f.transfer_syntax_uid, f.digest, f.size,
                       f.policy, json.dumps(list(f.placements)), f.calling_ae, f.received_at, f.stored_at,
-                      entry.metadata)
+                      entry.metadata, f.source_seq, replaced)
             cur.execute(q(_upsert("instances", instance_cols, ("tenant", "sop_uid"))), values)
         self._recount(cur, touched_series, touched_studies)
         return results
@@ -370,6 +412,18 @@ class SqlCatalogue:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def versions(self, tenant: str, sop_uids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """(digest, source sequence) of the version held of each of ``sop_uids`` that the catalogue has."""
+        out: dict[str, tuple[str, int]] = {}
+        uids = list(dict.fromkeys(sop_uids))
+        for start in range(0, len(uids), 500):
+            part = uids[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            for sop, digest, seq in self._read(f"SELECT sop_uid, digest, source_seq FROM instances WHERE tenant = ?"
+                                               f" AND sop_uid IN ({marks})", (tenant, *part)):
+                out[sop] = (digest, int(seq))
+        return out
+
     def search(self, query: Query, tenant: str | None, max_results: int, base_url: str = "") -> list[dict]:
         """The DICOM JSON objects matching ``query`` within ``tenant`` (None: every tenant, for administrators).
 
@@ -435,7 +489,7 @@ class SqlCatalogue:
         return self._instance_rows(conditions, params)
 
     def _instance_rows(self, conditions: list[str], params: list) -> list[dict]:
-        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_INSTANCE_FIELDS[:-1])
+        cols = ("tenant", "sop_uid", "study_uid", "series_uid", *INSTANCE_COLUMNS, *_ROW_FIELDS)
         rows = self._read(f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i WHERE {' AND '.join(conditions)}"
                           " ORDER BY i.study_uid, i.series_uid, COALESCE(i.instance_number, 2147483647), i.sop_uid",
                           params)

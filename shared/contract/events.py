@@ -87,8 +87,10 @@ class InstanceReceived(Event):
         "instance-received", f"{s.IN_PREFIX}.{{study}}.{{sop}}", "instances",
         "An instance's bytes are durable in the staging backend (claim-check: backend + blake3 digest). Published "
         f"by the ingest before it answers the modality; stored partitioned as {s.PART_PREFIX}.{{partition}}.{{study}}"
-        ".{sop}. Nats-Msg-Id = in:<SOPInstanceUID>:<digest prefix>. UIDs appear in subjects with '.' replaced by "
-        "'_' (and any character other than a letter or digit as '-' and its two hex digits)."),)
+        ".{sop}. Nats-Msg-Id = in:<tenant>:<SOPInstanceUID>:<digest prefix>:<receipt>: every receipt of an instance "
+        "is an event (the consumers tell a resend from a new version), a retried publish of one receipt is one. "
+        "UIDs appear in subjects with '.' replaced by '_' (and any character other than a letter or digit as '-' "
+        "and its two hex digits)."),)
     tags: InstanceTags
     transfer_syntax_uid: str
     digest: str = Field(description="blake3 hex digest of the data set bytes as received (no file meta)")
@@ -101,13 +103,22 @@ class InstanceReceived(Event):
     tenant: str = Field("", description="the institution the instance belongs to, from who sent it (the calling AE; "
                                         "InstitutionName only through a trusted gateway). Empty in events of "
                                         "versions before tenants: the store derives it the same way")
+    receipt: str = Field("", description="unique id of this receipt of the instance (a retried publish keeps it). "
+                                         "Empty in events of versions before it")
 
     def subject(self) -> str:
         return s.instance_in(self.tags.study_uid, self.tags.sop_uid)
 
     def msg_id(self) -> str:
-        """De-duplication id: the same bytes of the same SOP instance of one tenant are one event."""
-        return f"in:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}"
+        """De-duplication id: one receipt is one event, however often its publish is retried.
+
+        Not the bytes alone: the same SOP instance received as version A, then B, then A again must be
+        three events (the last answered with success wins), where an id of SOP + digest made JetStream drop
+        the third as a duplicate of the first. Telling a resend of the same bytes from a new version is the
+        consumers' business (the catalogue's versions, the router's study memory), whatever the time between.
+        """
+        receipt = f":{self.receipt}" if self.receipt else ""
+        return f"in:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}{receipt}"
 
 
 class InstanceStored(Event):
@@ -123,14 +134,19 @@ class InstanceStored(Event):
     placements: list[str]
     calling_ae: str
     stored_at: datetime
-    replaced_digest: str | None = Field(None, description="digest of an earlier, different version of this SOP instance")
+    replaced_digest: str | None = Field(None, description="digest of an earlier, different version of this SOP "
+                                                          "instance: this event replaces it")
     tenant: str = Field("", description="the institution the instance belongs to (see InstanceReceived.tenant)")
+    source_seq: int = Field(0, description="stream sequence of the InstanceReceived that brought this version: of "
+                                           "two stored events of one instance, the higher is the version held")
 
     def subject(self) -> str:
         return s.instance_stored(self.tags.study_uid, self.tags.sop_uid)
 
     def msg_id(self) -> str:
-        return f"stored:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}"
+        """One stored event per version received (A, B, A again: three), once however often it is redelivered."""
+        version = f":{self.source_seq}" if self.source_seq else ""
+        return f"stored:{_tenant_part(self.tenant)}{self.tags.sop_uid}:{self.digest[:32]}{version}"
 
 
 class InstanceRejected(Event):
@@ -202,13 +218,16 @@ class ForwardJob(Event):
     digest: str
     size: int
     backend: str
+    source_seq: int = Field(0, description="stream sequence of the InstanceReceived this job sends")
 
     def subject(self) -> str:
         return s.forward_job(self.target, self.study_uid, self.sop_uid)
 
     def msg_id(self) -> str:
-        """De-duplication id: one instance's bytes once per target."""
-        return f"out:{self.target}:{self.sop_uid}:{self.digest[:24]}"
+        """De-duplication id: one version received, once per target (the router sends a resend of the same
+        bytes nowhere; a version received again after another, A B A, is sent again)."""
+        version = f":{self.source_seq}" if self.source_seq else ""
+        return f"out:{self.target}:{self.sop_uid}:{self.digest[:24]}{version}"
 
 
 class DeadLetter(Event):

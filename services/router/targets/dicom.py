@@ -47,8 +47,9 @@ class DicomTarget(Target[DicomTargetConfig]):
         target = self.config
         with tempfile.TemporaryDirectory(prefix="dicomflow-fwd-") as tmp:
             files = []
-            for job, data in batch:
-                path = Path(tmp) / f"{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
+            for i, (job, data) in enumerate(batch):
+                # Numbered: two versions of one instance in a batch (A, B, A) are two files, sent in order.
+                path = Path(tmp) / f"{i:05d}-{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
                 path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
                 files.append(str(path))
             t = str(max(1, int(target.timeout_s)))

@@ -247,6 +247,12 @@ def one_pass(kind: str, files: list[Path], assocs: int, scratch: Path, workers: 
            "dicomflow-pynetdicom": lambda: Dicomflow(work, workers, engine="pynetdicom", overrides=overrides),
            "storescp": lambda: Storescp(work),
            "orthanc": lambda: Orthanc(work)}[kind]()
+    return timed_pass(kind, rcv, files, assocs)
+
+
+def timed_pass(kind: str, rcv, files: list[Path], assocs: int) -> float:
+    """Start ``rcv`` (a receiver not yet started), send ``files``, check every instance arrived, stop; returns
+    instances/s."""
     try:
         warm(files)
         rcv.start()

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._support import ensure_netns, log, stop_group  # noqa: E402
-from bench.ingest import SEND_ENV, Dicomflow, Orthanc, Storescp, count_files, dataset, send, warm  # noqa: E402
+from bench.ingest import SEND_ENV, Dicomflow, Orthanc, Storescp, count_files, dataset, send, timed_pass, warm  # noqa: E402
 from dicomflow.natsserver import free_port, wait_port  # noqa: E402
 
 RULES = """
@@ -207,18 +207,7 @@ def _throughput_pass(kind: str, files: list[Path], args: argparse.Namespace, scr
         rcv.expected = len(files)
     else:
         rcv = {"orthanc": lambda: Orthanc(work), "storescp": lambda: Storescp(work)}[kind]()
-    try:
-        warm(files)
-        rcv.start()
-        os.sync()
-        rcv.settle()
-        elapsed = send(files, rcv.port, rcv.aec, args.assocs)
-        got = rcv.count()
-        if got != len(files):
-            raise RuntimeError(f"{kind}: {got} of {len(files)} instances arrived")
-    finally:
-        rcv.stop()
-    return len(files) / elapsed
+    return timed_pass(kind, rcv, files, args.assocs)
 
 
 def ingest_throughput(args: argparse.Namespace, scratch: Path) -> dict:

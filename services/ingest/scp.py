@@ -104,6 +104,24 @@ _ABORT_REASONS = {pdu.ABORT_NOT_SPECIFIED: "not specified", pdu.ABORT_UNRECOGNIZ
 _TOO_MANY_CONNECTIONS = pdu.associate_rj(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT)
 
 
+def refuse_connection(request: socket.socket, client_address, open_now: int, answer: bool = True) -> None:
+    """A connection over ``ingest.max_connections``, refused from the accepting thread before anything of it is
+    read: counted, logged, and (``answer``) told A-ASSOCIATE-RJ transient, local limit exceeded (PS3.8 Table
+    9-21). Both engines; the caller closes it."""
+    metrics.rejected_associations.labels(reason="too many connections").inc()
+    log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
+                open_now)
+    if not answer:
+        return
+    try:
+        request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer here
+        request.send(_TOO_MANY_CONNECTIONS)
+        while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
+            pass
+    except OSError:
+        pass
+
+
 class StorageServer(socketserver.ThreadingTCPServer):
     """Accepts associations, one daemon thread each; several processes may share the port."""
 
@@ -171,16 +189,7 @@ class StorageServer(socketserver.ThreadingTCPServer):
         accepting thread and close, no handler thread, nothing of the peer's read."""
         if self._connections <= self.max_connections:
             return True
-        metrics.rejected_associations.labels(reason="too many connections").inc()
-        log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
-                    self._connections - 1)
-        try:
-            request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer here
-            request.send(_TOO_MANY_CONNECTIONS)
-            while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
-                pass
-        except OSError:
-            pass
+        refuse_connection(request, client_address, self._connections - 1)
         return False
 
     def shutdown_request(self, request: socket.socket) -> None:

@@ -31,11 +31,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_context, evt, t
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
-from services.ingest import metrics, pdu
+from services.ingest import metrics
 from services.ingest.commitment import Committer
 from services.ingest.find import FIND_TRANSFER_SYNTAXES, Finder
 from services.ingest.intake import Intake, Received
 from services.ingest.retrieve import Retriever
+from services.ingest.scp import refuse_connection
 from services.ingest.sop_classes import BEYOND_PYNETDICOM, STANDARD_STORAGE, private_classes
 from shared.audit import trail as audit
 from shared.audit.records import AssociationTally, association_rejected
@@ -49,8 +50,6 @@ from shared.storage.reading import Unavailable, locate
 from shared.tls import common_name
 
 log = logging.getLogger("dicomflow.ingest.scp")
-
-_TOO_MANY_CONNECTIONS = pdu.associate_rj(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT)
 
 _RECV_CHUNK = 256 * 1024
 _HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
@@ -108,17 +107,7 @@ class ReusePortServer(transport.ThreadedAssociationServer):
         limit exceeded, PS3.8 Table 9-21) in the clear; over TLS, whose handshake must not run here, closed."""
         if self.max_connections is None or len(self.active_associations) < self.max_connections:
             return True
-        metrics.rejected_associations.labels(reason="too many connections").inc()
-        log.warning("connection from %s refused: %d connections open (ingest.max_connections)", client_address[0],
-                    self.max_connections)
-        if not self.ssl_context:
-            try:
-                request.setblocking(False)  # a fresh socket's send buffer takes 10 bytes; never wait for a peer
-                request.send(_TOO_MANY_CONNECTIONS)
-                while request.recv(65536):  # what already came: closing on unread bytes resets, losing the RJ
-                    pass
-            except OSError:
-                pass
+        refuse_connection(request, client_address, self.max_connections, answer=not self.ssl_context)
         return False
 
     def server_bind(self) -> None:

@@ -65,13 +65,9 @@ class Retriever:
         Audited as the start of a transfer of those instances (or its refusal).
         """
         plan = self._plan(identifier, transfer_syntax, sop_class, calling_ae, move_destination)
-        dest = plan.destination
-        audit.emit(audit_records.retrieval(
-            audit_records.dicom_peer(calling_ae, "", True, "source"),
-            None if move_destination is None else audit_records.dicom_peer(
-                move_destination, dest.host if dest else "", False, "destination"),
-            self.finder.ae_title, plan.rows, "C-GET" if move_destination is None else "C-MOVE", plan.status,
-            plan.comment, tenant_of_ae(self.access, calling_ae) or ""))
+        requestor, destination, via, tenant = self._parties(plan, calling_ae, move_destination)
+        audit.emit(audit_records.retrieval(requestor, destination, self.finder.ae_title, plan.rows, via, plan.status,
+                                           plan.comment, tenant))
         return plan
 
     def _plan(self, identifier: bytes, transfer_syntax: str, sop_class: str, calling_ae: str,
@@ -107,13 +103,17 @@ class Retriever:
                  status: int) -> None:
         """Audit the end of a retrieval :meth:`plan` began: which instances reached the requestor (C-GET) or
         the destination (C-MOVE), and which did not."""
+        requestor, destination, via, tenant = self._parties(plan, calling_ae, move_destination)
+        audit.emit(audit_records.retrieved(requestor, destination, self.finder.ae_title, plan.rows, failed_uids, via,
+                                           status, tenant))
+
+    def _parties(self, plan: Plan, calling_ae: str, move_destination: str | None):
+        """The audit records' requestor, C-MOVE destination (None for a C-GET), kind and tenant of a retrieval."""
         dest = plan.destination
-        audit.emit(audit_records.retrieved(
-            audit_records.dicom_peer(calling_ae, "", True, "source"),
-            None if move_destination is None else audit_records.dicom_peer(
-                move_destination, dest.host if dest else "", False, "destination"),
-            self.finder.ae_title, plan.rows, failed_uids, "C-GET" if move_destination is None else "C-MOVE",
-            status, tenant_of_ae(self.access, calling_ae) or ""))
+        return (audit_records.dicom_peer(calling_ae, "", True, "source"),
+                None if move_destination is None else audit_records.dicom_peer(
+                    move_destination, dest.host if dest else "", False, "destination"),
+                "C-GET" if move_destination is None else "C-MOVE", tenant_of_ae(self.access, calling_ae) or "")
 
     @staticmethod
     def _refuse(kind: str, calling_ae: str, status: int, comment: str) -> Plan:

@@ -131,6 +131,17 @@ def query(requestor: AuditParticipant, our_ae: str, sop_class_uid: str, query_te
         tenant=tenant)
 
 
+def _transfer_participants(requestor: AuditParticipant, destination: AuditParticipant | None,
+                           our_ae: str) -> list[AuditParticipant]:
+    """Who takes part in a transfer from our AE: the requestor receives the instances itself (C-GET, WADO), or
+    names who does (C-MOVE: ``destination``)."""
+    participants = [dicom_peer(our_ae, "", False, "source"),
+                    requestor.model_copy(update={"role": "destination" if destination is None else "other"})]
+    if destination is not None:
+        participants.append(destination)
+    return participants
+
+
 def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None, our_ae: str, rows: Iterable[dict],
               via: str, status: int | None = None, comment: str = "", tenant: str = "") -> AuditRecord:
     """A C-GET, C-MOVE or WADO answer that starts sending ``rows`` (or refused with ``status``): PS3.15 Begin
@@ -139,11 +150,7 @@ def retrieval(requestor: AuditParticipant, destination: AuditParticipant | None,
     ``destination``: where the instances go when it is not the requestor (a C-MOVE's destination AE).
     """
     refused = status is not None and status != SUCCESS
-    # The requestor receives the instances itself (C-GET, WADO), or names who does (C-MOVE).
-    participants = [dicom_peer(our_ae, "", False, "source"),
-                    requestor.model_copy(update={"role": "destination" if destination is None else "other"})]
-    if destination is not None:
-        participants.append(destination)
+    participants = _transfer_participants(requestor, destination, our_ae)
     rows = list(rows)
     return AuditRecord(
         audit_id=_id(), kind="retrieve", action="E", outcome="minor-failure" if refused else "success",
@@ -159,10 +166,7 @@ def retrieved(requestor: AuditParticipant, destination: AuditParticipant | None,
     failed = set(failed_uids)
     rows = list(rows)
     sent = [r for r in rows if r.get("sop_uid") not in failed]
-    participants = [dicom_peer(our_ae, "", False, "source"),
-                    requestor.model_copy(update={"role": "destination" if destination is None else "other"})]
-    if destination is not None:
-        participants.append(destination)
+    participants = _transfer_participants(requestor, destination, our_ae)
     return AuditRecord(
         audit_id=_id(), kind="retrieved", action="R", outcome=_outcome(len(sent), len(rows) - len(sent)),
         outcome_description="" if status == SUCCESS else f"0x{status:04X}: {len(rows) - len(sent)} of {len(rows)} "

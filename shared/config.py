@@ -238,7 +238,7 @@ class StorageConfig(_Section):
 
 
 class GroupConfig(_Section):
-    ack_wait_s: float = Field(10, gt=0, description="Seconds before an unacknowledged event is redelivered: after a member is killed, how long the events it held wait for their new owner. A handler that runs longer keeps its events with in-progress acknowledgements every ack_wait_s / 3, so this need not cover the longest batch.")
+    ack_wait_s: float = Field(10, gt=0, description="Seconds before an unacknowledged event is redelivered: after a member is killed, how long the events it held wait for their new owner. A handler that runs longer keeps its events with in-progress acknowledgements every ack_wait_s / 3, so this need not cover the longest batch. The router's is also the ack wait of its forward queues (a target's jobs held by a killed router go out again after it), kept alive the same way while a batch is read and sent.")
     pinned_timeout_s: float = Field(10, gt=0, description="PinnedTTL: a silent owner loses its partition after this. A member that left the membership without unpinning (killed) loses its pins earlier: the partition's new owner takes them two heartbeats after the member's key expired.")
     member_ttl_s: float = Field(3, gt=0, description="Membership heartbeat TTL: a crashed member is forgotten after this.")
     heartbeat_s: float = Field(1, gt=0, description="Seconds between a member's heartbeats (and its reading of the membership); below member_ttl_s.")

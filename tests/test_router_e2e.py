@@ -6,9 +6,13 @@ back and join; study.complete fires once per study even when a router member die
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from pydicom import dcmread
@@ -282,6 +286,58 @@ def test_router_killed_in_quiet_period_complete_fires_once_and_study_forwarded(t
     updated = last_event(cluster.nats_url, f"dicom.study.updated.{uid_token(uid)}")
     assert (updated["generation"], updated["instances"]) == (2, 6)
     assert events_on(cluster.nats_url, f"dicom.study.complete.{uid_token(uid)}") == 1
+
+
+class _Silent:
+    """A peer that accepts connections and never answers: a send to it hangs until the target's timeout."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for c in [*self.accepted, self.sock]:
+            c.close()
+
+
+def test_router_killed_while_sending_its_jobs_go_out_after_the_short_ack_wait(tmp_path, cluster_factory):
+    """The jobs a router held when it was killed mid-send wait the group's ack wait (10 s here, kept alive by
+    in-progress acks while a send runs), not the longest send: with the 60 s target timeout the old queue's
+    ack wait was 180 s, longer than the chaos suite's settle time, and a forward looked lost."""
+    archive = Gateway(tmp_path, "ARCHIVE")
+    silent = _Silent(archive.port)
+    cluster = cluster_factory({"targets": {"ARCHIVE": {**archive.target(), "timeout_s": 60}}},
+                              "rules:\n  - {name: all, action: forward, to: ARCHIVE}\n")
+    cluster.start_ingest()
+    first = cluster.start_router()
+    studies = make_studies(tmp_path / "studies", 1, 3)
+    (uid, files), = studies.items()
+    sop_of = _sops(studies)
+    try:
+        cluster.send([files[0].parent])
+        wait_for(lambda: silent.accepted, 30, interval=0.1, what="the router sending to the silent peer")
+        time.sleep(4)  # past an in-progress ack: the send held its jobs beyond a third of the ack wait
+        cluster.kill(first)
+        killed_at = time.monotonic()
+        silent.close()
+        archive.start()
+        cluster.start_router()
+        wait_for(lambda: len(archive.received()) == 3, 60, interval=0.3, what="the held jobs forwarded")
+    except AssertionError:
+        print(cluster.logs())
+        raise
+    finally:
+        silent.close()
+        archive.kill()
+    waited = time.monotonic() - killed_at
+    assert waited < 40, f"the killed router's jobs waited {waited:.0f} s"
+    _assert_whole_and_identical([archive], studies, sop_of)
 
 
 def test_dead_letters_listed_and_replayed(tmp_path, cluster_factory, gateways):

@@ -1,7 +1,8 @@
 """One target's forwarder: pulls its queue, sends batches, retries with backoff, dead-letters.
 
 Each target has its own durable consumer on ROUTER_OUT, so a dead destination only fills its own
-queue. A failed batch is negatively acknowledged per instance with an exponential delay; after
+queue. Its ack wait is the router group's short ``ack_wait_s``, kept alive by in-progress acks while a batch is
+read and sent, so the jobs a killed router held go out again within seconds, not after the longest send. A failed batch is negatively acknowledged per instance with an exponential delay; after
 ``forward.max_attempts`` an instance goes to DICOM_DLQ with a ``dicom.forward.failed`` event.
 A job whose study was moved to another member of its group (reassign) is handed on to that member.
 What a failure becomes is decided by ``decisions.settle_failure``; of its router member a forwarder
@@ -21,7 +22,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from shared.bus.connection import publish_event
-from shared.bus.delivery import Delivery, decode, finish
+from shared.bus.delivery import Delivery, InProgress, decode, finish
 from shared.bus.jetstream import ensure_consumer
 from shared.config import Config
 from shared.contract import subjects
@@ -79,8 +80,7 @@ class Forwarder:
         return self.routing.config.nats.publish_timeout_s
 
     async def start(self) -> None:
-        tcfg = self.cfg.targets[self.target]
-        await ensure_consumer(self.nc, subjects.OUT_STREAM, consumer_config(self.target, tcfg.timeout_s * 2 + 60))
+        await ensure_consumer(self.nc, subjects.OUT_STREAM, consumer_config(self.target, self.cfg.group.ack_wait_s))
         self._task = asyncio.create_task(self._run(), name=f"forward-{self.target}")
 
     async def stop(self) -> None:
@@ -143,34 +143,39 @@ class Forwarder:
             jobs.append(d)
         if not jobs:
             return
-        batch, ready = [], []
-        for d in jobs:
-            job = d.event
-            try:
-                data = await asyncio.to_thread(self._read, job)
-            except (ObjectMissing, KeyError) as exc:  # permanent: retrying cannot bring the bytes back
-                outcomes[id(d)] = exc
-                await self._dead_letter(d.msg, job, f"instance bytes unavailable: {exc}", 1)
-                continue
-            batch.append((job, data))
-            ready.append(d)
-        if not batch:
-            return
-        tcfg = self.cfg.targets[self.target]
-        t0 = time.perf_counter()
-        links = [trace.Link(d.span.get_span_context()) for d in ready[1:]]
-        with tracer.start_as_current_span("router.forward", context=trace.set_span_in_context(ready[0].span),
-                                          links=links) as span:
-            span.set_attribute("router.target", self.target)
-            span.set_attribute("router.instances", len(batch))
-            try:
-                await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send, batch)
-            except SendError as exc:
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                for d in ready:
+        failure: SendError | None = None
+        # Reading and sending may outlast the short ack wait: the jobs stay ours while we work on them.
+        with InProgress([d.msg for d in jobs], self.cfg.group.ack_wait_s / 3):
+            batch, ready = [], []
+            for d in jobs:
+                job = d.event
+                try:
+                    data = await asyncio.to_thread(self._read, job)
+                except (ObjectMissing, KeyError) as exc:  # permanent: retrying cannot bring the bytes back
                     outcomes[id(d)] = exc
-                await self._failed([(d.msg, d.event) for d in ready], str(exc))
+                    await self._dead_letter(d.msg, job, f"instance bytes unavailable: {exc}", 1)
+                    continue
+                batch.append((job, data))
+                ready.append(d)
+            if not batch:
                 return
+            tcfg = self.cfg.targets[self.target]
+            t0 = time.perf_counter()
+            links = [trace.Link(d.span.get_span_context()) for d in ready[1:]]
+            with tracer.start_as_current_span("router.forward", context=trace.set_span_in_context(ready[0].span),
+                                              links=links) as span:
+                span.set_attribute("router.target", self.target)
+                span.set_attribute("router.instances", len(batch))
+                try:
+                    await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send, batch)
+                except SendError as exc:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                    failure = exc
+        if failure is not None:  # settled after the keep-alive stopped: an in-progress ack must not undo a delay
+            for d in ready:
+                outcomes[id(d)] = failure
+            await self._failed([(d.msg, d.event) for d in ready], str(failure))
+            return
         metrics.send_seconds.labels(self.target).observe(time.perf_counter() - t0)
         await self.routing.set_health(self.target, True)
         metrics.target_up.labels(self.target).set(1)

@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from shared.backoff import backoff_delay
-from shared.bus.delivery import DeliveryHandler, decode, finish
+from shared.bus.delivery import DeliveryHandler, InProgress, decode, finish
 from shared.bus.jetstream import (
     PRIORITY_GROUP,
     PinnedPuller,
@@ -328,7 +328,7 @@ class PartitionedConsumer:
         for d in deliveries:
             if d.delivered > 1:
                 redeliveries.labels(self.group).inc()
-        keepalive = _InProgress([d.msg for d in deliveries], self.cfg.ack_wait_s / 3)
+        keepalive = InProgress([d.msg for d in deliveries], self.cfg.ack_wait_s / 3)
         try:
             outcomes = await self.handler(deliveries)
             if len(outcomes) != len(deliveries):
@@ -358,28 +358,6 @@ class _OrphanWatch:
 
     def due(self, now: float) -> bool:
         return now < self.until and now >= self.next_at
-
-
-class _InProgress:
-    """Sends in-progress acks every ``interval`` seconds while a handler runs (timer, not a task: cheap)."""
-
-    def __init__(self, msgs: list[Msg], interval: float):
-        self.msgs = msgs
-        self.interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._timer = self._loop.call_later(interval, self._fire)
-
-    def _fire(self) -> None:
-        self._loop.create_task(self._send())
-        self._timer = self._loop.call_later(self.interval, self._fire)
-
-    async def _send(self) -> None:
-        for msg in self.msgs:
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
 
 
 async def _nak_all(msgs: list[Msg]) -> None:

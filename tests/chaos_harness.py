@@ -798,6 +798,25 @@ class RunResult:
     send_s: float
     settle_s: float
     web_replicas: list[int] = field(default_factory=list)  # the web replicas' pids at the end (web mode)
+    forward_queue: dict = field(default_factory=dict)  # the archive queue's consumer counts at the end
+
+
+def _forward_queue(url: str) -> dict:
+    """The archive forward queue's consumer counts (what a forward missing at the end still waits in)."""
+    from shared.bus.jetstream import consumer_info
+    from shared.contract import subjects
+
+    async def go() -> dict:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+        try:
+            info = await consumer_info(nc, subjects.OUT_STREAM, subjects.forward_durable("archive"))
+            return {k: info.get(k) for k in ("num_pending", "num_ack_pending", "num_redelivered")}
+        finally:
+            await nc.close()
+    try:
+        return asyncio.run(go())
+    except Exception as exc:
+        return {"error": str(exc)}
 
 
 def _events(url: str) -> list[Completion]:
@@ -950,6 +969,7 @@ class ChaosRun:
             exported = _export(stack, study_uids, self.work / "export")
             objects = stack.ceph.read_back(stored) if stack.ceph else None
             forwarded = _forwarded(archive)
+            forward_queue = _forward_queue(nats_url) if len(forwarded) < len(acked) else {}
             web_replicas = stack.pids(WEB) if self.web_replicas else []
         finally:
             stack.stop()
@@ -960,7 +980,7 @@ class ChaosRun:
             judge_downloads(v, sent, downloader.downloads, stack.cut_ports)
         recoveries = recovery_times([k.at for k in killer.done if k.pid is not None], acked, watcher.seen_at)
         return RunResult(self.seed, self.kinds, v, killer.done, recoveries, dict(sender.log.outcomes),
-                         sender.log.attempts, send_s, settle_s, web_replicas)
+                         sender.log.attempts, send_s, settle_s, web_replicas, forward_queue)
 
 
 def _wait_events(url: str, expected: dict[str, int], timeout: float) -> list[Completion]:

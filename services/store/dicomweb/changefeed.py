@@ -67,25 +67,33 @@ async def _unavailable(exc: BaseException) -> web.Response:
     return error(503, "the change feed is unavailable: NATS cannot be reached; try again", **{"Retry-After": "5"})
 
 
-async def changefeed_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /changefeed?startSequence=&offset=&limit=&includeMetadata=``: a JSON array of entries, and in the
-    ``Changefeed-Through`` header the last sequence the page looked at."""
+async def _read_feed(request: web.Request, read):
+    """The page the query asks for and what ``read(nc, config, scope, page)`` found in the feed for the caller,
+    or the answer instead: 400 for a malformed query, 503 while NATS cannot be reached."""
     config = request.app[CONFIG]
     try:
         page = parse_page(request.query.items(), config.changefeed.max_limit)
     except FeedQueryError as exc:
-        return error(400, str(exc))
-    principal = request[PRINCIPAL]
+        return None, error(400, str(exc))
     try:
         nc = await request.app[FEED].get()
-        found = await reading.read(nc, config.access, principal.scope, page.limit, page.start)
+        return page, await read(nc, config, request[PRINCIPAL].scope, page)
     except (OSError, TimeoutError, nats.errors.Error, JetStreamAPIError) as exc:
-        return await _unavailable(exc)
+        return None, await _unavailable(exc)
+
+
+async def changefeed_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /changefeed?startSequence=&offset=&limit=&includeMetadata=``: a JSON array of entries, and in the
+    ``Changefeed-Through`` header the last sequence the page looked at."""
+    page, found = await _read_feed(request, lambda nc, config, scope, page: reading.read(
+        nc, config.access, scope, page.limit, page.start))
+    if page is None:
+        return found
     entries = await in_thread(request, describe, request.app[CATALOGUE], found.changes, page.include_metadata,
                               base_url(request))
     metrics.changefeed_entries.inc(len(entries))
     audit.emit(audit_records.query(requestor(request), "DICOMweb", "changefeed", request.query_string, "", 0,
-                                   tenant=principal.tenant or ""))
+                                   tenant=request[PRINCIPAL].tenant or ""))
     # the last sequence looked at: a tenant's client may go on after it instead of after its own last entry,
     # and skip re-reading the other tenants' entries in between (no more is told than the gaps already tell)
     return web.json_response(entries, dumps=_dumps, headers={THROUGH: str(found.through)})
@@ -93,17 +101,10 @@ async def changefeed_handler(request: web.Request) -> web.StreamResponse:
 
 async def latest_handler(request: web.Request) -> web.StreamResponse:
     """``GET /changefeed/latest``: the newest entry the caller may see, as one JSON object (``{}``: none yet)."""
-    config = request.app[CONFIG]
-    try:
-        page = parse_page(request.query.items(), config.changefeed.max_limit)
-    except FeedQueryError as exc:
-        return error(400, str(exc))
-    principal = request[PRINCIPAL]
-    try:
-        nc = await request.app[FEED].get()
-        newest = await reading.latest(nc, config.access, principal.scope)
-    except (OSError, TimeoutError, nats.errors.Error, JetStreamAPIError) as exc:
-        return await _unavailable(exc)
+    page, newest = await _read_feed(request, lambda nc, config, scope, _page: reading.latest(
+        nc, config.access, scope))
+    if page is None:
+        return newest
     if newest is None:
         return web.json_response({})
     entries = await in_thread(request, describe, request.app[CATALOGUE], [newest], page.include_metadata,

@@ -69,7 +69,7 @@ from tests.chaos_core import (
     recovery_times,
     verdict,
 )
-from tests.helpers import Stack, dataset_bytes, make_config, run_cli, send_c_store
+from tests.helpers import Stack, dataset_bytes, make_config, run_cli
 
 log = logging.getLogger("chaos")
 
@@ -214,7 +214,7 @@ class Sender:
                                 backoff = min(backoff * 2, 2.0)
                                 continue
                         try:
-                            status = send_c_store(assoc, ds)
+                            status = assoc.send_c_store(ds)
                         except Exception as exc:  # the peer went away mid-request
                             status = None
                             self._note(f"send failed: {type(exc).__name__}")

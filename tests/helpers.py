@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,18 +129,44 @@ class Stack:
                               env={**os.environ, "TCP_NODELAY": "1"})
 
 
-def send_c_store(assoc, dataset):
-    """``assoc.send_c_store(dataset)``, safe to call back to back on a starved CPU.
+class _ResumingCheckpoint(threading.Event):
+    """pynetdicom's reactor checkpoint that, when a request resumes the reactor, also marks it running."""
 
-    pynetdicom 3.0's requestor pauses its reactor thread for each request by clearing a checkpoint and waiting
-    until the reactor says it is paused, but that flag still says "paused" from the previous request when the
-    reactor has not yet run since being woken: the reactor then wakes, takes our response off the queue as an
-    "unexpected C-STORE service message" and the request waits out its DIMSE timeout (seen in CI under load).
-    Marking the reactor running after each request makes the next one wait for a real pause.
+    def __init__(self, assoc):
+        super().__init__()
+        self.assoc = assoc
+
+    def set(self) -> None:
+        self.assoc._is_paused = False
+        super().set()
+
+
+def _steady_pynetdicom_requests() -> None:
+    """Make pynetdicom 3.0's requests safe back to back on a starved CPU (every ``send_*`` of every association
+    made in a process that imports this module: the tests, the chaos harness, the benchmarks using it).
+
+    A request pauses the association's reactor thread by clearing a checkpoint and waiting until the reactor says
+    it is paused; but that flag still says "paused" from the previous request when the reactor has not run since
+    it was resumed. The reactor then wakes, takes the response off the queue as an "unexpected ... service
+    message", and the request waits out its DIMSE timeout (seen in CI under load). Marking the reactor running
+    when it is resumed makes the next request wait for a real pause.
     """
-    status = assoc.send_c_store(dataset)
-    assoc._is_paused = False
-    return status
+    from pynetdicom.association import Association
+
+    if getattr(Association, "_steady_requests", False):
+        return
+    init = Association.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._reactor_checkpoint = _ResumingCheckpoint(self)
+        self._reactor_checkpoint.set()
+
+    Association.__init__ = __init__
+    Association._steady_requests = True
+
+
+_steady_pynetdicom_requests()
 
 
 def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "TESTSCU",
@@ -159,7 +186,7 @@ def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "T
     statuses = []
     try:
         for ds in datasets:
-            status = send_c_store(assoc, ds)
+            status = assoc.send_c_store(ds)
             statuses.append(int(status.Status) if status else -1)
             if comments is not None:
                 comments.append(str(status.get("ErrorComment", "")) if status else "")

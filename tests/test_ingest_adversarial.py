@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicomflow.natsserver import wait_port
 from dicomflow.synthetic import write_study
 from tests import adversarial as a
-from tests.helpers import REPO, make_config, send_c_store, start_nats, wait_for
+from tests.helpers import REPO, make_config, start_nats, wait_for
 
 MAX_PDU = 16384
 ARTIM_S = 2.0
@@ -365,7 +365,7 @@ def test_an_association_opened_before_the_corpus_still_works_and_memory_stayed_b
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     _, files = write_study(tmp_path / "s", 2)
-    assert [send_c_store(assoc, dcmread(f)).Status for f in files] == [0, 0]
+    assert [assoc.send_c_store(dcmread(f)).Status for f in files] == [0, 0]
     env = {**os.environ, "TCP_NODELAY": "1"}
     echo = subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(receiver["port"])],
                           capture_output=True, text=True, timeout=60, env=env)

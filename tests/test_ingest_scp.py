@@ -27,7 +27,6 @@ from shared.bus.connection import connect, ensure_streams
 from shared.bus.publish_blocking import LoopPublisher
 from shared.config import load_config
 from shared.storage.objectstore import Backends
-from tests.helpers import send_c_store
 
 
 def _rq_bytes(called: str, calling: str, contexts, max_pdu: int = 16384) -> bytes:
@@ -142,7 +141,7 @@ def test_scp_with_pynetdicom_fragmented_pdus_and_echo(scp, tmp_path):
     assert assoc.is_established
     try:
         assert assoc.send_c_echo().Status == 0
-        statuses = [send_c_store(assoc, dcmread(f)).Status for f in files]
+        statuses = [assoc.send_c_store(dcmread(f)).Status for f in files]
     finally:
         assoc.release()
     assert statuses == [0, 0, 0]

@@ -27,7 +27,7 @@ from dicomflow.natsserver import free_port, wait_port
 from dicomflow.synthetic import ct_instance
 from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID
 from tests import modality_examples as ex
-from tests.helpers import dataset_bytes, encode, scu_send, send_c_store, wait_for
+from tests.helpers import dataset_bytes, encode, scu_send, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's, on the non-conformant UIDs sent
 
@@ -70,7 +70,7 @@ def _send_as_they_are(port: int, ae_title: str, files: list[Path], comments: lis
     try:
         statuses = []
         for f in files:
-            rsp = send_c_store(assoc, f)
+            rsp = assoc.send_c_store(f)
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
             if comments is not None:
                 comments.append(str(rsp.get("ErrorComment", "")))

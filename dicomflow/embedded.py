@@ -190,7 +190,7 @@ def _service_specs(config: Config, config_path: str | None, nats_url: str,
     # saturated machine the consumers yield the CPU to the receivers (children inherit it).
     background = {"env": env, "nice": BACKGROUND_NICE, "stop_timeout_s": 60}
     specs = [ChildSpec("ingest", [*base, "ingest", *(["--metrics-port", str(mport)] if mport else [])], env,
-                       stop_timeout_s=60)]
+                       stop_timeout_s=config.ingest.stop_drain_s() + 10)]
     if _autoscaled(config):
         # The autoscaler owns the store workers: it starts min_replicas of them and scales them from the lag.
         specs.append(ChildSpec("autoscaler", [

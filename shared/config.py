@@ -179,6 +179,11 @@ class IngestConfig(_Section):
             raise ValueError("ingest.tls_ca (client certificates) needs ingest.tls_cert and tls_key (TLS)")
         return self
 
+    def stop_drain_s(self) -> float:
+        """How long a receiver may take to stop after SIGTERM: its C-STOREs answered (10 s), then its storage
+        commitment reports, each due ``commitment_wait_s`` after its N-ACTION, sent (up to 3 tries, 15 s)."""
+        return 10 + self.commitment_wait_s + 15
+
 
 class FsBackendConfig(_Section):
     """A directory of content-addressed files."""

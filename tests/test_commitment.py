@@ -5,8 +5,11 @@ policy of two placements."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import ssl
 import threading
 import time
@@ -55,6 +58,8 @@ from shared.catalogue.commitment import (
     parse_request,
 )
 from shared.dicom.json_model import json_model
+from tests.chaos_core import RECEIVER, STORE
+from tests.chaos_harness import stack_processes
 from tests.helpers import Stack, encode, make_config, scu_send, wait_for
 from tests.tls_certs import CA
 
@@ -360,6 +365,45 @@ def test_report_on_a_new_association_after_the_modality_released(setup, tmp_path
     assert 'dicomflow_ingest_commitment_instances_total{result="committed"} 2.0' in text
     assert 'dicomflow_ingest_commitment_instances_total{result="0x0112"} 2.0' in text
     assert "dicomflow_ingest_commitment_seconds_count 2.0" in text
+
+
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_a_receiver_stopping_sends_the_reports_still_due(tmp_path, engine):
+    """A rolling update's SIGTERM reaches the receiver while a report waits for its instances: the receiver stops
+    accepting but sends the report (here once the paused store worker stores them) before it exits; it used to
+    exit at once and the report was lost with its thread."""
+    modality_port = free_port()
+    stack = Stack(tmp_path, commitment_tree(tmp_path, engine, modality_port, ["local", "second"])).start()
+    modality = Modality("CT_A", modality_port)
+    stores = stack_processes(stack.proc.pid).get(STORE, [])
+    assert stores, "no store worker found"
+    try:
+        for pid in stores:  # acknowledged instances wait in the stream, not yet committed
+            os.kill(pid, signal.SIGSTOP)
+        _, paths = write_study(tmp_path / "due", 2)
+        refs = [(CT, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in paths]
+        assert scu_send(stack.port, paths, calling="CT_A") == [0, 0]
+        transaction = new_uid()
+        assert modality.request(stack.port, transaction, refs) == 0  # released at once: the report needs a new one
+        receiver, = stack_processes(stack.proc.pid)[RECEIVER]
+        os.kill(receiver, signal.SIGTERM)
+        time.sleep(2.0)  # past the C-STOREs' drain: the receiver now waits only for the report
+        assert Path(f"/proc/{receiver}").exists(), "the receiver exited with a report still due"
+        for pid in stores:
+            os.kill(pid, signal.SIGCONT)
+        report = modality.wait(transaction, 30)
+        assert report is not None, "the stopping receiver dropped the report"
+        how, event_type, info = report
+        assert (how, event_type) == ("new", EVENT_SUCCESS)
+        assert committed_and_failed(info) == ([uid for _, uid in refs], [])
+        wait_for(lambda: not Path(f"/proc/{receiver}").exists() or "Z" in Path(f"/proc/{receiver}/stat").read_text()
+                 .split(")")[-1][:3], 20, what="the receiver gone once its report was sent")
+    finally:
+        for pid in stores:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        modality.close()
+        stack.stop()
 
 
 def test_a_placement_the_policy_gained_is_not_committed_until_written(tmp_path):

@@ -120,6 +120,8 @@ def test_config_files_are_valid_and_match_the_deployment(compose, config_file):
         if s["command"][0] in ("store", "router"):
             group = cfg.store.group if s["command"][0] == "store" else cfg.router.group
             assert seconds(s["stop_grace_period"]) > group.ack_wait_s + DEFAULT_DRAIN_TIMEOUT, name
+        if s["command"][0] == "ingest":  # its storage commitment reports still due go out, then NATS drains
+            assert seconds(s["stop_grace_period"]) > cfg.ingest.stop_drain_s() + 10, name
     if cfg.storage.backends[cfg.storage.staging].kind == "rados":
         bootstrap = (COMPOSE / "ceph" / "bootstrap.sh").read_text()
         for b in cfg.storage.backends.values():

@@ -24,7 +24,7 @@ OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomizatio
 # The oldest Kubernetes minor release the manifests must be valid for.
 K8S_VERSION = "1.29"
 # Seconds the ingest gives NATS to drain on SIGTERM (services/ingest/service.py).
-INGEST_DRAIN_S = 10
+INGEST_DRAIN_S = 10  # the NATS connection drained
 MEMBERS = ("store", "router")
 # Custom resources: the fields each must have (their CRDs are not part of the Kubernetes schemas).
 CRD_REQUIRED = {
@@ -182,7 +182,8 @@ def test_grace_period_exceeds_ack_wait_plus_drain(rendered, overlay, tmp_path):
         assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     ing = deployment(docs, "ingest")
     cfg = service_config(docs, ing, tmp_path)
-    needed = prestop_sleep(container(ing)) + cfg.nats.publish_timeout_s + INGEST_DRAIN_S
+    # its storage commitment reports still due are sent before it leaves (ingest.stop_drain_s), then NATS drains
+    needed = prestop_sleep(container(ing)) + cfg.ingest.stop_drain_s() + INGEST_DRAIN_S
     assert ing["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > needed
 
 

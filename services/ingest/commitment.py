@@ -92,6 +92,8 @@ class Committer:
         self.max_pdu = max_pdu
         self.network_timeout = network_timeout
         self.wait_s = wait_s
+        self._following: set[threading.Thread] = set()  # reports still to be settled and sent
+        self._lock = threading.Lock()
 
     def accept(self, action_information: bytes | None, transfer_syntax: str, requested_sop_class: str,
                requested_sop_instance: str, action_type_id: int, calling_ae: str) -> Accepted:
@@ -217,9 +219,29 @@ class Committer:
                 log.exception("storage commitment %s from %s failed", request.transaction_uid, calling_ae)
             finally:
                 metrics.commitment_seconds.observe(time.monotonic() - started)
+                with self._lock:
+                    self._following.discard(threading.current_thread())
         thread = threading.Thread(target=run, name=f"commitment-{request.transaction_uid[-12:]}", daemon=True)
+        with self._lock:
+            self._following.add(thread)
         thread.start()
         return thread
+
+    def finish(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for the reports still being settled or sent, so a receiver that stops (a rolling
+        update's SIGTERM) sends them instead of dropping them with its threads; each ends within
+        ``commitment_wait_s`` of its N-ACTION plus the sending. Returns how many were still pending (logged)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._following)
+        if pending:
+            log.info("stopping: waiting for %d storage commitment reports", len(pending))
+        for thread in pending:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(t.is_alive() for t in pending)
+        if left:
+            log.error("stopping: %d storage commitment reports not sent within %.0f s", left, timeout)
+        return left
 
 
 def send_report(host: str, port: int, our_ae: str, modality_ae: str, event_type: int, information: dict,

@@ -76,6 +76,7 @@ def serve(config: Config, metrics_port: int | None = None, stop: threading.Event
     stop.wait()
     log.info("ingest stopping: no new associations, finishing open ones")
     server.stop(10)  # stops accepting; C-STOREs being handled are answered first
+    committer.finish(ing.stop_drain_s() - 10)  # the reports still due go out (they read the catalogue: finder open)
     finder.close()
     connected.close()
     audit.close(2)
@@ -116,7 +117,7 @@ def supervise(config: Config, argv_base: list[str], metrics_port: int | None) ->
         if listen is not None:
             args += ["--listen-fd", str(listen.fileno())]
             fds = (listen.fileno(),)
-        supervisor.start(ChildSpec(f"receiver-{i}", args, pass_fds=fds))
+        supervisor.start(ChildSpec(f"receiver-{i}", args, pass_fds=fds, stop_timeout_s=config.ingest.stop_drain_s() + 5))
     while not stopping.wait(supervisor.poll()):
         pass
     supervisor.stop()

@@ -205,3 +205,28 @@ def test_a_corrupt_lone_instance_is_cut_short_of_its_length(service, caplog):
         assert received < len(sent[ds.SOPInstanceUID])  # never the last chunk
         assert REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") == before + 1
         assert f"{ds.SOPInstanceUID}: object" in caplog.text and "does not match its digest" in caplog.text
+
+
+def test_a_streamed_retrieve_names_a_permitted_origin(tmp_path):
+    """A viewer served from another origin (OHIF) reads the instances it downloads: CORS on the streamed answer."""
+    config = load_config(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "web": {"cors_origins": ["http://viewer.example"]},
+        "access": {"anonymous_tenant": None, "tenants": {"a": {"api_keys_sha256": [api_key_hash(KEY_A)]}}}})
+    catalogue = open_catalogue("", tmp_path)
+    backends = Backends(config)
+    try:
+        with WebService(config) as web:
+            [ds] = study(1)
+            store(catalogue, backends.get("local"), [ds])
+            for url in (f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+                        f"{ds.SOPInstanceUID}", f"{web.url}/studies/{ds.StudyInstanceUID}"):
+                res = requests.get(url, headers={"X-API-Key": KEY_A, "Origin": "http://viewer.example",
+                                                 "Accept": 'multipart/related; type="application/dicom"'}, timeout=10)
+                assert res.status_code == 200 and len(parts(res)) == 1
+                assert res.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+                assert "Content-Length" in res.headers["Access-Control-Expose-Headers"]
+                other = requests.get(url, headers={"X-API-Key": KEY_A, "Origin": "http://evil.example"}, timeout=10)
+                assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        backends.close()
+        catalogue.close()

@@ -14,6 +14,7 @@ last line of stdout is one JSON object: ``old`` and ``new`` (the median over the
 and every round's), and ``rps_ratio``, ``p95_ratio`` and ``cpu_ratio`` (new / old) of the medians.
 
     .venv/bin/python bench/retrieve_ab.py --old /path/to/other/checkout [--new .] [--rounds 4] [--seconds 15]
+        [--vus 100] [--quick]
 """
 
 from __future__ import annotations
@@ -121,17 +122,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="the checkout to compare against (its repository root)")
     ap.add_argument("--new", default=str(REPO), help="the checkout under test (default: this one)")
-    ap.add_argument("--rounds", type=int, default=4, help="k6 runs against each (default 4)")
-    ap.add_argument("--seconds", type=int, default=15, help="seconds of each k6 run (default 15)")
-    ap.add_argument("--vus", type=int, default=100, help="constant virtual users (default 100)")
+    ap.add_argument("--rounds", type=int, help="k6 runs against each (default 4; --quick: 1)")
+    ap.add_argument("--seconds", type=int, help="seconds of each k6 run (default 15; --quick: 2)")
+    ap.add_argument("--vus", type=int, help="constant virtual users (default 100; --quick: 10)")
     ap.add_argument("--cache", default="/tmp/dicomflow-bench-data", help="where generated data sets are kept "
                     "(shared with bench/retrieve.py and bench/ingest.py)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 30 CT instances, 1 round of 2 s at 10 VUs "
+                    "unless --rounds, --seconds or --vus say otherwise")
     args = ap.parse_args()
+    for name, full, quick in (("rounds", 4, 1), ("seconds", 15, 2), ("vus", 100, 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    warmup_s = 1 if args.quick else 3
     checkouts = {"old": Path(args.old).resolve(), "new": Path(args.new).resolve()}
     for name, path in checkouts.items():
         if not (path / "dicomflow" / "__main__.py").exists():
             ap.error(f"--{name} {path} is not a dicomflow checkout")
-    ct = ct512(Path(args.cache), quick=False)
+    ct = ct512(Path(args.cache), quick=args.quick)
     work = Path(tempfile.mkdtemp(prefix="dicomflow-bench-retrieve-ab-"))
     cfg = work / "dicomflow.yaml"
     cfg.write_text(yaml.safe_dump({"data_dir": str(work / "dicomflow"),
@@ -146,7 +153,7 @@ def main() -> int:
             servers[name] = Server(path, cfg, work / f"web-{name}.log")
         log(f"old: {checkouts['old']} on {servers['old'].port}; new: {checkouts['new']} on {servers['new'].port}")
         for name in servers:  # a warm-up of each: page cache, imports, connections
-            k6_round(servers[name].port, work / "urls-template.json", args.vus, 3, work)
+            k6_round(servers[name].port, work / "urls-template.json", args.vus, warmup_s, work)
         results: dict[str, list[dict]] = {"old": [], "new": []}
         for i in range(args.rounds):
             order = ("old", "new") if i % 2 == 0 else ("new", "old")

@@ -180,7 +180,7 @@ def corrupt(objects, raw: bytes, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupt_lone_instance_is_cut_short_of_its_length(service, caplog):
+def test_a_corrupt_lone_instance_gets_500_or_is_cut_short_of_its_length(service, caplog):
     from prometheus_client import REGISTRY
 
     from dicomflow.synthetic import ct_instance, new_uid
@@ -193,18 +193,29 @@ def test_a_corrupt_lone_instance_is_cut_short_of_its_length(service, caplog):
         corrupt(objects, sent[ds.SOPInstanceUID], 10)
         before = REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") or 0
         url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-        received = 0
-        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3's IncompleteRead, as requests names it
-            with requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10, stream=True) as res:
-                assert res.status_code == 200
-                # the small one is found corrupt as it is opened, before its length is given; the large one
-                # only at its last chunk, after its length and first chunks went out
-                assert ("Content-Length" in res.headers) == (ds is big)
-                for piece in res.iter_content(65536):
-                    received += len(piece)
-        assert received < len(sent[ds.SOPInstanceUID])  # never the last chunk
+        if ds is small:  # found corrupt as it is opened, before the answer starts: an error status
+            res = requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10)
+            assert res.status_code == 500 and "does not match its digest" in res.text
+        else:  # found only at its last chunk, after its length and first chunks went out: cut short
+            received = 0
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3's IncompleteRead
+                with requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10, stream=True) as res:
+                    assert res.status_code == 200 and "Content-Length" in res.headers
+                    for piece in res.iter_content(65536):
+                        received += len(piece)
+            assert received < len(sent[ds.SOPInstanceUID])  # never the last chunk
         assert REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") == before + 1
         assert f"{ds.SOPInstanceUID}: object" in caplog.text and "does not match its digest" in caplog.text
+
+
+def test_a_lone_instance_no_placement_can_read_gets_503(service):
+    web, catalogue, objects = service
+    ds = study(1)[0]
+    sent = store(catalogue, objects, [ds])
+    objects.path(content_digest(sent[ds.SOPInstanceUID])).unlink()  # catalogued, but no placement holds it
+    url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    res = requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10)
+    assert res.status_code == 503 and res.headers["Retry-After"] == "5"
 
 
 def test_a_streamed_retrieve_names_a_permitted_origin(tmp_path):

@@ -59,6 +59,10 @@ def transcode(data: bytes, row: dict, target: str) -> bytes:
 Opened = tuple[int, Iterator[tuple[bytes, bool]], bytes, bool]  # size, the rest of its chunks, first chunk, is last
 
 
+class CorruptInstance(Unavailable):
+    """The placement read does not match the instance's digest."""
+
+
 def _opened_in(backends: Backends, row: dict) -> Opened:
     """(size, the rest of its verified chunks, first chunk, is last) of the instance (blocking): one
     executor hop finds, opens, reads and (for an object of one chunk) verifies most instances."""
@@ -69,7 +73,7 @@ def _opened_in(backends: Backends, row: dict) -> Opened:
         raise Unavailable(f"{row['sop_uid']}: {exc}") from None
     except CorruptObject as exc:
         metrics.corrupt.inc()
-        raise Unavailable(f"{row['sop_uid']}: {exc}") from None
+        raise CorruptInstance(f"{row['sop_uid']}: {exc}") from None
     return size, chunks, first, last
 
 
@@ -190,6 +194,13 @@ def retrieve_handler(level: str):
             stored = sorted({r["transfer_syntax_uid"] for r in rows})
             return error(406, f"cannot answer in the transfer syntax asked for: stored as {', '.join(stored)}; "
                                f"ask for transfer-syntax=* to get it as stored")
+        if isinstance(found.opened, Unavailable):
+            # A lone instance that cannot be served is known before its answer starts: an error status, not a 200
+            # cut short. Corrupt bytes stay corrupt (500); a placement that cannot be read may come back (503).
+            log.error("retrieve of %s refused: %s", request.path, found.opened)
+            if isinstance(found.opened, CorruptInstance):
+                return error(500, "the stored instance does not match its digest; an administrator is told")
+            return error(503, "the stored instance cannot be read now; try again", **{"Retry-After": "5"})
         audit_retrieval(request, rows, "WADO-RS")
         return await _stream(request, rows, choice, backends, executor, found.opened)
     return handle

@@ -262,6 +262,7 @@ class GroupConfig(_Section):
 class StoreConfig(_Section):
     workers: int = Field(1, ge=1, description="Store worker processes in `dicomflow run`.")
     group: GroupConfig = Field(default_factory=GroupConfig)
+    stream_above_bytes: int = Field(64 * 1024**2, ge=0, description="An instance larger than this is copied to a placement chunk by chunk (read from staging and written into the placement's writer, committed once the whole object matched its digest) instead of read whole and written with the batch: a store worker holds a few MiB of it (a RADOS placement: about two of its chunk_bytes), not the instance. Each placement reads it from staging again.")
 
 
 class ScalingPolicyConfig(_Section):

@@ -22,6 +22,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import blake3
+
 from shared.config import RadosBackendConfig
 from shared.storage.objectstore import (
     BufferedWriter,
@@ -31,12 +33,15 @@ from shared.storage.objectstore import (
     StoredObject,
     Write,
     check_digest,
+    check_expected,
     content_digest,
 )
 from shared.storage.rados_layout import (
     LAYOUT_CHUNKED,
     LAYOUT_WHOLE,
     XATTR_PREFIX,
+    Chunk,
+    chunk_name,
     decode_manifest,
     encode_manifest,
     plan_chunks,
@@ -599,12 +604,138 @@ class RadosObjectStore:
     def prepare_writer(self) -> None:
         """Nothing to prepare: the cluster connection is made when the backend opens."""
 
-    def writer(self, limit: int) -> BufferedWriter:
-        """Objects are written whole (one atomic op, or chunks and a manifest): kept in memory until commit."""
-        return BufferedWriter(self, limit)
+    def writer(self, limit: int, digest: str | None = None) -> BufferedWriter | RadosWriter:
+        """With the digest known (a copy), a :class:`RadosWriter` that writes chunks as they fill; without it the
+        chunks cannot be named yet (``<digest>.<n>``), so the bytes are kept in memory until commit."""
+        if digest is None:
+            return BufferedWriter(self, limit)
+        return RadosWriter(self, limit, digest)
 
     def close(self) -> None:
         try:
             self.io.close()
         finally:
             self.cluster.shutdown()
+
+
+class RadosWriter:
+    """An object of known digest streamed into RADOS (a placement copy): each chunk written as it fills.
+
+    The layout is :meth:`RadosObjectStore.put`'s: up to ``chunk_bytes`` one whole object written at commit
+    (the one-write path), above it chunks ``<digest>.<n>`` with their digests, then the manifest under the
+    digest at commit, once every chunk is durable and the bytes matched the digest. So nothing is visible
+    before commit, and a writer killed before it leaves chunks no reader looks for, overwritten by the
+    retry, as a killed put does. At most one chunk is in flight while the next one fills: memory is about
+    two chunks (plus librados' copy of the one in flight), whatever the object's size.
+    """
+
+    def __init__(self, store: RadosObjectStore, limit: int, digest: str):
+        self._store = store
+        self._limit = limit
+        self._expected = check_digest(digest)
+        self._chunk = store.cfg.chunk_bytes
+        self._buf = bytearray()
+        self._hash = blake3.blake3()
+        self._written: list[Chunk] = []  # chunks submitted, with their digests
+        self._mine: deque[_Pending] = deque()
+        self._present: bool | None = None  # the object already stored (checked before the first chunk)
+        self._closed = False
+        self.size = 0
+        self.failure: Exception | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        if self._closed or self.failure is not None:
+            return
+        if self.size > self._limit:
+            self.close()
+            return
+        self._hash.update(data)
+        self._buf += data
+        try:
+            # The first chunk only once the object is known to be larger than one (else it is written whole).
+            while len(self._buf) > self._chunk or (self._written and len(self._buf) >= self._chunk):
+                self._flush(self._chunk)
+        except Exception as exc:
+            self.failure = exc
+            self._buf = bytearray()
+
+    def _flush(self, length: int) -> None:
+        """Write the next chunk: the first ``length`` bytes held (after the previous chunk is durable)."""
+        part = bytes(self._buf[:length])
+        del self._buf[:length]
+        if self._present is None:
+            self._present = self._store.exists(self._expected)  # as put: a stored object is only touched
+        offset = sum(c.size for c in self._written)
+        chunk = Chunk(chunk_name(self._expected, len(self._written)), offset, len(part), content_digest(part))
+        self._written.append(chunk)
+        if self._present:
+            return
+        self._store._wait(list(self._mine), "write chunk")  # one chunk in flight: bounded memory
+        self._mine.clear()
+        self._store._aio_write(chunk.name, part, {f"{XATTR_PREFIX}digest": chunk.digest.encode(),
+                                                  f"{XATTR_PREFIX}chunk_of": self._expected.encode()}, self._mine)
+
+    def contents(self) -> bytes | bytearray | memoryview:
+        if self._written:
+            raise ValueError("a streamed object's bytes went to RADOS: only an object of one chunk is held")
+        return self._buf
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, meta: dict[str, str] | None = None) -> str:
+        """Durable under its digest when this returns, as put makes it; CorruptObject (nothing committed)
+        when the bytes do not match the digest the writer was opened with."""
+        try:
+            if self.failure is not None:
+                raise self.failure
+            if self.size > self._limit:
+                raise ValueError(f"{self.size} bytes exceed the writer's limit of {self._limit}")
+            if self._closed:
+                raise ValueError("the writer is closed")
+            check_expected(self._store.name, self.digest(), self._expected, self.size)
+            store = self._store
+            if not self._written:
+                store.put(self._expected, self._buf, meta)
+                self._closed = True
+                return self._expected
+            if self._buf:
+                self._flush(len(self._buf))
+            mine, self._mine = list(self._mine), deque()
+            store._wait(mine, "write chunk")
+            if self._present:
+                # Claimed again: bump the head's version and mtime, so a releaser judging it keeps it.
+                store.io.set_xattr(self._expected, f"{XATTR_PREFIX}touched", b"")
+            else:
+                # The manifest last: the head object appears only when every chunk is durable.
+                manifest = encode_manifest(self._expected, self.size, self._written)
+                store._wait([store._aio_write(self._expected, manifest,
+                                              xattrs_for(self._expected, self.size, LAYOUT_CHUNKED, meta),
+                                              deque())], "write")
+            self._closed = True
+            return self._expected
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Discard an object not committed: wait for its chunks in flight, then remove the chunks written."""
+        if self._closed and not self._written and not self._mine:
+            self._buf = bytearray()
+            return
+        committed = self._closed
+        self._closed = True
+        self._buf = bytearray()
+        mine, self._mine = list(self._mine), deque()
+        with contextlib.suppress(Exception):
+            self._store._wait(mine, "write chunk")
+        written, self._written = self._written, []
+        if committed or self._present or not written:
+            return
+        # Not if the object was committed meanwhile by another writer of the same digest: its chunks.
+        with contextlib.suppress(Exception):
+            if self._store.exists(self._expected):
+                return
+            for c in written:
+                with contextlib.suppress(self._store.rados.ObjectNotFound):
+                    self._store.io.remove_object(c.name)

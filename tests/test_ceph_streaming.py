@@ -192,3 +192,42 @@ def test_a_small_object_is_written_whole_at_commit_and_a_stored_one_only_touched
         store.remove(content_digest(small))
         store.remove(content_digest(big))
         store.close()
+
+
+def test_the_store_streams_a_large_instance_from_staging_into_a_rados_placement(cluster, tmp_path):
+    from services.store.storing import Storer
+    from shared.catalogue.sqlite import open_sqlite
+    from shared.config import Config
+    from shared.storage.objectstore import Backends
+    from tests.test_store_streaming import _event
+
+    config = Config.model_validate({
+        "data_dir": str(tmp_path), "store": {"stream_above_bytes": 2**20},
+        "storage": {"staging": "stage",
+                    "backends": {"stage": {"kind": "fs", "path": "stage"},
+                                 "ceph": {"kind": "rados", "ceph_conf": str(cluster.conf), "pool": "objects",
+                                          "op_timeout_s": 10, "chunk_bytes": CHUNK}},
+                    "policies": {"default": {"placements": ["ceph"]}}, "default_policy": "default"}})
+    backends = Backends(config)
+    stage = backends.get("stage")
+    bodies = [_object("placed-big", 40, 99), _object("placed-small", 0, 300_000), _object("placed-bad", 20, 1)]
+    events = []
+    for n, body in enumerate(bodies):
+        stage.put(content_digest(body), body)
+        events.append(_event(content_digest(body), len(body), n))
+    with open(stage.path(events[2].digest), "r+b") as f:  # gone bad in staging, in its second chunk
+        f.seek(CHUNK + 5)
+        f.write(b"\xee" * 4)
+    storer = Storer(config, None, backends, open_sqlite(tmp_path / "c.sqlite"))
+    ceph = backends.get("ceph")
+    try:
+        errors = storer.place_many([(e, ["ceph"]) for e in events])
+        assert errors[:2] == [None, None] and isinstance(errors[2], CorruptObject)
+        assert ceph.xattrs(events[0].digest)["layout"] == LAYOUT_CHUNKED
+        assert ceph.xattrs(events[0].digest)["sop_uid"] == "1.2.3.1.0"
+        assert ceph.get(events[0].digest) == bodies[0] and ceph.get(events[1].digest) == bodies[1]
+        assert not ceph.exists(events[2].digest) and not list(ceph.object_names(events[2].digest))
+    finally:
+        for e in events:
+            ceph.remove(e.digest)
+        backends.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import blake3
@@ -66,6 +67,10 @@ def test_place_many_streams_large_instances_and_a_corrupt_one_commits_nothing(tm
     with open(stage.path(events[2].digest), "r+b") as f:
         f.seek(5 * 1024 * 1024)
         f.write(b"\xff" * 8)
+    # A store worker killed while it streamed an instance into copy1 left its temporary file, unlocked.
+    orphan = backends.get("copy1").root / "tmp" / "incoming.killed"
+    orphan.write_bytes(b"x" * 1000)
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
     whole_reads = []
     original_get = stage.get
     stage.get = lambda digest: whole_reads.append(digest) or original_get(digest)
@@ -79,7 +84,8 @@ def test_place_many_streams_large_instances_and_a_corrupt_one_commits_nothing(tm
             copy = backends.get(name)
             assert copy.get(events[0].digest) == bodies[0] and copy.get(events[1].digest) == bodies[1]
             assert not copy.exists(events[2].digest)
-            assert os.listdir(copy.root / "tmp") == []  # the corrupt copy's temporary file went with it
+            # the corrupt copy's temporary file went with it, and the killed worker's was swept
+            assert os.listdir(copy.root / "tmp") == []
     finally:
         backends.close()
 

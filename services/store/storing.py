@@ -68,6 +68,7 @@ class Storer:
         self.backends = backends
         self.catalogue = catalogue
         self._commits = GroupCommit(catalogue)
+        self._writers_prepared: set[str] = set()  # backends this process has streamed into
 
     def _only_local_check(self, event: InstanceReceived, placements: list[str]) -> bool:
         """Whether placing is only confirming the claim-check on a local filesystem (the embedded default)."""
@@ -223,6 +224,11 @@ class Storer:
         it: a mismatch raises CorruptObject, as a whole read's does, and nothing is committed.
         """
         target = self.backends.get(backend)
+        if backend not in self._writers_prepared:
+            # As a receiver does at start-up: a store worker killed mid-copy left its unlocked temporary file
+            # (as large as the instance) in this backend, which the next worker to stream there removes.
+            target.prepare_writer()
+            self._writers_prepared.add(backend)
         writer = target.writer(event.size, event.digest)
         try:
             for data, _ in verified_chunks(self.backends.get(source), event.digest, event.size, STREAM_CHUNK):

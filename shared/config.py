@@ -147,7 +147,7 @@ class IngestConfig(_Section):
     workers: int = Field(2, ge=1, le=64, description="Receiver processes sharing the port: each inherits the one listening socket of their supervisor, and a receiver with associations open waits 2 ms per association before accepting, so idle receivers take new associations first. Python receivers scale with processes, not threads: about one per core (the default suits 2 cores).")
     allowed_calling_aes: list[str] = Field(default_factory=list, description="Calling AE titles allowed to associate. Empty: any. Others are rejected at association (reason: calling AE not recognised).")
     max_instance_bytes: int = Field(4 * 1024**3, gt=0, description="Largest instance accepted; larger ones get 0xC003 and are not stored (bytes past the limit are read and dropped, not held).")
-    stream_above_bytes: int = Field(256 * 1024, ge=0, description="A data set larger than this is written to the staging backend while its fragments arrive (hashed on the way, the disk's writeback started early) instead of being assembled in memory: the fsync before the answer waits for less, and a receiver holds at most this much of an instance in memory. A streamed instance skips the write-ahead log (it is fsynced with its folder), so keep it at or above the staging backend's wal_max_object_bytes. On a rados staging backend the bytes are gathered in memory either way.")
+    stream_above_bytes: int = Field(256 * 1024, ge=0, description="A data set larger than this is written to the staging backend while its fragments arrive (hashed on the way, the disk's writeback started early) instead of being assembled in memory: the fsync before the answer waits for less, and a receiver holds at most this much of an instance in memory. A streamed instance skips the write-ahead log (it is fsynced with its folder), so keep it at or above the staging backend's wal_max_object_bytes. On a rados staging backend the bytes are gathered in memory either way (its chunks are named after the digest, known only at the last byte); the store streams its copies (store.stream_above_bytes).")
     max_associations: int = Field(32, ge=1, description="Concurrent associations per receiver process.")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes); 128 KiB measured 10-20% faster than 16 KiB.")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout of an association.")
@@ -262,6 +262,7 @@ class GroupConfig(_Section):
 class StoreConfig(_Section):
     workers: int = Field(1, ge=1, description="Store worker processes in `dicomflow run`.")
     group: GroupConfig = Field(default_factory=GroupConfig)
+    stream_above_bytes: int = Field(64 * 1024**2, ge=0, description="An instance larger than this is copied to a placement chunk by chunk (read from staging and written into the placement's writer, committed once the whole object matched its digest) instead of read whole and written with the batch: a store worker holds a few MiB of it (a RADOS placement: about one of its chunk_bytes), not the instance. Each placement reads it from staging again.")
 
 
 class ScalingPolicyConfig(_Section):

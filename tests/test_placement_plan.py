@@ -65,3 +65,17 @@ def test_a_filesystem_backend_implements_the_whole_interface(tmp_path):
             store.get(content_digest(bodies[0]))
     finally:
         store.close()
+
+
+def test_an_instance_above_the_threshold_is_streamed_to_every_copy_and_never_held():
+    plan = plan_placements([("stage", ["a", "b"]), ("stage", ["a", "b"]), ("stage", ["stage", "a"])],
+                           [500_000, 64 * 2**20 + 1, 64 * 2**20 + 1], stream_above=64 * 2**20)
+    assert plan == [
+        BackendPlan("a", (Copy(0, "stage", keep=True), Copy(1, "stage", keep=False, stream=True),
+                          Copy(2, "stage", keep=False, stream=True))),
+        BackendPlan("b", (Copy(0, "stage", keep=False), Copy(1, "stage", keep=False, stream=True))),
+        BackendPlan("stage", (Check(2),)),
+    ]
+    # at the threshold, and without sizes: today's batched copy
+    assert plan_placements([("stage", ["a"])], [64 * 2**20], 64 * 2**20) == [BackendPlan("a", (Copy(0, "stage", keep=False),))]
+    assert plan_placements([("stage", ["a"])]) == [BackendPlan("a", (Copy(0, "stage", keep=False),))]

@@ -28,15 +28,19 @@ from shared.catalogue.sql import SqlCatalogue, version_outcome
 from shared.config import Config
 from shared.contract.events import InstanceReceived, InstanceRejected, InstanceStored, utcnow
 from shared.storage.objectstore import Backends, Capability, ObjectMissing
+from shared.storage.reading import verified_chunks
 
 from . import metrics, study_index
 from .cataloguing import catalogue_entry
 from .index import GroupCommit, Recorded
 from .placement import choose_policy, placements_of, tenant_of_event
-from .placement_plan import BackendPlan, Check, plan_placements
+from .placement_plan import BackendPlan, Check, Copy, plan_placements
 from .rejection_notes import handle_note, may_be_note
 
 log = logging.getLogger("dicomflow.store")
+
+# A streamed copy's read size: few round trips to an OSD per object, little memory per copy.
+STREAM_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -64,6 +68,7 @@ class Storer:
         self.backends = backends
         self.catalogue = catalogue
         self._commits = GroupCommit(catalogue)
+        self._writers_prepared: set[str] = set()  # backends this process has streamed into
 
     def _only_local_check(self, event: InstanceReceived, placements: list[str]) -> bool:
         """Whether placing is only confirming the claim-check on a local filesystem (the embedded default)."""
@@ -180,13 +185,17 @@ class Storer:
         (the ingest made the claim-check durable there); other backends get the bytes, read back from
         staging and verified, with their writes in flight together (``put_many``). No exists() first:
         put is idempotent, and each backend knows whether a rewrite or a check is cheaper (a stat is a
-        synchronous round trip to an OSD per object).
+        synchronous round trip to an OSD per object). An instance above ``store.stream_above_bytes`` is
+        streamed instead (:meth:`copy_streamed`), after the backend's batch.
         """
         errors: list[Exception | None] = [None] * len(items)
         held: dict[int, bytes] = {}  # bytes read at an instance's first copy, until its last copy took them
-        for backend_plan in plan_placements([(event.backend, placements) for event, placements in items]):
+        plans = plan_placements([(event.backend, placements) for event, placements in items],
+                                [event.size for event, _ in items], self.config.store.stream_above_bytes)
+        for backend_plan in plans:
             taken: list[int] = []  # the instance of each write put_many got, in its order
-            writes = self._writes(backend_plan, items, errors, held, taken)
+            streamed: list[Copy] = []  # the copies too large to hold, left to copy_streamed
+            writes = self._writes(backend_plan, items, errors, held, taken, streamed)
             results = self.backends.get(backend_plan.backend).put_many(writes)
             for i, err in zip(taken, results, strict=True):
                 if err is None:
@@ -194,15 +203,50 @@ class Storer:
                 else:
                     errors[i] = err
                     held.pop(i, None)
+            for step in streamed:
+                if errors[step.item] is not None:
+                    continue
+                event = items[step.item][0]
+                try:
+                    self.copy_streamed(event, step.source, backend_plan.backend)
+                except Exception as exc:
+                    errors[step.item] = exc
+                    continue
+                metrics.bytes_written.labels(backend_plan.backend).inc(event.size)
+                metrics.streamed.labels(backend_plan.backend).inc()
         return errors
 
+    def copy_streamed(self, event: InstanceReceived, source: str, backend: str) -> None:
+        """Copy one instance's object from ``source`` into ``backend`` chunk by chunk (blocking).
+
+        The source's chunks are verified against the digest on the way (the last one is handed on only
+        once the whole object matched), and the destination's writer commits only bytes that hash to
+        it: a mismatch raises CorruptObject, as a whole read's does, and nothing is committed.
+        """
+        target = self.backends.get(backend)
+        if backend not in self._writers_prepared:
+            # As a receiver does at start-up: a store worker killed mid-copy left its unlocked temporary file
+            # (as large as the instance) in this backend, which the next worker to stream there removes.
+            target.prepare_writer()
+            self._writers_prepared.add(backend)
+        writer = target.writer(event.size, event.digest)
+        try:
+            for data, _ in verified_chunks(self.backends.get(source), event.digest, event.size, STREAM_CHUNK):
+                writer.write(data)
+                if writer.failure is not None:
+                    raise writer.failure
+            writer.commit({"sop_uid": event.tags.sop_uid, "study_uid": event.tags.study_uid,
+                           "series_uid": event.tags.series_uid})
+        finally:
+            writer.close()
+
     def _writes(self, plan: BackendPlan, items: list[tuple[InstanceReceived, list[str]]],
-                errors: list[Exception | None], held: dict[int, bytes], taken: list[int]):
+                errors: list[Exception | None], held: dict[int, bytes], taken: list[int], streamed: list[Copy]):
         """The writes of one backend's plan, produced as the backend takes them.
 
         Lazily: the first writes are in flight while later claim-checks are still being read and
         verified. A failed check or read goes to ``errors`` (the instance is left out of the later
-        backends); each write produced is noted in ``taken``.
+        backends); each write produced is noted in ``taken``; a copy to stream goes to ``streamed``.
         """
         backend = self.backends.get(plan.backend)
         for step in plan.steps:
@@ -210,6 +254,9 @@ class Storer:
             if errors[i] is not None:
                 continue
             event = items[i][0]
+            if isinstance(step, Copy) and step.stream:
+                streamed.append(step)
+                continue
             try:
                 if isinstance(step, Check):
                     if not backend.exists(event.digest):

@@ -33,6 +33,7 @@ from shared.storage.objectstore import (
     StoredObject,
     Write,
     check_digest,
+    check_expected,
     content_digest,
     put_each,
 )
@@ -100,9 +101,10 @@ class IncomingFile:
     fsync, a rename and the folder's fsync remain. The temporary file is removed unless committed.
     """
 
-    def __init__(self, store: FileObjectStore, limit: int):
+    def __init__(self, store: FileObjectStore, limit: int, digest: str | None = None):
         self._store = store
         self._limit = limit
+        self._expected = digest
         self._tmp = f"{store._tmp}/incoming.{uuid.uuid4().hex}"
         self._hash = blake3.blake3()
         self._map: mmap.mmap | None = None
@@ -157,8 +159,9 @@ class IncomingFile:
             raise ValueError(f"nothing to commit: {self.size} bytes exceed the limit of {self._limit}"
                              if self.size > self._limit else "the incoming object is closed")
         digest = self.digest()
-        folder, final = self._store._final(digest)
         try:
+            check_expected(self._store.name, digest, self._expected, self.size)
+            folder, final = self._store._final(digest)
             self._unmap()
             if not _touch(final):  # content-addressed: the same key holds the same bytes
                 os.fsync(self._fd)
@@ -327,9 +330,9 @@ class FileObjectStore:
             return False
         return True
 
-    def writer(self, limit: int) -> IncomingFile:
+    def writer(self, limit: int, digest: str | None = None) -> IncomingFile:
         """A large object streamed in as it arrives (it does not use the write-ahead log)."""
-        return IncomingFile(self, limit)
+        return IncomingFile(self, limit, digest)
 
     def prepare_writer(self) -> None:
         """Ready this process to write: leftovers of crashed writers removed, log segments made before the first put."""

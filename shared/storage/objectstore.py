@@ -57,6 +57,13 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def check_expected(backend: str, digest: str, expected: str | None, size: int) -> None:
+    """CorruptObject when the bytes a writer took (``digest``) are not those it was opened for (``expected``)."""
+    if expected is not None and digest != expected:
+        raise CorruptObject(f"backend {backend!r}: the {size} bytes written hash to {digest}, not to {expected}: "
+                            f"nothing committed")
+
+
 class Capability(StrEnum):
     """What a backend can do beyond the :class:`ObjectStore` interface."""
 
@@ -118,8 +125,12 @@ class ObjectStore(Protocol):
     def prepare_writer(self) -> None:
         """Make what puts need ready before the first one (a writer calls it at start-up; may do nothing)."""
 
-    def writer(self, limit: int) -> ObjectWriter:
-        """An object to be written as its bytes arrive (see :class:`ObjectWriter`); keeps at most ``limit`` bytes."""
+    def writer(self, limit: int, digest: str | None = None) -> ObjectWriter:
+        """An object to be written as its bytes arrive (see :class:`ObjectWriter`); keeps at most ``limit`` bytes.
+
+        ``digest``: what the bytes must hash to, where the caller knows it (a copy of a stored object): the
+        commit then refuses other bytes (CorruptObject, nothing committed), and a backend that names an
+        object's parts after its digest can write them before the last byte arrives."""
 
     def close(self) -> None:
         """Release connections."""
@@ -174,7 +185,10 @@ class ObjectWriter(Protocol):
         """The blake3 digest of the bytes written so far."""
 
     def commit(self, meta: dict[str, str] | None = None) -> str:
-        """Make the object durable under its digest (idempotent like put) and close; returns the digest."""
+        """Make the object durable under its digest (idempotent like put) and close; returns the digest.
+
+        Raises CorruptObject, committing nothing, when the writer was opened with a digest the bytes do not match.
+        """
 
     def close(self) -> None:
         """Release the writer; an object not committed is discarded. Idempotent."""
@@ -183,9 +197,10 @@ class ObjectWriter(Protocol):
 class BufferedWriter:
     """The :class:`ObjectWriter` of a backend that only stores whole objects: bytes are kept in memory."""
 
-    def __init__(self, store: ObjectStore, limit: int):
+    def __init__(self, store: ObjectStore, limit: int, digest: str | None = None):
         self._store = store
         self._limit = limit
+        self._expected = digest
         self._buf = bytearray()
         self._hash = blake3.blake3()
         self.size = 0
@@ -210,6 +225,7 @@ class BufferedWriter:
             raise ValueError(f"{self.size} bytes exceed the writer's limit of {self._limit}")
         digest = self.digest()
         try:
+            check_expected(self._store.name, digest, self._expected, self.size)
             self._store.put(digest, self._buf, meta)  # put takes a bytearray: no copy of the whole instance
         finally:
             self.close()

@@ -22,6 +22,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import blake3
+
 from shared.config import RadosBackendConfig
 from shared.storage.objectstore import (
     BufferedWriter,
@@ -31,12 +33,15 @@ from shared.storage.objectstore import (
     StoredObject,
     Write,
     check_digest,
+    check_expected,
     content_digest,
 )
 from shared.storage.rados_layout import (
     LAYOUT_CHUNKED,
     LAYOUT_WHOLE,
     XATTR_PREFIX,
+    Chunk,
+    chunk_name,
     decode_manifest,
     encode_manifest,
     plan_chunks,
@@ -44,6 +49,9 @@ from shared.storage.rados_layout import (
 )
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# A streamed object's writes: pieces of a chunk, a few in flight (each is also copied by librados).
+PIECE = 4 * 1024 * 1024
+PIECES_IN_FLIGHT = 2
 
 
 def _epoch(mtime: time.struct_time | float) -> float:
@@ -599,12 +607,182 @@ class RadosObjectStore:
     def prepare_writer(self) -> None:
         """Nothing to prepare: the cluster connection is made when the backend opens."""
 
-    def writer(self, limit: int) -> BufferedWriter:
-        """Objects are written whole (one atomic op, or chunks and a manifest): kept in memory until commit."""
-        return BufferedWriter(self, limit)
+    def writer(self, limit: int, digest: str | None = None) -> BufferedWriter | RadosWriter:
+        """With the digest known (a copy), a :class:`RadosWriter` that writes chunks as they fill; without it the
+        chunks cannot be named yet (``<digest>.<n>``), so the bytes are kept in memory until commit."""
+        if digest is None:
+            return BufferedWriter(self, limit)
+        return RadosWriter(self, limit, digest)
 
     def close(self) -> None:
         try:
             self.io.close()
         finally:
             self.cluster.shutdown()
+
+
+class RadosWriter:
+    """An object of known digest streamed into RADOS (a placement copy), written as its bytes arrive.
+
+    The layout is :meth:`RadosObjectStore.put`'s: an object of up to ``chunk_bytes`` is held and written
+    whole at commit (the one-write path); once it outgrows a chunk, its chunks ``<digest>.<n>`` are
+    written in pieces of :data:`PIECE` bytes as they arrive (a chunk's first piece replaces whatever a
+    killed writer left there, its last one sets its digest xattrs), and the manifest goes under the
+    digest at commit, once every chunk is durable and the bytes matched the digest. So nothing is
+    visible before commit, and a writer killed before it leaves chunks no reader looks for, overwritten
+    by the retry, as a killed put does. Memory: the first chunk while it is not known to be the only
+    one, then at most :data:`PIECES_IN_FLIGHT` pieces (and librados' copies of them).
+    """
+
+    def __init__(self, store: RadosObjectStore, limit: int, digest: str):
+        self._store = store
+        self._limit = limit
+        self._expected = check_digest(digest)
+        self._chunk = store.cfg.chunk_bytes
+        self._held: deque[bytes] = deque()  # bytes not sent yet, as they came (a bytearray grown to a chunk
+        self._held_bytes = 0  # was copied whole at each reallocation: twice a chunk for a moment)
+        self._hash = blake3.blake3()
+        self._streaming = False  # larger than a chunk: its chunks are being written
+        self._present = False  # the object was already stored when streaming began: only touched at commit
+        self._chunks: list[Chunk] = []  # chunks complete, with their digests
+        self._in_chunk = 0  # bytes of the current chunk sent
+        self._chunk_hash = blake3.blake3()
+        self._mine: deque[_Pending] = deque()
+        self._closed = False
+        self._committed = False
+        self.size = 0
+        self.failure: Exception | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        if self._closed or self.failure is not None:
+            return
+        if self.size > self._limit:
+            self.close()
+            return
+        self._hash.update(data)
+        self._held.append(bytes(data))  # the caller may reuse its buffer
+        self._held_bytes += len(data)
+        try:
+            if not self._streaming:
+                if self._held_bytes <= self._chunk:
+                    return  # may still be an object of one chunk, written whole
+                self._streaming = True
+                self._present = self._store.exists(self._expected)  # as put: a stored object is only touched
+            self._send(final=False)
+        except Exception as exc:
+            self.failure = exc
+            self._held.clear()
+
+    def _take(self, n: int) -> bytes:
+        """The first ``n`` bytes held, no longer held."""
+        parts = []
+        while n:
+            head = self._held.popleft()
+            if len(head) > n:
+                self._held.appendleft(head[n:])
+                head = head[:n]
+            parts.append(head)
+            n -= len(head)
+            self._held_bytes -= len(head)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _send(self, final: bool) -> None:
+        """Write the held bytes as pieces (each within one chunk); all of them when ``final``."""
+        while self._held_bytes:
+            n = min(self._held_bytes, PIECE, self._chunk - self._in_chunk)
+            if not final and n < PIECE and self._in_chunk + n < self._chunk:
+                return  # too little for a piece: wait for more
+            piece = self._take(n)
+            self._piece(piece, ends_chunk=self._in_chunk + n == self._chunk)
+        if final and self._in_chunk:
+            self._piece(b"", ends_chunk=True)  # the last chunk, shorter than the others
+
+    def _piece(self, piece: bytes, ends_chunk: bool) -> None:
+        """Write ``piece`` at the current chunk's end; set the chunk's xattrs with its last piece."""
+        n = len(self._chunks)
+        name = chunk_name(self._expected, n)
+        offset, first = self._in_chunk, self._in_chunk == 0
+        self._chunk_hash.update(piece)
+        self._in_chunk += len(piece)
+        xattrs = {}
+        if ends_chunk:
+            chunk = Chunk(name, n * self._chunk, self._in_chunk, self._chunk_hash.hexdigest())
+            self._chunks.append(chunk)
+            self._in_chunk, self._chunk_hash = 0, blake3.blake3()
+            xattrs = {f"{XATTR_PREFIX}digest": chunk.digest.encode(),
+                      f"{XATTR_PREFIX}chunk_of": self._expected.encode()}
+        if self._present:
+            return
+        while len(self._mine) >= PIECES_IN_FLIGHT:
+            self._store._wait([self._mine.popleft()], "write chunk")
+
+        def fill(op) -> None:
+            if first:
+                op.write_full(piece)  # replaces a killed writer's leftover of this chunk
+            elif piece:
+                op.write(piece, offset)
+            for k, v in xattrs.items():
+                op.set_xattr(k, v)
+        # A client's ops on one object are applied in the order they were sent: pieces may be in flight together.
+        self._store._aio_operate(name, fill, self._mine, len(piece))
+
+    def contents(self) -> bytes | bytearray | memoryview:
+        if self._streaming:
+            raise ValueError("a streamed object's bytes went to RADOS: only an object of one chunk is held")
+        return b"".join(self._held)
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, meta: dict[str, str] | None = None) -> str:
+        """Durable under its digest when this returns, as put makes it; CorruptObject (nothing committed)
+        when the bytes do not match the digest the writer was opened with."""
+        try:
+            if self.failure is not None:
+                raise self.failure
+            if self.size > self._limit:
+                raise ValueError(f"{self.size} bytes exceed the writer's limit of {self._limit}")
+            if self._closed:
+                raise ValueError("the writer is closed")
+            check_expected(self._store.name, self.digest(), self._expected, self.size)
+            store = self._store
+            if not self._streaming:
+                store.put(self._expected, self._take(self._held_bytes), meta)
+            else:
+                self._send(final=True)
+                mine, self._mine = list(self._mine), deque()
+                store._wait(mine, "write chunk")
+                if self._present:
+                    # Claimed again: bump the head's version and mtime, so a releaser judging it keeps it.
+                    store.io.set_xattr(self._expected, f"{XATTR_PREFIX}touched", b"")
+                else:
+                    # The manifest last: the head object appears only when every chunk is durable.
+                    manifest = encode_manifest(self._expected, self.size, self._chunks)
+                    store._wait([store._aio_write(self._expected, manifest,
+                                                  xattrs_for(self._expected, self.size, LAYOUT_CHUNKED, meta),
+                                                  deque())], "write")
+            self._committed = True
+            return self._expected
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Discard an object not committed: wait for its writes in flight, then remove the chunks begun."""
+        if self._closed:
+            return
+        self._closed = True
+        self._held.clear()
+        mine, self._mine = list(self._mine), deque()
+        with contextlib.suppress(Exception):
+            self._store._wait(mine, "write chunk")
+        begun = len(self._chunks) + (1 if self._in_chunk else 0)
+        if self._committed or self._present or not self._streaming or not begun:
+            return
+        with contextlib.suppress(Exception):
+            # Not when another writer of the same digest committed it meanwhile: the chunks are its chunks.
+            if self._store.exists(self._expected):
+                return
+            for n in range(begun):
+                with contextlib.suppress(self._store.rados.ObjectNotFound):
+                    self._store.io.remove_object(chunk_name(self._expected, n))

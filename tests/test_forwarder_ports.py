@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from services.router.forwarder import Forwarder
+from services.router.spool import Spool, spool_root
 from shared.bus.connection import connect, publish_event
 from shared.bus.jetstream import ensure_stream
 from shared.config import Config
@@ -68,7 +69,8 @@ async def _scenario(config: Config, member: str):
     backends = Backends(config)
     backends.get(config.storage.staging).put(content_digest(DATA), DATA)
     routing = Routing(config, member)
-    fwd = Forwarder(nc, routing, backends, "DOWN")
+    spool = Spool(spool_root(config.router.forward.spool_dir))
+    fwd = Forwarder(nc, routing, backends, "DOWN", spool)
     try:
         await ensure_stream(nc, subjects.out_stream_config(config.stream))
         await ensure_stream(nc, subjects.dlq_stream_config(config.stream))
@@ -90,6 +92,7 @@ async def _scenario(config: Config, member: str):
         await fwd.stop()
         await nc.close()
         backends.close()
+        spool.close()
 
 
 async def _on(queues, target: str) -> bool:

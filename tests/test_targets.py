@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from services.router.targets import KINDS, SendError, Target, TargetsUnusable, c
 from services.router.targets.dicom import DicomTarget
 from shared.config import BackendConfig, DicomTargetConfig, TargetConfig, kind_models, load_config
 from shared.contract.events import ForwardJob
+from shared.dicom.part10 import part10
 from shared.storage import objectstore
 from tests.helpers import REPO
 
@@ -56,6 +58,13 @@ def _job(sop_uid: str) -> ForwardJob:
                       backend="local", digest="0" * 64, size=10, rule="r")
 
 
+def _file(tmp_path, job: ForwardJob, data: bytes) -> Path:
+    """The job's Part 10 file, as the forwarder hands it to a target."""
+    path = tmp_path / f"{job.sop_uid}.dcm"
+    path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
+    return path
+
+
 def test_storescu_vanishing_before_the_send_is_a_send_error(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -65,7 +74,7 @@ def test_storescu_vanishing_before_the_send_is_a_send_error(tmp_path, monkeypatc
     assert target.check() is None
     (bin_dir / "storescu").unlink()  # e.g. a package upgrade removing it under a running router
     with pytest.raises(SendError, match="cannot run storescu"):
-        target.send([(_job("1.2.3.4.5"), b"\x08\x00\x60\x00CS\x02\x00CT")])  # (0008,0060) CT
+        target.send([(_job("1.2.3.4.5"), _file(tmp_path, _job("1.2.3.4.5"), b"\x08\x00\x60\x00CS\x02\x00CT"))])
 
 
 def test_check_names_each_target_that_needs_a_missing_program(tmp_path, monkeypatch):
@@ -123,7 +132,7 @@ def test_a_tls_dicom_target_verifies_its_peer_by_default(tmp_path):
                          sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                          transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, backend="local", digest="0" * 64,
                          size=1, rule="r")
-        batch = [(job, dataset_bytes(path))]
+        batch = [(job, _file(tmp_path, job, dataset_bytes(path)))]
 
         def target(**tls) -> DicomTarget:
             return DicomTarget(DicomTargetConfig(host="127.0.0.1", port=port, ae_title="STORESCP", timeout_s=10,

@@ -68,7 +68,7 @@ def sweep(root: Path) -> tuple[int, int]:
         finally:
             os.close(fd)
     if folders:
-        log.warning("removed %d forward spool folders (%d bytes) that killed routers left in %s", folders, size, root)
+        log.warning("removed the forward spool of %d dead router(s) (%d bytes) in %s", folders, size, root)
     return folders, size
 
 

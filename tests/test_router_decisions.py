@@ -20,6 +20,8 @@ from services.router.decisions import (
     record_instance,
     resolve_assignment,
     settle_failure,
+    settle_unread,
+    unread_problem,
 )
 from services.router.rules import facts_of, parse_rules
 from shared.config import CompletionConfig, ForwardConfig
@@ -96,6 +98,20 @@ def test_a_reassigning_group_moves_the_study_from_the_second_failure_with_a_fall
     assert settle_failure(1, "reassign", FWD, "refused") == Retry(1)  # one refusal is not a dead gateway
     assert settle_failure(2, "reassign", FWD, "refused") == Reassign(Retry(2))
     assert settle_failure(5, "reassign", FWD, "refused") == Reassign(DeadLetter("refused"))
+
+
+def test_what_reading_the_copies_came_to():
+    assert unread_problem(["missing"]) == "missing"
+    assert unread_problem([]) == "missing"  # no copy to try at all
+    assert unread_problem(["missing", "corrupt"]) == "corrupt"  # staged copy released, the placement's corrupt
+    assert unread_problem(["corrupt", "unreadable", "missing"]) == "unreadable"  # a copy not read may be good
+
+
+def test_a_missing_or_corrupt_job_is_dead_lettered_at_once_an_unreadable_one_retried():
+    assert settle_unread("missing", 1, FWD, "gone") == DeadLetter("gone")
+    assert settle_unread("corrupt", 1, FWD, "bad") == DeadLetter("bad")
+    assert [settle_unread("unreadable", n, FWD, "EIO") for n in (1, 2, 4)] == [Retry(1), Retry(2), Retry(8)]
+    assert settle_unread("unreadable", 5, FWD, "EIO") == DeadLetter("EIO")
 
 
 # --- route planning -------------------------------------------------------------------------------------------

@@ -119,11 +119,11 @@ def test_a_refused_job_is_retried_once_then_its_study_reassigned(tmp_path, nats_
     assert queues == {} and dlq == 0
 
 
-def _instance(n: int) -> tuple[ForwardJob, bytes]:
+def _instance(n: int, side: int = 8) -> tuple[ForwardJob, bytes]:
     from dicomflow.synthetic import ct_instance
     from tests.helpers import encode
 
-    ds = ct_instance(STUDY, f"{STUDY}.2", n, rows=8, cols=8)
+    ds = ct_instance(STUDY, f"{STUDY}.2", n, rows=side, cols=side)
     data = encode(ds)
     return ForwardJob(target="W", rule="r", study_uid=STUDY, series_uid=ds.SeriesInstanceUID,
                       sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
@@ -140,7 +140,7 @@ def _corrupt(store, digest: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-async def _corrupt_scenario(config: Config, jobs: list[ForwardJob]):
+async def _one_batch(config: Config, jobs: list[ForwardJob]):
     nc = await connect(config, "test-forwarder")
     backends = Backends(config)
     spool = Spool(spool_root(config.router.forward.spool_dir))
@@ -196,7 +196,7 @@ def test_a_corrupt_copy_is_never_sent(tmp_path, nats_server, caplog):
         _corrupt(archive, b.digest)
         backends.close()
 
-        routing, letters, spooled = asyncio.run(_corrupt_scenario(config, [a, b, c]))
+        routing, letters, spooled = asyncio.run(_one_batch(config, [a, b, c]))
         assert receiver.received == {a.sop_uid: data_a, c.sop_uid: data_c}  # byte for byte; B never
         assert receiver.requests == 1  # A and C in one request: B did not hold them back
         assert [(d["job"]["sop_uid"], d["attempts"]) for d in letters] == [(b.sop_uid, 1)]
@@ -204,5 +204,38 @@ def test_a_corrupt_copy_is_never_sent(tmp_path, nats_server, caplog):
         assert routing.health == [("W", True)] and routing.reassigned == []
         assert spooled == []  # the send's files removed, the unsent copy's too
         assert f"instance {a.sop_uid} read from placement 'archive': stage corrupt" in caplog.text
+    finally:
+        receiver.close()
+
+
+def test_a_batch_over_its_byte_limit_goes_as_several_sends_in_order(tmp_path, nats_server):
+    """Three 512 KiB instances fetched as one batch, with forward.batch_bytes 1 MiB: three STOW-RS requests, one
+    instance each, in the batch's order (the spool holds one at a time), every one byte for byte."""
+    from tests.router_harness import StowReceiver
+
+    receiver = StowReceiver()
+    order: list[str] = []
+    original = receiver.server.RequestHandlerClass.do_POST
+
+    def recording(handler):
+        original(handler)
+        order.extend(sop for sop in receiver.received if sop not in order)
+
+    receiver.server.RequestHandlerClass.do_POST = recording
+    try:
+        config = Config.model_validate(make_config(tmp_path, nats_server.url, storage={
+            "staging": "stage", "backends": {"stage": {"kind": "fs", "path": "stage"}},
+            "policies": {"default": {"placements": ["stage"]}}}, router={
+            "targets": {"W": {"kind": "dicomweb", "url": receiver.url, "timeout_s": 10}},
+            "forward": {"batch_bytes": 1024 * 1024, "spool_dir": str(tmp_path / "spool")}}))
+        instances = [_instance(n, side=512) for n in (1, 2, 3)]
+        backends = Backends(config)
+        for job, data in instances:
+            backends.get("stage").put(job.digest, data)
+        backends.close()
+        routing, letters, spooled = asyncio.run(_one_batch(config, [job for job, _ in instances]))
+        assert receiver.requests == 3 and order == [job.sop_uid for job, _ in instances]
+        assert receiver.received == {job.sop_uid: data for job, data in instances}
+        assert letters == [] and spooled == [] and routing.health == [("W", True)] * 3
     finally:
         receiver.close()

@@ -19,6 +19,7 @@ from services.router.decisions import (
     plan_instance,
     record_instance,
     resolve_assignment,
+    sends,
     settle_failure,
     settle_unread,
     unread_problem,
@@ -185,3 +186,10 @@ def test_record_instance_is_deterministic(state):
     plan = _plan()
     routed = [Routed("pacs", "", "stream"), Routed("archive", "", "stream")]
     assert record_instance(state, plan, 5.0, routed) == record_instance(state, plan, 5.0, routed)
+
+
+def test_a_batch_is_sent_in_pieces_of_at_most_its_byte_limit():
+    assert sends([10] * 5, 100) == [range(0, 5)]  # small instances: one send, as before
+    assert sends([60, 60, 30, 10, 200, 5], 100) == [range(0, 1), range(1, 4), range(4, 5), range(5, 6)]
+    assert sends([300], 100) == [range(0, 1)]  # one over the limit goes alone
+    assert sends([], 100) == []

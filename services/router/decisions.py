@@ -190,6 +190,25 @@ def settle_failure(attempts: int, on_member_down: str | None, fwd: ForwardConfig
     return fallback
 
 
+# --- a fetched batch: the sends it takes --------------------------------------------------------------------------
+
+
+def sends(sizes: Sequence[int], limit: int) -> list[range]:
+    """The fetched jobs (by index, in order) split into consecutive sends of at most ``limit`` bytes each (an
+    instance over ``limit`` goes alone): what a send copies to the spool first is bounded, so the spool's disk is
+    too, whatever the batch's instances weigh. Small instances keep their one send per batch."""
+    out: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
 # --- a job whose bytes could not be read: retry or dead-letter ---------------------------------------------------
 
 Unread = Literal["missing", "corrupt", "unreadable"]

@@ -162,53 +162,63 @@ class Forwarder:
             jobs.append(d)
         if not jobs:
             return
-        failure: SendError | None = None
         unread: list[tuple[Delivery[ForwardJob], UnreadBytes]] = []
+        failed: list[Delivery[ForwardJob]] = []
+        failure: SendError | None = None
         # Copying and sending may outlast the short ack wait: the jobs stay ours while we work on them.
-        with InProgress([d.msg for d in jobs], self.cfg.group.ack_wait_s / 3), self.spool.send_folder() as folder:
-            batch, ready = [], []
-            for i, d in enumerate(jobs):
-                job = d.event
-                # Numbered: two versions of one instance in a batch (A, B, A) are two files, sent in order.
-                path = folder / f"{i:05d}-{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
-                try:
-                    await asyncio.to_thread(self._copy, job, path)
-                except UnreadBytes as exc:
-                    outcomes[id(d)] = exc
-                    unread.append((d, exc))
+        with InProgress([d.msg for d in jobs], self.cfg.group.ack_wait_s / 3):
+            for part in decisions.sends([d.event.size for d in jobs], self.cfg.forward.batch_bytes):
+                if failure is not None:  # not tried: they would arrive before what failed (versions keep their order)
+                    failed += [jobs[i] for i in part]
                     continue
-                batch.append((job, path))
-                ready.append(d)
-            if batch:
-                tcfg = self.cfg.targets[self.target]
-                t0 = time.perf_counter()
-                links = [trace.Link(d.span.get_span_context()) for d in ready[1:]]
-                with tracer.start_as_current_span("router.forward", links=links,
-                                                  context=trace.set_span_in_context(ready[0].span)) as span:
-                    span.set_attribute("router.target", self.target)
-                    span.set_attribute("router.instances", len(batch))
-                    try:
-                        await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send, batch)
-                    except SendError as exc:
-                        span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                        failure = exc
+                with self.spool.send_folder() as folder:
+                    ready = []
+                    for i in part:
+                        d = jobs[i]
+                        # Numbered: two versions of one instance in a batch (A, B, A) are two files, sent in order.
+                        path = folder / f"{i:05d}-{uid_name(validate_uid(d.event.sop_uid, 'SOPInstanceUID'))}.dcm"
+                        try:
+                            await asyncio.to_thread(self._copy, d.event, path)
+                        except UnreadBytes as exc:
+                            outcomes[id(d)] = exc
+                            unread.append((d, exc))
+                            continue
+                        ready.append((d, path))
+                    if ready:
+                        failure = await self._send_files(ready)
+                if failure is not None:
+                    failed += [d for d, _ in ready]
         # settled after the keep-alive stopped: an in-progress ack must not undo a delay
         for d, exc in unread:
             await self._unread(d.msg, d.event, exc)
-        if not batch:
-            return
         if failure is not None:
-            for d in ready:
+            for d in failed:
                 outcomes[id(d)] = failure
-            await self._failed([(d.msg, d.event) for d in ready], str(failure))
-            return
+            await self._failed([(d.msg, d.event) for d in failed], str(failure))
+
+    async def _send_files(self, ready: list[tuple[Delivery[ForwardJob], Path]]) -> SendError | None:
+        """Send one batch of copied instances, and acknowledge them once the target has taken them all."""
+        tcfg = self.cfg.targets[self.target]
+        t0 = time.perf_counter()
+        links = [trace.Link(d.span.get_span_context()) for d, _ in ready[1:]]
+        with tracer.start_as_current_span("router.forward", links=links,
+                                          context=trace.set_span_in_context(ready[0][0].span)) as span:
+            span.set_attribute("router.target", self.target)
+            span.set_attribute("router.instances", len(ready))
+            try:
+                await asyncio.to_thread(target_for(tcfg, self.cfg.forward.calling_ae).send,
+                                        [(d.event, path) for d, path in ready])
+            except SendError as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                return exc
         metrics.send_seconds.labels(self.target).observe(time.perf_counter() - t0)
         await self.routing.set_health(self.target, True)
         metrics.target_up.labels(self.target).set(1)
-        for d in ready:
+        for d, _ in ready:
             await d.msg.ack()
             metrics.forwarded.labels(self.target).inc()
             metrics.forwarded_bytes.labels(self.target).inc(d.event.size)
+        return None
 
     def _copy(self, job: ForwardJob, path: Path) -> None:
         """Write the job's instance to ``path`` as its Part 10 file, a chunk at a time, verified against its digest

@@ -118,7 +118,7 @@ class Router:
         self.tree = make_config(tmp, nats_url, router={
             "rules_file": str(tmp / "rules.yaml"), "targets": targets,
             "forward": {"backoff_initial_s": 0.2, "backoff_max_s": 1, "spool_dir": str(tmp / "spool")},
-            "group": {"ack_wait_s": 6}})
+            "group": {"ack_wait_s": 2}})  # far shorter than a gigabyte's copy and send: kept alive by InProgress
         self.config_path = write_config(tmp, self.tree)
         self.config = load_config(str(self.config_path), environ={})
         self.spool = tmp / "spool"
@@ -168,6 +168,18 @@ class Router:
             nc = await connect(self.config, "test-forward-memory")
             try:
                 return (await nc.jetstream().stream_info(subjects.OUT_STREAM)).state.messages
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def deliveries(self, target: str) -> int:
+        """Deliveries from ``target``'s queue so far, redeliveries included (a keep-alive that lapsed, a failed send)."""
+        async def go():
+            nc = await connect(self.config, "test-forward-memory")
+            try:
+                info = await nc.jetstream().consumer_info(subjects.OUT_STREAM, subjects.forward_durable(target))
+                return info.delivered.consumer_seq
             finally:
                 await nc.close()
 
@@ -225,11 +237,13 @@ def test_a_1_gib_instance_is_forwarded_byte_identical_within_64_mib(tmp_path, na
             assert len(files) == 1, files
             assert _received_digest(files[0]) == digest  # the data set byte for byte
         else:
+            assert len(stow.bodies) == 2  # the small and the big instance, each once: no redelivery mid-send
             content_type, length, body_digest = stow.bodies[-1]
             assert length == len(meta) + total + _framing(content_type)
             assert body_digest == _stow_body_digest(content_type, meta, head, total - len(head))
         assert router.spool_files() == []  # the copy is gone with the send
         assert "dead-lettered" not in router.log()
+        assert router.deliveries("T") == 2  # each job once: the copy and the send outlasted the ack wait, kept alive
     finally:
         router.stop()
         if gateway:

@@ -239,3 +239,60 @@ def test_a_batch_over_its_byte_limit_goes_as_several_sends_in_order(tmp_path, na
         assert letters == [] and spooled == [] and routing.health == [("W", True)] * 3
     finally:
         receiver.close()
+
+
+def test_an_unreadable_copy_is_retried_until_it_reads(tmp_path, nats_server, caplog):
+    """The staged object cannot be read (a directory where its file should be: EISDIR, a real I/O error): the job is
+    retried with the backoff, never dead-lettered, the target never marked down; once the object reads, it is sent."""
+    from tests.router_harness import StowReceiver
+
+    receiver = StowReceiver()
+    try:
+        config = Config.model_validate(make_config(tmp_path, nats_server.url, storage={
+            "staging": "stage", "backends": {"stage": {"kind": "fs", "path": "stage"}},
+            "policies": {"default": {"placements": ["stage"]}}}, router={
+            "targets": {"W": {"kind": "dicomweb", "url": receiver.url, "timeout_s": 10}},
+            "forward": {"backoff_initial_s": 0.2, "backoff_max_s": 0.4, "max_attempts": 100,
+                        "spool_dir": str(tmp_path / "spool")}}))
+        job, data = _instance(1)
+        backends = Backends(config)
+        stage = backends.get("stage")
+        stage.path(job.digest).mkdir(parents=True)
+
+        async def scenario():
+            nc = await connect(config, "test-forwarder")
+            spool = Spool(spool_root(config.router.forward.spool_dir))
+            routing = Routing(config, "W")
+            fwd = Forwarder(nc, routing, backends, "W", spool)
+            try:
+                await ensure_streams(nc, config)
+                await ensure_stream(nc, subjects.out_stream_config(config.stream))
+                await ensure_stream(nc, subjects.dlq_stream_config(config.stream))
+                js = nc.jetstream()
+                await publish_event(js, job, 2.0)
+                await fwd.start()
+
+                async def retried_twice() -> bool:
+                    return caplog.text.count(f"instance {job.sop_uid} not read, retried") >= 2
+
+                await _until(retried_twice, 30, "two retries of the unreadable job")
+                stage.path(job.digest).rmdir()
+                stage.put(job.digest, data)
+
+                async def settled() -> bool:
+                    return (await js.stream_info(subjects.OUT_STREAM)).state.messages == 0
+
+                await _until(settled, 30, "the job sent once readable")
+                return routing, (await js.stream_info(subjects.DLQ_STREAM)).state.messages
+            finally:
+                await fwd.stop()
+                await nc.close()
+                spool.close()
+
+        routing, dlq = asyncio.run(scenario())
+        backends.close()
+        assert receiver.received == {job.sop_uid: data} and dlq == 0
+        assert routing.health == [("W", True)]  # the unreadable copy never counted against the target
+        assert "Is a directory" in caplog.text
+    finally:
+        receiver.close()

@@ -6,7 +6,8 @@ read and sent, so the jobs a killed router held go out again within seconds, not
 ``forward.max_attempts`` an instance goes to DICOM_DLQ with a ``dicom.forward.failed`` event.
 Each instance is copied to a Part 10 file in the process's spool (``spool.py``) a chunk at a time, verified
 against its digest as it goes, and the target sends the files: the router's memory does not grow with the
-instance (a 4 GiB whole-slide image costs what a CT slice does). A job none of whose copies reads whole and
+instance (a 4 GiB whole-slide image costs what a CT slice does); a batch over ``forward.batch_bytes`` goes as
+several sends in order (``decisions.sends``), so the spool's disk is bounded too. A job none of whose copies reads whole and
 verified is never sent: missing or corrupt, it is dead-lettered at once; unreadable, retried
 (``decisions.settle_unread``). A job whose study was moved to another member of its group (reassign) is handed
 on to that member.

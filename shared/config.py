@@ -383,7 +383,7 @@ class ForwardConfig(_Section):
     max_attempts: int = Field(20, ge=1, description="Attempts before an instance goes to the dead-letter stream (DICOM_DLQ).")
     probe_interval_s: float = Field(5, gt=0, description="How often each target's port is probed; a refused target gets no new studies.")
     calling_ae: str = Field("DICOMFLOW", max_length=16, description="Calling AE title of forwarded associations.")
-    spool_dir: str = Field("", description="Where a router copies the instances it is sending (Part 10 files, removed after each send; a killed router's are removed by the next router to start on the machine). Needs room for forward.batch_bytes (or the largest instance) per target. Empty: dicomflow-forward in the system's temporary folder (TMPDIR). Read at start.")
+    spool_dir: str = Field("", description="Where a router copies the instances it is sending (Part 10 files, removed after each send; a killed router's are removed by the next router to start on the machine). Needs room for forward.batch_bytes (or the largest instance) per target. Empty: dicomflow-forward-<uid> in the system's temporary folder (TMPDIR). Read at start.")
 
 
 class RouterConfig(_Section):

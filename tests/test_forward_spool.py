@@ -53,3 +53,16 @@ def test_a_send_folder_is_removed_however_the_send_ends(tmp_path):
             raise RuntimeError("the target refused")
     assert not folder.exists() and list(spool.path.iterdir()) == []
     spool.close()
+
+
+def test_the_default_spool_is_the_users_own_in_the_system_temporary_folder(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    from services.router.spool import spool_root
+
+    assert spool_root("") == Path(tempfile.gettempdir()) / f"dicomflow-forward-{os.getuid()}"
+    assert spool_root(str(tmp_path / "big-disk")) == tmp_path / "big-disk"
+    spool = Spool(tmp_path / "fresh")
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o700  # made by the spool: no one else's to write in
+    spool.close()

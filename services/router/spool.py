@@ -29,8 +29,9 @@ _MAKING_AGE_S = 3600.0
 
 
 def spool_root(configured: str) -> Path:
-    """The folder every router process of this machine makes its own spool in."""
-    return Path(configured) if configured else Path(tempfile.gettempdir()) / "dicomflow-forward"
+    """The folder every router process of this machine (of this user, by default) makes its own spool in."""
+    # One per user by default: another user's routers could neither write in ours nor sweep it.
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / f"dicomflow-forward-{os.getuid()}"
 
 
 def _size(path: Path) -> int:
@@ -76,7 +77,7 @@ class Spool:
     """This process's spool folder under ``root``: locked while the process lives; :meth:`send_folder` per send."""
 
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         sweep(root)
         making = Path(tempfile.mkdtemp(prefix=_MAKING, dir=root))
         self._fd = os.open(making, os.O_RDONLY | os.O_DIRECTORY)

@@ -197,3 +197,7 @@ def test_cors_preflight_and_headers(service):
     other = requests.get(f"{web.url}/studies", headers={"Origin": "http://evil.example", "X-API-Key": KEY_A},
                          timeout=10)
     assert "Access-Control-Allow-Origin" not in other.headers
+    # an answer raised as an exception (a bad UID in the path: 400) names the origin too
+    bad = requests.get(f"{web.url}/studies/{'9' * 1000}/metadata", headers={"Origin": "http://viewer.example",
+                                                                     "X-API-Key": KEY_A}, timeout=10)
+    assert bad.status_code == 400 and bad.headers["Access-Control-Allow-Origin"] == "http://viewer.example"

@@ -148,3 +148,96 @@ def test_an_instance_larger_than_a_chunk_streams_whole(service):
     sent = store(catalogue, objects, [big])
     [got] = DICOMwebClient(web.url, headers={"X-API-Key": KEY_A}).retrieve_study(big.StudyInstanceUID)
     assert data_set_of(got) == sent[big.SOPInstanceUID]
+
+
+def test_a_lone_instance_goes_with_its_length_a_study_chunked(service):
+    web, catalogue, objects = service
+    instances = study(2)
+    sent = store(catalogue, objects, instances)
+    ds = instances[0]
+    url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    h = {"X-API-Key": KEY_A}
+    for accept in ('multipart/related; type="application/dicom"; transfer-syntax=*', "application/dicom"):
+        res = requests.get(url, headers={**h, "Accept": accept}, timeout=10)
+        assert res.status_code == 200, res.text
+        assert int(res.headers["Content-Length"]) == len(res.content)
+        assert "Transfer-Encoding" not in res.headers
+        got = parts(res)[0] if accept.startswith("multipart") else pydicom.dcmread(io.BytesIO(res.content))
+        assert data_set_of(got) == sent[ds.SOPInstanceUID]
+    # transcoded: the size is not known before it is made, so chunked as before
+    res = requests.get(url, headers={**h, "Accept": f'multipart/related; type="application/dicom"; '
+                                                    f'transfer-syntax={IMPLICIT}'}, timeout=10)
+    assert res.headers.get("Transfer-Encoding") == "chunked" and parts(res)[0].file_meta.TransferSyntaxUID == IMPLICIT
+    whole = requests.get(f"{web.url}/studies/{ds.StudyInstanceUID}", headers=h, timeout=10)
+    assert whole.headers.get("Transfer-Encoding") == "chunked" and len(parts(whole)) == 2
+
+
+def corrupt(objects, raw: bytes, at: int) -> None:
+    """Flip a byte of a stored object (``at`` from its end)."""
+    path = objects.path(content_digest(raw))
+    data = bytearray(path.read_bytes())
+    data[-at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_lone_instance_gets_500_or_is_cut_short_of_its_length(service, caplog):
+    from prometheus_client import REGISTRY
+
+    from dicomflow.synthetic import ct_instance, new_uid
+
+    web, catalogue, objects = service
+    small = study(1)[0]
+    big = ct_instance(new_uid(), new_uid(), 1, rows=1500, cols=1500)  # several read chunks
+    sent = store(catalogue, objects, [small, big])
+    for ds in (small, big):
+        corrupt(objects, sent[ds.SOPInstanceUID], 10)
+        before = REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") or 0
+        url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        if ds is small:  # found corrupt as it is opened, before the answer starts: an error status
+            res = requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10)
+            assert res.status_code == 500 and "does not match its digest" in res.text
+        else:  # found only at its last chunk, after its length and first chunks went out: cut short
+            received = 0
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3's IncompleteRead
+                with requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10, stream=True) as res:
+                    assert res.status_code == 200 and "Content-Length" in res.headers
+                    for piece in res.iter_content(65536):
+                        received += len(piece)
+            assert received < len(sent[ds.SOPInstanceUID])  # never the last chunk
+        assert REGISTRY.get_sample_value("dicomflow_web_corrupt_objects_total") == before + 1
+        assert f"{ds.SOPInstanceUID}: object" in caplog.text and "does not match its digest" in caplog.text
+
+
+def test_a_lone_instance_no_placement_can_read_gets_503(service):
+    web, catalogue, objects = service
+    ds = study(1)[0]
+    sent = store(catalogue, objects, [ds])
+    objects.path(content_digest(sent[ds.SOPInstanceUID])).unlink()  # catalogued, but no placement holds it
+    url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    res = requests.get(url, headers={"X-API-Key": KEY_A}, timeout=10)
+    assert res.status_code == 503 and res.headers["Retry-After"] == "5"
+
+
+def test_a_streamed_retrieve_names_a_permitted_origin(tmp_path):
+    """A viewer served from another origin (OHIF) reads the instances it downloads: CORS on the streamed answer."""
+    config = load_config(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "web": {"cors_origins": ["http://viewer.example"]},
+        "access": {"anonymous_tenant": None, "tenants": {"a": {"api_keys_sha256": [api_key_hash(KEY_A)]}}}})
+    catalogue = open_catalogue("", tmp_path)
+    backends = Backends(config)
+    try:
+        with WebService(config) as web:
+            [ds] = study(1)
+            store(catalogue, backends.get("local"), [ds])
+            for url in (f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+                        f"{ds.SOPInstanceUID}", f"{web.url}/studies/{ds.StudyInstanceUID}"):
+                res = requests.get(url, headers={"X-API-Key": KEY_A, "Origin": "http://viewer.example",
+                                                 "Accept": 'multipart/related; type="application/dicom"'}, timeout=10)
+                assert res.status_code == 200 and len(parts(res)) == 1
+                assert res.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+                assert "Content-Length" in res.headers["Access-Control-Expose-Headers"]
+                other = requests.get(url, headers={"X-API-Key": KEY_A, "Origin": "http://evil.example"}, timeout=10)
+                assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        backends.close()
+        catalogue.close()

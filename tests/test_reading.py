@@ -56,3 +56,15 @@ def test_a_corrupt_object_never_yields_its_last_chunk(backends, tmp_path):
 def test_no_placement_holding_it_is_unavailable(backends):
     with pytest.raises(Unavailable):
         open_verified(backends, content_digest(b"never stored"), ["local", "b"])
+
+
+def test_fs_ranges_are_what_the_object_holds(backends):
+    data = bytes(range(256)) * 8
+    digest = content_digest(data)
+    store = backends.get("local")
+    store.put(digest, data)
+    assert store.read_range(digest, 0, 1 << 20) == (data, len(data))  # more asked than there is: all of it
+    assert store.read_range(digest, 0, 0) == (b"", len(data))  # the size alone
+    assert store.read_range(digest, 2040, 100) == (data[2040:], len(data))
+    assert store.read_range(digest, len(data), 10) == (b"", len(data))
+    assert store.read_range(digest, len(data) + 5, 10) == (b"", len(data))

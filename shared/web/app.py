@@ -8,6 +8,7 @@ with the methods it has.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,32 +47,53 @@ async def _observe(request: web.Request, handler) -> web.StreamResponse:
             raise
         finally:
             span.set_attribute("http.status_code", status)
-            metrics.requests.labels(route=route, method=request.method, status=str(status)).inc()
-            metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+            requests_total, seconds = _request_metrics(route, request.method, status)
+            requests_total.inc()
+            seconds.observe(time.perf_counter() - started)
 
 
-def _cors_middleware(origins: list[str]):
+@functools.lru_cache(maxsize=1024)
+def _request_metrics(route: str, method: str, status: int):
+    """The request counter and latency histogram children of one route, method and status.
+
+    Kept, because ``labels()`` checks and looks its labels up under a lock on every call: a few percent
+    of a WADO-RS instance download's event-loop time (py-spy under bench/retrieve_ab.py's load).
+    """
+    return (metrics.requests.labels(route=route, method=method, status=str(status)),
+            metrics.request_seconds.labels(route=route))
+
+
+def _cors(origins: list[str]):
+    """The CORS middleware (answers a permitted preflight) and the response-prepare hook that names the origin.
+
+    The headers go on in the hook, just before a response's headers are sent, rather than on what the handler
+    returns: a streamed answer (a WADO-RS retrieve) has sent its headers by then, and an answer raised as an
+    exception (a 400 for a bad UID) returns nothing to the middleware, so neither had them.
+    """
     allowed = set(origins)
+
+    def permitted(request: web.BaseRequest) -> str | None:
+        origin = request.headers.get("Origin")
+        return origin if origin is not None and ("*" in allowed or origin in allowed) else None
 
     @web.middleware
     async def cors(request: web.Request, handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        permitted = origin is not None and ("*" in allowed or origin in allowed)
-        if request.method == "OPTIONS" and permitted and "Access-Control-Request-Method" in request.headers:
-            response: web.StreamResponse = web.Response(status=204, headers={
+        if request.method == "OPTIONS" and permitted(request) and "Access-Control-Request-Method" in request.headers:
+            return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Accept, Content-Type, If-None-Match, Range, "
                                                 "X-API-Key",
                 "Access-Control-Max-Age": "600"})
-        else:
-            response = await handler(request)
-        if permitted:
+        return await handler(request)
+
+    async def name_origin(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        origin = permitted(request)
+        if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
             response.headers["Access-Control-Expose-Headers"] = ("Warning, ETag, Content-Type, Content-Length, "
                                                                  "Content-Range, Accept-Ranges")
             response.headers["Vary"] = "Origin"
-        return response
-    return cors
+    return cors, name_origin
 
 
 @web.middleware
@@ -88,8 +110,9 @@ async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
 
 def make_app(config: Config, mounts: Iterable[Mount]) -> web.Application:
     """The application serving ``config.web.path_prefix``, with every mount's resources on it."""
-    app = web.Application(middlewares=[_observe, _cors_middleware(config.web.cors_origins), _authenticate],
-                          client_max_size=1024 ** 2)
+    cors, name_origin = _cors(config.web.cors_origins)
+    app = web.Application(middlewares=[_observe, cors, _authenticate], client_max_size=1024 ** 2)
+    app.on_response_prepare.append(name_origin)
     executor = ThreadPoolExecutor(max_workers=config.web.threads, thread_name_prefix="web")
     app[CONFIG] = config
     app[EXECUTOR] = executor

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_LE
@@ -38,8 +39,13 @@ def _params(item: str) -> tuple[str, dict[str, str]]:
     return media.lower(), params
 
 
-def parse_accept(header: str) -> list[Acceptable]:
-    """The media ranges of an Accept header, most preferred first (stable for equal q)."""
+@functools.lru_cache(maxsize=256)
+def parse_accept(header: str) -> tuple[Acceptable, ...]:
+    """The media ranges of an Accept header, most preferred first (stable for equal q).
+
+    Cached: a client sends the same header with every request, and parsing it was a few percent of a
+    WADO-RS instance download's time on the event loop (py-spy under bench/retrieve_ab.py's load).
+    """
     out = []
     for item in header.split(","):
         if not item.strip():
@@ -50,7 +56,7 @@ def parse_accept(header: str) -> list[Acceptable]:
         except ValueError:
             q = 0.0
         out.append(Acceptable(media, params.get("type", "").lower(), params.get("transfer-syntax", ""), q))
-    return sorted((a for a in out if a.q > 0), key=lambda a: -a.q)
+    return tuple(sorted((a for a in out if a.q > 0), key=lambda a: -a.q))
 
 
 def can_serve(wanted: str, stored: str) -> bool:
@@ -71,7 +77,7 @@ def choose(accept: str, stored: list[str], single: bool) -> Choice | None:
 
     ``single``: an instance-level request, which may also be answered as a bare ``application/dicom``.
     """
-    ranges = parse_accept(accept) or [Acceptable("multipart/related", "application/dicom", "", 1.0)]
+    ranges = parse_accept(accept) or (Acceptable("multipart/related", "application/dicom", "", 1.0),)
     for a in ranges:
         multipart = a.media_type == "multipart/related" and a.part_type in ("application/dicom", "")
         bare = single and a.media_type in ("application/dicom", "application/*", "*/*")

@@ -116,21 +116,24 @@ def read_side(config: Config) -> Mount:
         app[BACKENDS] = Backends(app[CONFIG])
         uid = r"{%s:[^/]+}"
         study, series, instance = uid % "study", uid % "series", uid % "instance"
+        # aiohttp tries the resources under one path prefix (all of these: /studies) in the order added, each a
+        # regular expression: the viewers' hot paths (an instance, its frames, metadata) come first. The
+        # patterns cannot overlap ({uid} and {frames} stop at a slash), so the order changes no answer.
         routes = [
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frames}}", frames_handler),
+            (f"{p}/studies/{study}/series/{series}/metadata", _metadata_handler(SERIES)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/metadata", _metadata_handler(INSTANCE)),
+            (f"{p}/studies/{study}/metadata", _metadata_handler(STUDY)),
+            (f"{p}/studies/{study}/series/{series}/instances/{instance}/bulkdata/{{path:.+}}", bulkdata_handler),
+            (f"{p}/studies/{study}", retrieve_handler("study")),
+            (f"{p}/studies/{study}/series/{series}", retrieve_handler("series")),
             (f"{p}/studies", _search_handler(STUDY)),
             (f"{p}/series", _search_handler(SERIES)),
             (f"{p}/instances", _search_handler(INSTANCE)),
             (f"{p}/studies/{study}/series", _search_handler(SERIES)),
             (f"{p}/studies/{study}/instances", _search_handler(INSTANCE)),
             (f"{p}/studies/{study}/series/{series}/instances", _search_handler(INSTANCE)),
-            (f"{p}/studies/{study}/metadata", _metadata_handler(STUDY)),
-            (f"{p}/studies/{study}/series/{series}/metadata", _metadata_handler(SERIES)),
-            (f"{p}/studies/{study}/series/{series}/instances/{instance}/metadata", _metadata_handler(INSTANCE)),
-            (f"{p}/studies/{study}", retrieve_handler("study")),
-            (f"{p}/studies/{study}/series/{series}", retrieve_handler("series")),
-            (f"{p}/studies/{study}/series/{series}/instances/{instance}", retrieve_handler("instance")),
-            (f"{p}/studies/{study}/series/{series}/instances/{instance}/frames/{{frames}}", frames_handler),
-            (f"{p}/studies/{study}/series/{series}/instances/{instance}/bulkdata/{{path:.+}}", bulkdata_handler),
             # rendered (PS3.18 10.4.1.1.4): /frames/{frame}/rendered is its own resource beside /frames/{frames}
             (f"{p}/studies/{study}/rendered", multipart_handler("study")),
             (f"{p}/studies/{study}/thumbnail", thumbnail_handler("study")),

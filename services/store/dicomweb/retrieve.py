@@ -3,9 +3,11 @@
 Each instance goes out as a Part-10 file: the file meta written here, then the data set read from the
 first placement that holds it in chunks of ``CHUNK`` bytes, hashed with blake3 as it goes
 (:mod:`shared.storage.reading`: the last chunk only once the whole matched). Memory per request stays
-at about one chunk whatever the study's or the instance's size. An object whose bytes do not match
-its digest ends the response without its last chunk and closing boundary (the client sees an
-incomplete answer, never wrong bytes presented as whole), with the reason in the log and
+at about one chunk whatever the study's or the instance's size. One instance served as stored is
+looked up, opened and its first chunk read in one executor hop and answered with a Content-Length;
+studies, series and transcoded instances go chunked. An object whose bytes do not match its digest
+ends the response without its last chunk and closing boundary (the client sees an incomplete answer,
+never wrong bytes presented as whole), with the reason in the log and
 ``dicomflow_web_corrupt_objects_total``. Transcoding between the uncompressed syntaxes needs the data
 set whole (pydicom): only up to ``TRANSCODE_MAX_BYTES``.
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import uuid
+import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pydicom
 from aiohttp import web
@@ -53,7 +56,14 @@ def transcode(data: bytes, row: dict, target: str) -> bytes:
     return out.getvalue()
 
 
-def _opened_in(backends: Backends, row: dict) -> tuple[int, Iterator[tuple[bytes, bool]], bytes, bool]:
+Opened = tuple[int, Iterator[tuple[bytes, bool]], bytes, bool]  # size, the rest of its chunks, first chunk, is last
+
+
+class CorruptInstance(Unavailable):
+    """The placement read does not match the instance's digest."""
+
+
+def _opened_in(backends: Backends, row: dict) -> Opened:
     """(size, the rest of its verified chunks, first chunk, is last) of the instance (blocking): one
     executor hop finds, opens, reads and (for an object of one chunk) verifies most instances."""
     try:
@@ -63,7 +73,7 @@ def _opened_in(backends: Backends, row: dict) -> tuple[int, Iterator[tuple[bytes
         raise Unavailable(f"{row['sop_uid']}: {exc}") from None
     except CorruptObject as exc:
         metrics.corrupt.inc()
-        raise Unavailable(f"{row['sop_uid']}: {exc}") from None
+        raise CorruptInstance(f"{row['sop_uid']}: {exc}") from None
     return size, chunks, first, last
 
 
@@ -101,8 +111,12 @@ class Streamer:
         """Write what is held."""
         await self.write(b"")
 
-    async def write_instance(self, row: dict, transfer_syntax: str) -> None:
-        """One instance as a Part-10 file, in ``transfer_syntax`` ("*": as stored)."""
+    async def write_instance(self, row: dict, transfer_syntax: str, opened: Opened | Unavailable | None = None
+                             ) -> None:
+        """One instance as a Part-10 file, in ``transfer_syntax`` ("*": as stored).
+
+        ``opened``: the instance's object as :func:`_opened_in` opened it (or why it could not), already.
+        """
         stored = row["transfer_syntax_uid"]
         if transfer_syntax not in (AS_STORED, stored):
             store, size = await self._run(_locate, self.backends, row)
@@ -115,7 +129,11 @@ class Streamer:
                 raise Unavailable(str(exc)) from exc
             await self.write(await self._run(transcode, data, row, transfer_syntax))
             return
-        size, chunks, chunk, last = await self._run(_opened_in, self.backends, row)
+        if opened is None:
+            opened = await self._run(_opened_in, self.backends, row)
+        if isinstance(opened, Unavailable):
+            raise opened
+        size, chunks, chunk, last = opened
         self.hold(part10(b"", row["sop_class_uid"], row["sop_uid"], stored))
         await self.write(chunk)
         while not last:
@@ -128,6 +146,36 @@ class Streamer:
         metrics.retrieved_bytes.inc(size)
 
 
+@dataclass
+class Found:
+    """What a retrieve's one executor hop found: the catalogue rows, how to answer (None: 406), and for a lone
+    instance served as stored its object opened with the first chunk read, or why it could not be."""
+
+    rows: list[dict]
+    choice: Choice | None
+    opened: Opened | Unavailable | None = None
+
+
+def _find(catalogue, backends: Backends, scope: str | None, study: str, series: str | None, sop: str | None,
+          accept: str, single: bool) -> Found:
+    """The request's rows and answer, and a lone instance's first chunk (blocking).
+
+    An instance download was two executor hops (the catalogue lookup, then the open and first read), each a
+    thread hand-off and a wake-up of the event loop; the size read here also lets its answer have a length.
+    """
+    rows = catalogue.instances(scope, study, series, sop)
+    if not rows:
+        return Found(rows, None)
+    found = Found(rows, choose(accept, [r["transfer_syntax_uid"] for r in rows], single))
+    if found.choice is not None and len(rows) == 1 and \
+            found.choice.transfer_syntax in (AS_STORED, rows[0]["transfer_syntax_uid"]):
+        try:
+            found.opened = _opened_in(backends, rows[0])
+        except Unavailable as exc:
+            found.opened = exc  # raised where the stream would have opened it: after the 200 and the audit
+    return found
+
+
 def retrieve_handler(level: str):
     """The GET handler of a study, series or instance (``level``) resource."""
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -135,46 +183,67 @@ def retrieve_handler(level: str):
         series = path_uid(request, "series") if level in ("series", "instance") else None
         sop = path_uid(request, "instance") if level == "instance" else None
         executor = request.app[EXECUTOR]
-        rows = await asyncio.get_running_loop().run_in_executor(
-            executor, request.app[CATALOGUE].instances, request[PRINCIPAL].scope, study, series, sop)
+        backends = request.app[BACKENDS]
+        found = await asyncio.get_running_loop().run_in_executor(
+            executor, _find, request.app[CATALOGUE], backends, request[PRINCIPAL].scope, study, series, sop,
+            request.headers.get("Accept", ""), level == "instance")
+        rows, choice = found.rows, found.choice
         if not rows:
             return error(404, f"no such {level}")
-        choice = choose(request.headers.get("Accept", ""), [r["transfer_syntax_uid"] for r in rows], level == "instance")
         if choice is None:
             stored = sorted({r["transfer_syntax_uid"] for r in rows})
             return error(406, f"cannot answer in the transfer syntax asked for: stored as {', '.join(stored)}; "
                                f"ask for transfer-syntax=* to get it as stored")
+        if isinstance(found.opened, Unavailable):
+            # A lone instance that cannot be served is known before its answer starts: an error status, not a 200
+            # cut short. Corrupt bytes stay corrupt (500); a placement that cannot be read may come back (503).
+            log.error("retrieve of %s refused: %s", request.path, found.opened)
+            if isinstance(found.opened, CorruptInstance):
+                return error(500, "the stored instance does not match its digest; an administrator is told")
+            return error(503, "the stored instance cannot be read now; try again", **{"Retry-After": "5"})
         audit_retrieval(request, rows, "WADO-RS")
-        return await _stream(request, rows, choice, request.app[BACKENDS], executor)
+        return await _stream(request, rows, choice, backends, executor, found.opened)
     return handle
 
 
-async def _stream(request: web.Request, rows: list[dict], choice: Choice, backends: Backends, executor
-                  ) -> web.StreamResponse:
-    boundary = uuid.uuid4().hex
+async def _stream(request: web.Request, rows: list[dict], choice: Choice, backends: Backends, executor,
+                  opened: Opened | Unavailable | None = None) -> web.StreamResponse:
+    """Stream ``rows`` as ``choice`` says; ``opened``: the first row's object, already opened (:func:`_find`)."""
+    def syntax(row: dict) -> str:
+        return row["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
+
+    boundary = secrets.token_hex(16)
     if choice.multipart:
         content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     else:
-        ts = rows[0]["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
-        content_type = f"application/dicom; transfer-syntax={ts}"
+        content_type = f"application/dicom; transfer-syntax={syntax(rows[0])}"
     response = web.StreamResponse(headers={"Content-Type": content_type})
+
+    def part_headers(row: dict) -> bytes:
+        if not choice.multipart:
+            return b""
+        return f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax(row)}\r\n\r\n".encode()
+    between = b"\r\n" if choice.multipart else b""
+    closing = f"--{boundary}--\r\n".encode() if choice.multipart else b""
+    if isinstance(opened, tuple):
+        # A lone instance of known size, as stored: a Content-Length instead of chunked encoding, whose
+        # framing of each write made aiohttp join (copy) every chunk on Python before 3.12.9. A client also
+        # sees a corrupt object's cut answer as short of its length.
+        row = rows[0]
+        meta = part10(b"", row["sop_class_uid"], row["sop_uid"], row["transfer_syntax_uid"])
+        response.content_length = len(part_headers(row)) + len(meta) + opened[0] + len(between) + len(closing)
     await response.prepare(request)
     streamer = Streamer(backends, executor, response)
     try:
-        for row in rows:
-            ts = row["transfer_syntax_uid"] if choice.transfer_syntax == AS_STORED else choice.transfer_syntax
-            if choice.multipart:
-                streamer.hold(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n"
-                              .encode())
-            await streamer.write_instance(row, ts)
-            if choice.multipart:
-                streamer.hold(b"\r\n")
-        if choice.multipart:
-            streamer.hold(f"--{boundary}--\r\n".encode())
+        for i, row in enumerate(rows):
+            streamer.hold(part_headers(row))
+            await streamer.write_instance(row, syntax(row), opened if i == 0 else None)
+            streamer.hold(between)
+        streamer.hold(closing)
         await streamer.flush()
         await response.write_eof()
     except Unavailable as exc:
         log.error("retrieve of %s ended early: %s", request.path, exc)
         if request.transport is not None:
-            request.transport.abort()  # no closing boundary: the client knows the answer is incomplete
+            request.transport.abort()  # no closing boundary (nor all of its length): the client knows it is incomplete
     return response

@@ -378,11 +378,13 @@ class CompletionConfig(_Section):
 
 class ForwardConfig(_Section):
     batch: int = Field(32, ge=1, le=1000, description="Instances sent per association.")
+    batch_bytes: int = Field(1024**3, ge=1024**2, description="Bytes of instances sent per association at most: a batch over it goes as several sends one after the other (an instance over it alone), so the spool needs this much disk per target (or one instance's size), not batch x the largest instance.")
     backoff_initial_s: float = Field(1, gt=0, description="First retry delay after a failed send.")
     backoff_max_s: float = Field(300, gt=0, description="Largest retry delay (the delay doubles per attempt up to this).")
     max_attempts: int = Field(20, ge=1, description="Attempts before an instance goes to the dead-letter stream (DICOM_DLQ).")
     probe_interval_s: float = Field(5, gt=0, description="How often each target's port is probed; a refused target gets no new studies.")
     calling_ae: str = Field("DICOMFLOW", max_length=16, description="Calling AE title of forwarded associations.")
+    spool_dir: str = Field("", description="Where a router copies the instances it is sending (Part 10 files, removed after each send; a killed router's are removed by the next router to start on the machine). Needs room for forward.batch_bytes (or the largest instance) per target. Empty: dicomflow-forward-<uid> in the system's temporary folder (TMPDIR). Read at start.")
 
 
 class RouterConfig(_Section):

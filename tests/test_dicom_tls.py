@@ -111,13 +111,17 @@ def test_https_for_dicomweb_and_tls_for_dicom_under_dicomflow_run(stack_factory,
     from services.router.targets.dicomweb import DicomwebTarget
     from shared.config import DicomwebTargetConfig
     from shared.contract.events import ForwardJob
+    from shared.dicom.part10 import part10
     from tests.helpers import dataset_bytes
 
     other_uid, paths = write_study(tmp_path / "other", 1)
     ds = dcmread(paths[0], stop_before_pixels=True)
-    batch = [(ForwardJob(target="web", study_uid=other_uid, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
-                         sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                         backend="local", digest="0" * 64, size=1, rule="r"), dataset_bytes(paths[0]))]
+    job = ForwardJob(target="web", study_uid=other_uid, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+                     sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                     backend="local", digest="0" * 64, size=1, rule="r")
+    forwarded = tmp_path / "forwarded.dcm"  # the Part 10 file a forwarder hands its target
+    forwarded.write_bytes(part10(dataset_bytes(paths[0]), job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
+    batch = [(job, forwarded)]
     with pytest.raises(SendError, match="CERTIFICATE_VERIFY_FAILED"):
         DicomwebTarget(DicomwebTargetConfig(url=base), "DICOMFLOW").send(batch)
     DicomwebTarget(DicomwebTargetConfig(url=base, tls_ca=str(pki["ca"].path)), "DICOMFLOW").send(batch)

@@ -7,7 +7,7 @@ import io
 import pytest
 from pydicom.filereader import _read_file_meta_info
 
-from shared.dicom.part10 import part10, part10_by_pydicom, read_file_meta
+from shared.dicom.part10 import part10, part10_by_pydicom, read_file_meta, write_part10
 
 
 @pytest.mark.parametrize("sop_class, sop, ts", [
@@ -25,3 +25,11 @@ def test_part10_is_what_pydicom_writes(sop_class, sop, ts):
     assert ours[meta.data_offset:] == data
     meta_ds = _read_file_meta_info(io.BytesIO(ours[132:]))  # pydicom reads it back too
     assert meta_ds.MediaStorageSOPInstanceUID == sop and meta_ds.TransferSyntaxUID == ts
+
+
+@pytest.mark.parametrize("pieces", [[], [b""], [b"\x08\x00\x16\x00UI\x04\x001.2\x00"], [b"ab", b"", b"c" * 70001, b"d"]])
+def test_write_part10_streams_the_same_bytes(pieces):
+    out = io.BytesIO()
+    written = write_part10(out, iter(pieces), "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1")
+    assert out.getvalue() == part10(b"".join(pieces), "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1")
+    assert written == len(out.getvalue())

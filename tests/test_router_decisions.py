@@ -19,7 +19,10 @@ from services.router.decisions import (
     plan_instance,
     record_instance,
     resolve_assignment,
+    sends,
     settle_failure,
+    settle_unread,
+    unread_problem,
 )
 from services.router.rules import facts_of, parse_rules
 from shared.config import CompletionConfig, ForwardConfig
@@ -98,6 +101,20 @@ def test_a_reassigning_group_moves_the_study_from_the_second_failure_with_a_fall
     assert settle_failure(5, "reassign", FWD, "refused") == Reassign(DeadLetter("refused"))
 
 
+def test_what_reading_the_copies_came_to():
+    assert unread_problem(["missing"]) == "missing"
+    assert unread_problem([]) == "missing"  # no copy to try at all
+    assert unread_problem(["missing", "corrupt"]) == "corrupt"  # staged copy released, the placement's corrupt
+    assert unread_problem(["corrupt", "unreadable", "missing"]) == "unreadable"  # a copy not read may be good
+
+
+def test_a_missing_or_corrupt_job_is_dead_lettered_at_once_an_unreadable_one_retried():
+    assert settle_unread("missing", 1, FWD, "gone") == DeadLetter("gone")
+    assert settle_unread("corrupt", 1, FWD, "bad") == DeadLetter("bad")
+    assert [settle_unread("unreadable", n, FWD, "EIO") for n in (1, 2, 4)] == [Retry(1), Retry(2), Retry(8)]
+    assert settle_unread("unreadable", 5, FWD, "EIO") == DeadLetter("EIO")
+
+
 # --- route planning -------------------------------------------------------------------------------------------
 
 RULES = parse_rules("""
@@ -169,3 +186,10 @@ def test_record_instance_is_deterministic(state):
     plan = _plan()
     routed = [Routed("pacs", "", "stream"), Routed("archive", "", "stream")]
     assert record_instance(state, plan, 5.0, routed) == record_instance(state, plan, 5.0, routed)
+
+
+def test_a_batch_is_sent_in_pieces_of_at_most_its_byte_limit():
+    assert sends([10] * 5, 100) == [range(0, 5)]  # small instances: one send, as before
+    assert sends([60, 60, 30, 10, 200, 5], 100) == [range(0, 1), range(1, 4), range(4, 5), range(5, 6)]
+    assert sends([300], 100) == [range(0, 1)]  # one over the limit goes alone
+    assert sends([], 100) == []

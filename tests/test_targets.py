@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from services.router.targets import KINDS, SendError, Target, TargetsUnusable, c
 from services.router.targets.dicom import DicomTarget
 from shared.config import BackendConfig, DicomTargetConfig, TargetConfig, kind_models, load_config
 from shared.contract.events import ForwardJob
+from shared.dicom.part10 import part10
 from shared.storage import objectstore
 from tests.helpers import REPO
 
@@ -56,6 +58,13 @@ def _job(sop_uid: str) -> ForwardJob:
                       backend="local", digest="0" * 64, size=10, rule="r")
 
 
+def _file(tmp_path, job: ForwardJob, data: bytes) -> Path:
+    """The job's Part 10 file, as the forwarder hands it to a target."""
+    path = tmp_path / f"{job.sop_uid}.dcm"
+    path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
+    return path
+
+
 def test_storescu_vanishing_before_the_send_is_a_send_error(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -65,7 +74,7 @@ def test_storescu_vanishing_before_the_send_is_a_send_error(tmp_path, monkeypatc
     assert target.check() is None
     (bin_dir / "storescu").unlink()  # e.g. a package upgrade removing it under a running router
     with pytest.raises(SendError, match="cannot run storescu"):
-        target.send([(_job("1.2.3.4.5"), b"\x08\x00\x60\x00CS\x02\x00CT")])  # (0008,0060) CT
+        target.send([(_job("1.2.3.4.5"), _file(tmp_path, _job("1.2.3.4.5"), b"\x08\x00\x60\x00CS\x02\x00CT"))])
 
 
 def test_check_names_each_target_that_needs_a_missing_program(tmp_path, monkeypatch):
@@ -123,7 +132,7 @@ def test_a_tls_dicom_target_verifies_its_peer_by_default(tmp_path):
                          sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                          transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, backend="local", digest="0" * 64,
                          size=1, rule="r")
-        batch = [(job, dataset_bytes(path))]
+        batch = [(job, _file(tmp_path, job, dataset_bytes(path)))]
 
         def target(**tls) -> DicomTarget:
             return DicomTarget(DicomTargetConfig(host="127.0.0.1", port=port, ae_title="STORESCP", timeout_s=10,
@@ -142,3 +151,55 @@ def test_a_tls_dicom_target_verifies_its_peer_by_default(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_stow_rs_request_is_streamed_with_its_content_length_and_the_same_bytes(tmp_path):
+    """The body read from the files as it is sent is byte for byte the multipart body built in memory before, with a
+    Content-Length (not chunked): captured raw by a real socket."""
+    import re
+    import socket
+    import threading
+
+    from services.router.targets.dicomweb import DicomwebTarget
+    from shared.config import DicomwebTargetConfig
+
+    server = socket.create_server(("127.0.0.1", 0))
+    raw = bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while True:
+                head, sep, body = bytes(raw).partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length: *(\d+)", head) if sep else None
+                if length and len(body) >= int(length.group(1)):
+                    break
+                data = conn.recv(1 << 20)
+                if not data:
+                    return
+                raw.extend(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    batch, datasets = [], []
+    for n, size in enumerate((10, 3 * 1024 * 1024 + 7, 0)):  # one over several chunks; an empty data set
+        job, data = _job(f"1.2.3.4.{n}"), bytes((i * 7 + n) % 251 for i in range(size))
+        batch.append((job, _file(tmp_path, job, data)))
+        datasets.append((job, data))
+    port = server.getsockname()[1]
+    DicomwebTarget(DicomwebTargetConfig(url=f"http://127.0.0.1:{port}/dicom-web", headers={"X-Site": "a"}),
+                   "AE").send(batch)
+    thread.join(10)
+    server.close()
+    head, _, body = bytes(raw).partition(b"\r\n\r\n")
+    boundary = re.search(rb"boundary=([\w-]+)", head).group(1).decode()
+    expected = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                        + part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid) + b"\r\n"
+                        for job, data in datasets) + f"--{boundary}--\r\n".encode()
+    assert body == expected
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /dicom-web/studies HTTP/1.1"
+    assert lines[1:5] == ["Accept-Encoding: identity", f"Content-Length: {len(expected)}", f"Host: 127.0.0.1:{port}",
+                          f"User-Agent: Python-urllib/{sys.version_info.major}.{sys.version_info.minor}"]
+    assert "X-Site: a" in lines and not any(line.lower().startswith("transfer-encoding") for line in lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from shared.backoff import backoff_delay
 from shared.config import CompletionConfig, ForwardConfig
@@ -188,3 +188,55 @@ def settle_failure(attempts: int, on_member_down: str | None, fwd: ForwardConfig
     if on_member_down == "reassign" and attempts >= 2:
         return Reassign(fallback)
     return fallback
+
+
+# --- a fetched batch: the sends it takes --------------------------------------------------------------------------
+
+
+def sends(sizes: Sequence[int], limit: int) -> list[range]:
+    """The fetched jobs (by index, in order) split into consecutive sends of at most ``limit`` bytes each (an
+    instance over ``limit`` goes alone): what a send copies to the spool first is bounded, so the spool's disk is
+    too, whatever the batch's instances weigh. Small instances keep their one send per batch."""
+    out: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
+# --- a job whose bytes could not be read: retry or dead-letter ---------------------------------------------------
+
+Unread = Literal["missing", "corrupt", "unreadable"]
+
+
+def unread_problem(problems: Iterable[Unread]) -> Unread:
+    """What reading a job's bytes came to, from what each copy tried (staging, then the placements) gave.
+
+    A copy that could not be read at all (an I/O error, a Ceph timeout) may hold good bytes: "unreadable"
+    wins. Otherwise a copy whose bytes do not match the digest makes it "corrupt"; no copy at all, "missing".
+    """
+    seen = set(problems)
+    for problem in ("unreadable", "corrupt"):
+        if problem in seen:
+            return problem
+    return "missing"
+
+
+def settle_unread(problem: Unread, attempts: int, fwd: ForwardConfig, reason: str) -> Retry | DeadLetter:
+    """What a job becomes when no copy of its bytes could be read whole and verified (never sent).
+
+    Missing or corrupt in every copy: dead-lettered at once. A store writes an object whole and renames
+    (fs) or replaces (RADOS) it at once, so no later read finds other bytes: retrying would only hold the
+    study's forwards for ``max_attempts`` backoffs before the same end, while the dead letter keeps the
+    staged bytes and shows the instance to an operator now (``dicomflow dlq replay`` once it is repaired).
+    Unreadable (an I/O error on a copy that may be good): retried with the backoff of a failed send, then
+    dead-lettered; the target is not to blame (not marked down, its study not moved).
+    """
+    if problem == "unreadable" and attempts < fwd.max_attempts:
+        return Retry(backoff_delay(attempts, fwd.backoff_initial_s, fwd.backoff_max_s))
+    return DeadLetter(reason)

@@ -26,6 +26,7 @@ from . import metrics
 from .forwarder import Forwarder
 from .routing import Router
 from .rules import RulesError, RuleSet, load_rules
+from .spool import Spool, spool_root
 from .state import open_state
 from .targets import check_targets, target_for
 
@@ -84,6 +85,7 @@ class RouterService:
         await self.book.start_watch()
         self.router = Router(config, self.rules, self.nc, self.book, assignments, health)
         self.backends = Backends(config)
+        self.spool = await asyncio.to_thread(Spool, spool_root(config.router.forward.spool_dir))
         await self._sync_forwarders()
         gcfg = config.router.group
         if ownership is None:
@@ -119,7 +121,7 @@ class RouterService:
         for name in sorted(set(self.forwarders) - targets):
             await self.forwarders.pop(name).stop()
         for name in sorted(targets - set(self.forwarders)):
-            fwd = Forwarder(self.nc, self.router, self.backends, name)
+            fwd = Forwarder(self.nc, self.router, self.backends, name, self.spool)
             await fwd.start()
             self.forwarders[name] = fwd
 
@@ -163,6 +165,7 @@ class RouterService:
         await self.book.stop()
         await self.nc.drain()
         self.backends.close()
+        self.spool.close()
 
 
 def _effective(config: Config, rules: RuleSet) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import FileMetaDataset
@@ -45,6 +47,16 @@ def part10(data: bytes, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: s
                      _short(0x0013, b"SH", _IMPLEMENTATION_NAME.encode("ascii"), b" ")))
     group_length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body))
     return b"".join((_PREAMBLE, group_length, body, data))
+
+
+def write_part10(out: BinaryIO, chunks: Iterable[bytes], sop_class_uid: str, sop_uid: str,
+                 transfer_syntax_uid: str) -> int:
+    """:func:`part10` written to ``out`` with the data set given in chunks, one at a time (an instance of any
+    size in bounded memory): the same bytes. Returns how many were written."""
+    written = out.write(part10(b"", sop_class_uid, sop_uid, transfer_syntax_uid))
+    for chunk in chunks:
+        written += out.write(chunk)
+    return written
 
 
 def part10_by_pydicom(data: bytes, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str) -> bytes:

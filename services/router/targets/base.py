@@ -1,20 +1,25 @@
 """What every target kind provides: send a batch, say where to probe, check it can run at all.
 
-A target gets its kind's configuration and a list of (job, bytes) and either returns (every instance
-accepted) or raises :class:`SendError`; a batch is retried whole, which receivers absorb (re-storing
-the same SOP instance overwrites it). Blocking: the forwarder runs ``send`` in a thread.
+A target gets its kind's configuration and a list of (job, Part 10 file) and either returns (every
+instance accepted) or raises :class:`SendError`; a batch is retried whole, which receivers absorb
+(re-storing the same SOP instance overwrites it). Each file is the instance as it goes on the wire
+(preamble, file meta, the data set as received), already verified against its digest, and of any
+size: a target streams it from the file and never holds it whole in memory. The files are the
+forwarder's (removed after the send). Blocking: the forwarder runs ``send`` in a thread.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from shared.contract.events import ForwardJob
 
-Batch = list[tuple[ForwardJob, bytes]]
+# (job, its Part 10 file), in the order the instances are to arrive
+Batch = list[tuple[ForwardJob, Path]]
 
 C = TypeVar("C", bound=BaseModel)
 

@@ -11,12 +11,8 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 from shared.config import DicomTargetConfig
-from shared.contract.uids import uid_name, validate_uid
-from shared.dicom.part10 import part10
 
 from .base import Batch, SendError, Target
 
@@ -45,30 +41,24 @@ class DicomTarget(Target[DicomTargetConfig]):
 
     def send(self, batch: Batch) -> None:
         target = self.config
-        with tempfile.TemporaryDirectory(prefix="dicomflow-fwd-") as tmp:
-            files = []
-            for i, (job, data) in enumerate(batch):
-                # Numbered: two versions of one instance in a batch (A, B, A) are two files, sent in order.
-                path = Path(tmp) / f"{i:05d}-{uid_name(validate_uid(job.sop_uid, 'SOPInstanceUID'))}.dcm"
-                path.write_bytes(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
-                files.append(str(path))
-            t = str(max(1, int(target.timeout_s)))
-            argv = [PROGRAM, "-R", "-aet", self.calling_ae, "-aec", target.ae_title, "-to", t, "-ta", t, "-td", t]
-            if target.tls:
-                argv += ["+tls", target.tls_key, target.tls_cert] if target.tls_cert else ["+tla"]
-                argv += _peer_verification(target)
-            argv += [target.host, str(target.port), *files]
-            try:
-                res = subprocess.run(argv, capture_output=True, text=True, timeout=target.timeout_s + 30,
-                                     env={**os.environ, "TCP_NODELAY": "1"})  # Nagle costs 40-90 ms per instance
-            except subprocess.TimeoutExpired as exc:
-                raise SendError(f"{PROGRAM} timed out after {target.timeout_s + 30:.0f}s") from exc
-            except OSError as exc:
-                # Not a crash of the forwarder: the batch is retried, dead-lettered in the end, the target marked down.
-                raise SendError(f"cannot run {PROGRAM} (dcmtk): {exc.strerror or exc}") from exc
-            errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith(("E:", "F:"))]
-            if res.returncode != 0 or errors:
-                raise SendError(f"{PROGRAM} exit {res.returncode}: {' | '.join(errors)[:400]}")
+        files = [str(path) for _, path in batch]  # storescu reads each file as it sends it
+        t = str(max(1, int(target.timeout_s)))
+        argv = [PROGRAM, "-R", "-aet", self.calling_ae, "-aec", target.ae_title, "-to", t, "-ta", t, "-td", t]
+        if target.tls:
+            argv += ["+tls", target.tls_key, target.tls_cert] if target.tls_cert else ["+tla"]
+            argv += _peer_verification(target)
+        argv += [target.host, str(target.port), *files]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=target.timeout_s + 30,
+                                 env={**os.environ, "TCP_NODELAY": "1"})  # Nagle costs 40-90 ms per instance
+        except subprocess.TimeoutExpired as exc:
+            raise SendError(f"{PROGRAM} timed out after {target.timeout_s + 30:.0f}s") from exc
+        except OSError as exc:
+            # Not a crash of the forwarder: the batch is retried, dead-lettered in the end, the target marked down.
+            raise SendError(f"cannot run {PROGRAM} (dcmtk): {exc.strerror or exc}") from exc
+        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith(("E:", "F:"))]
+        if res.returncode != 0 or errors:
+            raise SendError(f"{PROGRAM} exit {res.returncode}: {' | '.join(errors)[:400]}")
 
     def check(self) -> str | None:
         problem = self._check_program()

@@ -1,16 +1,16 @@
-"""DICOMweb targets: STOW-RS (PS3.18 10.5), one multipart/related POST per batch."""
+"""DICOMweb targets: STOW-RS (PS3.18 10.5), one multipart/related POST per batch, streamed from the files."""
 
 from __future__ import annotations
 
-import io
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 
 from shared.config import DicomwebTargetConfig
-from shared.dicom.part10 import part10
+from shared.storage.reading import CHUNK
 
 from .base import Batch, SendError, Target
 
@@ -23,15 +23,13 @@ class DicomwebTarget(Target[DicomwebTargetConfig]):
     def send(self, batch: Batch) -> None:
         target = self.config
         boundary = f"dicomflow-{uuid.uuid4().hex}"
-        body = io.BytesIO()
-        for job, data in batch:
-            body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            body.write(part10(data, job.sop_class_uid, job.sop_uid, job.transfer_syntax_uid))
-            body.write(b"\r\n")
-        body.write(f"--{boundary}--\r\n".encode())
-        req = urllib.request.Request(target.url.rstrip("/") + "/studies", data=body.getvalue(), method="POST", headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json", **target.headers})
+        req = urllib.request.Request(target.url.rstrip("/") + "/studies", data=_body(batch, boundary), method="POST",
+                                     headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                                              f"boundary={boundary}",
+                                              "Accept": "application/dicom+json", **target.headers})
+        # Where urllib puts the length of a bytes body (before Host): the request is the same as one built in memory,
+        # and sent with a Content-Length rather than chunked, which some STOW-RS servers refuse.
+        req.add_unredirected_header("Content-length", str(_body_length(batch, boundary)))
         try:
             # verified, as urllib does by default: against the target's own CA where it names one
             context = ssl.create_default_context(cafile=target.tls_ca) if target.tls_ca else None
@@ -52,3 +50,40 @@ class DicomwebTarget(Target[DicomwebTargetConfig]):
 
     def check(self) -> str | None:
         return None  # urllib is part of Python: nothing to be missing
+
+
+def _head(boundary: str) -> bytes:
+    return f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+
+
+def _tail(boundary: str) -> bytes:
+    return f"--{boundary}--\r\n".encode()
+
+
+def _body_length(batch: Batch, boundary: str) -> int:
+    """The multipart body's length in bytes, from the files' sizes."""
+    return sum(len(_head(boundary)) + path.stat().st_size + 2 for _, path in batch) + len(_tail(boundary))
+
+
+def _parts(batch: Batch, boundary: str) -> Iterator[bytes]:
+    for _, path in batch:
+        yield _head(boundary)
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+        yield b"\r\n"
+    yield _tail(boundary)
+
+
+def _body(batch: Batch, boundary: str) -> Iterator[bytes]:
+    """The multipart/related body, read from the files as the request is sent, in pieces of about ``CHUNK``
+    bytes: a small batch goes in one write as before (not its boundaries apart, each a small segment that
+    Nagle's algorithm could hold back for a delayed ack)."""
+    pending = bytearray()
+    for part in _parts(batch, boundary):
+        pending += part
+        if len(pending) >= CHUNK:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)

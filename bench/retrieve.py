@@ -234,31 +234,39 @@ def rss_kib(pid: int, field: str = "VmHWM") -> int:
     return 0
 
 
-def k6_run(name: str, base: str, instances: list[tuple[str, str, str]], duration: int, vus: int,
-           work: Path) -> dict:
-    """One k6 ramp against ``base`` (…/dicom-web); the figures of its summary."""
-    urls = [f"{base}/studies/{s}/series/{se}/instances/{i}" for s, se, i in instances]
+def run_k6(script: str, urls: list[str], work: Path, name: str, timeout: float, **env: str) -> dict:
+    """Run the k6 ``script`` over ``urls`` (its ``URLS_FILE``), ``env`` as ``-e`` variables besides ``ACCEPT``
+    and ``SUMMARY_FILE``; the figures of its summary."""
     (work / f"urls-{name}.json").write_text(json.dumps(urls))
-    script = work / "download.js"
-    script.write_text(K6_SCRIPT)
+    script_file = work / f"{name}.js"
+    script_file.write_text(script)
     summary = work / f"summary-{name}.json"
-    env = {**os.environ, "K6_NO_USAGE_REPORT": "true"}
-    args = ["k6", "run", "--quiet", "--no-color", "-e", f"URLS_FILE={work / f'urls-{name}.json'}",
-            "-e", f"SUMMARY_FILE={summary}", "-e", f"DURATION_S={duration}", "-e", f"VUS={vus}",
-            "-e", f"ACCEPT={ACCEPT_DICOM}", str(script)]
+    summary.unlink(missing_ok=True)
+    variables = {"URLS_FILE": str(work / f"urls-{name}.json"), "SUMMARY_FILE": str(summary), "ACCEPT": ACCEPT_DICOM,
+                 **env}
     k6 = shutil.which("k6", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    log(f"k6 {name}: 1 -> {vus} VUs for {duration} s")
-    t0 = time.monotonic()
-    res = subprocess.run([k6, *args[1:]], capture_output=True, text=True, env=env, timeout=duration + 300)
+    args = [k6, "run", "--quiet", "--no-color", *(a for k, v in variables.items() for a in ("-e", f"{k}={v}")),
+            str(script_file)]
+    res = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
+                         timeout=timeout)
     if res.returncode not in (0, 99) or not summary.exists():  # 99: thresholds (none here)
         raise RuntimeError(f"k6 failed ({res.returncode}): {res.stderr[-2000:]}")
     m = json.loads(summary.read_text())["metrics"]
     dur, wait = m["http_req_duration"]["values"], m["http_req_waiting"]["values"]
-    out = {"requests": int(m["http_reqs"]["values"]["count"]), "rps": round(m["http_reqs"]["values"]["rate"], 1),
-           "mb_s": round(m["data_received"]["values"]["rate"] / 1e6, 1),
-           "p50_ms": round(dur["p(50)"], 1), "p95_ms": round(dur["p(95)"], 1), "p99_ms": round(dur["p(99)"], 1),
-           "max_ms": round(dur["max"], 1), "max_ttfb_s": round(wait["max"] / 1000, 3),
-           "failed_rate": round(m["http_req_failed"]["values"]["rate"], 5)}
+    return {"requests": int(m["http_reqs"]["values"]["count"]), "rps": round(m["http_reqs"]["values"]["rate"], 1),
+            "mb_s": round(m["data_received"]["values"]["rate"] / 1e6, 1),
+            "p50_ms": round(dur["p(50)"], 1), "p95_ms": round(dur["p(95)"], 1), "p99_ms": round(dur["p(99)"], 1),
+            "max_ms": round(dur["max"], 1), "max_ttfb_s": round(wait["max"] / 1000, 3),
+            "failed_rate": round(m["http_req_failed"]["values"]["rate"], 5)}
+
+
+def k6_run(name: str, base: str, instances: list[tuple[str, str, str]], duration: int, vus: int,
+           work: Path) -> dict:
+    """One k6 ramp against ``base`` (…/dicom-web); the figures of its summary."""
+    urls = [f"{base}/studies/{s}/series/{se}/instances/{i}" for s, se, i in instances]
+    log(f"k6 {name}: 1 -> {vus} VUs for {duration} s")
+    t0 = time.monotonic()
+    out = run_k6(K6_SCRIPT, urls, work, name, duration + 300, DURATION_S=str(duration), VUS=str(vus))
     log(f"k6 {name} ({time.monotonic() - t0:.0f} s): {json.dumps(out)}")
     return out
 

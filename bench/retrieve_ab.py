@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from bench._support import log, stop_group  # noqa: E402
-from bench.retrieve import ACCEPT_DICOM, ct512, store_in_dicomflow, uids, wait_answers  # noqa: E402
+from bench.retrieve import ct512, run_k6, store_in_dicomflow, uids, wait_answers  # noqa: E402
 from dicomflow.natsserver import free_port  # noqa: E402
 
 K6_SCRIPT = r"""
@@ -89,25 +89,9 @@ class Server:
 
 def k6_round(port: int, urls_file: Path, vus: int, seconds: int, work: Path) -> dict:
     """One constant-VU k6 run against the server on ``port``: requests/s and latency percentiles (ms)."""
-    summary = work / "summary.json"
-    summary.unlink(missing_ok=True)
-    script = work / "ab.js"
-    script.write_text(K6_SCRIPT)
     urls = [u.replace("PORT", str(port)) for u in json.loads(urls_file.read_text())]
-    (work / "urls.json").write_text(json.dumps(urls))
-    k6 = shutil.which("k6", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    res = subprocess.run([k6, "run", "--quiet", "--no-color", "-e", f"URLS_FILE={work / 'urls.json'}",
-                          "-e", f"SUMMARY_FILE={summary}", "-e", f"SECONDS={seconds}", "-e", f"VUS={vus}",
-                          "-e", f"ACCEPT={ACCEPT_DICOM}", str(script)],
-                         capture_output=True, text=True, env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
-                         timeout=seconds + 120)
-    if res.returncode not in (0, 99) or not summary.exists():
-        raise RuntimeError(f"k6 failed ({res.returncode}): {res.stderr[-2000:]}")
-    m = json.loads(summary.read_text())["metrics"]
-    dur = m["http_req_duration"]["values"]
-    return {"rps": round(m["http_reqs"]["values"]["rate"], 1), "p50_ms": round(dur["p(50)"], 1),
-            "p95_ms": round(dur["p(95)"], 1), "p99_ms": round(dur["p(99)"], 1),
-            "failed_rate": round(m["http_req_failed"]["values"]["rate"], 5)}
+    figures = run_k6(K6_SCRIPT, urls, work, "ab", seconds + 120, SECONDS=str(seconds), VUS=str(vus))
+    return {k: figures[k] for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "failed_rate")}
 
 
 def summarize(rounds: list[dict]) -> dict:

@@ -169,6 +169,29 @@ def _steady_pynetdicom_requests() -> None:
 _steady_pynetdicom_requests()
 
 
+def proc_status(pid: int, field: str) -> int:
+    """A figure of /proc/PID/status (``VmHWM``: peak resident memory in KiB; ``Threads``: a count)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def stack_peaks_kib(stack, command: str) -> dict[int, int]:
+    """Peak resident memory (VmHWM, KiB) of each process of a ``dicomflow run`` stack whose command line names
+    ``command`` (``store``: its store workers; ``ingest``: the receiver, or the supervisor and its receivers)."""
+    peaks = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            if str(stack.config_path).encode() not in argv or command.encode() not in argv:
+                continue
+            peaks[int(cmdline.parent.name)] = proc_status(int(cmdline.parent.name), "VmHWM")
+        except OSError:
+            continue
+    return peaks
+
+
 def scu_send(port: int, datasets, ae_title: str = "DICOMFLOW", calling: str = "TESTSCU",
              contexts=(CTImageStorage,), comments: list[str] | None = None) -> list[int]:
     """Send datasets (pydicom Datasets or file paths) over one pynetdicom association; returns the statuses.

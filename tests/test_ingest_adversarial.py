@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicomflow.natsserver import wait_port
 from dicomflow.synthetic import write_study
 from tests import adversarial as a
-from tests.helpers import REPO, make_config, start_nats, wait_for
+from tests.helpers import REPO, make_config, proc_status, start_nats, wait_for
 
 MAX_PDU = 16384
 ARTIM_S = 2.0
@@ -278,13 +278,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _proc_status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 @pytest.fixture(scope="module")
 def receiver(tmp_path_factory):
     """One lean receiver process for the corpus, and a normal pynetdicom association held open through it."""
@@ -298,7 +291,7 @@ def receiver(tmp_path_factory):
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW", max_pdu=MAX_PDU)
     assert assoc.is_established
-    peak_before = _proc_status(proc.pid, "VmHWM")
+    peak_before = proc_status(proc.pid, "VmHWM")
     yield {"proc": proc, "port": port, "log": log, "assoc": assoc, "peak_before": peak_before, "tmp": tmp}
     if assoc.is_established:
         assoc.release()
@@ -374,7 +367,7 @@ def test_an_association_opened_before_the_corpus_still_works_and_memory_stayed_b
     store = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1", str(receiver["port"]),
                             "+sd", str(tmp_path / "t")], capture_output=True, text=True, timeout=60, env=env)
     assert store.returncode == 0 and "Failed" not in store.stderr, store.stderr
-    growth_kib = _proc_status(receiver["proc"].pid, "VmHWM") - receiver["peak_before"]
+    growth_kib = proc_status(receiver["proc"].pid, "VmHWM") - receiver["peak_before"]
     print(f"receiver peak RSS growth over the corpus: {growth_kib / 1024:.1f} MiB")
     # Reading a PDU whole as claimed (up to 64 MiB before) would show here; max_pdu is 16 KiB.
     assert growth_kib < 24 * 1024, growth_kib
@@ -407,7 +400,7 @@ def test_artim_cuts_off_a_peer_trickling_its_associate_request(receiver):
 
 def test_a_flood_of_idle_connections_costs_no_threads_and_ends_with_artim(receiver):
     port, pid = receiver["port"], receiver["proc"].pid
-    threads_before = _proc_status(pid, "Threads")
+    threads_before = proc_status(pid, "Threads")
     socks = []
     try:
         for _ in range(MAX_CONNECTIONS + 16):
@@ -422,10 +415,10 @@ def test_a_flood_of_idle_connections_costs_no_threads_and_ends_with_artim(receiv
             except BlockingIOError:
                 pass
         assert sum(r == bytes([3, 0, 0, 0, 0, 4, 0, 2, 3, 2]) for r in refused) >= 16, refused
-        threads = _proc_status(pid, "Threads")
+        threads = proc_status(pid, "Threads")
         assert threads - threads_before <= MAX_CONNECTIONS, (threads_before, threads)
         # ARTIM: every idle connection is closed in time, and a real association gets in
-        wait_for(lambda: _proc_status(pid, "Threads") <= threads_before, timeout=ARTIM_S + 5,
+        wait_for(lambda: proc_status(pid, "Threads") <= threads_before, timeout=ARTIM_S + 5,
                  what="the idle connections' threads to end")
     finally:
         for s in socks:

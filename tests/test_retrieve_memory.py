@@ -18,15 +18,15 @@ from shared.catalogue.open import open_catalogue
 from shared.config import load_config
 from shared.dicom.json_model import json_model
 from shared.storage.objectstore import Backends, content_digest
-from tests.helpers import REPO, encode, wait_for, write_config
+from tests.helpers import REPO, encode, proc_status, wait_for, write_config
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 PIXELS = 1024 ** 3
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """Peak resident memory of process ``pid`` in MiB."""
+    return proc_status(pid, "VmHWM") / 1024
 
 
 def sparse_instance(objects, size: int) -> tuple[object, bytes, str, int]:

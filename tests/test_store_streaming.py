@@ -21,7 +21,7 @@ from shared.contract.events import InstanceReceived, InstanceTags, utcnow
 from shared.dicom.part10 import part10
 from shared.storage.fs_store import FileObjectStore
 from shared.storage.objectstore import Backends, BufferedWriter, CorruptObject, content_digest
-from tests.helpers import encode, wait_for
+from tests.helpers import encode, stack_peaks_kib, wait_for
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -90,22 +90,6 @@ def test_place_many_streams_large_instances_and_a_corrupt_one_commits_nothing(tm
         backends.close()
 
 
-def _store_workers(stack) -> dict[int, int]:
-    """Peak resident memory (VmHWM, KiB) of each store worker process of a ``dicomflow run`` stack."""
-    peaks = {}
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-            if str(stack.config_path).encode() not in argv or b"store" not in argv:
-                continue
-            status = (cmdline.parent / "status").read_text()
-        except OSError:
-            continue
-        peaks[int(cmdline.parent.name)] = int(next(line.split()[1] for line in status.splitlines()
-                                                   if line.startswith("VmHWM:")))
-    return peaks
-
-
 def _file_digest(path: Path) -> str:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     with open(path, "rb") as f:
@@ -135,13 +119,13 @@ def test_run_stores_a_1_gib_instance_in_two_placements_with_bounded_store_memory
         "staging": "local",
         "backends": {"local": {"kind": "fs"}, "a": {"kind": "fs", "path": "a"}, "b": {"kind": "fs", "path": "b"}},
         "policies": {"default": {"placements": ["a", "b"]}}, "default_policy": "default"})
-    before = _store_workers(stack)
+    before = stack_peaks_kib(stack, "store")
     assert before
     res = subprocess.run(["storescu", "-aec", stack.ae_title, "127.0.0.1", str(stack.port), str(path)],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"})
     assert res.returncode == 0 and "Failed" not in res.stderr, res.stderr
     wait_for(lambda: stack.instances_of(str(ds.StudyInstanceUID)) == 1, timeout=300, what="the instance stored")
-    after = _store_workers(stack)
+    after = stack_peaks_kib(stack, "store")
     growth = {pid: (peak - before[pid]) / 1024 for pid, peak in after.items() if pid in before}
     print(f"store worker peak RSS growth while placing a {size / 2**30:.2f} GiB instance twice: "
           f"{max(growth.values()):.1f} MiB ({before} -> {after} KiB)")

@@ -34,7 +34,7 @@ from shared.dicom.part10 import part10
 from shared.dicom.statuses import CANNOT_UNDERSTAND, INVALID_UID, OUT_OF_RESOURCES, SUCCESS, TOO_LARGE
 from shared.storage.fs_store import WRITEBACK_STEP, FileObjectStore
 from shared.storage.objectstore import Backends, BufferedWriter, content_digest
-from tests.helpers import dataset_bytes, scu_send, wait_for
+from tests.helpers import dataset_bytes, scu_send, stack_peaks_kib, wait_for
 from tests.test_ingest_scp import _contexts, _rq_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,35 +257,18 @@ def test_an_association_dropped_inside_a_streamed_data_set_leaves_nothing(stream
     assert published == [] and not list(staging.root.glob("??/*"))
 
 
-def _receiver_peaks(stack) -> dict[int, int]:
-    """Peak resident memory (VmHWM, KiB) of each ingest process of a ``dicomflow run`` stack (the receiver,
-    or the supervisor and its receivers when there are several)."""
-    peaks = {}
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-            if str(stack.config_path).encode() not in argv or b"ingest" not in argv:
-                continue
-            status = (cmdline.parent / "status").read_text()
-        except OSError:
-            continue
-        peaks[int(cmdline.parent.name)] = int(next(line.split()[1] for line in status.splitlines()
-                                                   if line.startswith("VmHWM:")))
-    return peaks
-
-
 def test_a_receiver_does_not_hold_a_large_instance_in_memory(tmp_path, nats_server, stack_factory):
     stack = stack_factory(nats_server.url)
     study, files = write_study(tmp_path / "big", 1, rows=5800, cols=5800)  # a 64 MiB data set
     body = dataset_bytes(files[0])
     assert len(body) > 64 * 1024 * 1024
-    before = _receiver_peaks(stack)
+    before = stack_peaks_kib(stack, "ingest")
     assert before
     res = subprocess.run(["storescu", "-aec", stack.ae_title, "127.0.0.1", str(stack.port), str(files[0])],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"})
     assert res.returncode == 0 and "Failed" not in res.stderr, res.stderr
     wait_for(lambda: stack.instances_of(study) == 1, timeout=60, what="the instance stored")
-    growth = {pid: peak - before[pid] for pid, peak in _receiver_peaks(stack).items() if pid in before}
+    growth = {pid: peak - before[pid] for pid, peak in stack_peaks_kib(stack, "ingest").items() if pid in before}
     # Assembled in memory it would have been 64 MiB at least (twice that while joined).
     assert max(growth.values()) < 16 * 1024, growth
     staged = stack.data_dir / "objects" / content_digest(body)[:2] / content_digest(body)

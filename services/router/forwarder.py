@@ -18,7 +18,6 @@ sees only the :class:`StudyRouting` port (assignments, reassignment, health), so
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
@@ -266,7 +265,7 @@ class Forwarder:
             await self._dead_letter(msg, job, settlement.reason, attempts)
             return
         log.warning("%s: instance %s not read, retried in %.1fs: %s", self.target, job.sop_uid, settlement.delay, exc)
-        await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(settlement.delay * NS)}).encode())
+        await msg.nak(delay=settlement.delay)
 
     async def _hand_on(self, msg: Msg, job: ForwardJob, target: str) -> None:
         """The study lives on another member now: queue the job there, and drop it here."""
@@ -295,7 +294,7 @@ class Forwarder:
             if isinstance(settlement, decisions.DeadLetter):
                 await self._dead_letter(msg, job, settlement.reason, attempts)
                 continue
-            await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(settlement.delay * NS)}).encode())
+            await msg.nak(delay=settlement.delay)
 
     async def _dead_letter(self, msg: Msg, job: ForwardJob, reason: str, attempts: int) -> None:
         log.error("%s: instance %s of study %s dead-lettered after %d attempts: %s", self.target, job.sop_uid,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -309,7 +308,7 @@ class PartitionedConsumer:
                     delivered, delay, exc)
         handled.labels(self.group, "retry").inc()
         with contextlib.suppress(Exception):
-            await self.nc.publish(msg.reply, b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode())
+            await msg.nak(delay=delay)
 
     async def stop(self) -> None:
         """Leave gracefully: leave the membership, release every partition (finish, ack, unpin)."""

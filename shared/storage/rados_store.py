@@ -54,6 +54,11 @@ PIECE = 4 * 1024 * 1024
 PIECES_IN_FLIGHT = 2
 
 
+def chunk_xattrs(chunk_digest: str, digest: str) -> dict[str, bytes]:
+    """A chunk object's xattrs: its own digest, and the object it is a chunk of."""
+    return {f"{XATTR_PREFIX}digest": chunk_digest.encode(), f"{XATTR_PREFIX}chunk_of": digest.encode()}
+
+
 def _epoch(mtime: time.struct_time | float) -> float:
     """An object's mtime as epoch seconds: python-rados gives a struct_time in local time (``localtime``), whole
     seconds only, so it is rounded up: an object must never look older than it is to the staging releaser."""
@@ -296,8 +301,7 @@ class RadosObjectStore:
         # Rewriting a whole object is idempotent (same key, same bytes, one atomic op) and cheaper than a stat
         # first; chunked objects are worth the check.
         if chunks and self.exists(digest):
-            # Claimed again: bump the head's version and mtime, so a releaser judging it keeps it.
-            self.io.set_xattr(digest, f"{XATTR_PREFIX}touched", b"")
+            self._touch(digest)
             return
         mine: deque[_Pending] = deque()
         if not chunks:
@@ -310,12 +314,18 @@ class RadosObjectStore:
                 part = view[c.offset:c.offset + c.size]
                 cdig = content_digest(part)
                 described.append(type(c)(c.name, c.offset, c.size, cdig))
-                self._aio_write(c.name, part, {f"{XATTR_PREFIX}digest": cdig.encode(),
-                                               f"{XATTR_PREFIX}chunk_of": digest.encode()}, mine)
+                self._aio_write(c.name, part, chunk_xattrs(cdig, digest), mine)
         finally:
             self._wait(list(mine), "write chunk")
-        # The manifest last: the head object appears only when every chunk is durable.
-        manifest = encode_manifest(digest, size, described)
+        self._write_manifest(digest, size, described, meta)
+
+    def _touch(self, digest: str) -> None:
+        """An object stored again: bump the head's version and mtime, so a releaser judging it keeps it."""
+        self.io.set_xattr(digest, f"{XATTR_PREFIX}touched", b"")
+
+    def _write_manifest(self, digest: str, size: int, chunks: list[Chunk], meta: dict[str, str] | None) -> None:
+        """A chunked object's head, written last: it appears only once every chunk is durable."""
+        manifest = encode_manifest(digest, size, chunks)
         self._wait([self._aio_write(digest, manifest, xattrs_for(digest, size, LAYOUT_CHUNKED, meta), deque())],
                    "write")
 
@@ -710,8 +720,7 @@ class RadosWriter:
             chunk = Chunk(name, n * self._chunk, self._in_chunk, self._chunk_hash.hexdigest())
             self._chunks.append(chunk)
             self._in_chunk, self._chunk_hash = 0, blake3.blake3()
-            xattrs = {f"{XATTR_PREFIX}digest": chunk.digest.encode(),
-                      f"{XATTR_PREFIX}chunk_of": self._expected.encode()}
+            xattrs = chunk_xattrs(chunk.digest, self._expected)
         if self._present:
             return
         while len(self._mine) >= PIECES_IN_FLIGHT:
@@ -754,14 +763,9 @@ class RadosWriter:
                 mine, self._mine = list(self._mine), deque()
                 store._wait(mine, "write chunk")
                 if self._present:
-                    # Claimed again: bump the head's version and mtime, so a releaser judging it keeps it.
-                    store.io.set_xattr(self._expected, f"{XATTR_PREFIX}touched", b"")
+                    store._touch(self._expected)
                 else:
-                    # The manifest last: the head object appears only when every chunk is durable.
-                    manifest = encode_manifest(self._expected, self.size, self._chunks)
-                    store._wait([store._aio_write(self._expected, manifest,
-                                                  xattrs_for(self._expected, self.size, LAYOUT_CHUNKED, meta),
-                                                  deque())], "write")
+                    store._write_manifest(self._expected, self.size, self._chunks, meta)
             self._committed = True
             return self._expected
         finally:
